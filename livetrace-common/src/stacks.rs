@@ -1,0 +1,100 @@
+//! Stack-sampling types shared by `profile` (weight: samples) and `offcpu` (weight: microseconds).
+//!
+//! The kernel aggregates: one `STACK_COUNTS` entry per distinct (process, thread, user stack,
+//! kernel stack), and `bpf_get_stackid` deduplicates the stacks themselves in `STACK_TRACES`.
+//! A failed stack walk does not drop the sample: the negated errno is stored in place of the
+//! stack id, so user space can report every loss by cause and weight.
+
+/// Map of [`StackKey`] to its weight (`u64`).
+pub const STACK_COUNTS: &str = "STACK_COUNTS";
+/// `BPF_MAP_TYPE_STACK_TRACE` holding the stacks that [`StackKey`] ids refer to.
+pub const STACK_TRACES: &str = "STACK_TRACES";
+/// Per-CPU `u64` counters indexed by [`Counter`].
+pub const COUNTERS: &str = "COUNTERS";
+/// Process ids (tgids) to sample when [`FILTER_TARGETS`] is set; `u32 -> u8`.
+pub const TARGET_TGIDS: &str = "TARGET_TGIDS";
+/// Thread ids to sample when [`FILTER_TARGETS`] is set; `u32 -> u8`.
+pub const TARGET_TIDS: &str = "TARGET_TIDS";
+
+/// Load-time global (`u8`): nonzero means sample only the threads in [`TARGET_TGIDS`] or
+/// [`TARGET_TIDS`]; zero means every thread the attached perf events see.
+pub const FILTER_TARGETS: &str = "FILTER_TARGETS";
+/// Load-time global (`u8`): bit 0 collect user stacks, bit 1 collect kernel stacks.
+pub const STACK_KINDS: &str = "STACK_KINDS";
+/// Load-time global (`u8`): nonzero keeps the thread id in [`StackKey::tid`].
+pub const PER_THREAD: &str = "PER_THREAD";
+
+pub const STACK_KIND_USER: u8 = 1;
+pub const STACK_KIND_KERNEL: u8 = 2;
+
+/// Default capacity of [`STACK_COUNTS`] and [`STACK_TRACES`]; `--stack-storage-size` changes it.
+pub const DEFAULT_STACK_STORAGE: u32 = 16 * 1024;
+/// Capacity of the target filter maps.
+pub const MAX_TARGETS: u32 = 4096;
+
+/// Stored in a stack id field when that stack was not asked for (`-U`, `-K`), or when a sample
+/// taken in user mode has no kernel stack to walk. Not a loss.
+pub const STACK_ID_NOT_COLLECTED: i32 = i32::MIN;
+
+/// `errno` values `bpf_get_stackid` returns (negated) that user space tells apart.
+pub mod stack_errno {
+    /// The walk found no frames, or faulted (no user stack: kernel thread; or an unreadable frame).
+    pub const EFAULT: i32 = 14;
+    /// A different stack already holds this hash bucket: a collision, the stack is lost.
+    pub const EEXIST: i32 = 17;
+    /// The stack-trace map is full.
+    pub const ENOMEM: i32 = 12;
+}
+
+/// One aggregation key: who was running (or blocked), and where.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StackKey {
+    /// Process id (tgid).
+    pub tgid: u32,
+    /// Thread id, or 0 unless per-thread output was asked for.
+    pub tid: u32,
+    /// Id in [`STACK_TRACES`], a negated errno, or [`STACK_ID_NOT_COLLECTED`].
+    pub user_stack_id: i32,
+    /// As `user_stack_id`, for the kernel stack.
+    pub kernel_stack_id: i32,
+    /// The thread's `comm` at the time, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+/// Indices into [`COUNTERS`]. Every event the BPF programs see lands in exactly one of the
+/// "outcome" counters, so user space can check that nothing went missing.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Every time a program ran (a perf sample, a context switch).
+    Events = 0,
+    /// Outcome: on an idle CPU (pid 0), not recorded.
+    Idle = 1,
+    /// Outcome: a thread that is not a target, not recorded.
+    NotTarget = 2,
+    /// Outcome: added to [`STACK_COUNTS`].
+    Recorded = 3,
+    /// Outcome: [`STACK_COUNTS`] was full, the event is lost.
+    CountsMapFull = 4,
+}
+
+/// Number of [`Counter`] slots.
+pub const COUNTER_SLOTS: u32 = 8;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: `#[repr(C)]` plain integers and byte arrays without padding.
+    unsafe impl aya::Pod for super::StackKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The key has no implicit padding, so the kernel hashes every byte deterministically.
+    #[test]
+    fn stack_key_has_no_padding() {
+        assert_eq!(core::mem::size_of::<StackKey>(), 4 * 4 + 16);
+    }
+}

@@ -1,0 +1,45 @@
+//! `livetrace profile`: on-CPU stack sampling. A perf event (software cpu-clock, or a hardware
+//! cycles event where the PMU exists) fires `-F` times a second on every CPU, or on the spawned
+//! command's threads; each sample adds 1 to its (process, stacks) key. Kernel 4.9+.
+
+use aya_ebpf::{
+    EbpfContext, helpers::bpf_get_current_pid_tgid, macros::perf_event, programs::PerfEventContext,
+};
+use livetrace_common::stacks::Counter;
+
+use crate::stacks::{add_weight, count, current_key, is_target};
+
+#[perf_event]
+pub fn profile_cpu(ctx: PerfEventContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    count(Counter::Events);
+    if tid == 0 {
+        count(Counter::Idle);
+        return 0;
+    }
+    if !is_target(tgid, tid) {
+        count(Counter::NotTarget);
+        return 0;
+    }
+    let key = current_key(&ctx, tgid, tid, interrupted_kernel_mode(&ctx));
+    add_weight(&key, 1);
+    0
+}
+
+/// The interrupted context's privilege level, from the low bits of its code segment selector.
+#[inline(always)]
+fn interrupted_kernel_mode(ctx: &PerfEventContext) -> bool {
+    let data = ctx
+        .as_ptr()
+        .cast::<aya_ebpf::bindings::bpf_perf_event_data>();
+    #[cfg(bpf_target_arch = "x86_64")]
+    {
+        unsafe { (*data).regs.cs & 3 == 0 }
+    }
+    #[cfg(not(bpf_target_arch = "x86_64"))]
+    {
+        let _ = data;
+        true
+    }
+}

@@ -1,0 +1,116 @@
+//! Maps and helpers shared by the stack-sampling tools (profile, offcpu): target filtering,
+//! stack collection with failures kept as negated errnos, and the weighted-stack aggregation.
+
+use aya_ebpf::{
+    Global,
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    macros::map,
+    maps::{HashMap, PerCpuArray, StackTrace},
+    programs::tracing::StackIdContext,
+};
+use livetrace_common::stacks::{
+    COUNTER_SLOTS, Counter, DEFAULT_STACK_STORAGE, MAX_TARGETS, STACK_ID_NOT_COLLECTED,
+    STACK_KIND_KERNEL, STACK_KIND_USER, StackKey, stack_errno,
+};
+
+#[map]
+static STACK_COUNTS: HashMap<StackKey, u64> = HashMap::with_max_entries(DEFAULT_STACK_STORAGE, 0);
+#[map]
+static STACK_TRACES: StackTrace = StackTrace::with_max_entries(DEFAULT_STACK_STORAGE, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+#[map]
+static TARGET_TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TARGETS, 0);
+#[map]
+static TARGET_TIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+#[unsafe(no_mangle)]
+static FILTER_TARGETS: Global<u8> = Global::new(0);
+#[unsafe(no_mangle)]
+static STACK_KINDS: Global<u8> = Global::new(STACK_KIND_USER | STACK_KIND_KERNEL);
+#[unsafe(no_mangle)]
+static PER_THREAD: Global<u8> = Global::new(0);
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: no other CPU writes it, and BPF programs do not nest on one CPU here.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Whether the thread is one we were asked to watch.
+#[inline(always)]
+pub fn is_target(tgid: u32, tid: u32) -> bool {
+    if FILTER_TARGETS.load() == 0 {
+        return true;
+    }
+    unsafe { TARGET_TGIDS.get(tgid).is_some() || TARGET_TIDS.get(tid).is_some() }
+}
+
+/// The aggregation key for the current thread. `in_kernel` says whether there is a kernel stack
+/// worth walking (a sample taken in user mode has none).
+#[inline(always)]
+pub fn current_key<C: StackIdContext>(ctx: &C, tgid: u32, tid: u32, in_kernel: bool) -> StackKey {
+    let kinds = STACK_KINDS.load();
+    let user_stack_id = if kinds & STACK_KIND_USER != 0 {
+        stack_id(ctx, u64::from(BPF_F_USER_STACK))
+    } else {
+        STACK_ID_NOT_COLLECTED
+    };
+    let kernel_stack_id = if kinds & STACK_KIND_KERNEL != 0 && in_kernel {
+        stack_id(ctx, 0)
+    } else {
+        STACK_ID_NOT_COLLECTED
+    };
+    StackKey {
+        tgid,
+        tid: if PER_THREAD.load() != 0 { tid } else { 0 },
+        user_stack_id,
+        kernel_stack_id,
+        comm: ctx.command().unwrap_or_default(),
+    }
+}
+
+/// `bpf_get_stackid` without `BPF_F_REUSE_STACKID`: a hash collision comes back as `-EEXIST`
+/// instead of silently overwriting another stack, so it can be counted.
+#[inline(always)]
+fn stack_id<C: StackIdContext>(ctx: &C, flags: u64) -> i32 {
+    match ctx.get_stackid(&STACK_TRACES, flags) {
+        Ok(id) => id as i32,
+        Err(err) if err < 0 => err,
+        Err(_) => -stack_errno::EFAULT,
+    }
+}
+
+/// An atomic add (BPF_ATOMIC_ADD): several CPUs may bump one entry at once. `core`'s atomic
+/// types offer no read-modify-write on the BPF target, so this uses the intrinsic directly.
+#[inline(always)]
+fn atomic_add(dst: *mut u64, value: u64) {
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            dst, value,
+        )
+    };
+}
+
+/// Adds `weight` to `key`'s entry, creating it if needed; a full map is counted, not ignored.
+#[inline(always)]
+pub fn add_weight(key: &StackKey, weight: u64) {
+    if let Some(total) = STACK_COUNTS.get_ptr_mut(key) {
+        atomic_add(total, weight);
+        count(Counter::Recorded);
+        return;
+    }
+    match STACK_COUNTS.insert(key, &weight, u64::from(BPF_NOEXIST)) {
+        Ok(()) => count(Counter::Recorded),
+        // Another CPU created the entry between our lookup and insert.
+        Err(_) => match STACK_COUNTS.get_ptr_mut(key) {
+            Some(total) => {
+                atomic_add(total, weight);
+                count(Counter::Recorded);
+            }
+            None => count(Counter::CountsMapFull),
+        },
+    }
+}

@@ -1,0 +1,102 @@
+//! Loading livetrace's embedded BPF object, with settings passed as load-time globals and map
+//! sizes fixed before the maps are created; and reading its counters back.
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray},
+};
+use livetrace_common::stacks::{self, COUNTER_SLOTS, Counter};
+
+/// The BPF object that `build.rs` compiled from `livetrace-ebpf`.
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/livetrace"));
+
+/// Settings of the stack-sampling programs (profile, offcpu).
+pub struct StackSettings {
+    /// Sample only the threads of [`Self::tgids`] / [`Self::tids`].
+    pub filter: bool,
+    pub tgids: Vec<u32>,
+    pub tids: Vec<u32>,
+    /// `STACK_KIND_USER | STACK_KIND_KERNEL` bits.
+    pub stack_kinds: u8,
+    pub per_thread: bool,
+    /// Capacity of the stack-trace and counts maps.
+    pub stack_storage: u32,
+}
+
+/// Loads the object for a stack tool: every map is created and the settings are frozen into
+/// `.rodata`; programs are loaded by the tool itself.
+pub fn load_stacks(settings: &StackSettings) -> anyhow::Result<Ebpf> {
+    let filter = u8::from(settings.filter);
+    let per_thread = u8::from(settings.per_thread);
+    let mut bpf = EbpfLoader::new()
+        .override_global(stacks::FILTER_TARGETS, &filter, true)
+        .override_global(stacks::STACK_KINDS, &settings.stack_kinds, true)
+        .override_global(stacks::PER_THREAD, &per_thread, true)
+        .map_max_entries(stacks::STACK_COUNTS, settings.stack_storage)
+        .map_max_entries(stacks::STACK_TRACES, settings.stack_storage)
+        .load(BPF_OBJECT)
+        .map_err(explain_load_error)?;
+    for (map_name, ids) in [
+        (stacks::TARGET_TGIDS, &settings.tgids),
+        (stacks::TARGET_TIDS, &settings.tids),
+    ] {
+        let mut map: HashMap<_, u32, u8> = HashMap::try_from(map_mut(&mut bpf, map_name)?)?;
+        for id in ids {
+            map.insert(id, 1, 0)
+                .with_context(|| format!("failed to add {id} to the BPF map {map_name}"))?;
+        }
+    }
+    Ok(bpf)
+}
+
+pub fn map_mut<'a>(bpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
+    bpf.map_mut(name)
+        .ok_or_else(|| anyhow!("the BPF object has no map named {name}; rebuild livetrace"))
+}
+
+pub fn take_map(bpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
+    bpf.take_map(name)
+        .ok_or_else(|| anyhow!("the BPF object has no map named {name}; rebuild livetrace"))
+}
+
+/// Sums the per-CPU counters.
+pub fn read_counters(
+    map: &PerCpuArray<MapData, u64>,
+) -> anyhow::Result<[u64; COUNTER_SLOTS as usize]> {
+    let mut totals = [0u64; COUNTER_SLOTS as usize];
+    for (slot, total) in totals.iter_mut().enumerate() {
+        let values = map
+            .get(&(slot as u32), 0)
+            .context("failed to read the BPF counters")?;
+        *total = values.iter().sum();
+    }
+    Ok(totals)
+}
+
+pub fn counter(totals: &[u64; COUNTER_SLOTS as usize], counter: Counter) -> u64 {
+    totals[counter as usize]
+}
+
+/// Turns a load failure into a message that says what to do. Verifier logs are kept whole.
+fn explain_load_error(err: EbpfError) -> anyhow::Error {
+    let text = err.to_string();
+    let hint = if text.contains("Operation not permitted") || text.contains("EPERM") {
+        "; loading BPF programs needs root, or the capabilities CAP_BPF and CAP_PERFMON \
+         (try: sudo livetrace ...)"
+    } else {
+        ""
+    };
+    anyhow!(err).context(format!("failed to load livetrace's BPF programs{hint}"))
+}
+
+/// Adds the permission hint to an attach or load error of one program.
+pub fn explain_program_error(err: aya::programs::ProgramError, what: &str) -> anyhow::Error {
+    let text = format!("{err}");
+    let hint = if text.contains("Operation not permitted") || text.contains("os error 1)") {
+        " (needs root, or CAP_BPF and CAP_PERFMON)"
+    } else {
+        ""
+    };
+    anyhow!(err).context(format!("failed to {what}{hint}"))
+}

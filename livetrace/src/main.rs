@@ -1,0 +1,91 @@
+//! livetrace: live debugging with eBPF. Answers three questions about a running process without
+//! pausing it: where its CPU time goes (`profile`), where its threads block (`offcpu`), and the
+//! latency distribution of one function (`uprobe-hist`).
+//!
+//! Exit codes: 0 when the outputs were written (whatever ended the capture), 1 for runtime errors,
+//! 2 for usage errors.
+
+mod bpf;
+mod capture;
+mod duration;
+mod model;
+mod output;
+mod stacks;
+mod symbolize;
+mod targets;
+mod tools;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+const ABOUT: &str = "Live debugging with eBPF: see where a running process spends its CPU time, \
+where it blocks, and how long a function takes, without stopping it.";
+
+const AFTER_HELP: &str = "\
+Exit status: 0 when every output was written (also after Ctrl-C or SIGTERM), 1 on runtime errors,
+2 on usage errors. Needs root, or CAP_BPF and CAP_PERFMON.";
+
+#[derive(Parser, Debug)]
+#[command(name = "livetrace", version, about = ABOUT, after_help = AFTER_HELP)]
+struct Cli {
+    /// More detail about what livetrace is doing (repeat for more).
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// On-CPU stack sampling: where is the CPU time going?
+    Profile(tools::profile::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        _ => log::LevelFilter::Debug,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .format_timestamp(None)
+        .parse_default_env()
+        .init();
+    let result = match cli.command {
+        Command::Profile(args) => tools::profile::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("livetrace: error: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `20261126-045103` in UTC, for default output names.
+fn timestamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}

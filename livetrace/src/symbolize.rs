@@ -1,0 +1,321 @@
+//! Addresses to function names, with one long-lived blazesym `Symbolizer` (it caches parsed ELF
+//! and DWARF, so every process of a binary is parsed once), batched per process.
+//!
+//! A process may exit before the capture ends, taking `/proc/PID/maps` with it. So every process
+//! is snapshotted (name and file mappings) when it is first seen during the capture; an exited
+//! process is then symbolised from its snapshot through the ELF files themselves.
+
+use std::{collections::HashMap, fs, os::unix::fs::MetadataExt as _, path::PathBuf};
+
+use blazesym::{
+    Pid,
+    symbolize::{
+        Input, Reason, Symbolized, Symbolizer as Blaze,
+        source::{Elf, Kernel, Process, Source},
+    },
+};
+
+/// One resolved address: the function, preceded by nothing and followed by any inlined callees
+/// (outermost first), or an unresolved placeholder and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolved {
+    Frames(Vec<String>),
+    Unknown { name: String, reason: &'static str },
+}
+
+#[derive(Clone, Debug)]
+struct Mapping {
+    start: u64,
+    end: u64,
+    offset: u64,
+    path: PathBuf,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Snapshot {
+    name: Option<String>,
+    mappings: Vec<Mapping>,
+}
+
+pub struct Symbolizer {
+    blaze: Blaze,
+    snapshots: HashMap<u32, Snapshot>,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbolizer {
+    pub fn new() -> Self {
+        Self {
+            blaze: Blaze::builder()
+                .enable_inlined_fns(true)
+                .enable_code_info(true)
+                .enable_demangling(true)
+                .build(),
+            snapshots: HashMap::new(),
+        }
+    }
+
+    /// Records a process's name and file mappings the first time it is seen.
+    pub fn note_process(&mut self, pid: u32) {
+        if pid == 0 || self.snapshots.contains_key(&pid) {
+            return;
+        }
+        let snapshot = Snapshot {
+            name: crate::targets::process_name(pid),
+            mappings: read_mappings(pid).unwrap_or_default(),
+        };
+        self.snapshots.insert(pid, snapshot);
+    }
+
+    /// The name recorded for a process, if it was seen alive.
+    pub fn process_name(&self, pid: u32) -> Option<&str> {
+        self.snapshots.get(&pid)?.name.as_deref()
+    }
+
+    /// Symbolises one process's addresses (already adjusted to point into the call instruction).
+    pub fn user(&mut self, pid: u32, addrs: &[u64]) -> Vec<Resolved> {
+        let alive = crate::targets::is_alive(pid);
+        if alive {
+            // Refresh: libraries may have been loaded since the first look.
+            if let Some(mappings) = read_mappings(pid) {
+                self.snapshots.entry(pid).or_default().mappings = mappings;
+            }
+            let mut process = Process::new(Pid::from(pid));
+            process.perf_map = perf_map_is_trusted(pid);
+            let source = Source::Process(process);
+            match self.blaze.symbolize(&source, Input::AbsAddr(addrs)) {
+                Ok(results) => {
+                    return results
+                        .iter()
+                        .zip(addrs)
+                        .map(|(sym, &addr)| self.resolved(pid, addr, sym))
+                        .collect();
+                }
+                Err(err) => log::debug!("symbolizing pid {pid} failed: {err:#}"),
+            }
+        }
+        self.user_from_snapshot(pid, addrs)
+    }
+
+    /// For processes that are gone: map each address to (file, offset) through the snapshot and
+    /// symbolise in the file.
+    fn user_from_snapshot(&self, pid: u32, addrs: &[u64]) -> Vec<Resolved> {
+        let Some(snapshot) = self.snapshots.get(&pid) else {
+            return addrs
+                .iter()
+                .map(|_| Resolved::Unknown {
+                    name: "[unknown]".into(),
+                    reason: "process exited before it could be looked at",
+                })
+                .collect();
+        };
+        addrs
+            .iter()
+            .map(|&addr| {
+                let Some(mapping) = snapshot.find(addr) else {
+                    return Resolved::Unknown {
+                        name: "[unknown]".into(),
+                        reason: "not in a file mapping (JIT or anonymous code)",
+                    };
+                };
+                let file_offset = addr - mapping.start + mapping.offset;
+                let source = Source::Elf(Elf::new(&mapping.path));
+                match self
+                    .blaze
+                    .symbolize_single(&source, Input::FileOffset(file_offset))
+                {
+                    Ok(sym) => self.resolved(pid, addr, &sym),
+                    Err(_) => Resolved::Unknown {
+                        name: module_offset(mapping, addr),
+                        reason: "binary unreadable after the process exited",
+                    },
+                }
+            })
+            .collect()
+    }
+
+    pub fn kernel(&self, addrs: &[u64]) -> Vec<Resolved> {
+        // kallsyms is enough for function names; hunting for a vmlinux image is slow and
+        // rarely fruitful on production machines.
+        let source = Source::Kernel(Kernel {
+            vmlinux: blazesym::MaybeDefault::None,
+            ..Kernel::default()
+        });
+        match self.blaze.symbolize(&source, Input::AbsAddr(addrs)) {
+            Ok(results) => results
+                .iter()
+                .map(|sym| match sym {
+                    Symbolized::Sym(sym) => Resolved::Frames(frames_of(sym)),
+                    Symbolized::Unknown(reason) => Resolved::Unknown {
+                        name: "[unknown]".into(),
+                        reason: describe(*reason),
+                    },
+                })
+                .collect(),
+            Err(err) => {
+                log::debug!("kernel symbolization failed: {err:#}");
+                addrs
+                    .iter()
+                    .map(|_| Resolved::Unknown {
+                        name: "[unknown]".into(),
+                        reason: "kernel symbols unreadable (/proc/kallsyms)",
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn resolved(&self, pid: u32, addr: u64, sym: &Symbolized<'_>) -> Resolved {
+        match sym {
+            Symbolized::Sym(sym) => Resolved::Frames(frames_of(sym)),
+            Symbolized::Unknown(reason) => {
+                let mapping = self.snapshots.get(&pid).and_then(|s| s.find(addr));
+                Resolved::Unknown {
+                    name: mapping.map_or_else(|| "[unknown]".into(), |m| module_offset(m, addr)),
+                    reason: describe(*reason),
+                }
+            }
+        }
+    }
+}
+
+impl Snapshot {
+    fn find(&self, addr: u64) -> Option<&Mapping> {
+        self.mappings
+            .iter()
+            .find(|m| (m.start..m.end).contains(&addr))
+    }
+}
+
+fn frames_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<String> {
+    let mut frames = vec![sym.name.to_string()];
+    frames.extend(sym.inlined.iter().map(|f| f.name.to_string()));
+    frames
+}
+
+/// `[libfoo.so+0x1234]`: where the address is, when its name is not known.
+fn module_offset(mapping: &Mapping, addr: u64) -> String {
+    let module = mapping.path.file_name().map_or_else(
+        || mapping.path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    format!("[{module}+{:#x}]", addr - mapping.start + mapping.offset)
+}
+
+fn describe(reason: Reason) -> &'static str {
+    match reason {
+        Reason::Unmapped => "not in the process's memory map",
+        Reason::InvalidFileOffset => "invalid file offset",
+        Reason::MissingComponent => "not in a file mapping (JIT or anonymous code)",
+        Reason::MissingSyms => "binary has no symbols (stripped)",
+        Reason::Unsupported => "unsupported kind of mapping",
+        Reason::UnknownAddr => "address not covered by any symbol",
+        _ => "symbolization error",
+    }
+}
+
+/// File-backed executable mappings of a process, with paths reachable from our mount namespace.
+fn read_mappings(pid: u32) -> Option<Vec<Mapping>> {
+    let text = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    Some(parse_maps(&text, pid))
+}
+
+fn parse_maps(text: &str, pid: u32) -> Vec<Mapping> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_ascii_whitespace();
+            let range = fields.next()?;
+            let perms = fields.next()?;
+            let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
+            let _dev = fields.next()?;
+            let _inode = fields.next()?;
+            let path = fields.collect::<Vec<_>>().join(" ");
+            if !perms.contains('x') || !path.starts_with('/') {
+                return None;
+            }
+            let (start, end) = range.split_once('-')?;
+            let root_path = PathBuf::from(format!("/proc/{pid}/root{path}"));
+            Some(Mapping {
+                start: u64::from_str_radix(start, 16).ok()?,
+                end: u64::from_str_radix(end, 16).ok()?,
+                offset,
+                // Prefer the path as the process sees it (it may live in another mount
+                // namespace); fall back to ours once the process is gone.
+                path: if root_path.exists() {
+                    root_path
+                } else {
+                    PathBuf::from(path)
+                },
+            })
+        })
+        .collect()
+}
+
+/// JIT symbol files in /tmp are world-writable territory: trust one only if it belongs to the
+/// process's own user or to root.
+fn perf_map_is_trusted(pid: u32) -> bool {
+    let Ok(meta) = fs::symlink_metadata(format!("/tmp/perf-{pid}.map")) else {
+        return false;
+    };
+    if !meta.file_type().is_file() {
+        return false;
+    }
+    let owner = fs::metadata(format!("/proc/{pid}")).map(|m| m.uid()).ok();
+    meta.uid() == 0 || Some(meta.uid()) == owner
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only executable, file-backed mappings are kept, with their file offsets.
+    #[test]
+    fn parses_executable_file_mappings() {
+        let maps = "\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fd:01 123 /usr/bin/app
+55d0c0a01000-55d0c0a05000 r-xp 00001000 fd:01 123 /usr/bin/app
+7f0000000000-7f0000001000 rwxp 00000000 00:00 0 
+7ffd1000-7ffd3000 r-xp 00000000 00:00 0 [vdso]
+7f1000000000-7f1000100000 r-xp 00028000 fd:01 456 /lib/x86_64-linux-gnu/libc.so.6
+";
+        let parsed = parse_maps(maps, u32::MAX);
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[0].start, 0x55d0c0a01000);
+        assert_eq!(parsed[0].offset, 0x1000);
+        assert_eq!(
+            parsed[1].path,
+            PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6")
+        );
+        let snapshot = Snapshot {
+            name: None,
+            mappings: parsed,
+        };
+        let m = snapshot.find(0x7f1000000010).unwrap();
+        assert_eq!(module_offset(m, 0x7f1000000010), "[libc.so.6+0x28010]");
+    }
+
+    /// A function of this very test binary resolves to its name through the live-process path.
+    #[test]
+    fn resolves_own_function() {
+        #[inline(never)]
+        fn marker_function_for_symbolizer_test() -> u64 {
+            std::hint::black_box(42)
+        }
+        let addr = marker_function_for_symbolizer_test as *const () as u64;
+        let mut symbolizer = Symbolizer::new();
+        let pid = std::process::id();
+        symbolizer.note_process(pid);
+        match &symbolizer.user(pid, &[addr])[0] {
+            Resolved::Frames(frames) => assert!(
+                frames[0].contains("marker_function_for_symbolizer_test"),
+                "{frames:?}"
+            ),
+            other => panic!("not resolved: {other:?}"),
+        }
+    }
+}

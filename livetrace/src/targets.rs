@@ -1,0 +1,323 @@
+//! What to observe: the whole system, given processes (`-p`) and threads (`-t`), or a command
+//! that livetrace starts itself (`-- COMMAND`). Every id is checked before anything is loaded.
+
+use std::{
+    ffi::{CString, OsString},
+    fs,
+    os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _},
+    path::Path,
+};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct TargetArgs {
+    /// Observe these processes (all their threads); comma-separated or repeated.
+    #[arg(short = 'p', long = "pid", value_name = "PID", value_delimiter = ',')]
+    pub pids: Vec<u32>,
+    /// Observe these threads only; comma-separated or repeated.
+    #[arg(short = 't', long = "tid", value_name = "TID", value_delimiter = ',')]
+    pub tids: Vec<u32>,
+    /// Start this command and observe it and every process it forks, until it exits.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+/// A checked target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    System,
+    Threads { pids: Vec<u32>, tids: Vec<u32> },
+    Command(Vec<OsString>),
+}
+
+impl TargetArgs {
+    /// Checks that every PID and TID names a live process or thread, and that the command is
+    /// not combined with ids.
+    pub fn resolve(&self) -> anyhow::Result<Target> {
+        if !self.command.is_empty() {
+            if !self.pids.is_empty() || !self.tids.is_empty() {
+                bail!("give either -p/-t or a COMMAND after --, not both");
+            }
+            return Ok(Target::Command(self.command.clone()));
+        }
+        if self.pids.is_empty() && self.tids.is_empty() {
+            return Ok(Target::System);
+        }
+        for &pid in &self.pids {
+            match thread_group_of(pid) {
+                Some(tgid) if tgid == pid => {}
+                Some(tgid) => bail!(
+                    "{pid} is a thread of process {tgid}, not a process: use -t {pid} for the \
+                     thread alone, or -p {tgid} for the whole process"
+                ),
+                None => bail!("no process with PID {pid} exists (is it still running?)"),
+            }
+        }
+        for &tid in &self.tids {
+            if thread_group_of(tid).is_none() {
+                bail!("no thread with TID {tid} exists (is it still running?)");
+            }
+        }
+        Ok(Target::Threads {
+            pids: dedup(&self.pids),
+            tids: dedup(&self.tids),
+        })
+    }
+}
+
+fn dedup(ids: &[u32]) -> Vec<u32> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// The process (tgid) a task belongs to, if the task exists and is not a zombie.
+pub fn thread_group_of(id: u32) -> Option<u32> {
+    if id == 0 {
+        return None;
+    }
+    let status = fs::read_to_string(format!("/proc/{id}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(str::trim)
+    };
+    if field("State:")?.starts_with('Z') {
+        return None;
+    }
+    field("Tgid:")?.parse().ok()
+}
+
+pub fn is_alive(id: u32) -> bool {
+    thread_group_of(id).is_some()
+}
+
+/// The process's `comm`, e.g. "nginx".
+pub fn process_name(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_owned())
+}
+
+impl Target {
+    /// For progress lines and titles: "pid 1234 (chain)", "the whole system".
+    pub fn describe(&self) -> String {
+        let name_ids = |kind: &str, ids: &[u32]| -> Vec<String> {
+            ids.iter()
+                .map(|&id| match process_name(id) {
+                    Some(name) => format!("{kind} {id} ({name})"),
+                    None => format!("{kind} {id}"),
+                })
+                .collect()
+        };
+        match self {
+            Self::System => "the whole system".into(),
+            Self::Threads { pids, tids } => {
+                let mut parts = name_ids("pid", pids);
+                parts.extend(name_ids("tid", tids));
+                parts.join(", ")
+            }
+            Self::Command(argv) => {
+                let words: Vec<String> = argv
+                    .iter()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect();
+                format!("`{}`", words.join(" "))
+            }
+        }
+    }
+}
+
+/// A command started by livetrace and held just before `exec` until [`HeldCommand::release`], so
+/// that probes attached to its PID see it from its first instruction.
+pub struct HeldCommand {
+    pub pid: u32,
+    go: Option<std::fs::File>,
+    /// Receives the exit status once the command has been reaped.
+    pub exited: tokio::sync::oneshot::Receiver<std::io::Result<std::process::ExitStatus>>,
+}
+
+impl HeldCommand {
+    /// Forks and holds the child before `exec`. `std`'s spawn only returns once the child has
+    /// exec'd, so it runs on its own thread; the child reports its PID through a pipe first.
+    pub fn spawn(argv: &[OsString]) -> anyhow::Result<Self> {
+        let program = argv.first().context("no command given after --")?;
+        // Fail early and clearly if the program cannot be found, instead of after loading BPF.
+        if !program.as_bytes().contains(&b'/') && which(program).is_none() {
+            bail!("command '{}' not found in PATH", program.to_string_lossy());
+        }
+        if program.as_bytes().contains(&b'/') && !Path::new(program).exists() {
+            bail!("command '{}' does not exist", program.to_string_lossy());
+        }
+        let (pid_read, pid_write) = pipe()?;
+        let (go_read, go_write) = pipe()?;
+        let mut command = std::process::Command::new(program);
+        command.args(&argv[1..]);
+        // SAFETY: only async-signal-safe calls (getpid, write, read, close) run in the child.
+        unsafe {
+            use std::os::unix::process::CommandExt as _;
+            command.pre_exec(move || {
+                libc::close(pid_read);
+                libc::close(go_write);
+                let pid = libc::getpid().to_ne_bytes();
+                libc::write(pid_write, pid.as_ptr().cast(), pid.len());
+                libc::close(pid_write);
+                let mut byte = 0u8;
+                // A byte means go; end-of-file means livetrace gave up: do not run the command.
+                if libc::read(go_read, (&raw mut byte).cast(), 1) != 1 {
+                    libc::_exit(127);
+                }
+                Ok(())
+            });
+        }
+        let (exited_tx, exited) = tokio::sync::oneshot::channel();
+        let (spawned_tx, spawned_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("command-wait".into())
+            .spawn(move || match command.spawn() {
+                Ok(mut child) => {
+                    let _ = spawned_tx.send(Ok(()));
+                    let _ = exited_tx.send(child.wait());
+                }
+                Err(err) => {
+                    let _ = spawned_tx.send(Err(err));
+                }
+            })
+            .context("failed to start a thread to run the command")?;
+        // SAFETY: these fds are ours; the parent closes its copies of the child's ends.
+        unsafe {
+            libc::close(pid_write);
+            libc::close(go_read);
+        }
+        let mut pid_pipe = unsafe { std::fs::File::from_raw_fd(pid_read) };
+        let go = unsafe { std::fs::File::from_raw_fd(go_write) };
+        let mut pid = [0u8; 4];
+        use std::io::Read as _;
+        if pid_pipe.read_exact(&mut pid).is_err() {
+            // The child never ran pre_exec: spawn failed; its error says why.
+            let err = spawned_rx
+                .recv()
+                .ok()
+                .and_then(Result::err)
+                .map_or_else(|| "unknown error".to_owned(), |e| e.to_string());
+            bail!("failed to start '{}': {err}", program.to_string_lossy());
+        }
+        Ok(Self {
+            pid: i32::from_ne_bytes(pid) as u32,
+            go: Some(go),
+            exited,
+        })
+    }
+
+    /// Lets the command exec.
+    pub fn release(&mut self) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        if let Some(mut go) = self.go.take() {
+            go.write_all(&[1])
+                .context("failed to release the command")?;
+        }
+        Ok(())
+    }
+}
+
+fn pipe() -> anyhow::Result<(i32, i32)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe2");
+    }
+    Ok((fds[0], fds[1]))
+}
+
+fn which(program: &OsString) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            CString::new(candidate.as_os_str().as_bytes())
+                .is_ok_and(|c| unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0)
+        })
+}
+
+/// Whether the task is a kernel thread (no user address space). Exited tasks count as user
+/// processes: kernel threads rarely exit during a capture.
+pub fn is_kernel_thread(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Fields after the parenthesised comm; `flags` is the 9th field overall.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+        return false;
+    };
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    rest.split_ascii_whitespace()
+        .nth(6)
+        .and_then(|flags| flags.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Our own PID resolves, a thread id given as -p is refused with the right suggestion, and a
+    /// PID that cannot exist is named in the error.
+    #[test]
+    fn checks_ids_before_anything_is_loaded() {
+        let me = std::process::id();
+        let args = TargetArgs {
+            pids: vec![me, me],
+            ..Default::default()
+        };
+        assert_eq!(
+            args.resolve().unwrap(),
+            Target::Threads {
+                pids: vec![me],
+                tids: vec![]
+            }
+        );
+
+        let missing = TargetArgs {
+            pids: vec![u32::MAX - 1],
+            ..Default::default()
+        };
+        let err = missing.resolve().unwrap_err().to_string();
+        assert!(err.contains(&(u32::MAX - 1).to_string()), "{err}");
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let handle = std::thread::spawn(move || {
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            let _ = done_rx.recv();
+        });
+        let live_tid = rx.recv().unwrap();
+        let as_pid = TargetArgs {
+            pids: vec![live_tid],
+            ..Default::default()
+        };
+        let err = as_pid.resolve().unwrap_err().to_string();
+        assert!(err.contains(&format!("-t {live_tid}")), "{err}");
+        done_tx.send(()).unwrap();
+        handle.join().unwrap();
+    }
+
+    /// A command cannot be combined with ids, and a missing program is reported by name.
+    #[test]
+    fn command_is_exclusive_and_must_exist() {
+        let both = TargetArgs {
+            pids: vec![1],
+            tids: vec![],
+            command: vec!["true".into()],
+        };
+        assert!(both.resolve().is_err());
+        let err = HeldCommand::spawn(&["no-such-program-livetrace".into()])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("no-such-program-livetrace"), "{err}");
+    }
+}

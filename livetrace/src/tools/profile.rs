@@ -1,0 +1,366 @@
+//! `livetrace profile`: where is the CPU time going? Samples stacks on a perf event (software
+//! cpu-clock by default, at 99 Hz so as not to beat in step with 100 Hz timers) and aggregates
+//! them in the kernel; prints the hottest leaf functions and writes a flamegraph.
+//! Needs kernel 4.9+ (BPF perf_event programs), root or CAP_BPF + CAP_PERFMON.
+
+use std::{io::Write as _, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use aya::{
+    maps::PerCpuArray,
+    programs::{
+        PerfEvent,
+        perf_event::{HardwareEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+    },
+};
+use clap::{Args as ClapArgs, ValueEnum};
+use livetrace_common::stacks::{
+    COUNTERS, Counter, DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER,
+};
+
+use crate::{
+    bpf::{self, StackSettings},
+    capture::{self, StopReason, Watch},
+    duration::parse_positive_duration,
+    model::{DataQuality, WeightUnit},
+    output::{self, OutputSpec, footer, summary},
+    stacks::{self, BuildOptions},
+    symbolize::Symbolizer,
+    targets::{HeldCommand, Target, TargetArgs},
+};
+
+const EXAMPLES: &str = "\
+Examples:
+  livetrace profile -p 1234 -d 30            # 30 s of pid 1234: summary + flamegraph SVG
+  livetrace profile -p 1234 -o cpu.svg -o cpu.folded
+  livetrace profile -d 10                    # the whole system, idle CPUs excluded
+  livetrace profile -F 999 -U -- ./server    # start ./server, user stacks only, 999 Hz
+  livetrace profile -t 1240 -o - | grep parse  # one thread, folded stacks on stdout";
+
+#[derive(ClapArgs, Debug)]
+#[command(after_help = EXAMPLES)]
+pub struct Args {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Samples per second on each CPU (or thread of a spawned command).
+    #[arg(short = 'F', long = "frequency", value_name = "HZ", default_value_t = 99,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub frequency: u64,
+    /// How long to sample (30, 1.5s, 500ms); default: until Ctrl-C or the target exits.
+    #[arg(short = 'd', long = "duration", value_name = "SECS", value_parser = parse_positive_duration)]
+    pub duration: Option<Duration>,
+    /// User stacks only.
+    #[arg(short = 'U', long = "user-only", conflicts_with = "kernel_only")]
+    pub user_only: bool,
+    /// Kernel stacks only.
+    #[arg(short = 'K', long = "kernel-only")]
+    pub kernel_only: bool,
+    /// Write an output; the format follows the extension: .svg, .folded, or - (folded, stdout).
+    /// Repeat for several formats from the same samples.
+    #[arg(short = 'o', long = "output", value_name = "PATH", value_parser = OutputSpec::parse)]
+    pub outputs: Vec<OutputSpec>,
+    /// Put the thread (name-tid) under the process in every stack.
+    #[arg(long = "per-thread")]
+    pub per_thread: bool,
+    /// Distinct stacks the kernel maps can hold; raise it if the footer reports losses.
+    #[arg(long = "stack-storage-size", value_name = "N", default_value_t = DEFAULT_STACK_STORAGE,
+          value_parser = clap::value_parser!(u32).range(64..=4_194_304))]
+    pub stack_storage: u32,
+    /// The event to sample on; `cycles` needs a hardware PMU and falls back to cpu-clock.
+    #[arg(long = "event", value_enum, default_value_t = Event::CpuClock)]
+    pub event: Event,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Event {
+    CpuClock,
+    Cycles,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    // Everything that can be checked is checked before the kernel is touched.
+    let target = args.target.resolve()?;
+    let mut outputs = args.outputs.clone();
+    let default_svg = outputs.is_empty().then(|| default_output_path(&target));
+    if let Some(path) = &default_svg {
+        outputs.push(
+            OutputSpec::parse(path.to_str().context("non-UTF-8 path")?)
+                .map_err(anyhow::Error::msg)?,
+        );
+    }
+    output::preflight(&outputs)?;
+    let mut notes = Vec::new();
+    let frequency = clamp_frequency(args.frequency, &mut notes);
+
+    let mut command = match &target {
+        Target::Command(argv) => Some(HeldCommand::spawn(argv)?),
+        _ => None,
+    };
+    let (tgids, tids) = match &target {
+        Target::Threads { pids, tids } => (pids.clone(), tids.clone()),
+        _ => (Vec::new(), Vec::new()),
+    };
+    let stack_kinds = match (args.user_only, args.kernel_only) {
+        (true, _) => STACK_KIND_USER,
+        (_, true) => STACK_KIND_KERNEL,
+        _ => STACK_KIND_USER | STACK_KIND_KERNEL,
+    };
+    let mut ebpf = bpf::load_stacks(&StackSettings {
+        filter: matches!(target, Target::Threads { .. }),
+        tgids,
+        tids,
+        stack_kinds,
+        per_thread: args.per_thread,
+        stack_storage: args.stack_storage,
+    })?;
+    let program: &mut PerfEvent = ebpf
+        .program_mut("profile_cpu")
+        .context("the BPF object has no profile_cpu program; rebuild livetrace")?
+        .try_into()?;
+    program
+        .load()
+        .map_err(|e| bpf::explain_program_error(e, "load the profile_cpu BPF program"))?;
+    let (event_name, cpus) = attach(
+        program,
+        args.event,
+        frequency,
+        &target,
+        command.as_ref(),
+        &mut notes,
+    )?;
+
+    let mut symbolizer = Symbolizer::new();
+    match &target {
+        Target::Threads { pids, tids } => {
+            for &id in pids.iter().chain(tids) {
+                if let Some(tgid) = crate::targets::thread_group_of(id) {
+                    symbolizer.note_process(tgid);
+                }
+            }
+        }
+        Target::Command(_) => {
+            if let Some(command) = &mut command {
+                command.release()?;
+            }
+        }
+        Target::System => {}
+    }
+    let title = match (&target, &command) {
+        (Target::Command(_), Some(command)) => {
+            format!("{} (pid {})", target.describe(), command.pid)
+        }
+        _ => target.describe(),
+    };
+    eprintln!(
+        "livetrace: profiling {title} at {frequency} Hz on {event_name}{}; {}",
+        args.duration
+            .map(|d| format!(" for {:.1} s", d.as_secs_f64()))
+            .unwrap_or_default(),
+        if args.duration.is_some() {
+            "Ctrl-C to stop early"
+        } else {
+            "Ctrl-C to stop"
+        }
+    );
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    let (stop, elapsed) = runtime.block_on(capture::run(
+        args.duration,
+        Watch::for_target(&target, command.as_mut()),
+        || {
+            for pid in stacks::processes_seen(&ebpf) {
+                symbolizer.note_process(pid);
+            }
+        },
+    ))?;
+    // Stop sampling before reading, so the counters and the maps agree.
+    for pid in stacks::processes_seen(&ebpf) {
+        symbolizer.note_process(pid);
+    }
+    let program: &mut PerfEvent = ebpf
+        .program_mut("profile_cpu")
+        .context("profile_cpu vanished")?
+        .try_into()?;
+    program
+        .unload()
+        .context("failed to detach the perf events")?;
+    if stop != StopReason::DurationElapsed {
+        eprintln!("livetrace: {}", stop.describe());
+    }
+
+    let counters =
+        bpf::read_counters(&PerCpuArray::try_from(bpf::take_map(&mut ebpf, COUNTERS)?)?)?;
+    let raw = stacks::drain(&mut ebpf)?;
+    drop(ebpf);
+    let mut quality = DataQuality {
+        duration: elapsed,
+        events: bpf::counter(&counters, Counter::Events),
+        recorded: bpf::counter(&counters, Counter::Recorded),
+        idle: bpf::counter(&counters, Counter::Idle),
+        not_target: bpf::counter(&counters, Counter::NotTarget),
+        counts_map_full: bpf::counter(&counters, Counter::CountsMapFull),
+        // Only the whole system has a known expectation: every CPU, every tick.
+        expected: (target == Target::System)
+            .then(|| (cpus as f64 * frequency as f64 * elapsed.as_secs_f64()).round() as u64),
+        notes,
+        ..DataQuality::default()
+    };
+    if !matches!(stop, StopReason::DurationElapsed) {
+        quality
+            .notes
+            .push(format!("capture ended early: {}", stop.describe()));
+    }
+    let profile = stacks::build_profile(
+        &raw,
+        &mut symbolizer,
+        &BuildOptions {
+            title,
+            unit: WeightUnit::Samples,
+            per_thread: args.per_thread,
+            stack_storage: args.stack_storage,
+        },
+        quality,
+    );
+
+    output::write_stack_profile(&profile, &outputs)?;
+    let to_stdout = outputs.iter().any(|o| o.path.is_none());
+    let summary_text = {
+        let mut buf = Vec::new();
+        summary::write(&profile, &mut buf)?;
+        String::from_utf8_lossy(&buf).into_owned()
+    };
+    if to_stdout {
+        eprint!("{summary_text}");
+    } else {
+        print!("{summary_text}");
+        std::io::stdout().flush()?;
+    }
+    if profile.total_weight() == 0 {
+        eprintln!(
+            "livetrace: no samples were recorded: the target did not run on a CPU during the \
+             capture. If it is slow while idle, it is waiting: try `livetrace offcpu` with the \
+             same target."
+        );
+    }
+    eprint!("{}", footer::text(&profile));
+    for output in &outputs {
+        if output.path.is_some() {
+            eprintln!("livetrace: wrote {}", output.describe());
+        }
+    }
+    Ok(())
+}
+
+/// Attaches the program to one perf event per online CPU (whole system, or `-p`/`-t` filtered in
+/// the kernel), or to the held command with `inherit`, so its children and threads are followed
+/// from their first instruction. Returns the event's name and the number of CPUs.
+fn attach(
+    program: &mut PerfEvent,
+    event: Event,
+    frequency: u64,
+    target: &Target,
+    command: Option<&HeldCommand>,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<(&'static str, usize)> {
+    let cpus = aya::util::online_cpus()
+        .map_err(|(path, err)| anyhow::anyhow!("failed to read {path}: {err}"))?;
+    let mut config = match event {
+        Event::CpuClock => PerfEventConfig::Software(SoftwareEvent::CpuClock),
+        Event::Cycles => PerfEventConfig::Hardware(HardwareEvent::CpuCycles),
+    };
+    let mut name = match event {
+        Event::CpuClock => "cpu-clock",
+        Event::Cycles => "cycles",
+    };
+    loop {
+        let result = match (target, command) {
+            (Target::Command(_), Some(command)) => program
+                .attach(
+                    config,
+                    PerfEventScope::OneProcess {
+                        pid: command.pid,
+                        cpu: None,
+                    },
+                    SamplePolicy::Frequency(frequency),
+                    true,
+                )
+                .map(|_| ()),
+            _ => cpus.iter().try_for_each(|&cpu| {
+                program
+                    .attach(
+                        config,
+                        PerfEventScope::AllProcessesOneCpu { cpu },
+                        SamplePolicy::Frequency(frequency),
+                        false,
+                    )
+                    .map(|_| ())
+            }),
+        };
+        match result {
+            Ok(()) => return Ok((name, cpus.len())),
+            Err(err) if name == "cycles" => {
+                let note = format!(
+                    "the cycles hardware event is not available here ({err}); sampling on the \
+                     cpu-clock software event instead"
+                );
+                eprintln!("livetrace: {note}");
+                notes.push(note);
+                config = PerfEventConfig::Software(SoftwareEvent::CpuClock);
+                name = "cpu-clock";
+                // Links made before the failure stay attached to the same program, and would
+                // double-count: start again from a clean program.
+                program.unload().ok();
+                program.load().map_err(|e| {
+                    bpf::explain_program_error(e, "reload the profile_cpu BPF program")
+                })?;
+            }
+            Err(err) => {
+                return Err(bpf::explain_program_error(
+                    err,
+                    &format!("attach to the {name} perf event"),
+                ));
+            }
+        }
+    }
+}
+
+/// The kernel refuses rates above `perf_event_max_sample_rate`; clamp with a warning instead.
+fn clamp_frequency(requested: u64, notes: &mut Vec<String>) -> u64 {
+    let max = std::fs::read_to_string("/proc/sys/kernel/perf_event_max_sample_rate")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    match max {
+        Some(max) if requested > max => {
+            let note = format!(
+                "-F {requested} is above the kernel's limit (kernel.perf_event_max_sample_rate = \
+                 {max}); sampling at {max} Hz"
+            );
+            eprintln!("livetrace: warning: {note}");
+            notes.push(note);
+            max
+        }
+        _ => requested,
+    }
+}
+
+/// `livetrace-profile-<what>-<UTC time>.svg` in the current directory.
+fn default_output_path(target: &Target) -> PathBuf {
+    let what = match target {
+        Target::System => "system".to_owned(),
+        Target::Threads { pids, tids } => pids
+            .first()
+            .or(tids.first())
+            .map_or_else(|| "targets".into(), |id| id.to_string()),
+        Target::Command(argv) => argv
+            .first()
+            .and_then(|p| std::path::Path::new(p).file_name())
+            .map_or_else(|| "command".into(), |n| n.to_string_lossy().into_owned()),
+    };
+    PathBuf::from(format!(
+        "livetrace-profile-{what}-{}.svg",
+        crate::timestamp()
+    ))
+}
