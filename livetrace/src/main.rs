@@ -43,7 +43,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == targets::HOLD_SHIM) {
+        // `livetrace __livetrace-hold-exec -- COMMAND...`: see targets::HeldCommand.
+        return targets::hold_shim_main(&args[3..]);
+    }
+    let cli = Cli::parse_from(args);
     let level = match cli.verbose {
         0 => log::LevelFilter::Warn,
         1 => log::LevelFilter::Info,

@@ -54,7 +54,7 @@ impl Symbolizer {
             blaze: Blaze::builder()
                 .enable_inlined_fns(true)
                 .enable_code_info(true)
-                .enable_demangling(true)
+                .enable_demangling(false)
                 .build(),
             snapshots: HashMap::new(),
         }
@@ -124,7 +124,7 @@ impl Symbolizer {
                     };
                 };
                 let file_offset = addr - mapping.start + mapping.offset;
-                let source = Source::Elf(Elf::new(&mapping.path));
+                let source = Source::Elf(Elf::new(reachable_path(pid, &mapping.path)));
                 match self
                     .blaze
                     .symbolize_single(&source, Input::FileOffset(file_offset))
@@ -193,9 +193,38 @@ impl Snapshot {
 }
 
 fn frames_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<String> {
-    let mut frames = vec![sym.name.to_string()];
-    frames.extend(sym.inlined.iter().map(|f| f.name.to_string()));
+    let mut frames = vec![demangle(&sym.name)];
+    frames.extend(sym.inlined.iter().map(|f| demangle(&f.name)));
     frames
+}
+
+/// Rust (legacy and v0) and C++ names made readable; anything that is not a mangled name is
+/// left alone (a C function called `a` stays `a`). Rust hashes are dropped.
+pub fn demangle(name: &str) -> String {
+    if (name.starts_with("_ZN") || name.starts_with("_R"))
+        && let Ok(demangled) = rustc_demangle::try_demangle(name)
+    {
+        return format!("{demangled:#}");
+    }
+    if name.starts_with("_Z")
+        && let Some(demangled) = cpp_demangle::Symbol::new(name)
+            .ok()
+            .and_then(|symbol| symbol.demangle().ok())
+    {
+        return demangled;
+    }
+    name.to_owned()
+}
+
+/// The file as the process sees it (it may live in another mount namespace) while the process
+/// is alive; the same path in ours once it is gone.
+fn reachable_path(pid: u32, path: &std::path::Path) -> PathBuf {
+    let through_root = PathBuf::from(format!("/proc/{pid}/root{}", path.display()));
+    if through_root.exists() {
+        through_root
+    } else {
+        path.to_path_buf()
+    }
 }
 
 /// `[libfoo.so+0x1234]`: where the address is, when its name is not known.
@@ -222,10 +251,10 @@ fn describe(reason: Reason) -> &'static str {
 /// File-backed executable mappings of a process, with paths reachable from our mount namespace.
 fn read_mappings(pid: u32) -> Option<Vec<Mapping>> {
     let text = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    Some(parse_maps(&text, pid))
+    Some(parse_maps(&text))
 }
 
-fn parse_maps(text: &str, pid: u32) -> Vec<Mapping> {
+fn parse_maps(text: &str) -> Vec<Mapping> {
     text.lines()
         .filter_map(|line| {
             let mut fields = line.split_ascii_whitespace();
@@ -239,18 +268,11 @@ fn parse_maps(text: &str, pid: u32) -> Vec<Mapping> {
                 return None;
             }
             let (start, end) = range.split_once('-')?;
-            let root_path = PathBuf::from(format!("/proc/{pid}/root{path}"));
             Some(Mapping {
                 start: u64::from_str_radix(start, 16).ok()?,
                 end: u64::from_str_radix(end, 16).ok()?,
                 offset,
-                // Prefer the path as the process sees it (it may live in another mount
-                // namespace); fall back to ours once the process is gone.
-                path: if root_path.exists() {
-                    root_path
-                } else {
-                    PathBuf::from(path)
-                },
+                path: PathBuf::from(path),
             })
         })
         .collect()
@@ -283,7 +305,7 @@ mod tests {
 7ffd1000-7ffd3000 r-xp 00000000 00:00 0 [vdso]
 7f1000000000-7f1000100000 r-xp 00028000 fd:01 456 /lib/x86_64-linux-gnu/libc.so.6
 ";
-        let parsed = parse_maps(maps, u32::MAX);
+        let parsed = parse_maps(maps);
         assert_eq!(parsed.len(), 2);
         assert_eq!(parsed[0].start, 0x55d0c0a01000);
         assert_eq!(parsed[0].offset, 0x1000);
@@ -297,6 +319,20 @@ mod tests {
         };
         let m = snapshot.find(0x7f1000000010).unwrap();
         assert_eq!(module_offset(m, 0x7f1000000010), "[libc.so.6+0x28010]");
+    }
+
+    /// Mangled Rust and C++ names are demangled (Rust without its hash); plain C names that
+    /// happen to look like Itanium type codes are left alone.
+    #[test]
+    fn demangles_only_mangled_names() {
+        assert_eq!(demangle("a"), "a");
+        assert_eq!(demangle("c"), "c");
+        assert_eq!(demangle("main"), "main");
+        assert_eq!(
+            demangle("_ZN14livetrace_demo23validate_subtitle_track17h0123456789abcdefE"),
+            "livetrace_demo::validate_subtitle_track"
+        );
+        assert_eq!(demangle("_Z3fooi"), "foo(int)");
     }
 
     /// A function of this very test binary resolves to its name through the live-process path.

@@ -132,8 +132,12 @@ impl Target {
     }
 }
 
-/// A command started by livetrace and held just before `exec` until [`HeldCommand::release`], so
+/// A command started by livetrace and held before it runs until [`HeldCommand::release`], so
 /// that probes attached to its PID see it from its first instruction.
+///
+/// `std`'s spawn returns only once the child has exec'd, so the child cannot simply wait in a
+/// `pre_exec` hook. Instead livetrace starts itself as a small shim ([`HOLD_SHIM`]) that waits
+/// for a byte on fd 3 and then execs the command in place: same PID, probes already attached.
 pub struct HeldCommand {
     pub pid: u32,
     go: Option<std::fs::File>,
@@ -141,79 +145,63 @@ pub struct HeldCommand {
     pub exited: tokio::sync::oneshot::Receiver<std::io::Result<std::process::ExitStatus>>,
 }
 
+/// The hidden first argument that makes livetrace act as the hold shim.
+pub const HOLD_SHIM: &str = "__livetrace-hold-exec";
+/// The descriptor on which the shim waits for its go byte.
+const HOLD_FD: i32 = 3;
+
 impl HeldCommand {
-    /// Forks and holds the child before `exec`. `std`'s spawn only returns once the child has
-    /// exec'd, so it runs on its own thread; the child reports its PID through a pipe first.
     pub fn spawn(argv: &[OsString]) -> anyhow::Result<Self> {
         let program = argv.first().context("no command given after --")?;
         // Fail early and clearly if the program cannot be found, instead of after loading BPF.
-        if !program.as_bytes().contains(&b'/') && which(program).is_none() {
+        if program.as_bytes().contains(&b'/') {
+            if !Path::new(program).exists() {
+                bail!("command '{}' does not exist", program.to_string_lossy());
+            }
+        } else if which(program).is_none() {
             bail!("command '{}' not found in PATH", program.to_string_lossy());
         }
-        if program.as_bytes().contains(&b'/') && !Path::new(program).exists() {
-            bail!("command '{}' does not exist", program.to_string_lossy());
-        }
-        let (pid_read, pid_write) = pipe()?;
         let (go_read, go_write) = pipe()?;
-        let mut command = std::process::Command::new(program);
-        command.args(&argv[1..]);
-        // SAFETY: only async-signal-safe calls (getpid, write, read, close) run in the child.
+        let mut command = std::process::Command::new("/proc/self/exe");
+        command.arg(HOLD_SHIM).arg("--").args(argv);
+        // SAFETY: dup2 and fcntl are async-signal-safe. They hand the read end to the shim as
+        // fd 3 without close-on-exec (dup2 clears it on the copy; if the pipe already is fd 3,
+        // dup2 would do nothing, so clear the flag directly).
         unsafe {
             use std::os::unix::process::CommandExt as _;
             command.pre_exec(move || {
-                libc::close(pid_read);
-                libc::close(go_write);
-                let pid = libc::getpid().to_ne_bytes();
-                libc::write(pid_write, pid.as_ptr().cast(), pid.len());
-                libc::close(pid_write);
-                let mut byte = 0u8;
-                // A byte means go; end-of-file means livetrace gave up: do not run the command.
-                if libc::read(go_read, (&raw mut byte).cast(), 1) != 1 {
-                    libc::_exit(127);
+                let status = if go_read == HOLD_FD {
+                    libc::fcntl(HOLD_FD, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(go_read, HOLD_FD)
+                };
+                if status < 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
+        let spawned = command.spawn();
+        // SAFETY: both ends are ours; the child has its own copy of the read end now.
+        unsafe { libc::close(go_read) };
+        let go = unsafe { std::fs::File::from_raw_fd(go_write) };
+        let mut child = spawned.context("failed to start the command")?;
+        let pid = child.id();
         let (exited_tx, exited) = tokio::sync::oneshot::channel();
-        let (spawned_tx, spawned_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("command-wait".into())
-            .spawn(move || match command.spawn() {
-                Ok(mut child) => {
-                    let _ = spawned_tx.send(Ok(()));
-                    let _ = exited_tx.send(child.wait());
-                }
-                Err(err) => {
-                    let _ = spawned_tx.send(Err(err));
-                }
+            .spawn(move || {
+                let _ = exited_tx.send(child.wait());
             })
-            .context("failed to start a thread to run the command")?;
-        // SAFETY: these fds are ours; the parent closes its copies of the child's ends.
-        unsafe {
-            libc::close(pid_write);
-            libc::close(go_read);
-        }
-        let mut pid_pipe = unsafe { std::fs::File::from_raw_fd(pid_read) };
-        let go = unsafe { std::fs::File::from_raw_fd(go_write) };
-        let mut pid = [0u8; 4];
-        use std::io::Read as _;
-        if pid_pipe.read_exact(&mut pid).is_err() {
-            // The child never ran pre_exec: spawn failed; its error says why.
-            let err = spawned_rx
-                .recv()
-                .ok()
-                .and_then(Result::err)
-                .map_or_else(|| "unknown error".to_owned(), |e| e.to_string());
-            bail!("failed to start '{}': {err}", program.to_string_lossy());
-        }
+            .context("failed to start a thread to wait for the command")?;
         Ok(Self {
-            pid: i32::from_ne_bytes(pid) as u32,
+            pid,
             go: Some(go),
             exited,
         })
     }
 
-    /// Lets the command exec.
+    /// Lets the command run.
     pub fn release(&mut self) -> anyhow::Result<()> {
         use std::io::Write as _;
         if let Some(mut go) = self.go.take() {
@@ -222,6 +210,28 @@ impl HeldCommand {
         }
         Ok(())
     }
+}
+
+/// The shim's side: wait for the go byte (end-of-file means livetrace gave up: do not run the
+/// command), then exec the command in place. Only returns on failure.
+pub fn hold_shim_main(argv: &[OsString]) -> std::process::ExitCode {
+    use std::{io::Read as _, os::unix::process::CommandExt as _};
+    // SAFETY: fd 3 was set up by HeldCommand::spawn and nothing else owns it.
+    let mut go = unsafe { std::fs::File::from_raw_fd(HOLD_FD) };
+    let mut byte = [0u8];
+    if go.read_exact(&mut byte).is_err() {
+        return std::process::ExitCode::from(127);
+    }
+    drop(go);
+    let Some(program) = argv.first() else {
+        return std::process::ExitCode::from(127);
+    };
+    let err = std::process::Command::new(program).args(&argv[1..]).exec();
+    eprintln!(
+        "livetrace: cannot run '{}': {err}",
+        program.to_string_lossy()
+    );
+    std::process::ExitCode::from(127)
 }
 
 fn pipe() -> anyhow::Result<(i32, i32)> {

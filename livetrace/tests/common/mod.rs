@@ -1,0 +1,558 @@
+//! Shared helpers for livetrace's integration tests: building the C fixtures, running processes
+//! that are killed by PID if a test fails, running livetrace with a deadline, and reading the
+//! folded stacks it writes.
+
+// Each test binary uses its own subset of these helpers.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The livetrace binary cargo built for these tests.
+pub const LIVETRACE: &str = env!("CARGO_BIN_EXE_livetrace");
+
+/// Where the C fixtures' sources live: `tests/fixtures/` at the workspace root.
+const FIXTURE_SOURCES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+
+/// How often a wait with a deadline looks at its process again.
+const POLL: Duration = Duration::from_millis(20);
+
+// ---------------------------------------------------------------------------------------------
+// Preconditions
+
+/// Panics unless the tests run as root: livetrace loads BPF programs.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "these tests load BPF programs and must run as root: run `cargo xtask test`"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU leases
+//
+// The machine has 2 CPUs and the tests of a binary run in parallel. Tests whose assertions depend
+// on how much CPU their fixture gets (sample counts) take the CPUs exclusively; every other test
+// that burns CPU takes them shared, so it runs alongside other shared tests but never alongside an
+// exclusive one.
+
+static CPUS: RwLock<()> = RwLock::new(());
+
+/// Lets this test burn CPU alongside other tests, but not alongside one that owns the CPUs.
+pub fn cpu_shared() -> RwLockReadGuard<'static, ()> {
+    // A test that panicked while holding the lease poisons it; the lease itself is still valid.
+    CPUS.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Gives this test the CPUs to itself, for assertions on sample counts.
+pub fn cpu_exclusive() -> RwLockWriteGuard<'static, ()> {
+    CPUS.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+/// The path of the fixture built from `tests/fixtures/NAME.c`. Every fixture is built once per
+/// test binary, on first use, with frame pointers and without optimisation.
+pub fn fixture(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(build_fixtures);
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "no fixture {name}: expected {FIXTURE_SOURCES}/{name}.c"
+    );
+    path
+}
+
+/// Builds every `tests/fixtures/*.c` into `CARGO_TARGET_TMPDIR/fixtures/` and returns that folder.
+fn build_fixtures() -> PathBuf {
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
+    fs::create_dir_all(&out_dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", out_dir.display()));
+
+    let sources = fs::read_dir(FIXTURE_SOURCES)
+        .unwrap_or_else(|e| panic!("cannot list {FIXTURE_SOURCES}: {e}"))
+        .map(|entry| entry.expect("cannot read the fixtures folder").path())
+        .filter(|path| path.extension() == Some(OsStr::new("c")));
+
+    for source in sources {
+        let name = source.file_stem().expect("a .c file has a stem");
+        let out = out_dir.join(name);
+        // Built under a name of our own, then renamed: another test binary may be building the
+        // same fixture at the same time, and must never run a half-written executable.
+        let partial = out_dir.join(format!(
+            "{}.{}.partial",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let result = Command::new("cc")
+            .args([
+                "-O0",
+                "-g",
+                "-fno-omit-frame-pointer",
+                "-fno-optimize-sibling-calls",
+            ])
+            .arg("-o")
+            .arg(&partial)
+            .arg(&source)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run cc to build {}: {e}", source.display()));
+        assert!(
+            result.status.success(),
+            "building {} failed ({}):\n{}",
+            source.display(),
+            result.status,
+            String::from_utf8_lossy(&result.stderr)
+        );
+        fs::rename(&partial, &out)
+            .unwrap_or_else(|e| panic!("cannot move {} into place: {e}", out.display()));
+    }
+    out_dir
+}
+
+/// Starts a fixture with the given arguments; it is killed when the returned guard drops.
+pub fn start_fixture(name: &str, args: &[&str]) -> Process {
+    let mut command = Command::new(fixture(name));
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    Process::spawn(command)
+}
+
+/// A path as a command-line argument (temporary paths are always UTF-8 here).
+pub fn path_arg(path: &Path) -> &str {
+    path.to_str()
+        .unwrap_or_else(|| panic!("{} is not UTF-8", path.display()))
+}
+
+/// A PID that no process has: the highest PID Linux can hand out, or the next free one below it.
+pub fn unused_pid() -> u32 {
+    // PID_MAX_LIMIT is 4194304, so PIDs are below it whatever /proc/sys/kernel/pid_max says.
+    (1..4_194_304u32)
+        .rev()
+        .find(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        .expect("some PID is free")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// A child process that is killed (by its PID, with SIGKILL) and reaped when dropped, so that a
+/// failing test never leaves it running.
+pub struct Process {
+    child: Child,
+}
+
+impl Process {
+    pub fn spawn(mut command: Command) -> Process {
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+        Process { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.pid()).expect("PIDs fit in pid_t");
+        // SAFETY: kill has no memory-safety preconditions; the PID is our own unreaped child, so
+        // it cannot have been reused by another process.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert!(
+            rc == 0,
+            "kill({pid}, {signal}) failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Waits for the process to exit and reaps it; `None` if it is still running at `timeout`.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("cannot wait for a child") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(POLL);
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // Child::kill sends SIGKILL to this child's PID, which is ours until we reap it.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running livetrace
+
+/// A running livetrace, its standard output and error going to anonymous temporary files (a pipe
+/// could fill up and block it while the test is not reading).
+pub struct Livetrace {
+    process: Process,
+    started: Instant,
+    stdout: File,
+    stderr: File,
+}
+
+/// How a livetrace run ended.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    /// From starting livetrace to noticing that it had exited (within 20 ms).
+    pub elapsed: Duration,
+}
+
+impl Livetrace {
+    /// Starts `livetrace ARGS...` with no standard input.
+    pub fn start<I, S>(args: I) -> Livetrace
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let stdout = tempfile::tempfile().expect("cannot create a temporary file");
+        let stderr = tempfile::tempfile().expect("cannot create a temporary file");
+        let mut command = Command::new(LIVETRACE);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(stdout.try_clone().expect("cannot duplicate a file handle"))
+            .stderr(stderr.try_clone().expect("cannot duplicate a file handle"));
+        let started = Instant::now();
+        let process = Process::spawn(command);
+        Livetrace {
+            process,
+            started,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        self.process.signal(signal);
+    }
+
+    /// Waits for livetrace to exit. Panics, showing what it printed so far, if it has not exited
+    /// `timeout` after it started; it is then killed.
+    pub fn finish(mut self, timeout: Duration) -> Finished {
+        let remaining = timeout.saturating_sub(self.started.elapsed());
+        let status = self.process.wait_timeout(remaining);
+        let elapsed = self.started.elapsed();
+        let stdout = read_all(&mut self.stdout);
+        let stderr = read_all(&mut self.stderr);
+        let Some(status) = status else {
+            panic!(
+                "livetrace was still running {timeout:?} after it started; stderr so far:\n{stderr}"
+            );
+        };
+        Finished {
+            status,
+            stdout,
+            stderr,
+            elapsed,
+        }
+    }
+}
+
+/// Runs `livetrace ARGS...` to completion; panics if it takes longer than `timeout`.
+pub fn run_livetrace<I, S>(args: I, timeout: Duration) -> Finished
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Livetrace::start(args).finish(timeout)
+}
+
+fn read_all(file: &mut File) -> String {
+    let mut bytes = Vec::new();
+    file.seek(SeekFrom::Start(0))
+        .and_then(|_| file.read_to_end(&mut bytes))
+        .expect("cannot read livetrace's output back");
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+impl Finished {
+    /// Panics, showing stderr, unless livetrace exited with status 0.
+    pub fn assert_success(&self) {
+        assert!(
+            self.status.success(),
+            "livetrace failed ({}) after {:?}; stderr:\n{}",
+            self.status,
+            self.elapsed,
+            self.stderr
+        );
+    }
+
+    /// Panics, showing stderr, unless livetrace exited with a non-zero status (not by a signal).
+    pub fn assert_failure(&self) {
+        assert!(
+            matches!(self.status.code(), Some(code) if code != 0),
+            "livetrace should have failed with a non-zero status, but ended with {}; stderr:\n{}",
+            self.status,
+            self.stderr
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Folded stacks
+
+/// The suffix livetrace gives kernel frames.
+pub const KERNEL_SUFFIX: &str = "_[k]";
+
+pub fn is_kernel_frame(frame: &str) -> bool {
+    frame.ends_with(KERNEL_SUFFIX)
+}
+
+/// One line of a folded file: `root;frame;...;leaf COUNT`, root first. The root frame is the
+/// process name; user frames follow from the outermost, then kernel frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stack {
+    pub frames: Vec<String>,
+    pub count: u64,
+}
+
+impl Stack {
+    /// The root frame: the process name.
+    pub fn root(&self) -> &str {
+        &self.frames[0]
+    }
+
+    /// The frames below the root.
+    pub fn below_root(&self) -> &[String] {
+        &self.frames[1..]
+    }
+
+    /// The user frames, outermost first (frames below the root without the kernel suffix).
+    pub fn user_frames(&self) -> Vec<&str> {
+        self.below_root()
+            .iter()
+            .map(String::as_str)
+            .filter(|frame| !is_kernel_frame(frame))
+            .collect()
+    }
+
+    /// The innermost user frame, ignoring kernel frames.
+    pub fn user_leaf(&self) -> Option<&str> {
+        self.user_frames().last().copied()
+    }
+
+    pub fn contains(&self, frame: &str) -> bool {
+        self.frames.iter().any(|f| f == frame)
+    }
+
+    /// Whether `run` appears in this stack as consecutive frames, in that order.
+    pub fn contains_run(&self, run: &[&str]) -> bool {
+        self.frames
+            .windows(run.len())
+            .any(|window| window.iter().zip(run).all(|(frame, want)| frame == want))
+    }
+}
+
+/// The contents of a folded file.
+#[derive(Debug, Clone, Default)]
+pub struct Profile {
+    pub stacks: Vec<Stack>,
+}
+
+impl Profile {
+    /// Parses folded text; panics on any line that is not `frame[;frame...] COUNT`.
+    pub fn parse(text: &str) -> Profile {
+        let stacks = text
+            .lines()
+            .enumerate()
+            .filter(|(_, line)| !line.trim().is_empty())
+            .map(|(index, line)| {
+                let bad = |why: &str| -> ! {
+                    panic!("folded line {} is malformed ({why}): {line:?}", index + 1)
+                };
+                let Some((stack, count)) = line.trim_end().rsplit_once(' ') else {
+                    bad("no space before the count")
+                };
+                let Ok(count) = count.parse::<u64>() else {
+                    bad("the count is not a number")
+                };
+                let frames: Vec<String> = stack.split(';').map(str::to_owned).collect();
+                if frames.iter().any(String::is_empty) {
+                    bad("empty frame");
+                }
+                Stack { frames, count }
+            })
+            .collect();
+        Profile { stacks }
+    }
+
+    /// Reads and parses a folded file.
+    pub fn read(path: &Path) -> Profile {
+        let text = fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        Profile::parse(&text)
+    }
+
+    /// The number of samples.
+    pub fn total(&self) -> u64 {
+        self.stacks.iter().map(|stack| stack.count).sum()
+    }
+
+    /// The share of samples whose stack satisfies `predicate` (0 when there are no samples).
+    pub fn share_where(&self, predicate: impl Fn(&Stack) -> bool) -> f64 {
+        let total = self.total();
+        if total == 0 {
+            return 0.0;
+        }
+        let matching: u64 = self
+            .stacks
+            .iter()
+            .filter(|stack| predicate(stack))
+            .map(|stack| stack.count)
+            .sum();
+        matching as f64 / total as f64
+    }
+
+    /// The share of samples whose stack contains `frame`.
+    pub fn share_containing(&self, frame: &str) -> f64 {
+        self.share_where(|stack| stack.contains(frame))
+    }
+
+    /// The share of samples whose innermost user frame is `frame`.
+    pub fn share_with_leaf(&self, frame: &str) -> f64 {
+        self.share_where(|stack| stack.user_leaf() == Some(frame))
+    }
+
+    /// Whether any stack contains `frame`.
+    pub fn has_frame(&self, frame: &str) -> bool {
+        self.stacks.iter().any(|stack| stack.contains(frame))
+    }
+
+    /// The heaviest stacks, one a line, for assertion messages.
+    pub fn summary(&self) -> String {
+        let mut stacks: Vec<&Stack> = self.stacks.iter().collect();
+        stacks.sort_by_key(|stack| std::cmp::Reverse(stack.count));
+        let mut out = format!("{} samples in {} stacks", self.total(), self.stacks.len());
+        for stack in stacks.iter().take(12) {
+            let _ = write!(out, "\n  {} {}", stack.frames.join(";"), stack.count);
+        }
+        if stacks.len() > 12 {
+            let _ = write!(out, "\n  ...");
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SVG
+
+/// Panics unless `svg` looks like a complete SVG document: an XML declaration first, `</svg>`
+/// last, and every element closed in order. A cheap check, not a full XML parser; it knows the
+/// constructs inferno writes (declaration, doctype, comments, CDATA sections, quoted attributes).
+pub fn assert_well_formed_svg(svg: &str) {
+    let svg = svg.trim();
+    assert!(
+        svg.starts_with("<?xml"),
+        "the SVG does not start with <?xml: {:?}",
+        head(svg)
+    );
+    assert!(svg.contains("<svg"), "the SVG has no <svg element");
+    assert!(
+        svg.ends_with("</svg>"),
+        "the SVG does not end with </svg>: {:?}",
+        tail(svg)
+    );
+    if let Err(problem) = check_elements_balanced(svg) {
+        panic!("the SVG is not well-formed: {problem}");
+    }
+}
+
+fn check_elements_balanced(xml: &str) -> Result<(), String> {
+    let mut open: Vec<&str> = Vec::new();
+    let mut rest = xml;
+    while let Some(start) = rest.find('<') {
+        rest = &rest[start..];
+        let offset = xml.len() - rest.len();
+        // Markup that is not an element is skipped up to its terminator.
+        let skipped = [
+            ("<?", "?>"),
+            ("<!--", "-->"),
+            ("<![CDATA[", "]]>"),
+            ("<!", ">"),
+        ]
+        .into_iter()
+        .find(|(opener, _)| rest.starts_with(opener));
+        if let Some((opener, closer)) = skipped {
+            let end = rest
+                .find(closer)
+                .ok_or_else(|| format!("{opener} at byte {offset} is never closed"))?;
+            rest = &rest[end + closer.len()..];
+            continue;
+        }
+        let end = element_tag_end(rest)
+            .ok_or_else(|| format!("the tag at byte {offset} is never closed"))?;
+        let tag = &rest[1..end];
+        rest = &rest[end + 1..];
+        if let Some(closing) = tag.strip_prefix('/') {
+            let name = closing.trim();
+            match open.pop() {
+                Some(expected) if expected == name => {}
+                Some(expected) => {
+                    return Err(format!("</{name}> at byte {offset} closes <{expected}>"));
+                }
+                None => return Err(format!("</{name}> at byte {offset} closes nothing")),
+            }
+        } else if !tag.ends_with('/') {
+            let name = tag.split(char::is_whitespace).next().unwrap_or("");
+            if name.is_empty() {
+                return Err(format!("a tag without a name at byte {offset}"));
+            }
+            open.push(name);
+        }
+    }
+    match open.last() {
+        None => Ok(()),
+        Some(name) => Err(format!("<{name}> is never closed")),
+    }
+}
+
+/// The index of the `>` that ends the tag `tag` starts with, skipping quoted attribute values.
+fn element_tag_end(tag: &str) -> Option<usize> {
+    let mut quote = None;
+    for (index, c) in tag.char_indices() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), _) if c == q => quote = None,
+            (None, '>') => return Some(index),
+            _ => {}
+        }
+    }
+    None
+}
+
+fn head(text: &str) -> &str {
+    &text[..text.floor_char_boundary(80)]
+}
+
+fn tail(text: &str) -> &str {
+    &text[text.floor_char_boundary(text.len().saturating_sub(80))..]
+}

@@ -1,0 +1,94 @@
+//! `cargo xtask demo`: the incident from the design notes, end to end. Starts the bundled
+//! catalogue API (whose `validate_subtitle_track` walks all 37 caption tracks of every request),
+//! lets it serve, profiles it with livetrace, leaves the results on disk, and stops the service.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{build_release, require_root, run_command, workspace_root};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Seconds to profile for.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Where to leave the results.
+    #[arg(long, default_value = "livetrace-out")]
+    out: PathBuf,
+}
+
+/// Kills the demo service by its PID when dropped, so a failed step never leaves it running.
+struct Service(Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    require_root("livetrace loads BPF programs")?;
+    let bin = build_release()?;
+    let out = workspace_root().join(&args.out);
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+
+    // The service ends itself 60 s after the capture would, whatever happens here.
+    let mut child = Command::new(bin.join("livetrace-demo"))
+        .args(["--seconds", &(args.seconds + 60).to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("failed to start livetrace-demo")?;
+    let stdout = child
+        .stdout
+        .take()
+        .context("no stdout from livetrace-demo")?;
+    let service = Service(child);
+    let mut banner = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut banner)
+        .context("reading livetrace-demo's banner")?;
+    let pid = banner
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("pid="))
+        .and_then(|p| p.parse::<u32>().ok());
+    let Some(pid) = pid else {
+        bail!("livetrace-demo printed no pid: {banner:?}");
+    };
+    println!("demo: {}", banner.trim());
+    // Let it warm up: the first requests build the catalogue.
+    std::thread::sleep(Duration::from_secs(1));
+
+    let svg = out.join("demo-profile.svg");
+    let folded = out.join("demo-profile.folded");
+    println!(
+        "\ndemo: $ livetrace profile -p {pid} -d {} -o {} -o {}\n",
+        args.seconds,
+        svg.display(),
+        folded.display()
+    );
+    run_command(Command::new(bin.join("livetrace")).args([
+        "profile".as_ref(),
+        "-p".as_ref(),
+        pid.to_string().as_ref(),
+        "-d".as_ref(),
+        args.seconds.to_string().as_ref(),
+        "-o".as_ref(),
+        svg.as_os_str(),
+        "-o".as_ref(),
+        folded.as_os_str(),
+    ]))?;
+    drop(service);
+    println!(
+        "\ndemo: the catalogue API is stopped. Results:\n  {}  (open in a browser)\n  {}",
+        svg.display(),
+        folded.display()
+    );
+    Ok(())
+}
