@@ -102,7 +102,7 @@ pub fn add_weight(key: &StackKey, weight: u64) {
         count(Counter::Recorded);
         return;
     }
-    match STACK_COUNTS.insert(key, &weight, u64::from(BPF_NOEXIST)) {
+    match STACK_COUNTS.insert(key, weight, u64::from(BPF_NOEXIST)) {
         Ok(()) => count(Counter::Recorded),
         // Another CPU created the entry between our lookup and insert.
         Err(_) => match STACK_COUNTS.get_ptr_mut(key) {

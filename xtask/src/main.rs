@@ -67,7 +67,7 @@ fn test(cargo_args: &[String]) -> anyhow::Result<()> {
     run_command(
         Command::new("cargo")
             .current_dir(workspace_root())
-            .args(["test", "--workspace", "--release"])
+            .args(["test", "--release"])
             .args(cargo_args),
     )
 }
