@@ -4,4 +4,5 @@
 //! `aya::Pod` impls so the loader can read these types out of BPF maps.
 #![no_std]
 
+pub mod offcpu;
 pub mod stacks;

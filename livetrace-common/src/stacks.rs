@@ -32,6 +32,10 @@ pub const DEFAULT_STACK_STORAGE: u32 = 16 * 1024;
 /// Capacity of the target filter maps.
 pub const MAX_TARGETS: u32 = 4096;
 
+/// Stored in `user_stack_id` by user space for a thread found already blocked when the capture
+/// began: its stacks were recovered from /proc instead of by the BPF program.
+pub const STACK_ID_RECOVERED: i32 = i32::MIN + 1;
+
 /// Stored in a stack id field when that stack was not asked for (`-U`, `-K`), or when a sample
 /// taken in user mode has no kernel stack to walk. Not a loss.
 pub const STACK_ID_NOT_COLLECTED: i32 = i32::MIN;
@@ -77,10 +81,25 @@ pub enum Counter {
     Recorded = 3,
     /// Outcome: [`STACK_COUNTS`] was full, the event is lost.
     CountsMapFull = 4,
+    /// offcpu: a switch-out in a state `--state` leaves out (not recorded).
+    StateFiltered = 5,
+    /// offcpu: a block shorter than `--min-block` or longer than `--max-block` (not recorded).
+    BlockFiltered = 6,
+    /// offcpu: the map of threads currently off-CPU was full; that block is lost.
+    StartMapFull = 7,
+    /// offcpu: a target switched in with no recorded switch-out (it was already off-CPU when
+    /// the capture began, and was not found by the start-up scan).
+    UnmatchedSwitchIn = 8,
+    /// offcpu --wakers: the waker map was full; the block is recorded without its waker.
+    WakerMapFull = 9,
+    /// offcpu --wakers: the map of blocked/waker stack pairs was full; the block is lost.
+    WakeCountsMapFull = 10,
+    /// Outcome: a kernel thread, left out unless asked for (not recorded).
+    KernelThread = 11,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_SLOTS: u32 = 8;
+pub const COUNTER_SLOTS: u32 = 16;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -48,6 +48,12 @@ pub fn is_target(tgid: u32, tid: u32) -> bool {
     unsafe { TARGET_TGIDS.get(tgid).is_some() || TARGET_TIDS.get(tid).is_some() }
 }
 
+/// Makes a process a target (a child of one, when following forks).
+#[inline(always)]
+pub fn add_target_tgid(tgid: u32) {
+    let _ = TARGET_TGIDS.insert(tgid, 1u8, 0);
+}
+
 /// The aggregation key for the current thread. `in_kernel` says whether there is a kernel stack
 /// worth walking (a sample taken in user mode has none).
 #[inline(always)]
@@ -94,23 +100,30 @@ fn atomic_add(dst: *mut u64, value: u64) {
     };
 }
 
-/// Adds `weight` to `key`'s entry, creating it if needed; a full map is counted, not ignored.
+/// Adds `weight` to `key`'s entry in [`STACK_COUNTS`]; a full map is counted, not ignored.
 #[inline(always)]
 pub fn add_weight(key: &StackKey, weight: u64) {
-    if let Some(total) = STACK_COUNTS.get_ptr_mut(key) {
+    add_weight_to(&STACK_COUNTS, key, weight, Counter::CountsMapFull);
+}
+
+/// Adds `weight` to `key`'s entry in `map`, creating it if needed; when the map is full,
+/// `full` is counted instead.
+#[inline(always)]
+pub fn add_weight_to<K>(map: &HashMap<K, u64>, key: &K, weight: u64, full: Counter) {
+    if let Some(total) = map.get_ptr_mut(key) {
         atomic_add(total, weight);
         count(Counter::Recorded);
         return;
     }
-    match STACK_COUNTS.insert(key, weight, u64::from(BPF_NOEXIST)) {
+    match map.insert(key, weight, u64::from(BPF_NOEXIST)) {
         Ok(()) => count(Counter::Recorded),
         // Another CPU created the entry between our lookup and insert.
-        Err(_) => match STACK_COUNTS.get_ptr_mut(key) {
+        Err(_) => match map.get_ptr_mut(key) {
             Some(total) => {
                 atomic_add(total, weight);
                 count(Counter::Recorded);
             }
-            None => count(Counter::CountsMapFull),
+            None => count(full),
         },
     }
 }

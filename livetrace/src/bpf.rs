@@ -6,7 +6,10 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
 };
-use livetrace_common::stacks::{self, COUNTER_SLOTS, Counter};
+use livetrace_common::{
+    offcpu::{self, MAX_THREADS},
+    stacks::{self, COUNTER_SLOTS, Counter},
+};
 
 /// The BPF object that `build.rs` compiled from `livetrace-ebpf`.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/livetrace"));
@@ -22,6 +25,23 @@ pub struct StackSettings {
     pub per_thread: bool,
     /// Capacity of the stack-trace and counts maps.
     pub stack_storage: u32,
+    /// Settings of the offcpu programs; `None` keeps their maps at one entry.
+    pub offcpu: Option<OffcpuSettings>,
+}
+
+/// Settings of the offcpu programs (see `livetrace_common::offcpu`).
+#[derive(Clone, Debug, Default)]
+pub struct OffcpuSettings {
+    pub task_pid_offset: u32,
+    pub task_tgid_offset: u32,
+    pub task_flags_offset: u32,
+    pub tp_prev_state_offset: u32,
+    pub tp_next_pid_offset: u32,
+    pub state_mask: u32,
+    pub min_block_ns: u64,
+    pub max_block_ns: u64,
+    pub include_kernel_threads: bool,
+    pub wakers: bool,
 }
 
 /// Loads the object for a stack tool: every map is created and the settings are frozen into
@@ -29,14 +49,40 @@ pub struct StackSettings {
 pub fn load_stacks(settings: &StackSettings) -> anyhow::Result<Ebpf> {
     let filter = u8::from(settings.filter);
     let per_thread = u8::from(settings.per_thread);
-    let mut bpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    loader
         .override_global(stacks::FILTER_TARGETS, &filter, true)
         .override_global(stacks::STACK_KINDS, &settings.stack_kinds, true)
         .override_global(stacks::PER_THREAD, &per_thread, true)
         .map_max_entries(stacks::STACK_COUNTS, settings.stack_storage)
-        .map_max_entries(stacks::STACK_TRACES, settings.stack_storage)
-        .load(BPF_OBJECT)
-        .map_err(explain_load_error)?;
+        .map_max_entries(stacks::STACK_TRACES, settings.stack_storage);
+    let off = settings.offcpu.clone().unwrap_or_default();
+    let (include_kthreads, wakers) = (u8::from(off.include_kernel_threads), u8::from(off.wakers));
+    // Hash maps are preallocated: size the ones a tool does not use down to one entry.
+    let (start_size, wakers_size, wake_counts_size) = match &settings.offcpu {
+        None => (1, 1, 1),
+        Some(o) if o.wakers => (MAX_THREADS, MAX_THREADS, settings.stack_storage),
+        Some(_) => (MAX_THREADS, 1, 1),
+    };
+    loader
+        .override_global(offcpu::TASK_PID_OFFSET, &off.task_pid_offset, true)
+        .override_global(offcpu::TASK_TGID_OFFSET, &off.task_tgid_offset, true)
+        .override_global(offcpu::TASK_FLAGS_OFFSET, &off.task_flags_offset, true)
+        .override_global(
+            offcpu::TP_PREV_STATE_OFFSET,
+            &off.tp_prev_state_offset,
+            true,
+        )
+        .override_global(offcpu::TP_NEXT_PID_OFFSET, &off.tp_next_pid_offset, true)
+        .override_global(offcpu::STATE_MASK, &off.state_mask, true)
+        .override_global(offcpu::MIN_BLOCK_NS, &off.min_block_ns, true)
+        .override_global(offcpu::MAX_BLOCK_NS, &off.max_block_ns, true)
+        .override_global(offcpu::INCLUDE_KERNEL_THREADS, &include_kthreads, true)
+        .override_global(offcpu::RECORD_WAKERS, &wakers, true)
+        .map_max_entries(offcpu::OFFCPU_START, start_size)
+        .map_max_entries(offcpu::WAKERS, wakers_size)
+        .map_max_entries(offcpu::WAKE_COUNTS, wake_counts_size);
+    let mut bpf = loader.load(BPF_OBJECT).map_err(explain_load_error)?;
     for (map_name, ids) in [
         (stacks::TARGET_TGIDS, &settings.tgids),
         (stacks::TARGET_TIDS, &settings.tids),

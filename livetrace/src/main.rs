@@ -5,15 +5,18 @@
 //! Exit codes: 0 when the outputs were written (whatever ended the capture), 1 for runtime errors,
 //! 2 for usage errors.
 
+mod already_blocked;
 mod bpf;
 mod capture;
 mod duration;
+mod kernel_btf;
 mod model;
 mod output;
 mod stacks;
 mod symbolize;
 mod targets;
 mod tools;
+mod tracefs;
 
 use std::process::ExitCode;
 
@@ -40,6 +43,8 @@ struct Cli {
 enum Command {
     /// On-CPU stack sampling: where is the CPU time going?
     Profile(tools::profile::Args),
+    /// Off-CPU time: where are the threads blocked, and for how long?
+    Offcpu(tools::offcpu::Args),
 }
 
 fn main() -> ExitCode {
@@ -61,15 +66,39 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Profile(args) => tools::profile::run(args),
+        Command::Offcpu(args) => tools::offcpu::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("livetrace: error: {err:#}");
-            ExitCode::from(1)
+            if err.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
         }
     }
 }
+
+/// A mistake in the command line that clap cannot see by itself (options that contradict each
+/// other): reported like clap's own errors, with exit status 2.
+#[derive(Debug)]
+pub struct UsageError(String);
+
+impl UsageError {
+    pub fn new(message: impl Into<String>) -> anyhow::Error {
+        anyhow::Error::new(Self(message.into()))
+    }
+}
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 /// `20261126-045103` in UTC, for default output names.
 fn timestamp() -> String {

@@ -112,6 +112,16 @@ impl StackProfile {
         self.stacks.iter().map(|s| s.weight).sum()
     }
 
+    /// The same profile with the per-thread frames taken out (and stacks merged again).
+    pub fn without_threads(&self) -> Self {
+        let mut profile = self.clone();
+        for stack in &mut profile.stacks {
+            stack.frames.retain(|f| f.kind != FrameKind::Thread);
+        }
+        profile.normalize();
+        profile
+    }
+
     /// Merges stacks with identical frames and orders them by frames, so output is deterministic.
     pub fn normalize(&mut self) {
         let mut merged: BTreeMap<Vec<Frame>, u64> = BTreeMap::new();

@@ -9,22 +9,36 @@ use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, StackTraceMap},
 };
-use livetrace_common::stacks::{
-    STACK_COUNTS, STACK_ID_NOT_COLLECTED, STACK_TRACES, StackKey, stack_errno,
+use livetrace_common::{
+    offcpu::{WAKE_COUNTS, WakeKey},
+    stacks::{
+        STACK_COUNTS, STACK_ID_NOT_COLLECTED, STACK_ID_RECOVERED, STACK_TRACES, StackKey,
+        stack_errno,
+    },
 };
 
 use crate::{
+    already_blocked::BlockedThread,
     bpf,
     model::{DataQuality, Frame, FrameKind, StackProfile, WeightUnit, WeightedStack},
     symbolize::{Resolved, Symbolizer},
 };
 
 /// The maps' contents, copied out of the kernel.
+#[derive(Default)]
 pub struct RawStacks {
     pub entries: Vec<(StackKey, u64)>,
+    /// offcpu `--wakers`: blocked stacks joined with their wakers' stacks.
+    pub wake_entries: Vec<(WakeKey, u64)>,
     /// Stack id to its addresses, leaf first.
     pub traces: HashMap<u32, Vec<u64>>,
+    /// Stacks recovered from /proc for threads already blocked at start, by tid; keys whose
+    /// stack ids are [`STACK_ID_RECOVERED`] refer to these.
+    pub recovered: HashMap<u32, BlockedThread>,
 }
+
+/// The marker frame under which recovered stacks of already-blocked threads appear.
+pub const RECOVERED_MARKER: &str = "[blocked since before the capture]";
 
 /// The processes that have entries so far (read once a second during a capture, so that each
 /// one's memory map is snapshotted while it still exists).
@@ -42,33 +56,66 @@ pub fn processes_seen(bpf: &Ebpf) -> HashSet<u32> {
         .collect()
 }
 
-/// Copies the counts and the stacks they refer to out of the kernel.
-pub fn drain(bpf: &mut Ebpf) -> anyhow::Result<RawStacks> {
+/// Copies the counts (and, with `wakers`, the blocked/waker pairs) and the stacks they refer to
+/// out of the kernel.
+pub fn drain(bpf: &mut Ebpf, wakers: bool) -> anyhow::Result<RawStacks> {
     let counts: BpfHashMap<MapData, StackKey, u64> =
         BpfHashMap::try_from(bpf::take_map(bpf, STACK_COUNTS)?)?;
-    let traces: StackTraceMap<MapData> =
-        StackTraceMap::try_from(bpf::take_map(bpf, STACK_TRACES)?)?;
-    let mut entries = Vec::new();
+    let mut raw = RawStacks::default();
     for entry in counts.iter() {
-        entries.push(entry.context("failed to read the stack counts map")?);
+        raw.entries
+            .push(entry.context("failed to read the stack counts map")?);
     }
-    let mut stacks = HashMap::new();
-    for (key, _) in &entries {
-        for id in [key.user_stack_id, key.kernel_stack_id] {
-            let Ok(id) = u32::try_from(id) else { continue };
-            if stacks.contains_key(&id) {
-                continue;
-            }
-            // A missing id is reported as a lost stack when the profile is built.
-            if let Ok(trace) = traces.get(&id, 0) {
-                stacks.insert(id, trace.frames().iter().map(|f| f.ip).collect());
-            }
+    if wakers {
+        let wake: BpfHashMap<MapData, WakeKey, u64> =
+            BpfHashMap::try_from(bpf::take_map(bpf, WAKE_COUNTS)?)?;
+        for entry in wake.iter() {
+            raw.wake_entries
+                .push(entry.context("failed to read the waker counts map")?);
         }
     }
-    Ok(RawStacks {
-        entries,
-        traces: stacks,
-    })
+    let traces: StackTraceMap<MapData> =
+        StackTraceMap::try_from(bpf::take_map(bpf, STACK_TRACES)?)?;
+    let ids: HashSet<u32> = raw
+        .keys()
+        .flat_map(|k| [k.user_stack_id, k.kernel_stack_id])
+        .filter_map(|id| u32::try_from(id).ok())
+        .collect();
+    for id in ids {
+        // A missing id is reported as a lost stack when the profile is built.
+        if let Ok(trace) = traces.get(&id, 0) {
+            raw.traces
+                .insert(id, trace.frames().iter().map(|f| f.ip).collect());
+        }
+    }
+    Ok(raw)
+}
+
+impl RawStacks {
+    /// Every stack key, the wakers' included.
+    fn keys(&self) -> impl Iterator<Item = &StackKey> {
+        self.entries.iter().map(|(k, _)| k).chain(
+            self.wake_entries
+                .iter()
+                .flat_map(|(k, _)| [&k.blocked, &k.waker]),
+        )
+    }
+
+    fn trace(&self, id: i32) -> Option<&[u64]> {
+        let id = u32::try_from(id).ok()?;
+        self.traces.get(&id).map(Vec::as_slice)
+    }
+
+    /// The user addresses of a key's stack, leaf first, wherever they came from.
+    fn user_trace(&self, key: &StackKey) -> Option<&[u64]> {
+        if key.user_stack_id == STACK_ID_RECOVERED {
+            return self
+                .recovered
+                .get(&key.tid)
+                .map(|t| t.user_addrs.as_slice());
+        }
+        self.trace(key.user_stack_id)
+    }
 }
 
 /// How a stack tool wants its stacks presented.
@@ -78,6 +125,65 @@ pub struct BuildOptions {
     pub per_thread: bool,
     /// How many entries the maps could hold, for the advice when they filled up.
     pub stack_storage: u32,
+    /// Divides raw weights (e.g. 1000 turns offcpu's nanoseconds into microseconds).
+    pub weight_divisor: u64,
+}
+
+/// Every address but the leaf is a return address: look up the call instruction before it, or a
+/// call at the very end of a function would be named after the next function.
+fn lookup_addrs(trace: &[u64]) -> Vec<u64> {
+    trace
+        .iter()
+        .enumerate()
+        .map(|(i, &a)| if i == 0 { a } else { a.saturating_sub(1) })
+        .collect()
+}
+
+/// Resolved names for every address of every stack, symbolised in one batch per process and
+/// one for the kernel.
+struct Names {
+    user: HashMap<(u32, u64), Resolved>,
+    kernel: HashMap<u64, Resolved>,
+}
+
+impl Names {
+    fn resolve(raw: &RawStacks, symbolizer: &mut Symbolizer) -> Self {
+        let mut user_addrs: BTreeMap<u32, HashSet<u64>> = BTreeMap::new();
+        let mut kernel_addrs: HashSet<u64> = HashSet::new();
+        for key in raw.keys() {
+            if let Some(trace) = raw.user_trace(key) {
+                user_addrs
+                    .entry(key.tgid)
+                    .or_default()
+                    .extend(lookup_addrs(trace));
+            }
+            if let Some(trace) = raw.trace(key.kernel_stack_id) {
+                kernel_addrs.extend(lookup_addrs(trace));
+            }
+        }
+        let mut user = HashMap::new();
+        for (pid, addrs) in user_addrs {
+            let addrs: Vec<u64> = addrs.into_iter().collect();
+            for (addr, resolved) in addrs.iter().zip(symbolizer.user(pid, &addrs)) {
+                user.insert((pid, *addr), resolved);
+            }
+        }
+        let kernel_addrs: Vec<u64> = kernel_addrs.into_iter().collect();
+        let kernel = kernel_addrs
+            .iter()
+            .copied()
+            .zip(symbolizer.kernel(&kernel_addrs))
+            .collect();
+        Self { user, kernel }
+    }
+}
+
+/// What building one key's frames found out, for the data-quality record.
+#[derive(Default)]
+struct KeyFindings {
+    unknown_reasons: Vec<&'static str>,
+    losses: Vec<String>,
+    map_full: bool,
 }
 
 /// Symbolises every stack (one batch per process, one for the kernel) and assembles the profile.
@@ -87,131 +193,60 @@ pub fn build_profile(
     options: &BuildOptions,
     mut quality: DataQuality,
 ) -> StackProfile {
-    // Every address but the leaf is a return address: look up the call instruction before it,
-    // or a call at the very end of a function would be named after the next function.
-    let lookup_addrs = |trace: &[u64]| -> Vec<u64> {
-        trace
-            .iter()
-            .enumerate()
-            .map(|(i, &a)| if i == 0 { a } else { a.saturating_sub(1) })
-            .collect()
-    };
-
-    let mut user_addrs: BTreeMap<u32, HashSet<u64>> = BTreeMap::new();
-    let mut kernel_addrs: HashSet<u64> = HashSet::new();
-    for (key, _) in &raw.entries {
-        if let Some(trace) = stack_of(raw, key.user_stack_id) {
-            user_addrs
-                .entry(key.tgid)
-                .or_default()
-                .extend(lookup_addrs(trace));
-        }
-        if let Some(trace) = stack_of(raw, key.kernel_stack_id) {
-            kernel_addrs.extend(lookup_addrs(trace));
-        }
-    }
-
-    let mut user_names: HashMap<(u32, u64), Resolved> = HashMap::new();
-    for (pid, addrs) in user_addrs {
-        let addrs: Vec<u64> = addrs.into_iter().collect();
-        for (addr, resolved) in addrs.iter().zip(symbolizer.user(pid, &addrs)) {
-            user_names.insert((pid, *addr), resolved);
-        }
-    }
-    let kernel_addrs: Vec<u64> = kernel_addrs.into_iter().collect();
-    let kernel_names: HashMap<u64, Resolved> = kernel_addrs
-        .iter()
-        .copied()
-        .zip(symbolizer.kernel(&kernel_addrs))
-        .collect();
-
-    let mut stacks = Vec::with_capacity(raw.entries.len());
+    let names = Names::resolve(raw, symbolizer);
+    let divisor = options.weight_divisor.max(1);
+    let mut stacks = Vec::with_capacity(raw.entries.len() + raw.wake_entries.len());
     let mut map_full = false;
-    for (key, weight) in &raw.entries {
-        let mut frames = vec![Frame::new(
-            FrameKind::Process,
-            symbolizer
-                .process_name(key.tgid)
-                .map_or_else(|| comm(&key.comm), str::to_owned),
-        )];
-        if options.per_thread {
-            frames.push(Frame::new(
-                FrameKind::Thread,
-                format!("{}-{}", comm(&key.comm), key.tid),
-            ));
-        }
-        let mut unknown_reasons: Vec<&'static str> = Vec::new();
-        for (kind, stack_id) in [
-            (FrameKind::User, key.user_stack_id),
-            (FrameKind::Kernel, key.kernel_stack_id),
-        ] {
-            if stack_id == STACK_ID_NOT_COLLECTED {
-                continue;
-            }
-            let Some(trace) = stack_of(raw, stack_id) else {
-                let side = if kind == FrameKind::User {
-                    "user"
-                } else {
-                    "kernel"
-                };
-                let cause = match -stack_id {
-                    // Kernel threads have no user stack: nothing is lost.
-                    stack_errno::EFAULT if kind == FrameKind::User && key_is_kernel_thread(key) => {
-                        continue;
-                    }
-                    stack_errno::EEXIST => "hash collision in the stack map",
-                    stack_errno::ENOMEM => {
-                        map_full = true;
-                        "stack map full"
-                    }
-                    stack_errno::EFAULT => "walk failed (EFAULT)",
-                    _ if stack_id >= 0 => "evicted from the stack map",
-                    _ => "walk failed",
-                };
-                frames.push(Frame::new(FrameKind::Lost, format!("[lost {side} stack]")));
-                *quality
-                    .stack_losses
-                    .entry(format!("{side} stack: {cause}"))
-                    .or_default() += weight;
-                continue;
-            };
-            // BPF gives the leaf first; profiles read root first.
-            for addr in lookup_addrs(trace).into_iter().rev() {
-                let resolved = match kind {
-                    FrameKind::User => user_names.get(&(key.tgid, addr)),
-                    _ => kernel_names.get(&addr),
-                };
-                match resolved {
-                    Some(Resolved::Frames(names)) => {
-                        frames.extend(names.iter().map(|n| Frame::new(kind, n.clone())));
-                    }
-                    Some(Resolved::Unknown { name, reason }) => {
-                        frames.push(Frame::new(kind, name.clone()));
-                        unknown_reasons.push(reason);
-                    }
-                    None => frames.push(Frame::new(kind, "[unknown]")),
-                }
-            }
-        }
-        if !unknown_reasons.is_empty() {
+    let mut record = |frames: Vec<Frame>, findings: KeyFindings, weight: u64| {
+        if !findings.unknown_reasons.is_empty() {
             quality.unknown_weight += weight;
-            unknown_reasons.sort_unstable();
-            unknown_reasons.dedup();
-            for reason in unknown_reasons {
+            for reason in findings.unknown_reasons {
                 *quality.unknown_frames.entry(reason.to_owned()).or_default() += weight;
             }
         }
-        stacks.push(WeightedStack {
-            frames,
-            weight: *weight,
-        });
+        for loss in findings.losses {
+            *quality.stack_losses.entry(loss).or_default() += weight;
+        }
+        map_full |= findings.map_full;
+        stacks.push(WeightedStack { frames, weight });
+    };
+    for (key, weight) in &raw.entries {
+        let weight = (weight + divisor / 2) / divisor;
+        let mut findings = KeyFindings::default();
+        let frames = key_frames(
+            raw,
+            &names,
+            symbolizer,
+            key,
+            options.per_thread,
+            &mut findings,
+        );
+        record(frames, findings, weight);
+    }
+    for (key, weight) in &raw.wake_entries {
+        let weight = (weight + divisor / 2) / divisor;
+        let mut findings = KeyFindings::default();
+        // offwaketime's layout: the blocked stack root first, "--", then the waker's stack
+        // leaf first, ending in the waker's name, so the two meet at the hand-off.
+        let mut frames = key_frames(
+            raw,
+            &names,
+            symbolizer,
+            &key.blocked,
+            options.per_thread,
+            &mut findings,
+        );
+        frames.push(Frame::new(FrameKind::Lost, "--"));
+        let mut waker = key_frames(raw, &names, symbolizer, &key.waker, false, &mut findings);
+        waker.reverse();
+        frames.extend(waker);
+        record(frames, findings, weight);
     }
 
     let collisions = quality.stack_losses.keys().any(|k| k.contains("collision"));
     if map_full || collisions || quality.counts_map_full > 0 {
         quality.advice.push(format!(
-            "stacks were lost to full or colliding maps: raise --stack-storage-size (now {}), \
-             or capture for less time",
+            "stacks were lost to full or colliding maps: raise --stack-storage-size (now {})",
             options.stack_storage
         ));
     }
@@ -233,17 +268,124 @@ pub fn build_profile(
     profile
 }
 
-fn stack_of(raw: &RawStacks, id: i32) -> Option<&[u64]> {
-    let id = u32::try_from(id).ok()?;
-    raw.traces.get(&id).map(Vec::as_slice)
+/// The frames of one key, root first: process, optional thread, user frames, kernel frames.
+fn key_frames(
+    raw: &RawStacks,
+    names: &Names,
+    symbolizer: &Symbolizer,
+    key: &StackKey,
+    per_thread: bool,
+    findings: &mut KeyFindings,
+) -> Vec<Frame> {
+    let mut frames = vec![Frame::new(
+        FrameKind::Process,
+        symbolizer
+            .process_name(key.tgid)
+            .map_or_else(|| comm(&key.comm), str::to_owned),
+    )];
+    if per_thread {
+        frames.push(Frame::new(
+            FrameKind::Thread,
+            format!("{}-{}", comm(&key.comm), key.tid),
+        ));
+    }
+    let recovered = (key.user_stack_id == STACK_ID_RECOVERED)
+        .then(|| raw.recovered.get(&key.tid))
+        .flatten();
+    if key.user_stack_id == STACK_ID_RECOVERED {
+        frames.push(Frame::new(FrameKind::Lost, RECOVERED_MARKER));
+    }
+    for kind in [FrameKind::User, FrameKind::Kernel] {
+        let stack_id = match kind {
+            FrameKind::User => key.user_stack_id,
+            _ => key.kernel_stack_id,
+        };
+        if stack_id == STACK_ID_NOT_COLLECTED {
+            continue;
+        }
+        if stack_id == STACK_ID_RECOVERED && kind == FrameKind::Kernel {
+            if let Some(thread) = recovered {
+                frames.extend(
+                    thread
+                        .kernel_frames
+                        .iter()
+                        .map(|n| Frame::new(FrameKind::Kernel, n.clone())),
+                );
+            }
+            continue;
+        }
+        let trace = match kind {
+            FrameKind::User => raw.user_trace(key),
+            _ => raw.trace(stack_id),
+        };
+        let Some(trace) = trace else {
+            let side = if kind == FrameKind::User {
+                "user"
+            } else {
+                "kernel"
+            };
+            let cause = match -stack_id {
+                // Kernel threads have no user stack: nothing is lost.
+                stack_errno::EFAULT
+                    if kind == FrameKind::User && crate::targets::is_kernel_thread(key.tgid) =>
+                {
+                    continue;
+                }
+                stack_errno::EEXIST => "hash collision in the stack map",
+                stack_errno::ENOMEM => {
+                    findings.map_full = true;
+                    "stack map full"
+                }
+                stack_errno::EFAULT => "walk failed (EFAULT)",
+                _ if stack_id == STACK_ID_RECOVERED => "not recoverable from /proc",
+                _ if stack_id >= 0 => "evicted from the stack map",
+                _ => "walk failed",
+            };
+            frames.push(Frame::new(FrameKind::Lost, format!("[lost {side} stack]")));
+            findings.losses.push(format!("{side} stack: {cause}"));
+            continue;
+        };
+        let first_frame = frames.len();
+        // BPF gives the leaf first; profiles read root first.
+        for addr in lookup_addrs(trace).into_iter().rev() {
+            let resolved = match kind {
+                FrameKind::User => names.user.get(&(key.tgid, addr)),
+                _ => names.kernel.get(&addr),
+            };
+            match resolved {
+                Some(Resolved::Frames(resolved)) => {
+                    frames.extend(resolved.iter().map(|n| Frame::new(kind, n.clone())));
+                }
+                Some(Resolved::Unknown { name, reason }) => {
+                    frames.push(Frame::new(kind, name.clone()));
+                    if !findings.unknown_reasons.contains(reason) {
+                        findings.unknown_reasons.push(reason);
+                    }
+                }
+                None => frames.push(Frame::new(kind, "[unknown]")),
+            }
+        }
+        if kind == FrameKind::Kernel {
+            // A stack taken from a tracepoint ends in the tracer's own frames (the trampoline
+            // and the BPF program): they say nothing about the traced thread.
+            if let Some(at) = frames[first_frame..]
+                .iter()
+                .position(|f| is_tracer_frame(&f.name))
+            {
+                frames.truncate(first_frame + at);
+            }
+        }
+    }
+    frames
 }
 
-fn comm(bytes: &[u8; 16]) -> String {
+fn is_tracer_frame(name: &str) -> bool {
+    name.starts_with("bpf_trace_run")
+        || name.starts_with("__bpf_trace_")
+        || name.starts_with("bpf_prog_")
+}
+
+pub fn comm(bytes: &[u8; 16]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..end]).into_owned()
-}
-
-/// Kernel threads have no user address space, so a failed user-stack walk there is expected.
-fn key_is_kernel_thread(key: &StackKey) -> bool {
-    crate::targets::is_kernel_thread(key.tgid)
 }

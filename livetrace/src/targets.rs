@@ -11,6 +11,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Args;
 
+use crate::UsageError;
+
 #[derive(Args, Debug, Clone, Default)]
 pub struct TargetArgs {
     /// Observe these processes (all their threads); comma-separated or repeated.
@@ -38,7 +40,9 @@ impl TargetArgs {
     pub fn resolve(&self) -> anyhow::Result<Target> {
         if !self.command.is_empty() {
             if !self.pids.is_empty() || !self.tids.is_empty() {
-                bail!("give either -p/-t or a COMMAND after --, not both");
+                return Err(UsageError::new(
+                    "give either -p/-t or a COMMAND after --, not both",
+                ));
             }
             return Ok(Target::Command(self.command.clone()));
         }
@@ -104,6 +108,21 @@ pub fn process_name(pid: u32) -> Option<String> {
 }
 
 impl Target {
+    /// A short name for default output files: "system", the first id, or the command's name.
+    pub fn file_stem(&self) -> String {
+        match self {
+            Self::System => "system".to_owned(),
+            Self::Threads { pids, tids } => pids
+                .first()
+                .or(tids.first())
+                .map_or_else(|| "targets".into(), |id| id.to_string()),
+            Self::Command(argv) => argv
+                .first()
+                .and_then(|p| Path::new(p).file_name())
+                .map_or_else(|| "command".into(), |n| n.to_string_lossy().into_owned()),
+        }
+    }
+
     /// For progress lines and titles: "pid 1234 (chain)", "the whole system".
     pub fn describe(&self) -> String {
         let name_ids = |kind: &str, ids: &[u32]| -> Vec<String> {

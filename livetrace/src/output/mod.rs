@@ -5,6 +5,7 @@
 pub mod flamegraph;
 pub mod folded;
 pub mod footer;
+pub mod offcpu_summary;
 pub mod summary;
 
 use std::{

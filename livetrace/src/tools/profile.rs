@@ -112,6 +112,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stack_kinds,
         per_thread: args.per_thread,
         stack_storage: args.stack_storage,
+        offcpu: None,
     })?;
     let program: &mut PerfEvent = ebpf
         .program_mut("profile_cpu")
@@ -193,7 +194,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let counters =
         bpf::read_counters(&PerCpuArray::try_from(bpf::take_map(&mut ebpf, COUNTERS)?)?)?;
-    let raw = stacks::drain(&mut ebpf)?;
+    let raw = stacks::drain(&mut ebpf, false)?;
     drop(ebpf);
     let mut quality = DataQuality {
         duration: elapsed,
@@ -221,6 +222,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             unit: WeightUnit::Samples,
             per_thread: args.per_thread,
             stack_storage: args.stack_storage,
+            weight_divisor: 1,
         },
         quality,
     );
@@ -348,19 +350,9 @@ fn clamp_frequency(requested: u64, notes: &mut Vec<String>) -> u64 {
 
 /// `livetrace-profile-<what>-<UTC time>.svg` in the current directory.
 fn default_output_path(target: &Target) -> PathBuf {
-    let what = match target {
-        Target::System => "system".to_owned(),
-        Target::Threads { pids, tids } => pids
-            .first()
-            .or(tids.first())
-            .map_or_else(|| "targets".into(), |id| id.to_string()),
-        Target::Command(argv) => argv
-            .first()
-            .and_then(|p| std::path::Path::new(p).file_name())
-            .map_or_else(|| "command".into(), |n| n.to_string_lossy().into_owned()),
-    };
     PathBuf::from(format!(
-        "livetrace-profile-{what}-{}.svg",
+        "livetrace-profile-{}-{}.svg",
+        target.file_stem(),
         crate::timestamp()
     ))
 }

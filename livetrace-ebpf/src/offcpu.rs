@@ -1,0 +1,176 @@
+//! `livetrace offcpu`: where threads block, and for how long. On `sched_switch`, the thread
+//! leaving the CPU (the current task) has its stacks recorded with a timestamp; when it is
+//! switched back in, the time in between is added to those stacks. No kprobes: `tp_btf`
+//! (kernel 5.5+, needs BTF, no tracefs), or the classic tracepoint as a fallback (needs tracefs).
+
+use aya_ebpf::{
+    Global,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{btf_tracepoint, map, tracepoint},
+    maps::HashMap,
+    programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
+};
+use livetrace_common::{
+    offcpu::{MAX_THREADS, OffcpuStart, PF_KTHREAD, WakeKey, state_bit},
+    stacks::{Counter, StackKey},
+};
+
+use crate::stacks::{add_target_tgid, add_weight, add_weight_to, count, current_key, is_target};
+
+#[map]
+static OFFCPU_START: HashMap<u32, OffcpuStart> = HashMap::with_max_entries(MAX_THREADS, 0);
+#[map]
+static WAKERS: HashMap<u32, StackKey> = HashMap::with_max_entries(MAX_THREADS, 0);
+#[map]
+static WAKE_COUNTS: HashMap<WakeKey, u64> = HashMap::with_max_entries(1, 0);
+
+#[unsafe(no_mangle)]
+static TASK_PID_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static TASK_TGID_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static TASK_FLAGS_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static TP_PREV_STATE_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static TP_NEXT_PID_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static STATE_MASK: Global<u32> = Global::new(u32::MAX);
+#[unsafe(no_mangle)]
+static MIN_BLOCK_NS: Global<u64> = Global::new(0);
+#[unsafe(no_mangle)]
+static MAX_BLOCK_NS: Global<u64> = Global::new(u64::MAX);
+#[unsafe(no_mangle)]
+static INCLUDE_KERNEL_THREADS: Global<u8> = Global::new(0);
+#[unsafe(no_mangle)]
+static RECORD_WAKERS: Global<u8> = Global::new(0);
+
+/// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
+/// unsigned int prev_state)`.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn offcpu_switch(ctx: BtfTracePointContext) -> i32 {
+    let prev: *const u8 = ctx.arg(1);
+    let next: *const u8 = ctx.arg(2);
+    let prev_state: u64 = ctx.arg(3);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let prev_flags = read_task_u32(prev, TASK_FLAGS_OFFSET.load()).unwrap_or(0);
+    switch_out(&ctx, prev_state as u32, prev_flags & PF_KTHREAD != 0, now);
+    if let Some(next_tid) = read_task_u32(next, TASK_PID_OFFSET.load()) {
+        switch_in(next_tid, now, || {
+            read_task_u32(next, TASK_TGID_OFFSET.load())
+        });
+    }
+    0
+}
+
+/// The same from the classic tracepoint's record, whose field offsets come from tracefs.
+/// The record has no task flags, so kernel threads cannot be told apart here.
+#[tracepoint(category = "sched", name = "sched_switch")]
+pub fn offcpu_switch_tracepoint(ctx: TracePointContext) -> u32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let prev_state: u32 =
+        unsafe { ctx.read_at::<u32>(TP_PREV_STATE_OFFSET.load() as usize) }.unwrap_or(0);
+    switch_out(&ctx, prev_state, false, now);
+    if let Ok(next_tid) = unsafe { ctx.read_at::<u32>(TP_NEXT_PID_OFFSET.load() as usize) } {
+        switch_in(next_tid, now, || None);
+    }
+    0
+}
+
+/// `sched_wakeup(struct task_struct *p)`, run by the waker: remember who woke a blocked target.
+#[btf_tracepoint(function = "sched_wakeup")]
+pub fn offcpu_wakeup(ctx: BtfTracePointContext) -> i32 {
+    let task: *const u8 = ctx.arg(0);
+    let Some(tid) = read_task_u32(task, TASK_PID_OFFSET.load()) else {
+        return 0;
+    };
+    if unsafe { OFFCPU_START.get(tid) }.is_none() {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let waker = current_key(&ctx, (pid_tgid >> 32) as u32, pid_tgid as u32, true);
+    if WAKERS.insert(tid, waker, 0).is_err() {
+        count(Counter::WakerMapFull);
+    }
+    0
+}
+
+/// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`, run by the
+/// parent: children of targets become targets (`-- COMMAND` and everything it starts).
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn offcpu_fork(ctx: BtfTracePointContext) -> i32 {
+    let child: *const u8 = ctx.arg(1);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if is_target((pid_tgid >> 32) as u32, pid_tgid as u32)
+        && let Some(child_tgid) = read_task_u32(child, TASK_TGID_OFFSET.load())
+    {
+        add_target_tgid(child_tgid);
+    }
+    0
+}
+
+#[inline(always)]
+fn switch_out<C: StackIdContext>(ctx: &C, prev_state: u32, kernel_thread: bool, now: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if tid == 0 {
+        return; // the idle task leaving the CPU: not a block
+    }
+    count(Counter::Events);
+    if kernel_thread && INCLUDE_KERNEL_THREADS.load() == 0 {
+        count(Counter::KernelThread);
+        return;
+    }
+    if !is_target(tgid, tid) {
+        count(Counter::NotTarget);
+        return;
+    }
+    if state_bit(prev_state) & STATE_MASK.load() == 0 {
+        count(Counter::StateFiltered);
+        return;
+    }
+    let start = OffcpuStart {
+        key: current_key(ctx, tgid, tid, true),
+        start_ns: now,
+    };
+    if OFFCPU_START.insert(tid, start, 0).is_err() {
+        count(Counter::StartMapFull);
+    }
+}
+
+#[inline(always)]
+fn switch_in(next_tid: u32, now: u64, next_tgid: impl FnOnce() -> Option<u32>) {
+    if next_tid == 0 {
+        return;
+    }
+    let Some(start) = (unsafe { OFFCPU_START.get(next_tid) }).copied() else {
+        if next_tgid().is_some_and(|tgid| is_target(tgid, next_tid)) {
+            count(Counter::UnmatchedSwitchIn);
+        }
+        return;
+    };
+    let _ = OFFCPU_START.remove(next_tid);
+    let blocked_ns = now.saturating_sub(start.start_ns);
+    if blocked_ns < MIN_BLOCK_NS.load() || blocked_ns > MAX_BLOCK_NS.load() {
+        count(Counter::BlockFiltered);
+        let _ = WAKERS.remove(next_tid);
+        return;
+    }
+    if RECORD_WAKERS.load() != 0
+        && let Some(waker) = unsafe { WAKERS.get(next_tid) }.copied()
+    {
+        let _ = WAKERS.remove(next_tid);
+        let key = WakeKey {
+            blocked: start.key,
+            waker,
+        };
+        add_weight_to(&WAKE_COUNTS, &key, blocked_ns, Counter::WakeCountsMapFull);
+        return;
+    }
+    add_weight(&start.key, blocked_ns);
+}
+
+#[inline(always)]
+fn read_task_u32(task: *const u8, offset: u32) -> Option<u32> {
+    unsafe { bpf_probe_read_kernel(task.add(offset as usize).cast::<u32>()) }.ok()
+}

@@ -1,0 +1,218 @@
+//! Threads that were already blocked when a capture began never pass through `sched_switch`
+//! during it, yet they are often the answer (a deadlock, a read that never returns). This finds
+//! them at start and recovers their stacks without pausing them:
+//! - the kernel stack from `/proc/PID/task/TID/stack` (root only);
+//! - the user stack from the registers in `/proc/PID/task/TID/syscall` (sp, pc of a thread in a
+//!   system call) and the stack memory, read with `process_vm_readv`: the first code address
+//!   above sp is the caller of the system-call wrapper, then the frame-pointer chain above it.
+
+use std::fs;
+
+/// A thread found sleeping at the start of a capture, with what could be recovered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockedThread {
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// 'S' or 'D'.
+    pub state: char,
+    /// Kernel function names, outermost first.
+    pub kernel_frames: Vec<String>,
+    /// User return addresses, leaf first (as BPF stacks are), `pc` first.
+    pub user_addrs: Vec<u64>,
+}
+
+/// How far above sp to look for the caller and the frame chain.
+const SCAN_BYTES: usize = 16 * 1024;
+const MAX_FRAMES: usize = 127;
+
+/// The sleeping threads of the given processes and threads.
+pub fn scan(tgids: &[u32], tids: &[u32]) -> Vec<BlockedThread> {
+    let mut threads: Vec<(u32, u32)> = Vec::new();
+    for &tgid in tgids {
+        let Ok(entries) = fs::read_dir(format!("/proc/{tgid}/task")) else {
+            continue;
+        };
+        threads.extend(
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .map(|tid| (tgid, tid)),
+        );
+    }
+    for &tid in tids {
+        if let Some(tgid) = crate::targets::thread_group_of(tid) {
+            threads.push((tgid, tid));
+        }
+    }
+    threads.sort_unstable();
+    threads.dedup();
+    threads
+        .into_iter()
+        .filter_map(|(tgid, tid)| recover(tgid, tid))
+        .collect()
+}
+
+fn recover(tgid: u32, tid: u32) -> Option<BlockedThread> {
+    let dir = format!("/proc/{tgid}/task/{tid}");
+    let stat = fs::read_to_string(format!("{dir}/stat")).ok()?;
+    let (comm_part, rest) = stat.rsplit_once(')')?;
+    let comm = comm_part.split_once('(')?.1.to_owned();
+    let state = rest.trim_start().chars().next()?;
+    if state != 'S' && state != 'D' {
+        return None;
+    }
+    let kernel_frames = fs::read_to_string(format!("{dir}/stack"))
+        .map(|text| parse_kernel_stack(&text))
+        .unwrap_or_default();
+    let user_addrs = fs::read_to_string(format!("{dir}/syscall"))
+        .ok()
+        .and_then(|text| parse_syscall_registers(&text))
+        .map(|(sp, pc)| walk_user_stack(tgid, sp, pc))
+        .unwrap_or_default();
+    Some(BlockedThread {
+        tgid,
+        tid,
+        comm,
+        state,
+        kernel_frames,
+        user_addrs,
+    })
+}
+
+/// `[<0>] pipe_read+0x31e/0x3f0` lines, innermost first, to names outermost first.
+fn parse_kernel_stack(text: &str) -> Vec<String> {
+    let mut frames: Vec<String> = text
+        .lines()
+        .filter_map(|line| {
+            let symbol = line.split_once("] ")?.1.trim();
+            let name = symbol.split('+').next()?.trim();
+            (!name.is_empty()).then(|| name.to_owned())
+        })
+        .collect();
+    frames.reverse();
+    frames
+}
+
+/// `/proc/.../syscall` is `nr arg1 .. arg6 sp pc` for a thread in a system call (`running` or
+/// `-1 sp pc` otherwise).
+fn parse_syscall_registers(text: &str) -> Option<(u64, u64)> {
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    if fields.len() < 3 || fields[0] == "running" {
+        return None;
+    }
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+    let sp = hex(fields[fields.len() - 2])?;
+    let pc = hex(fields[fields.len() - 1])?;
+    Some((sp, pc))
+}
+
+/// Walks the user stack from (sp, pc) in a copy of the stack memory. glibc's system-call wrappers
+/// keep no frame pointer, so the frame chain skips the function that called them; its return
+/// address is the first word above sp that points into executable code, and the chain starts at
+/// the first saved-frame-pointer/return-address pair above that.
+fn walk_user_stack(pid: u32, sp: u64, pc: u64) -> Vec<u64> {
+    let code = executable_ranges(pid);
+    let is_code = |addr: u64| code.iter().any(|&(lo, hi)| (lo..hi).contains(&addr));
+    let mut addrs = vec![pc];
+    let Some(stack) = read_memory(pid, sp, SCAN_BYTES) else {
+        return addrs;
+    };
+    let word = |addr: u64| -> Option<u64> {
+        let at = usize::try_from(addr.checked_sub(sp)?).ok()?;
+        let bytes = stack.get(at..at + 8)?;
+        Some(u64::from_le_bytes(bytes.try_into().ok()?))
+    };
+    let stack_end = sp + stack.len() as u64;
+    let in_stack = |addr: u64| addr > sp && addr < stack_end && addr % 8 == 0;
+    // A frame record is (saved fp, return address) with the saved fp above it in the stack.
+    let is_frame = |at: u64| {
+        word(at).is_some_and(|fp| in_stack(fp) && fp > at) && word(at + 8).is_some_and(&is_code)
+    };
+    let mut at = sp;
+    let mut caller_found = false;
+    while at + 16 <= stack_end {
+        if !caller_found && word(at).is_some_and(&is_code) {
+            addrs.push(word(at).unwrap_or_default());
+            caller_found = true;
+        } else if caller_found && is_frame(at) {
+            break;
+        }
+        at += 8;
+    }
+    // Follow the frame-pointer chain.
+    while at + 16 <= stack_end && addrs.len() < MAX_FRAMES && is_frame(at) {
+        addrs.push(word(at + 8).unwrap_or_default());
+        at = word(at).unwrap_or_default();
+    }
+    addrs
+}
+
+fn executable_ranges(pid: u32) -> Vec<(u64, u64)> {
+    let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return Vec::new();
+    };
+    maps.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let range = fields.next()?;
+            let perms = fields.next()?;
+            if !perms.contains('x') {
+                return None;
+            }
+            let (lo, hi) = range.split_once('-')?;
+            Some((
+                u64::from_str_radix(lo, 16).ok()?,
+                u64::from_str_radix(hi, 16).ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Copies up to `len` bytes of another process's memory without stopping it; stops early at
+/// the end of the mapping.
+fn read_memory(pid: u32, addr: u64, len: usize) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: len,
+    };
+    // SAFETY: `local` describes our own buffer of `len` bytes; the kernel checks `remote`.
+    let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    if n <= 0 {
+        return None;
+    }
+    buf.truncate(n as usize);
+    Some(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Kernel stacks come outermost first, without offsets.
+    #[test]
+    fn parses_proc_stack() {
+        let text = "[<0>] pipe_read+0x31e/0x3f0\n[<0>] vfs_read+0x2d5/0x300\n\
+                    [<0>] ksys_read+0x6b/0xf0\n[<0>] do_syscall_64+0x71/0x290\n";
+        assert_eq!(
+            parse_kernel_stack(text),
+            ["do_syscall_64", "ksys_read", "vfs_read", "pipe_read"]
+        );
+    }
+
+    /// sp and pc are the last two fields; a running thread has none.
+    #[test]
+    fn parses_syscall_registers() {
+        assert_eq!(
+            parse_syscall_registers("0 0x3 0x7ffd 0x1 0x0 0x0 0x0 0x7ffc8000 0x7f0011"),
+            Some((0x7ffc_8000, 0x7f_0011))
+        );
+        assert_eq!(parse_syscall_registers("running"), None);
+        assert_eq!(parse_syscall_registers(""), None);
+    }
+}

@@ -1,0 +1,509 @@
+//! `livetrace offcpu`: where are the threads blocked, and for how long? Times every switch-out to
+//! the next switch-in on `sched_switch` (no kprobes needed) and weights the switch-out stacks by
+//! the time spent off the CPU. Threads already blocked when the capture starts are found by a
+//! scan of /proc and their stacks recovered without pausing them.
+//! Needs kernel BTF for `tp_btf` (5.5+), or tracefs for the classic-tracepoint fallback.
+
+use std::{collections::HashMap, io::Write as _, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Btf, Ebpf,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
+    programs::{BtfTracePoint, Program, TracePoint},
+};
+use clap::{Args as ClapArgs, ValueEnum};
+use livetrace_common::{
+    offcpu::{
+        OFFCPU_START, OffcpuStart, STATE_INTERRUPTIBLE, STATE_PREEMPTED, STATE_UNINTERRUPTIBLE,
+    },
+    stacks::{
+        COUNTERS, Counter, DEFAULT_STACK_STORAGE, STACK_ID_RECOVERED, STACK_KIND_KERNEL,
+        STACK_KIND_USER, StackKey,
+    },
+};
+
+use crate::{
+    UsageError, already_blocked,
+    bpf::{self, OffcpuSettings, StackSettings},
+    capture::{self, StopReason, Watch},
+    duration::{parse_duration, parse_positive_duration},
+    kernel_btf::KernelBtf,
+    model::{DataQuality, WeightUnit},
+    output::{self, OutputSpec, footer, offcpu_summary},
+    stacks::{self, BuildOptions, RECOVERED_MARKER},
+    symbolize::Symbolizer,
+    targets::{HeldCommand, Target, TargetArgs},
+    tracefs,
+};
+
+const EXAMPLES: &str = "\
+Examples:
+  livetrace offcpu -p 1234 -d 10             # where pid 1234's threads block: summary + SVG
+  livetrace offcpu -p 1234 --state D         # uninterruptible sleep only (disk, kernel locks)
+  livetrace offcpu -p 1234 --min-block 1ms -o blocked.svg -o blocked.folded
+  livetrace offcpu -p 1234 --wakers -d 5     # who woke each blocked stack (blocked;--;waker)
+  livetrace offcpu -- ./server               # start ./server, follow its children";
+
+#[derive(ClapArgs, Debug)]
+#[command(after_help = EXAMPLES)]
+pub struct Args {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// How long to watch (10, 1.5s, 500ms); default: until Ctrl-C or the target exits.
+    #[arg(short = 'd', long = "duration", value_name = "SECS", value_parser = parse_positive_duration)]
+    pub duration: Option<Duration>,
+    /// Which switch-outs to count: any (including preemption), D (uninterruptible sleep),
+    /// S (interruptible sleep).
+    #[arg(long = "state", value_enum, default_value_t = State::Any)]
+    pub state: State,
+    /// Leave out blocks shorter than this (250us, 10ms).
+    #[arg(long = "min-block", value_name = "DUR", value_parser = parse_duration)]
+    pub min_block: Option<Duration>,
+    /// Leave out blocks longer than this.
+    #[arg(long = "max-block", value_name = "DUR", value_parser = parse_duration)]
+    pub max_block: Option<Duration>,
+    /// Write an output; the format follows the extension: .svg, .folded, or - (folded, stdout).
+    #[arg(short = 'o', long = "output", value_name = "PATH", value_parser = OutputSpec::parse)]
+    pub outputs: Vec<OutputSpec>,
+    /// Put the thread (name-tid) under the process in every stack.
+    #[arg(long = "per-thread")]
+    pub per_thread: bool,
+    /// Join each blocked stack with the stack of the thread that woke it (blocked;--;waker).
+    #[arg(long = "wakers")]
+    pub wakers: bool,
+    /// Include kernel threads in the whole-system view.
+    #[arg(long = "include-kernel-threads")]
+    pub include_kernel_threads: bool,
+    /// Distinct stacks the kernel maps can hold; raise it if the footer reports losses.
+    #[arg(long = "stack-storage-size", value_name = "N", default_value_t = DEFAULT_STACK_STORAGE,
+          value_parser = clap::value_parser!(u32).range(64..=4_194_304))]
+    pub stack_storage: u32,
+    /// How to hook sched_switch: tp_btf (no tracefs needed), the classic tracepoint (mounts
+    /// tracefs if needed), or auto (tp_btf, falling back to the tracepoint).
+    #[arg(long = "attach", value_enum, default_value_t = Attach::Auto)]
+    pub attach: Attach,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum State {
+    Any,
+    #[value(name = "D")]
+    Uninterruptible,
+    #[value(name = "S")]
+    Interruptible,
+}
+
+impl State {
+    fn mask(self) -> u32 {
+        match self {
+            Self::Any => STATE_PREEMPTED | STATE_INTERRUPTIBLE | STATE_UNINTERRUPTIBLE,
+            Self::Uninterruptible => STATE_UNINTERRUPTIBLE,
+            Self::Interruptible => STATE_INTERRUPTIBLE,
+        }
+    }
+
+    /// Whether a thread found sleeping in /proc state `c` ('S' or 'D') is selected.
+    fn selects(self, c: char) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Uninterruptible => c == 'D',
+            Self::Interruptible => c == 'S',
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Attach {
+    Auto,
+    #[value(name = "tp-btf")]
+    TpBtf,
+    Tracepoint,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let target = args.target.resolve()?;
+    let (min_block, max_block) = (
+        args.min_block.unwrap_or(Duration::ZERO),
+        args.max_block.unwrap_or(Duration::MAX),
+    );
+    if min_block > max_block {
+        return Err(UsageError::new(format!(
+            "--min-block ({min_block:?}) is longer than --max-block ({max_block:?})"
+        )));
+    }
+    let mut outputs = args.outputs.clone();
+    if outputs.is_empty() {
+        let path = default_output_path(&target);
+        outputs.push(OutputSpec::parse(&path.to_string_lossy()).map_err(anyhow::Error::msg)?);
+    }
+    output::preflight(&outputs)?;
+
+    let mut command = match &target {
+        Target::Command(argv) => Some(HeldCommand::spawn(argv)?),
+        _ => None,
+    };
+    let (tgids, tids) = match (&target, &command) {
+        (Target::Threads { pids, tids }, _) => (pids.clone(), tids.clone()),
+        (Target::Command(_), Some(command)) => (vec![command.pid], Vec::new()),
+        _ => (Vec::new(), Vec::new()),
+    };
+    let mut notes = Vec::new();
+    let base = StackSettings {
+        filter: target != Target::System,
+        tgids: tgids.clone(),
+        tids: tids.clone(),
+        stack_kinds: STACK_KIND_USER | STACK_KIND_KERNEL,
+        // Always per thread in the kernel: the summary reports by thread; outputs merge threads
+        // unless --per-thread.
+        per_thread: true,
+        stack_storage: args.stack_storage,
+        offcpu: Some(OffcpuSettings {
+            state_mask: args.state.mask(),
+            min_block_ns: u64::try_from(min_block.as_nanos()).unwrap_or(u64::MAX),
+            max_block_ns: u64::try_from(max_block.as_nanos()).unwrap_or(u64::MAX),
+            include_kernel_threads: args.include_kernel_threads,
+            wakers: args.wakers,
+            ..OffcpuSettings::default()
+        }),
+    };
+    let (mut ebpf, hook) = load_and_attach(&args, base, &target, &mut notes)?;
+
+    let mut symbolizer = Symbolizer::new();
+    for &id in tgids.iter().chain(&tids) {
+        if let Some(tgid) = crate::targets::thread_group_of(id) {
+            symbolizer.note_process(tgid);
+        }
+    }
+    // Threads asleep now will not pass through sched_switch until they wake: find them, recover
+    // their stacks, and start their clocks now.
+    let blocked_at_start = match &target {
+        Target::Threads { pids, tids } => already_blocked::scan(pids, tids)
+            .into_iter()
+            .filter(|t| args.state.selects(t.state))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let start_ns = monotonic_ns();
+    seed_blocked(&mut ebpf, &blocked_at_start, start_ns)?;
+    if let Some(command) = &mut command {
+        command.release()?;
+    }
+    let title = match (&target, &command) {
+        (Target::Command(_), Some(command)) => {
+            format!("{} (pid {})", target.describe(), command.pid)
+        }
+        _ => target.describe(),
+    };
+    eprintln!(
+        "livetrace: tracing off-CPU time of {title} on {hook}{}; {}",
+        args.duration
+            .map(|d| format!(" for {:.1} s", d.as_secs_f64()))
+            .unwrap_or_default(),
+        if args.duration.is_some() {
+            "Ctrl-C to stop early"
+        } else {
+            "Ctrl-C to stop"
+        }
+    );
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    let (stop, elapsed) = runtime.block_on(capture::run(
+        args.duration,
+        Watch::for_target(&target, command.as_mut()),
+        || {
+            for pid in stacks::processes_seen(&ebpf) {
+                symbolizer.note_process(pid);
+            }
+        },
+    ))?;
+    for pid in stacks::processes_seen(&ebpf) {
+        symbolizer.note_process(pid);
+    }
+    // Stop tracing before reading, so the maps and counters agree.
+    for (_, program) in ebpf.programs_mut() {
+        // Programs that were never loaded (the other hook) answer NotLoaded: nothing to do.
+        let _ = match program {
+            Program::BtfTracePoint(p) => p.unload(),
+            Program::TracePoint(p) => p.unload(),
+            _ => Ok(()),
+        };
+    }
+    let end_ns = monotonic_ns();
+    if stop != StopReason::DurationElapsed {
+        eprintln!("livetrace: {}", stop.describe());
+    }
+
+    let counters =
+        bpf::read_counters(&PerCpuArray::try_from(bpf::take_map(&mut ebpf, COUNTERS)?)?)?;
+    let still_blocked = still_blocked(&mut ebpf, end_ns)?;
+    let mut raw = stacks::drain(&mut ebpf, args.wakers)?;
+    drop(ebpf);
+    let still_blocked_count = still_blocked.len();
+    raw.entries.extend(still_blocked);
+    raw.recovered = blocked_at_start
+        .iter()
+        .map(|t| (t.tid, t.clone()))
+        .collect();
+
+    let counter = |c| bpf::counter(&counters, c);
+    let mut quality = DataQuality {
+        duration: elapsed,
+        events: counter(Counter::Events),
+        recorded: counter(Counter::Recorded),
+        not_target: counter(Counter::NotTarget) + counter(Counter::KernelThread),
+        counts_map_full: counter(Counter::CountsMapFull) + counter(Counter::WakeCountsMapFull),
+        notes,
+        ..DataQuality::default()
+    };
+    quality.notes.push(format!(
+        "{} context switches seen; {} blocks recorded; {} left out by --state, {} by \
+         --min-block/--max-block",
+        counter(Counter::Events),
+        counter(Counter::Recorded),
+        counter(Counter::StateFiltered),
+        counter(Counter::BlockFiltered),
+    ));
+    if !blocked_at_start.is_empty() {
+        quality.notes.push(format!(
+            "{} threads were already blocked when the capture began; their stacks were recovered \
+             from /proc (marked {RECOVERED_MARKER})",
+            blocked_at_start.len()
+        ));
+    }
+    if still_blocked_count > 0 {
+        quality.notes.push(format!(
+            "{still_blocked_count} blocks were still going on at the end; counted up to the end"
+        ));
+    }
+    let unmatched = counter(Counter::UnmatchedSwitchIn);
+    if unmatched > 0 {
+        quality.notes.push(format!(
+            "{unmatched} switch-ins had no recorded switch-out (the thread was off-CPU before \
+             the capture began and not found by the start-up scan); that time is not counted"
+        ));
+    }
+    for (counter_kind, what, fix) in [
+        (
+            Counter::StartMapFull,
+            "blocks lost: too many threads off-CPU at once",
+            "narrow the target with -p",
+        ),
+        (
+            Counter::WakerMapFull,
+            "blocks recorded without their waker: waker map full",
+            "narrow the target with -p",
+        ),
+    ] {
+        let n = counter(counter_kind);
+        if n > 0 {
+            *quality.stack_losses.entry(what.to_owned()).or_default() += n;
+            quality.advice.push(format!("{what}: {fix}"));
+        }
+    }
+    if !matches!(stop, StopReason::DurationElapsed) {
+        quality
+            .notes
+            .push(format!("capture ended early: {}", stop.describe()));
+    }
+
+    let by_thread = stacks::build_profile(
+        &raw,
+        &mut symbolizer,
+        &BuildOptions {
+            title,
+            unit: WeightUnit::Microseconds,
+            per_thread: true,
+            stack_storage: args.stack_storage,
+            weight_divisor: 1000,
+        },
+        quality,
+    );
+    let profile = if args.per_thread {
+        by_thread.clone()
+    } else {
+        by_thread.without_threads()
+    };
+    output::write_stack_profile(&profile, &outputs)?;
+    let mut summary = Vec::new();
+    offcpu_summary::write(&by_thread, elapsed, &mut summary)?;
+    if outputs.iter().any(|o| o.path.is_none()) {
+        std::io::stderr().write_all(&summary)?;
+    } else {
+        std::io::stdout().write_all(&summary)?;
+        std::io::stdout().flush()?;
+    }
+    if profile.total_weight() == 0 {
+        eprintln!(
+            "livetrace: no blocked time was recorded: the target's threads did not leave the CPU \
+             in the selected states. If it is busy, try `livetrace profile` with the same target."
+        );
+    }
+    eprint!("{}", footer::text(&profile));
+    for output in &outputs {
+        if output.path.is_some() {
+            eprintln!("livetrace: wrote {}", output.describe());
+        }
+    }
+    Ok(())
+}
+
+/// Loads the programs with the offsets their hook needs and attaches them: `tp_btf` where the
+/// kernel has BTF, else the classic tracepoint. Returns the hook's name.
+fn load_and_attach(
+    args: &Args,
+    mut settings: StackSettings,
+    target: &Target,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<(Ebpf, &'static str)> {
+    if args.attach != Attach::Tracepoint {
+        match try_tp_btf(&mut settings, target) {
+            Ok(ebpf) => return Ok((ebpf, "tp_btf/sched_switch")),
+            Err(err) if args.attach == Attach::Auto => {
+                let note = format!(
+                    "tp_btf could not be used ({err:#}); falling back to the classic tracepoint"
+                );
+                eprintln!("livetrace: {note}");
+                notes.push(note);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    let fields = tracefs::field_offsets("sched", "sched_switch").context(
+        "the classic sched_switch tracepoint is unavailable too; offcpu needs kernel BTF \
+         (/sys/kernel/btf/vmlinux) or tracefs",
+    )?;
+    let field = |name: &str| {
+        fields
+            .get(name)
+            .map(|&(offset, _)| offset)
+            .ok_or_else(|| anyhow!("the sched_switch tracepoint has no field {name}"))
+    };
+    let offcpu = settings
+        .offcpu
+        .as_mut()
+        .context("offcpu settings missing")?;
+    offcpu.tp_prev_state_offset = field("prev_state")?;
+    offcpu.tp_next_pid_offset = field("next_pid")?;
+    if args.wakers {
+        notes.push("--wakers needs tp_btf; waker stacks are not recorded in this mode".into());
+    }
+    if matches!(target, Target::Command(_)) {
+        notes.push(
+            "in tracepoint mode the command's children are not followed, only its threads".into(),
+        );
+    }
+    if let Some(o) = settings.offcpu.as_mut() {
+        o.wakers = false;
+    }
+    let mut ebpf = bpf::load_stacks(&settings)?;
+    let program: &mut TracePoint = ebpf
+        .program_mut("offcpu_switch_tracepoint")
+        .context("the BPF object has no offcpu_switch_tracepoint program; rebuild livetrace")?
+        .try_into()?;
+    program
+        .load()
+        .map_err(|e| bpf::explain_program_error(e, "load the sched_switch tracepoint program"))?;
+    program
+        .attach("sched", "sched_switch")
+        .map_err(|e| bpf::explain_program_error(e, "attach to sched:sched_switch"))?;
+    Ok((ebpf, "the sched:sched_switch tracepoint"))
+}
+
+fn try_tp_btf(settings: &mut StackSettings, target: &Target) -> anyhow::Result<Ebpf> {
+    let kernel = KernelBtf::from_sys_fs()?;
+    let offcpu = settings
+        .offcpu
+        .as_mut()
+        .context("offcpu settings missing")?;
+    offcpu.task_pid_offset = kernel.member_offset("task_struct", "pid")?;
+    offcpu.task_tgid_offset = kernel.member_offset("task_struct", "tgid")?;
+    offcpu.task_flags_offset = kernel.member_offset("task_struct", "flags")?;
+    let wakers = offcpu.wakers;
+    let btf = Btf::from_sys_fs().context("cannot load the kernel's BTF")?;
+    let mut ebpf = bpf::load_stacks(settings)?;
+    let mut hooks = vec![("offcpu_switch", "sched_switch")];
+    if wakers {
+        hooks.push(("offcpu_wakeup", "sched_wakeup"));
+    }
+    if matches!(target, Target::Command(_)) {
+        hooks.push(("offcpu_fork", "sched_process_fork"));
+    }
+    for (name, tracepoint) in hooks {
+        let program: &mut BtfTracePoint = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the BPF object has no {name} program; rebuild livetrace"))?
+            .try_into()?;
+        program
+            .load(tracepoint, &btf)
+            .map_err(|e| bpf::explain_program_error(e, &format!("load tp_btf/{tracepoint}")))?;
+        program
+            .attach()
+            .map_err(|e| bpf::explain_program_error(e, &format!("attach tp_btf/{tracepoint}")))?;
+    }
+    Ok(ebpf)
+}
+
+/// Starts the clocks of the threads found asleep, under keys whose stacks are the recovered
+/// ones. A thread that switched out by itself in the meantime keeps its own entry.
+fn seed_blocked(
+    ebpf: &mut Ebpf,
+    threads: &[already_blocked::BlockedThread],
+    start_ns: u64,
+) -> anyhow::Result<()> {
+    let mut starts: BpfHashMap<_, u32, OffcpuStart> =
+        BpfHashMap::try_from(bpf::map_mut(ebpf, OFFCPU_START)?)?;
+    for thread in threads {
+        let mut comm = [0u8; 16];
+        for (dst, src) in comm.iter_mut().zip(thread.comm.bytes().take(15)) {
+            *dst = src;
+        }
+        let start = OffcpuStart {
+            key: StackKey {
+                tgid: thread.tgid,
+                tid: thread.tid,
+                user_stack_id: STACK_ID_RECOVERED,
+                kernel_stack_id: STACK_ID_RECOVERED,
+                comm,
+            },
+            start_ns,
+        };
+        // BPF_NOEXIST: never replace an entry the kernel made.
+        let _ = starts.insert(thread.tid, start, 1);
+    }
+    Ok(())
+}
+
+/// Blocks still going on at the end, counted up to the end.
+fn still_blocked(ebpf: &mut Ebpf, end_ns: u64) -> anyhow::Result<Vec<(StackKey, u64)>> {
+    let starts: BpfHashMap<MapData, u32, OffcpuStart> =
+        BpfHashMap::try_from(bpf::take_map(ebpf, OFFCPU_START)?)?;
+    let mut merged: HashMap<StackKey, u64> = HashMap::new();
+    for entry in starts.iter() {
+        let (_, start) = entry.context("failed to read the off-CPU start map")?;
+        *merged.entry(start.key).or_default() += end_ns.saturating_sub(start.start_ns);
+    }
+    Ok(merged.into_iter().collect())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn default_output_path(target: &Target) -> PathBuf {
+    PathBuf::from(format!(
+        "livetrace-offcpu-{}-{}.svg",
+        target.file_stem(),
+        crate::timestamp()
+    ))
+}
