@@ -11,6 +11,10 @@ pub const STACK_COUNTS: &str = "STACK_COUNTS";
 pub const STACK_TRACES: &str = "STACK_TRACES";
 /// Per-CPU `u64` counters indexed by [`Counter`].
 pub const COUNTERS: &str = "COUNTERS";
+/// One-slot `u32` array: user space sets slot 0 to [`CAPTURE_STOPPED`] when the capture ends,
+/// so the programs stop recording at that instant, however long detaching them takes.
+pub const CONTROL: &str = "CONTROL";
+pub const CAPTURE_STOPPED: u32 = 1;
 /// Process ids (tgids) to sample when [`FILTER_TARGETS`] is set; `u32 -> u8`.
 pub const TARGET_TGIDS: &str = "TARGET_TGIDS";
 /// Thread ids to sample when [`FILTER_TARGETS`] is set; `u32 -> u8`.

@@ -15,7 +15,9 @@ use livetrace_common::{
     stacks::{Counter, StackKey},
 };
 
-use crate::stacks::{add_target_tgid, add_weight, add_weight_to, count, current_key, is_target};
+use crate::stacks::{
+    add_target_tgid, add_weight, add_weight_to, capture_stopped, count, current_key, is_target,
+};
 
 #[map]
 static OFFCPU_START: HashMap<u32, OffcpuStart> = HashMap::with_max_entries(MAX_THREADS, 0);
@@ -49,6 +51,9 @@ static RECORD_WAKERS: Global<u8> = Global::new(0);
 /// unsigned int prev_state)`.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn offcpu_switch(ctx: BtfTracePointContext) -> i32 {
+    if capture_stopped() {
+        return 0;
+    }
     let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
     let prev_state: u64 = ctx.arg(3);
@@ -67,6 +72,9 @@ pub fn offcpu_switch(ctx: BtfTracePointContext) -> i32 {
 /// The record has no task flags, so kernel threads cannot be told apart here.
 #[tracepoint(category = "sched", name = "sched_switch")]
 pub fn offcpu_switch_tracepoint(ctx: TracePointContext) -> u32 {
+    if capture_stopped() {
+        return 0;
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     let prev_state: u32 =
         unsafe { ctx.read_at::<u32>(TP_PREV_STATE_OFFSET.load() as usize) }.unwrap_or(0);
@@ -80,6 +88,9 @@ pub fn offcpu_switch_tracepoint(ctx: TracePointContext) -> u32 {
 /// `sched_wakeup(struct task_struct *p)`, run by the waker: remember who woke a blocked target.
 #[btf_tracepoint(function = "sched_wakeup")]
 pub fn offcpu_wakeup(ctx: BtfTracePointContext) -> i32 {
+    if capture_stopped() {
+        return 0;
+    }
     let task: *const u8 = ctx.arg(0);
     let Some(tid) = read_task_u32(task, TASK_PID_OFFSET.load()) else {
         return 0;

@@ -5,12 +5,12 @@ use aya_ebpf::{
     Global,
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     macros::map,
-    maps::{HashMap, PerCpuArray, StackTrace},
+    maps::{Array, HashMap, PerCpuArray, StackTrace},
     programs::tracing::StackIdContext,
 };
 use livetrace_common::stacks::{
-    COUNTER_SLOTS, Counter, DEFAULT_STACK_STORAGE, MAX_TARGETS, STACK_ID_NOT_COLLECTED,
-    STACK_KIND_KERNEL, STACK_KIND_USER, StackKey, stack_errno,
+    CAPTURE_STOPPED, COUNTER_SLOTS, Counter, DEFAULT_STACK_STORAGE, MAX_TARGETS,
+    STACK_ID_NOT_COLLECTED, STACK_KIND_KERNEL, STACK_KIND_USER, StackKey, stack_errno,
 };
 
 #[map]
@@ -19,6 +19,8 @@ static STACK_COUNTS: HashMap<StackKey, u64> = HashMap::with_max_entries(DEFAULT_
 static STACK_TRACES: StackTrace = StackTrace::with_max_entries(DEFAULT_STACK_STORAGE, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+#[map]
+static CONTROL: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static TARGET_TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TARGETS, 0);
 #[map]
@@ -37,6 +39,14 @@ pub fn count(counter: Counter) {
         // Per-CPU slot: no other CPU writes it, and BPF programs do not nest on one CPU here.
         unsafe { *slot += 1 };
     }
+}
+
+/// Whether user space has ended the capture (the programs may still be attached a while).
+#[inline(always)]
+pub fn capture_stopped() -> bool {
+    CONTROL
+        .get(0)
+        .is_some_and(|&state| state == CAPTURE_STOPPED)
 }
 
 /// Whether the thread is one we were asked to watch.

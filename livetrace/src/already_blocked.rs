@@ -124,7 +124,7 @@ fn walk_user_stack(pid: u32, sp: u64, pc: u64) -> Vec<u64> {
         Some(u64::from_le_bytes(bytes.try_into().ok()?))
     };
     let stack_end = sp + stack.len() as u64;
-    let in_stack = |addr: u64| addr > sp && addr < stack_end && addr % 8 == 0;
+    let in_stack = |addr: u64| addr > sp && addr < stack_end && addr.is_multiple_of(8);
     // A frame record is (saved fp, return address) with the saved fp above it in the stack.
     let is_frame = |at: u64| {
         word(at).is_some_and(|fp| in_stack(fp) && fp > at) && word(at + 8).is_some_and(&is_code)

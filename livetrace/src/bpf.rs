@@ -4,7 +4,7 @@
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
 };
 use livetrace_common::{
     offcpu::{self, MAX_THREADS},
@@ -94,6 +94,15 @@ pub fn load_stacks(settings: &StackSettings) -> anyhow::Result<Ebpf> {
         }
     }
     Ok(bpf)
+}
+
+/// Tells the programs the capture is over; they stop recording at once, before the (possibly
+/// slow: tracepoint detach waits for an RCU grace period) detach.
+pub fn stop_capture(bpf: &mut Ebpf) -> anyhow::Result<()> {
+    let mut control: Array<_, u32> = Array::try_from(map_mut(bpf, stacks::CONTROL)?)?;
+    control
+        .set(0, stacks::CAPTURE_STOPPED, 0)
+        .context("failed to tell the BPF programs to stop")
 }
 
 pub fn map_mut<'a>(bpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {

@@ -87,7 +87,7 @@ fn main() -> ExitCode {
 pub struct UsageError(String);
 
 impl UsageError {
-    pub fn new(message: impl Into<String>) -> anyhow::Error {
+    pub fn error(message: impl Into<String>) -> anyhow::Error {
         anyhow::Error::new(Self(message.into()))
     }
 }

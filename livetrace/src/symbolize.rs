@@ -34,6 +34,8 @@ struct Mapping {
 #[derive(Clone, Debug, Default)]
 struct Snapshot {
     name: Option<String>,
+    /// The executable when the snapshot was taken: a process that execs gets a new snapshot.
+    exe: Option<PathBuf>,
     mappings: Vec<Mapping>,
 }
 
@@ -60,14 +62,25 @@ impl Symbolizer {
         }
     }
 
-    /// Records a process's name and file mappings the first time it is seen.
+    /// Records a process's name and file mappings the first time it is seen, and again if it
+    /// has exec'd another program since.
     pub fn note_process(&mut self, pid: u32) {
-        if pid == 0 || self.snapshots.contains_key(&pid) {
+        if pid == 0 {
             return;
         }
+        let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
+        if let Some(known) = self.snapshots.get(&pid)
+            && (known.exe == exe || exe.is_none())
+        {
+            return;
+        }
+        let Some(mappings) = read_mappings(pid) else {
+            return; // gone already: keep what we had
+        };
         let snapshot = Snapshot {
             name: crate::targets::process_name(pid),
-            mappings: read_mappings(pid).unwrap_or_default(),
+            exe,
+            mappings,
         };
         self.snapshots.insert(pid, snapshot);
     }
@@ -314,8 +327,8 @@ mod tests {
             PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6")
         );
         let snapshot = Snapshot {
-            name: None,
             mappings: parsed,
+            ..Snapshot::default()
         };
         let m = snapshot.find(0x7f1000000010).unwrap();
         assert_eq!(module_offset(m, 0x7f1000000010), "[libc.so.6+0x28010]");

@@ -40,7 +40,7 @@ impl TargetArgs {
     pub fn resolve(&self) -> anyhow::Result<Target> {
         if !self.command.is_empty() {
             if !self.pids.is_empty() || !self.tids.is_empty() {
-                return Err(UsageError::new(
+                return Err(UsageError::error(
                     "give either -p/-t or a COMMAND after --, not both",
                 ));
             }

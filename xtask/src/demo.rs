@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -65,30 +65,47 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     // Let it warm up: the first requests build the catalogue.
     std::thread::sleep(Duration::from_secs(1));
 
-    let svg = out.join("demo-profile.svg");
-    let folded = out.join("demo-profile.folded");
-    println!(
-        "\ndemo: $ livetrace profile -p {pid} -d {} -o {} -o {}\n",
-        args.seconds,
-        svg.display(),
-        folded.display()
-    );
-    run_command(Command::new(bin.join("livetrace")).args([
-        "profile".as_ref(),
-        "-p".as_ref(),
-        pid.to_string().as_ref(),
-        "-d".as_ref(),
-        args.seconds.to_string().as_ref(),
-        "-o".as_ref(),
-        svg.as_os_str(),
-        "-o".as_ref(),
-        folded.as_os_str(),
-    ]))?;
+    // 1. Where does the CPU time go?
+    let profile_svg = out.join("demo-profile.svg");
+    let profile_folded = out.join("demo-profile.folded");
+    livetrace(
+        &bin,
+        &[
+            "profile",
+            "-p",
+            &pid.to_string(),
+            "-d",
+            &args.seconds.to_string(),
+        ],
+        &[&profile_svg, &profile_folded],
+    )?;
+    // 2. Which threads are blocked, where, and for how long?
+    let offcpu_svg = out.join("demo-offcpu.svg");
+    let offcpu_folded = out.join("demo-offcpu.folded");
+    livetrace(
+        &bin,
+        &["offcpu", "-p", &pid.to_string(), "-d", "5"],
+        &[&offcpu_svg, &offcpu_folded],
+    )?;
     drop(service);
-    println!(
-        "\ndemo: the catalogue API is stopped. Results:\n  {}  (open in a browser)\n  {}",
-        svg.display(),
-        folded.display()
-    );
+    println!("\ndemo: the catalogue API is stopped. Results (open the SVGs in a browser):");
+    for path in [&profile_svg, &profile_folded, &offcpu_svg, &offcpu_folded] {
+        println!("  {}", path.display());
+    }
     Ok(())
+}
+
+/// Runs one livetrace command on the demo, echoing it first, with an `-o` per output.
+fn livetrace(bin: &Path, args: &[&str], outputs: &[&Path]) -> anyhow::Result<()> {
+    let mut command = Command::new(bin.join("livetrace"));
+    command.args(args);
+    for output in outputs {
+        command.arg("-o").arg(output);
+    }
+    let shown: Vec<String> = std::iter::once("livetrace".to_owned())
+        .chain(args.iter().map(|a| (*a).to_owned()))
+        .chain(outputs.iter().map(|o| format!("-o {}", o.display())))
+        .collect();
+    println!("\ndemo: $ {}\n", shown.join(" "));
+    run_command(&mut command)
 }

@@ -14,10 +14,13 @@ const MAX_THREADS: usize = 12;
 const STACKS_PER_THREAD: usize = 3;
 const USER_TAIL: usize = 5;
 
+/// A thread's total blocked time and its stacks with their weights.
+type ThreadStacks<'a> = (u64, Vec<(u64, &'a [Frame])>);
+
 /// `profile` must have been built with per-thread frames (weights in microseconds).
 pub fn write<W: Write>(profile: &StackProfile, window: Duration, mut out: W) -> io::Result<()> {
     let window_us = window.as_secs_f64() * 1e6;
-    let mut threads: BTreeMap<String, (u64, Vec<(u64, &[Frame])>)> = BTreeMap::new();
+    let mut threads: BTreeMap<String, ThreadStacks<'_>> = BTreeMap::new();
     for stack in &profile.stacks {
         let thread = stack
             .frames
@@ -46,7 +49,7 @@ pub fn write<W: Write>(profile: &StackProfile, window: Duration, mut out: W) -> 
             0.0
         };
         writeln!(out, "  {share:5.1}%  {thread}  {} blocked", human_us(total))?;
-        stacks.sort_by(|a, b| b.0.cmp(&a.0));
+        stacks.sort_by_key(|&(weight, _)| std::cmp::Reverse(weight));
         for (weight, frames) in stacks.into_iter().take(STACKS_PER_THREAD) {
             writeln!(
                 out,

@@ -128,7 +128,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.max_block.unwrap_or(Duration::MAX),
     );
     if min_block > max_block {
-        return Err(UsageError::new(format!(
+        return Err(UsageError::error(format!(
             "--min-block ({min_block:?}) is longer than --max-block ({max_block:?})"
         )));
     }
@@ -170,9 +170,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (mut ebpf, hook) = load_and_attach(&args, base, &target, &mut notes)?;
 
     let mut symbolizer = Symbolizer::new();
-    for &id in tgids.iter().chain(&tids) {
-        if let Some(tgid) = crate::targets::thread_group_of(id) {
-            symbolizer.note_process(tgid);
+    if let Target::Threads { pids, tids } = &target {
+        for &id in pids.iter().chain(tids) {
+            if let Some(tgid) = crate::targets::thread_group_of(id) {
+                symbolizer.note_process(tgid);
+            }
         }
     }
     // Threads asleep now will not pass through sched_switch until they wake: find them, recover
@@ -188,6 +190,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     seed_blocked(&mut ebpf, &blocked_at_start, start_ns)?;
     if let Some(command) = &mut command {
         command.release()?;
+        symbolizer.note_process(command.pid);
     }
     let title = match (&target, &command) {
         (Target::Command(_), Some(command)) => {
@@ -211,7 +214,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
-    let (stop, elapsed) = runtime.block_on(capture::run(
+    let (stop, _) = runtime.block_on(capture::run(
         args.duration,
         Watch::for_target(&target, command.as_mut()),
         || {
@@ -220,10 +223,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         },
     ))?;
+    // Stop recording at once; detaching can take seconds (RCU) and must not count.
+    bpf::stop_capture(&mut ebpf)?;
+    let end_ns = monotonic_ns();
     for pid in stacks::processes_seen(&ebpf) {
         symbolizer.note_process(pid);
     }
-    // Stop tracing before reading, so the maps and counters agree.
     for (_, program) in ebpf.programs_mut() {
         // Programs that were never loaded (the other hook) answer NotLoaded: nothing to do.
         let _ = match program {
@@ -232,14 +237,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             _ => Ok(()),
         };
     }
-    let end_ns = monotonic_ns();
+    // The window is what blocks were measured against: from seeding the clocks to the end.
+    let elapsed = Duration::from_nanos(end_ns.saturating_sub(start_ns));
     if stop != StopReason::DurationElapsed {
         eprintln!("livetrace: {}", stop.describe());
     }
 
     let counters =
         bpf::read_counters(&PerCpuArray::try_from(bpf::take_map(&mut ebpf, COUNTERS)?)?)?;
-    let still_blocked = still_blocked(&mut ebpf, end_ns)?;
+    let still_blocked = still_blocked(&mut ebpf, end_ns, min_block, max_block)?;
     let mut raw = stacks::drain(&mut ebpf, args.wakers)?;
     drop(ebpf);
     let still_blocked_count = still_blocked.len();
@@ -477,14 +483,23 @@ fn seed_blocked(
     Ok(())
 }
 
-/// Blocks still going on at the end, counted up to the end.
-fn still_blocked(ebpf: &mut Ebpf, end_ns: u64) -> anyhow::Result<Vec<(StackKey, u64)>> {
+/// Blocks still going on at the end, counted up to the end, under the same --min-block and
+/// --max-block filters as the finished ones (applied to the time blocked so far).
+fn still_blocked(
+    ebpf: &mut Ebpf,
+    end_ns: u64,
+    min_block: Duration,
+    max_block: Duration,
+) -> anyhow::Result<Vec<(StackKey, u64)>> {
     let starts: BpfHashMap<MapData, u32, OffcpuStart> =
         BpfHashMap::try_from(bpf::take_map(ebpf, OFFCPU_START)?)?;
     let mut merged: HashMap<StackKey, u64> = HashMap::new();
     for entry in starts.iter() {
         let (_, start) = entry.context("failed to read the off-CPU start map")?;
-        *merged.entry(start.key).or_default() += end_ns.saturating_sub(start.start_ns);
+        let blocked = Duration::from_nanos(end_ns.saturating_sub(start.start_ns));
+        if (min_block..=max_block).contains(&blocked) {
+            *merged.entry(start.key).or_default() += blocked.as_nanos() as u64;
+        }
     }
     Ok(merged.into_iter().collect())
 }

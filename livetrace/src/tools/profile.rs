@@ -142,6 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Target::Command(_) => {
             if let Some(command) = &mut command {
                 command.release()?;
+                symbolizer.note_process(command.pid);
             }
         }
         Target::System => {}

@@ -1,0 +1,247 @@
+//! `livetrace offcpu` against the `offcpu` fixture, whose threads have known blocked times: a
+//! napper (~100% blocked, interruptible), a pipe reader blocked since before the capture began,
+//! a spinner (~0% blocked in sleep states), and a mutex holder/waiter pair.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const WINDOW_SECS: f64 = 3.0;
+/// Slack for start-up, symbolisation and a busy machine, on top of the capture time.
+const SLACK: Duration = Duration::from_secs(20);
+
+/// Runs `livetrace offcpu -p FIXTURE -d 3 --per-thread -o out.folded EXTRA...` on a fresh
+/// fixture and returns the parsed folded stacks (weights in microseconds) and stderr.
+fn capture(extra: &[&str]) -> (Profile, String) {
+    require_root();
+    let _cpus = cpu_shared();
+    let fixture = start_fixture("offcpu", &["25"]);
+    // Let every thread reach its steady state (the reader must be blocked before we start).
+    std::thread::sleep(Duration::from_millis(500));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.folded");
+    let pid = fixture.pid().to_string();
+    let mut args = vec![
+        "offcpu",
+        "-p",
+        &pid,
+        "-d",
+        "3",
+        "--per-thread",
+        "-o",
+        path_arg(&out),
+    ];
+    args.extend_from_slice(extra);
+    let run = run_livetrace(&args, Duration::from_secs(3) + SLACK);
+    run.assert_success();
+    (Profile::read(&out), run.stderr)
+}
+
+/// Share of the window the thread named `name` (thread frame `name-TID`) spent blocked.
+fn blocked_share(profile: &Profile, name: &str) -> f64 {
+    let prefix = format!("{name}-");
+    let micros: u64 = profile
+        .stacks
+        .iter()
+        .filter(|s| {
+            s.below_root()
+                .first()
+                .is_some_and(|t| t.starts_with(&prefix))
+        })
+        .map(|s| s.count)
+        .sum();
+    micros as f64 / (WINDOW_SECS * 1e6)
+}
+
+fn thread_stacks<'a>(profile: &'a Profile, name: &str) -> Vec<&'a Stack> {
+    let prefix = format!("{name}-");
+    profile
+        .stacks
+        .iter()
+        .filter(|s| {
+            s.below_root()
+                .first()
+                .is_some_and(|t| t.starts_with(&prefix))
+        })
+        .collect()
+}
+
+/// The napper and the reader are blocked for about the whole window, the reader's stack is the
+/// recovered one (it never switched during the capture) and names read_forever; the spinner is
+/// not asleep at all.
+#[test]
+fn blocked_times_match_the_truth() {
+    // --state S: preemption of the spinner depends on what else runs on this 2-CPU machine.
+    let (profile, stderr) = capture(&["--state", "S"]);
+    // Both within 10%: the window is measured from the moment the clocks start, and a thread
+    // may be between naps (on CPU for microseconds) at either end.
+    for name in ["napper", "reader"] {
+        let share = blocked_share(&profile, name);
+        assert!(
+            (0.9..=1.1).contains(&share),
+            "{name} blocked {share:.3} of the window, expected ~1.0\n{}",
+            profile.summary()
+        );
+    }
+    let spinner = blocked_share(&profile, "spinner");
+    assert!(
+        spinner < 0.02,
+        "the spinner slept {spinner:.3} of the window"
+    );
+
+    let napper = thread_stacks(&profile, "napper");
+    assert!(
+        napper.iter().all(|s| s.contains("nap_loop")),
+        "every napper stack passes through nap_loop: {napper:?}"
+    );
+    let reader = thread_stacks(&profile, "reader");
+    assert!(
+        reader
+            .iter()
+            .any(|s| s.contains("[blocked since before the capture]") && s.contains("read_forever")),
+        "the reader's stack is recovered and names read_forever: {reader:?}"
+    );
+    assert!(
+        reader
+            .iter()
+            .any(|s| s.below_root().iter().any(|f| f.contains("pipe_read"))),
+        "the reader's kernel stack shows the pipe read: {reader:?}"
+    );
+    assert!(
+        stderr.contains("already blocked when the capture began"),
+        "{stderr}"
+    );
+}
+
+/// `--state D` leaves out every interruptible sleep: none of the fixture's threads sleeps
+/// uninterruptibly, so nothing of theirs is recorded.
+#[test]
+fn state_filter_excludes_interruptible_sleep() {
+    let (profile, stderr) = capture(&["--state", "D"]);
+    for name in ["napper", "reader", "holder"] {
+        let share = blocked_share(&profile, name);
+        assert!(
+            share < 0.01,
+            "{name} shows {share:.3} blocked under --state D"
+        );
+    }
+    assert!(stderr.contains("left out by --state"), "{stderr}");
+}
+
+/// `--min-block 500ms` drops the napper's 1 ms naps but keeps the reader's one long block. (A nap
+/// is timed to the thread's next switch-in, so the wait for a CPU after waking is part of it: on
+/// a loaded 2-CPU machine that can reach tens of milliseconds, hence 500 ms, not 100.)
+#[test]
+fn min_block_drops_short_blocks() {
+    let (profile, _) = capture(&["--min-block", "500ms", "--state", "S"]);
+    let napper = blocked_share(&profile, "napper");
+    assert!(
+        napper < 0.01,
+        "napper shows {napper:.3} with --min-block 500ms\n{}",
+        profile.summary()
+    );
+    let reader = blocked_share(&profile, "reader");
+    assert!((0.9..=1.1).contains(&reader), "reader shows {reader:.3}");
+}
+
+/// `--max-block 100ms` keeps the naps (about the whole window) and drops the reader's block.
+#[test]
+fn max_block_drops_long_blocks() {
+    let (profile, _) = capture(&["--max-block", "100ms", "--state", "S"]);
+    let napper = blocked_share(&profile, "napper");
+    assert!((0.85..=1.1).contains(&napper), "napper shows {napper:.3}");
+    let reader = blocked_share(&profile, "reader");
+    assert!(
+        reader < 0.01,
+        "reader shows {reader:.3} with --max-block 100ms"
+    );
+}
+
+/// `--wakers` joins the waiter's blocked futex stack with the holder's, who unlocked it:
+/// `blocked...;--;waker...` with the waker's stack read leaf to root.
+#[test]
+fn wakers_join_blocked_and_waking_stacks() {
+    let (profile, _) = capture(&["--wakers"]);
+    let joined = profile.stacks.iter().any(|s| {
+        let frames = s.below_root();
+        let Some(split) = frames.iter().position(|f| f == "--") else {
+            return false;
+        };
+        let (blocked, waker) = (&frames[..split], &frames[split + 1..]);
+        blocked.first().is_some_and(|t| t.starts_with("waiter-"))
+            && blocked.iter().any(|f| f.contains("futex"))
+            && waker.iter().any(|f| f == "holder")
+            && waker.iter().any(|f| f.contains("futex_wake"))
+    });
+    assert!(
+        joined,
+        "no waiter;...futex...;--;...futex_wake...;holder stack\n{}",
+        profile.summary()
+    );
+}
+
+/// The classic tracepoint (tracefs, mounted on demand) measures the same truth as tp_btf.
+#[test]
+fn tracepoint_fallback_measures_the_same() {
+    let (profile, stderr) = capture(&["--attach", "tracepoint", "--state", "S"]);
+    assert!(stderr.contains("sched:sched_switch tracepoint"), "{stderr}");
+    let napper = blocked_share(&profile, "napper");
+    assert!(
+        (0.85..=1.1).contains(&napper),
+        "napper shows {napper:.3}\n{stderr}\n{}",
+        profile.summary()
+    );
+}
+
+/// With `-- COMMAND`, the capture ends when the command exits, and its threads are there.
+#[test]
+fn command_mode_ends_with_the_command() {
+    require_root();
+    let _cpus = cpu_shared();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.folded");
+    let fixture = fixture("offcpu");
+    let run = run_livetrace(
+        [
+            "offcpu",
+            "-d",
+            "30",
+            "-o",
+            path_arg(&out),
+            "--",
+            path_arg(&fixture),
+            "2",
+        ],
+        Duration::from_secs(2) + SLACK,
+    );
+    run.assert_success();
+    assert!(
+        run.elapsed < Duration::from_secs(15),
+        "took {:?}",
+        run.elapsed
+    );
+    let profile = Profile::read(&out);
+    assert!(profile.has_frame("nap_loop"), "{}", profile.summary());
+}
+
+/// Contradictory filters are a usage error (exit 2) naming both options, before any capture.
+#[test]
+fn min_above_max_is_a_usage_error() {
+    let run = run_livetrace(
+        [
+            "offcpu",
+            "--min-block",
+            "1s",
+            "--max-block",
+            "1ms",
+            "-d",
+            "5",
+        ],
+        Duration::from_secs(5),
+    );
+    assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("--min-block") && run.stderr.contains("--max-block"));
+    assert!(run.elapsed < Duration::from_secs(2));
+}
