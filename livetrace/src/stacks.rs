@@ -2,7 +2,10 @@
 //! symbolised [`StackProfile`]. A sample whose stack could not be collected is kept, under a
 //! `[lost ...]` frame that names the cause, and counted in the data-quality record.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    sync::Arc,
+};
 
 use anyhow::Context as _;
 use aya::{
@@ -75,6 +78,8 @@ pub fn drain(bpf: &mut Ebpf) -> anyhow::Result<RawStacks> {
 pub struct BuildOptions {
     pub title: String,
     pub unit: WeightUnit,
+    /// The time one sample stands for, for sampled profiles.
+    pub period_ns: Option<u64>,
     pub per_thread: bool,
     /// How many entries the maps could hold, for the advice when they filled up.
     pub stack_storage: u32,
@@ -127,6 +132,8 @@ pub fn build_profile(
 
     let mut stacks = Vec::with_capacity(raw.entries.len());
     let mut map_full = false;
+    // (a process that mapped it, module), for build IDs.
+    let mut modules: BTreeSet<(u32, Arc<str>)> = BTreeSet::new();
     for (key, weight) in &raw.entries {
         let mut frames = vec![Frame::new(
             FrameKind::Process,
@@ -182,8 +189,21 @@ pub fn build_profile(
                     _ => kernel_names.get(&addr),
                 };
                 match resolved {
-                    Some(Resolved::Frames(names)) => {
-                        frames.extend(names.iter().map(|n| Frame::new(kind, n.clone())));
+                    Some(Resolved::Frames(located)) => {
+                        for (depth, symbol) in located.symbols.iter().enumerate() {
+                            frames.push(Frame {
+                                name: symbol.name.clone(),
+                                kind,
+                                module: located.module.clone(),
+                                address: Some(located.address),
+                                inlined: depth > 0,
+                                file: symbol.file.clone(),
+                                line: symbol.line,
+                            });
+                        }
+                        if let Some(module) = &located.module {
+                            modules.insert((key.tgid, module.clone()));
+                        }
                     }
                     Some(Resolved::Unknown { name, reason }) => {
                         frames.push(Frame::new(kind, name.clone()));
@@ -223,11 +243,21 @@ pub fn build_profile(
                 .into(),
         );
     }
+    let mut build_ids = BTreeMap::new();
+    for (pid, module) in modules {
+        if !build_ids.contains_key(&module)
+            && let Some(id) = symbolizer.build_id(pid, &module)
+        {
+            build_ids.insert(module, id);
+        }
+    }
     let mut profile = StackProfile {
         title: options.title.clone(),
         unit: options.unit,
+        period_ns: options.period_ns,
         stacks,
         quality,
+        build_ids,
     };
     profile.normalize();
     profile
