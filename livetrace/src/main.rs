@@ -40,6 +40,8 @@ struct Cli {
 enum Command {
     /// On-CPU stack sampling: where is the CPU time going?
     Profile(tools::profile::Args),
+    /// Differential flamegraph and table of two captures (folded or pprof).
+    Diff(tools::diff::Args),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +63,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Profile(args) => tools::profile::run(args),
+        Command::Diff(args) => tools::diff::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

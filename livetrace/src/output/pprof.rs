@@ -356,9 +356,9 @@ pub fn encode(profile: &StackProfile) -> Profile {
 /// Why a file could not be read as pprof.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    #[error("not gzip-compressed pprof data: {0}")]
-    Gzip(io::Error),
-    #[error("not a pprof profile (protobuf decoding failed: {0})")]
+    #[error("its gzip stream is broken")]
+    Gzip(#[source] io::Error),
+    #[error("it is not a pprof profile (protobuf decoding failed)")]
     Decode(#[from] prost::DecodeError),
     #[error("malformed pprof profile: {0}")]
     Malformed(String),
@@ -639,7 +639,7 @@ mod tests {
     fn refuses_garbage() {
         let err = read(b"\x1f\x8bnot really gzip").unwrap_err();
         assert!(err.to_string().contains("gzip"), "{err}");
-        let err = read(b"hello;world 3\n").unwrap_err();
+        let err = read(b"\x0f\xff\xff garbage").unwrap_err();
         assert!(err.to_string().contains("pprof"), "{err}");
     }
 }
