@@ -247,4 +247,19 @@ mod tests {
         let back: Summary = serde_json::from_slice(&out).unwrap();
         assert_eq!(back, summary);
     }
+
+    /// Off-CPU weights are blocked microseconds: the total as time is µs × 1000, and there is
+    /// no sampling period.
+    #[test]
+    fn off_cpu_totals_are_time() {
+        let mut profile = profile();
+        profile.unit = WeightUnit::Microseconds;
+        let summary = summarize(&profile);
+        assert_eq!(
+            (summary.kind.as_str(), summary.unit.as_str()),
+            ("off-cpu", "microseconds")
+        );
+        assert_eq!(summary.total_nanoseconds, Some(10_000));
+        assert_eq!(summary.sample_period_nanoseconds, None);
+    }
 }
