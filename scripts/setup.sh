@@ -3,8 +3,10 @@
 #   - rust-src for the nightly toolchain (BPF programs are built with -Z build-std=core),
 #   - bpf-linker, linked against the nightly's own libLLVM (bpf-linker needs an LLVM whose major
 #     version equals rustc's, and the nightly ships one that exports the LLVM C API),
-#   - the C compiler used by the test fixtures.
-# Nothing is downloaded from outside rustup, crates.io and Debian's archive.
+#   - the C compiler used by the test fixtures,
+#   - the third-party readers the output tests check our files with: `go tool pprof` (Debian's
+#     golang-go) and, from npm, speedscope's own importer and the ajv JSON Schema validator.
+# Nothing is downloaded from outside rustup, crates.io, Debian's archive and npm.
 set -euo pipefail
 
 say() { printf 'setup: %s\n' "$*" >&2; }
@@ -46,5 +48,34 @@ fi
 if ! command -v cc >/dev/null; then
     say "installing gcc for the test fixtures"
     apt-get update -qq && apt-get install -y -qq gcc
+fi
+apt_updated=
+apt_install() {
+    [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }
+    apt-get install -y -qq "$@"
+}
+if ! command -v go >/dev/null; then
+    say "installing golang-go (go tool pprof reads our pprof files in the tests)"
+    apt_install golang-go
+fi
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    say "installing nodejs and npm (speedscope's importer reads our speedscope files in the tests)"
+    apt_install nodejs npm
+fi
+
+# Pinned: the speedscope test hooks into this release's bundled importer.
+SPEEDSCOPE_VERSION=1.25.0
+AJV_VERSION=8.17.1
+node_dir="${XDG_CACHE_HOME:-$HOME/.cache}/livetrace/node"
+installed_version() {
+    node -e 'try { console.log(require(process.argv[1]).version) } catch { }' \
+        "$node_dir/node_modules/$1/package.json"
+}
+if [ "$(installed_version speedscope)" != "$SPEEDSCOPE_VERSION" ] ||
+    [ "$(installed_version ajv)" != "$AJV_VERSION" ]; then
+    say "installing speedscope@$SPEEDSCOPE_VERSION and ajv@$AJV_VERSION into $node_dir"
+    mkdir -p "$node_dir"
+    npm install --prefix "$node_dir" --no-audit --no-fund --silent \
+        "speedscope@$SPEEDSCOPE_VERSION" "ajv@$AJV_VERSION"
 fi
 say "ready"

@@ -45,6 +45,8 @@ enum Command {
     Profile(tools::profile::Args),
     /// Off-CPU time: where are the threads blocked, and for how long?
     Offcpu(tools::offcpu::Args),
+    /// Differential flamegraph and table of two captures (folded or pprof).
+    Diff(tools::diff::Args),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Profile(args) => tools::profile::run(args),
         Command::Offcpu(args) => tools::offcpu::run(args),
+        Command::Diff(args) => tools::diff::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

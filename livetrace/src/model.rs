@@ -2,7 +2,7 @@
 //! stacks (root first) plus the data-quality record of how they were obtained. It knows nothing
 //! about BPF or file formats.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 /// What a stack's weight counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,6 +18,15 @@ impl WeightUnit {
         match self {
             Self::Samples => "samples",
             Self::Microseconds => "us",
+        }
+    }
+
+    /// The weight in nanoseconds of what was measured, where that is known: blocked time
+    /// always, CPU time given the sampling period.
+    pub fn nanoseconds(self, weight: u64, period_ns: Option<u64>) -> Option<u64> {
+        match self {
+            Self::Samples => period_ns.map(|p| weight.saturating_mul(p)),
+            Self::Microseconds => Some(weight.saturating_mul(1000)),
         }
     }
 }
@@ -37,10 +46,25 @@ pub enum FrameKind {
     Lost,
 }
 
+/// One frame of a stack. Besides its name and kind, a frame may say where it came from, for
+/// formats that carry locations (pprof, speedscope); folded stacks, flamegraphs and the summary
+/// read only the name and kind (see [`StackProfile::by_name`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frame {
     pub name: String,
     pub kind: FrameKind,
+    /// The executable or library (path as the process mapped it), `[kernel.kallsyms]` for kernel
+    /// frames, or `None` where unknown.
+    pub module: Option<Arc<str>>,
+    /// The instruction address the frame was symbolised from: for user frames the address in the
+    /// module's own ELF address space (as `readelf` shows it), for kernel frames the kernel
+    /// address. A call site's address points into the call instruction.
+    pub address: Option<u64>,
+    /// This frame was inlined into the frame before it: both come from the same address.
+    pub inlined: bool,
+    /// Source file and line of the address within this function, when debug info has them.
+    pub file: Option<Arc<str>>,
+    pub line: Option<u32>,
 }
 
 impl Frame {
@@ -48,7 +72,17 @@ impl Frame {
         Self {
             name: name.into(),
             kind,
+            module: None,
+            address: None,
+            inlined: false,
+            file: None,
+            line: None,
         }
+    }
+
+    /// The frame with only its name and kind, as name-based renderers see it.
+    pub fn name_only(&self) -> Self {
+        Self::new(self.kind, self.name.clone())
     }
 
     /// The frame as folded stacks and flamegraphs spell it.
@@ -74,6 +108,8 @@ pub struct WeightedStack {
 pub struct DataQuality {
     /// How long the capture ran.
     pub duration: Duration,
+    /// When it started, in nanoseconds since the Unix epoch, where known.
+    pub started_unix_ns: Option<u64>,
     /// Times the BPF program ran.
     pub events: u64,
     /// Events recorded into the profile.
@@ -95,6 +131,18 @@ pub struct DataQuality {
     pub notes: Vec<String>,
     /// Remedies for the losses seen, e.g. "raise --stack-storage-size".
     pub advice: Vec<String>,
+    /// What ended the capture ("the requested duration elapsed", "SIGINT received ..."), for
+    /// machine-readable outputs; `None` where not recorded (e.g. a profile read from a file).
+    pub stop_reason: Option<String>,
+}
+
+/// A function's weight in a profile.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FunctionWeight {
+    /// Where it is the leaf.
+    pub self_weight: u64,
+    /// Where it is anywhere in the stack.
+    pub total: u64,
 }
 
 /// A complete profile: stacks, their unit, and their data quality.
@@ -103,8 +151,13 @@ pub struct StackProfile {
     /// What was profiled, for titles ("pid 1234 (chain)", "the whole system").
     pub title: String,
     pub unit: WeightUnit,
+    /// For sampled profiles, the time one sample stands for (1e9 / Hz), so that formats that
+    /// count time (pprof's cpu/nanoseconds) can; `None` where unknown.
+    pub period_ns: Option<u64>,
     pub stacks: Vec<WeightedStack>,
     pub quality: DataQuality,
+    /// GNU build IDs (hex) of the frames' modules, where known.
+    pub build_ids: BTreeMap<Arc<str>, String>,
 }
 
 impl StackProfile {
@@ -120,6 +173,47 @@ impl StackProfile {
         }
         profile.normalize();
         profile
+    }
+
+    /// The stacks with frames reduced to name and kind, merged and ordered: what folded stacks,
+    /// flamegraphs and the summary show. Stacks that differ only by address become one.
+    pub fn by_name(&self) -> Vec<WeightedStack> {
+        let mut merged: BTreeMap<Vec<Frame>, u64> = BTreeMap::new();
+        for stack in &self.stacks {
+            let frames = stack.frames.iter().map(Frame::name_only).collect();
+            *merged.entry(frames).or_default() += stack.weight;
+        }
+        merged
+            .into_iter()
+            .map(|(frames, weight)| WeightedStack { frames, weight })
+            .collect()
+    }
+
+    /// Self and total weight of every frame name (display name) but the process and thread
+    /// frames: self where it is the leaf, total where it is anywhere in the stack (counted once
+    /// per stack, so recursion does not inflate it).
+    pub fn function_weights(&self) -> BTreeMap<String, FunctionWeight> {
+        let mut weights: BTreeMap<String, FunctionWeight> = BTreeMap::new();
+        for stack in &self.stacks {
+            let mut seen = std::collections::HashSet::new();
+            for frame in &stack.frames {
+                if matches!(frame.kind, FrameKind::Process | FrameKind::Thread) {
+                    continue;
+                }
+                let name = frame.display_name();
+                if seen.insert(name.clone()) {
+                    weights.entry(name).or_default().total += stack.weight;
+                }
+            }
+            if let Some(leaf) = stack
+                .frames
+                .last()
+                .filter(|f| !matches!(f.kind, FrameKind::Process | FrameKind::Thread))
+            {
+                weights.entry(leaf.display_name()).or_default().self_weight += stack.weight;
+            }
+        }
+        weights
     }
 
     /// Merges stacks with identical frames and orders them by frames, so output is deterministic.

@@ -2,7 +2,10 @@
 //! symbolised [`StackProfile`]. A sample whose stack could not be collected is kept, under a
 //! `[lost ...]` frame that names the cause, and counted in the data-quality record.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    sync::Arc,
+};
 
 use anyhow::Context as _;
 use aya::{
@@ -127,6 +130,8 @@ pub struct BuildOptions {
     pub stack_storage: u32,
     /// Divides raw weights (e.g. 1000 turns offcpu's nanoseconds into microseconds).
     pub weight_divisor: u64,
+    /// For sampled profiles, the time one sample stands for (1e9 / Hz).
+    pub period_ns: Option<u64>,
 }
 
 /// Every address but the leaf is a return address: look up the call instruction before it, or a
@@ -184,6 +189,8 @@ struct KeyFindings {
     unknown_reasons: Vec<&'static str>,
     losses: Vec<String>,
     map_full: bool,
+    /// (a process that mapped it, module), for build IDs.
+    modules: Vec<(u32, Arc<str>)>,
 }
 
 /// Symbolises every stack (one batch per process, one for the kernel) and assembles the profile.
@@ -197,6 +204,7 @@ pub fn build_profile(
     let divisor = options.weight_divisor.max(1);
     let mut stacks = Vec::with_capacity(raw.entries.len() + raw.wake_entries.len());
     let mut map_full = false;
+    let mut modules: BTreeSet<(u32, Arc<str>)> = BTreeSet::new();
     let mut record = |frames: Vec<Frame>, findings: KeyFindings, weight: u64| {
         if !findings.unknown_reasons.is_empty() {
             quality.unknown_weight += weight;
@@ -208,6 +216,7 @@ pub fn build_profile(
             *quality.stack_losses.entry(loss).or_default() += weight;
         }
         map_full |= findings.map_full;
+        modules.extend(findings.modules);
         stacks.push(WeightedStack { frames, weight });
     };
     for (key, weight) in &raw.entries {
@@ -258,11 +267,21 @@ pub fn build_profile(
                 .into(),
         );
     }
+    let mut build_ids = BTreeMap::new();
+    for (pid, module) in modules {
+        if !build_ids.contains_key(&module)
+            && let Some(id) = symbolizer.build_id(pid, &module)
+        {
+            build_ids.insert(module, id);
+        }
+    }
     let mut profile = StackProfile {
         title: options.title.clone(),
         unit: options.unit,
+        period_ns: options.period_ns,
         stacks,
         quality,
+        build_ids,
     };
     profile.normalize();
     profile
@@ -353,8 +372,21 @@ fn key_frames(
                 _ => names.kernel.get(&addr),
             };
             match resolved {
-                Some(Resolved::Frames(resolved)) => {
-                    frames.extend(resolved.iter().map(|n| Frame::new(kind, n.clone())));
+                Some(Resolved::Frames(located)) => {
+                    for (depth, symbol) in located.symbols.iter().enumerate() {
+                        frames.push(Frame {
+                            name: symbol.name.clone(),
+                            kind,
+                            module: located.module.clone(),
+                            address: Some(located.address),
+                            inlined: depth > 0,
+                            file: symbol.file.clone(),
+                            line: symbol.line,
+                        });
+                    }
+                    if let Some(module) = &located.module {
+                        findings.modules.push((key.tgid, module.clone()));
+                    }
                 }
                 Some(Resolved::Unknown { name, reason }) => {
                     frames.push(Frame::new(kind, name.clone()));

@@ -5,22 +5,50 @@
 //! is snapshotted (name and file mappings) when it is first seen during the capture; an exited
 //! process is then symbolised from its snapshot through the ELF files themselves.
 
-use std::{collections::HashMap, fs, os::unix::fs::MetadataExt as _, path::PathBuf};
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use blazesym::{
     Pid,
     symbolize::{
-        Input, Reason, Symbolized, Symbolizer as Blaze,
+        CodeInfo, Input, Reason, Symbolized, Symbolizer as Blaze,
         source::{Elf, Kernel, Process, Source},
     },
 };
 
-/// One resolved address: the function, preceded by nothing and followed by any inlined callees
-/// (outermost first), or an unresolved placeholder and why.
+/// The name the kernel's pseudo-module goes by in perf and pprof tools.
+pub const KERNEL_MODULE: &str = "[kernel.kallsyms]";
+
+/// One resolved address: the function, followed by any inlined callees (outermost first), or an
+/// unresolved placeholder and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resolved {
-    Frames(Vec<String>),
+    Frames(Located),
     Unknown { name: String, reason: &'static str },
+}
+
+/// The functions at one address, and where that address is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Located {
+    /// The module as the process mapped it (or [`KERNEL_MODULE`]).
+    pub module: Option<Arc<str>>,
+    /// The address in the module's ELF address space (kernel: the kernel address).
+    pub address: u64,
+    /// Outermost first; all but the first were inlined into the one before.
+    pub symbols: Vec<Symbol>,
+}
+
+/// A function at an address, with its source position there when debug info has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Symbol {
+    pub name: String,
+    pub file: Option<Arc<str>>,
+    pub line: Option<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -42,6 +70,8 @@ struct Snapshot {
 pub struct Symbolizer {
     blaze: Blaze,
     snapshots: HashMap<u32, Snapshot>,
+    /// Build IDs (hex) by module path, looked up once each.
+    build_ids: HashMap<Arc<str>, Option<String>>,
 }
 
 impl Default for Symbolizer {
@@ -59,7 +89,29 @@ impl Symbolizer {
                 .enable_demangling(false)
                 .build(),
             snapshots: HashMap::new(),
+            build_ids: HashMap::new(),
         }
+    }
+
+    /// The GNU build ID of a module that `pid` mapped (or of the kernel, for
+    /// [`KERNEL_MODULE`]), in hex; `None` when the file has none or cannot be read.
+    pub fn build_id(&mut self, pid: u32, module: &Arc<str>) -> Option<String> {
+        if let Some(known) = self.build_ids.get(module) {
+            return known.clone();
+        }
+        let id = if &**module == KERNEL_MODULE {
+            fs::read("/sys/kernel/notes")
+                .ok()
+                .and_then(|notes| gnu_build_id_note(&notes))
+                .map(|id| hex(&id))
+        } else {
+            blazesym::helper::read_elf_build_id(&reachable_path(pid, Path::new(&**module)))
+                .ok()
+                .flatten()
+                .map(|id| hex(&id))
+        };
+        self.build_ids.insert(module.clone(), id.clone());
+        id
     }
 
     /// Records a process's name and file mappings the first time it is seen, and again if it
@@ -163,7 +215,11 @@ impl Symbolizer {
             Ok(results) => results
                 .iter()
                 .map(|sym| match sym {
-                    Symbolized::Sym(sym) => Resolved::Frames(frames_of(sym)),
+                    Symbolized::Sym(sym) => Resolved::Frames(Located {
+                        module: Some(Arc::from(KERNEL_MODULE)),
+                        address: sym.addr + sym.offset as u64,
+                        symbols: symbols_of(sym),
+                    }),
                     Symbolized::Unknown(reason) => Resolved::Unknown {
                         name: "[unknown]".into(),
                         reason: describe(*reason),
@@ -185,7 +241,25 @@ impl Symbolizer {
 
     fn resolved(&self, pid: u32, addr: u64, sym: &Symbolized<'_>) -> Resolved {
         match sym {
-            Symbolized::Sym(sym) => Resolved::Frames(frames_of(sym)),
+            Symbolized::Sym(sym) => {
+                // The path from /proc/PID/maps, as the process sees it; blazesym's may be a
+                // /proc/PID/root/... or map_files path.
+                let module = self
+                    .snapshots
+                    .get(&pid)
+                    .and_then(|s| s.find(addr))
+                    .map(|m| Arc::from(m.path.to_string_lossy().as_ref()))
+                    .or_else(|| {
+                        sym.module
+                            .as_ref()
+                            .map(|m| Arc::from(m.to_string_lossy().as_ref()))
+                    });
+                Resolved::Frames(Located {
+                    module,
+                    address: sym.addr + sym.offset as u64,
+                    symbols: symbols_of(sym),
+                })
+            }
             Symbolized::Unknown(reason) => {
                 let mapping = self.snapshots.get(&pid).and_then(|s| s.find(addr));
                 Resolved::Unknown {
@@ -205,10 +279,63 @@ impl Snapshot {
     }
 }
 
-fn frames_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<String> {
-    let mut frames = vec![demangle(&sym.name)];
-    frames.extend(sym.inlined.iter().map(|f| demangle(&f.name)));
-    frames
+/// The function and its inlined callees, outermost first, each with its own source position at
+/// the address (blazesym gives each frame the position inside that frame's function).
+fn symbols_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<Symbol> {
+    let position = |info: Option<&CodeInfo<'_>>| -> (Option<Arc<str>>, Option<u32>) {
+        let Some(info) = info else {
+            return (None, None);
+        };
+        let file = match &info.dir {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join(&info.file),
+            _ => PathBuf::from(&*info.file),
+        };
+        (Some(Arc::from(file.to_string_lossy().as_ref())), info.line)
+    };
+    let (file, line) = position(sym.code_info.as_deref());
+    let mut symbols = vec![Symbol {
+        name: demangle(&sym.name),
+        file,
+        line,
+    }];
+    symbols.extend(sym.inlined.iter().map(|f| {
+        let (file, line) = position(f.code_info.as_ref());
+        Symbol {
+            name: demangle(&f.name),
+            file,
+            line,
+        }
+    }));
+    symbols
+}
+
+/// The descriptor of the first `NT_GNU_BUILD_ID` note in an ELF note section's bytes (the
+/// kernel exports its own as /sys/kernel/notes).
+fn gnu_build_id_note(mut notes: &[u8]) -> Option<Vec<u8>> {
+    const NT_GNU_BUILD_ID: u32 = 3;
+    let word = |b: &[u8], at: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    };
+    let align = |n: usize| n.div_ceil(4) * 4;
+    while notes.len() >= 12 {
+        let name_size = word(notes, 0)? as usize;
+        let desc_size = word(notes, 4)? as usize;
+        let kind = word(notes, 8)?;
+        let name_end = 12 + align(name_size);
+        let desc_end = name_end + align(desc_size);
+        let name = notes.get(12..12 + name_size)?;
+        if kind == NT_GNU_BUILD_ID && name == b"GNU\0" {
+            return notes
+                .get(name_end..name_end + desc_size)
+                .map(<[u8]>::to_vec);
+        }
+        notes = notes.get(desc_end..)?;
+    }
+    None
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Rust (legacy and v0) and C++ names made readable; anything that is not a mangled name is
@@ -360,11 +487,44 @@ mod tests {
         let pid = std::process::id();
         symbolizer.note_process(pid);
         match &symbolizer.user(pid, &[addr])[0] {
-            Resolved::Frames(frames) => assert!(
-                frames[0].contains("marker_function_for_symbolizer_test"),
-                "{frames:?}"
-            ),
+            Resolved::Frames(located) => {
+                assert!(
+                    located.symbols[0]
+                        .name
+                        .contains("marker_function_for_symbolizer_test"),
+                    "{located:?}"
+                );
+                let module = located.module.clone().expect("the module is known");
+                let exe = fs::read_link("/proc/self/exe").unwrap();
+                assert_eq!(Path::new(&*module), exe, "{located:?}");
+                // Cargo links test binaries with a build ID.
+                let id = symbolizer.build_id(pid, &module).expect("a build ID");
+                assert!(
+                    id.len() >= 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "{id}"
+                );
+            }
             other => panic!("not resolved: {other:?}"),
         }
+    }
+
+    /// The kernel's build ID note is found among other notes, whatever their sizes.
+    #[test]
+    fn finds_the_gnu_build_id_note() {
+        let mut notes = Vec::new();
+        for (name, kind, desc) in [
+            (&b"Xen\0"[..], 1u32, &[9u8; 5][..]),
+            (&b"GNU\0"[..], 3, &[0xab, 0xcd, 0xef][..]),
+        ] {
+            notes.extend((name.len() as u32).to_ne_bytes());
+            notes.extend((desc.len() as u32).to_ne_bytes());
+            notes.extend(kind.to_ne_bytes());
+            notes.extend(name);
+            notes.resize(notes.len().div_ceil(4) * 4, 0);
+            notes.extend(desc);
+            notes.resize(notes.len().div_ceil(4) * 4, 0);
+        }
+        assert_eq!(gnu_build_id_note(&notes), Some(vec![0xab, 0xcd, 0xef]));
+        assert_eq!(hex(&[0xab, 0x01]), "ab01");
     }
 }

@@ -71,6 +71,7 @@ mod tests {
         let mut profile = StackProfile {
             title: "pid 1 (app)".into(),
             unit: WeightUnit::Samples,
+            period_ns: None,
             stacks: vec![WeightedStack {
                 frames: vec![
                     Frame::new(FrameKind::Process, "app"),
@@ -79,6 +80,7 @@ mod tests {
                 weight: 5,
             }],
             quality: DataQuality::default(),
+            build_ids: Default::default(),
         };
         let mut out = Vec::new();
         write(&profile, &mut out).unwrap();

@@ -12,9 +12,9 @@ pub fn write<W: Write>(profile: &StackProfile, mut out: W) -> io::Result<()> {
     out.flush()
 }
 
-/// One folded line per stack, in the profile's (deterministic) order.
-pub fn lines(profile: &StackProfile) -> impl Iterator<Item = String> + '_ {
-    profile.stacks.iter().map(|stack| {
+/// One folded line per distinct stack of names, in a deterministic order.
+pub fn lines(profile: &StackProfile) -> impl Iterator<Item = String> + use<> {
+    profile.by_name().into_iter().map(|stack| {
         let names: Vec<String> = stack.frames.iter().map(|f| f.display_name()).collect();
         format!("{} {}", names.join(";"), stack.weight)
     })
@@ -40,6 +40,7 @@ mod tests {
         let mut profile = StackProfile {
             title: "t".into(),
             unit: WeightUnit::Samples,
+            period_ns: None,
             stacks: vec![
                 stack(&[(Process, "app"), (User, "main"), (User, "work")], 3),
                 stack(
@@ -50,6 +51,7 @@ mod tests {
                 stack(&[(Process, "app"), (User, "main"), (User, "work")], 4),
             ],
             quality: DataQuality::default(),
+            build_ids: Default::default(),
         };
         profile.normalize();
         let mut out = Vec::new();

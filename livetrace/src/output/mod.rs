@@ -5,7 +5,12 @@
 pub mod flamegraph;
 pub mod folded;
 pub mod footer;
+#[cfg(test)]
+pub mod golden;
+pub mod json;
 pub mod offcpu_summary;
+pub mod pprof;
+pub mod speedscope;
 pub mod summary;
 
 use std::{
@@ -25,6 +30,31 @@ pub enum Format {
     Svg,
     /// Folded stacks.
     Folded,
+    /// Machine-readable summary (documented schema).
+    Json,
+    /// pprof protobuf, gzip-compressed.
+    Pprof,
+    /// speedscope's file format.
+    Speedscope,
+}
+
+/// Extensions and their formats; longer extensions first, so `.speedscope.json` wins over
+/// `.json`.
+const EXTENSIONS: [(&str, Format, &str); 5] = [
+    (".speedscope.json", Format::Speedscope, "speedscope"),
+    (".pb.gz", Format::Pprof, "pprof"),
+    (".json", Format::Json, "JSON summary"),
+    (".svg", Format::Svg, "flamegraph"),
+    (".folded", Format::Folded, "folded stacks"),
+];
+
+/// `.speedscope.json (speedscope), .pb.gz (pprof), ...`, for error messages.
+pub fn supported_extensions() -> String {
+    EXTENSIONS
+        .iter()
+        .map(|(ext, _, what)| format!("{ext} ({what})"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Where one `-o` goes.
@@ -45,14 +75,11 @@ impl OutputSpec {
             });
         }
         let lower = text.to_ascii_lowercase();
-        let format = if lower.ends_with(".svg") {
-            Format::Svg
-        } else if lower.ends_with(".folded") {
-            Format::Folded
-        } else {
+        let Some(&(_, format, _)) = EXTENSIONS.iter().find(|(ext, ..)| lower.ends_with(ext)) else {
             return Err(format!(
-                "cannot tell the format of '{text}' from its extension: use .svg (flamegraph), \
-                 .folded (folded stacks), or - (folded stacks on stdout)"
+                "cannot tell the format of '{text}' from its extension: use {}, or - (folded \
+                 stacks on stdout)",
+                supported_extensions()
             ));
         };
         Ok(Self {
@@ -149,6 +176,9 @@ pub fn write_stack_profile(profile: &StackProfile, outputs: &[OutputSpec]) -> an
         let render = |out: &mut dyn Write| match output.format {
             Format::Svg => flamegraph::write(profile, out),
             Format::Folded => folded::write(profile, out),
+            Format::Json => json::write(profile, out),
+            Format::Pprof => pprof::write(profile, out),
+            Format::Speedscope => speedscope::write(profile, out),
         };
         match &output.path {
             Some(path) => write_atomically(path, render)?,
@@ -172,8 +202,19 @@ mod tests {
             Format::Folded
         );
         assert_eq!(OutputSpec::parse("-").unwrap().path, None);
+        assert_eq!(OutputSpec::parse("a.json").unwrap().format, Format::Json);
+        assert_eq!(
+            OutputSpec::parse("a.Speedscope.JSON").unwrap().format,
+            Format::Speedscope
+        );
+        assert_eq!(
+            OutputSpec::parse("cpu.pb.gz").unwrap().format,
+            Format::Pprof
+        );
         let err = OutputSpec::parse("a.txt").unwrap_err();
-        assert!(err.contains("'a.txt'") && err.contains(".svg"), "{err}");
+        for ext in [".svg", ".folded", ".json", ".pb.gz", ".speedscope.json"] {
+            assert!(err.contains("'a.txt'") && err.contains(ext), "{err}");
+        }
     }
 
     /// A missing directory, a directory as the path, and a duplicate path fail the preflight.

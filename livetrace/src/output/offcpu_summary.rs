@@ -144,6 +144,8 @@ mod tests {
                 ),
             ],
             quality: DataQuality::default(),
+            period_ns: None,
+            build_ids: Default::default(),
         };
         let mut out = Vec::new();
         write(&profile, Duration::from_secs(2), &mut out).unwrap();

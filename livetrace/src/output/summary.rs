@@ -29,7 +29,7 @@ pub struct HotLeaf {
 /// The leaves, widest first.
 pub fn hot_leaves(profile: &StackProfile) -> Vec<HotLeaf> {
     let mut by_leaf: HashMap<String, HotLeaf> = HashMap::new();
-    for stack in &profile.stacks {
+    for stack in &profile.by_name() {
         let Some(leaf) = stack.frames.last() else {
             continue;
         };
@@ -107,6 +107,7 @@ mod tests {
         StackProfile {
             title: "pid 42 (app)".into(),
             unit: WeightUnit::Samples,
+            period_ns: None,
             stacks: stacks
                 .iter()
                 .map(|(names, weight)| WeightedStack {
@@ -129,6 +130,7 @@ mod tests {
                 duration: std::time::Duration::from_secs(2),
                 ..DataQuality::default()
             },
+            build_ids: Default::default(),
         }
     }
 

@@ -325,6 +325,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             per_thread: true,
             stack_storage: args.stack_storage,
             weight_divisor: 1000,
+            period_ns: None,
         },
         quality,
     );

@@ -197,8 +197,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bpf::read_counters(&PerCpuArray::try_from(bpf::take_map(&mut ebpf, COUNTERS)?)?)?;
     let raw = stacks::drain(&mut ebpf, false)?;
     drop(ebpf);
+    let started = std::time::SystemTime::now()
+        .checked_sub(elapsed)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
     let mut quality = DataQuality {
         duration: elapsed,
+        started_unix_ns: started.map(|d| d.as_nanos() as u64),
         events: bpf::counter(&counters, Counter::Events),
         recorded: bpf::counter(&counters, Counter::Recorded),
         idle: bpf::counter(&counters, Counter::Idle),
@@ -215,12 +219,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .notes
             .push(format!("capture ended early: {}", stop.describe()));
     }
+    quality.stop_reason = Some(stop.describe());
     let profile = stacks::build_profile(
         &raw,
         &mut symbolizer,
         &BuildOptions {
             title,
             unit: WeightUnit::Samples,
+            // Sampling is by frequency, so a sample stands for 1/Hz of CPU time on average.
+            period_ns: Some(1_000_000_000 / frequency),
             per_thread: args.per_thread,
             stack_storage: args.stack_storage,
             weight_divisor: 1,
