@@ -5,6 +5,7 @@
 //!   cargo xtask demo    build everything, run the demo service, and show livetrace on it
 //!   cargo xtask test    every test: unit tests, and the BPF integration tests (needs root)
 
+mod bench_offcpu;
 mod demo;
 
 use std::{
@@ -28,6 +29,11 @@ enum Chore {
     Setup,
     /// Build livetrace and the demo service, then profile the demo while it serves.
     Demo(demo::Args),
+    /// offcpu's cost per context switch against no tracer and bpftrace.
+    BenchOffcpu {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Run every test; the integration tests load BPF programs and need root.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -41,6 +47,11 @@ fn main() {
     let result = match cli.chore {
         Chore::Setup => setup(),
         Chore::Demo(args) => setup().and_then(|()| demo::run(&args)),
+        Chore::BenchOffcpu { rounds } => setup().and_then(|()| {
+            let bin = build_release()?;
+            println!("{}", bench_offcpu::run(&bin.join("livetrace"), rounds, 2.0)?);
+            Ok(())
+        }),
         Chore::Test { cargo_args } => setup().and_then(|()| test(&cargo_args)),
     };
     if let Err(err) = result {

@@ -53,6 +53,12 @@ pub struct Args {
     /// How long to watch (10, 1.5s, 500ms); default: until Ctrl-C or the target exits.
     #[arg(short = 'd', long = "duration", value_name = "SECS", value_parser = parse_positive_duration)]
     pub duration: Option<Duration>,
+    /// User stacks only (cheaper: no kernel stack walk per switch).
+    #[arg(short = 'U', long = "user-only", conflicts_with = "kernel_only")]
+    pub user_only: bool,
+    /// Kernel stacks only.
+    #[arg(short = 'K', long = "kernel-only")]
+    pub kernel_only: bool,
     /// Which switch-outs to count: any (including preemption), D (uninterruptible sleep),
     /// S (interruptible sleep).
     #[arg(long = "state", value_enum, default_value_t = State::Any)]
@@ -153,7 +159,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         filter: target != Target::System,
         tgids: tgids.clone(),
         tids: tids.clone(),
-        stack_kinds: STACK_KIND_USER | STACK_KIND_KERNEL,
+        stack_kinds: match (args.user_only, args.kernel_only) {
+            (true, _) => STACK_KIND_USER,
+            (_, true) => STACK_KIND_KERNEL,
+            _ => STACK_KIND_USER | STACK_KIND_KERNEL,
+        },
         // Always per thread in the kernel: the summary reports by thread; outputs merge threads
         // unless --per-thread.
         per_thread: true,
