@@ -4,4 +4,6 @@
 //! `aya::Pod` impls so the loader can read these types out of BPF maps.
 #![no_std]
 
+pub mod histogram;
 pub mod stacks;
+pub mod uprobe_hist;

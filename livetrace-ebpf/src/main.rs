@@ -10,6 +10,7 @@
 
 mod profile;
 mod stacks;
+mod uprobe_hist;
 
 #[cfg(not(test))]
 #[panic_handler]

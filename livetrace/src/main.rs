@@ -8,12 +8,14 @@
 mod bpf;
 mod capture;
 mod duration;
+mod histogram;
 mod model;
 mod output;
 mod stacks;
 mod symbolize;
 mod targets;
 mod tools;
+mod uprobe_target;
 
 use std::process::ExitCode;
 
@@ -40,6 +42,8 @@ struct Cli {
 enum Command {
     /// On-CPU stack sampling: where is the CPU time going?
     Profile(tools::profile::Args),
+    /// Latency histogram of one function: what are its p50, p99 and p99.9?
+    UprobeHist(tools::uprobe_hist::Args),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Profile(args) => tools::profile::run(args),
+        Command::UprobeHist(args) => tools::uprobe_hist::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

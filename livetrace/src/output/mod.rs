@@ -5,6 +5,8 @@
 pub mod flamegraph;
 pub mod folded;
 pub mod footer;
+pub mod histogram_json;
+pub mod histogram_text;
 pub mod summary;
 
 use std::{

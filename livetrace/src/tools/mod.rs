@@ -2,3 +2,4 @@
 //! capture, and hands a model to the renderers.
 
 pub mod profile;
+pub mod uprobe_hist;
