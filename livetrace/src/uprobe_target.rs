@@ -587,7 +587,7 @@ pub enum Lookup {
 pub fn find_symbol(symbols: &[FunctionSymbol], spec: &SymbolSpec) -> Lookup {
     let mut by_addr: BTreeMap<u64, FunctionSymbol> = BTreeMap::new();
     for sym in symbols {
-        if sym.spellings().iter().any(|s| *s == spec.symbol) {
+        if sym.spellings().contains(&spec.symbol) {
             by_addr.entry(sym.addr).or_insert_with(|| sym.clone());
         }
     }

@@ -257,6 +257,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(command) = &mut command {
         command.release()?;
+        if slow_ns > 0 {
+            // A short command may exit before the first tick: snapshot its memory map as soon
+            // as the loader has mapped its libraries, for symbolising slow calls' callers.
+            wait_until_loaded(command.pid, &sites[0].file.path);
+            symbolizer.note_process(command.pid);
+        }
     }
     let title = match (&target, command_pid) {
         (Target::Command(_), Some(pid)) => format!("{} (pid {pid})", target.describe()),
@@ -918,7 +924,7 @@ impl SlowCollector {
         {
             self.slowest.push(call);
             self.slowest
-                .sort_by(|a, b| b.duration_ns.cmp(&a.duration_ns));
+                .sort_by_key(|call| std::cmp::Reverse(call.duration_ns));
             self.slowest.truncate(SLOWEST);
         }
     }
@@ -1048,6 +1054,29 @@ fn callers(
         }
     }
     names
+}
+
+/// Waits (at most 200 ms) until `pid` has exec'd and mapped `file` and the libraries its
+/// executable links.
+fn wait_until_loaded(pid: u32, file: &std::path::Path) {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let needed = exe
+        .as_deref()
+        .and_then(|_| ElfInfo::read(file).ok())
+        .map(|info| info.needed)
+        .unwrap_or_default();
+    let name = file.file_name().map(|n| n.to_string_lossy().into_owned());
+    let deadline = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < deadline {
+        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+            return;
+        };
+        let mapped = |lib: &str| maps.lines().any(|line| line.ends_with(&format!("/{lib}")));
+        if name.as_deref().is_some_and(mapped) && needed.iter().all(|lib| mapped(lib)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
 }
 
 fn monotonic_ns() -> u64 {
