@@ -1,6 +1,8 @@
 //! `cargo xtask demo`: the incident from the design notes, end to end. Starts the bundled
 //! catalogue API (whose `validate_subtitle_track` walks all 37 caption tracks of every request),
-//! lets it serve, profiles it with livetrace, leaves the results on disk, and stops the service.
+//! lets it serve, profiles it with livetrace, then times `validate_subtitle_track` itself with
+//! `uprobe-hist` (its latency distribution and slowest calls), leaves the results on disk, and
+//! stops the service.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -84,11 +86,66 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         "-o".as_ref(),
         folded.as_os_str(),
     ]))?;
+
+    // The profile named the hot function; now its latency distribution. A one-second look at
+    // its median sets the slow-call threshold at twice it, whatever this machine's speed.
+    let function = "livetrace_demo::validate_subtitle_track";
+    let p50 = median_ns(&bin, function, pid)?;
+    let slow = format!("{}us", (2 * p50).div_ceil(1000));
+    let hist = out.join("demo-uprobe-hist.txt");
+    let slow_svg = out.join("demo-slow-calls.svg");
+    println!(
+        "\ndemo: $ livetrace uprobe-hist {function} -p {pid} -d 5 --slow {slow} -o {} -o {}\n",
+        hist.display(),
+        slow_svg.display()
+    );
+    run_command(Command::new(bin.join("livetrace")).args([
+        "uprobe-hist".as_ref(),
+        function.as_ref(),
+        "-p".as_ref(),
+        pid.to_string().as_ref(),
+        "-d".as_ref(),
+        "5".as_ref(),
+        "--slow".as_ref(),
+        slow.as_ref(),
+        "-o".as_ref(),
+        hist.as_os_str(),
+        "-o".as_ref(),
+        slow_svg.as_os_str(),
+    ]))?;
     drop(service);
     println!(
-        "\ndemo: the catalogue API is stopped. Results:\n  {}  (open in a browser)\n  {}",
+        "\ndemo: the catalogue API is stopped. Results:\n  {}  (open in a browser)\n  {}\n  {}\n  \
+         {}  (callers of the slow calls)",
         svg.display(),
-        folded.display()
+        folded.display(),
+        hist.display(),
+        slow_svg.display()
     );
     Ok(())
+}
+
+/// The function's median latency in ns, from a one-second `uprobe-hist --json`.
+fn median_ns(bin: &std::path::Path, function: &str, pid: u32) -> anyhow::Result<u64> {
+    let output = Command::new(bin.join("livetrace"))
+        .args([
+            "uprobe-hist",
+            function,
+            "-p",
+            &pid.to_string(),
+            "-d",
+            "1",
+            "--json",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .context("failed to run livetrace uprobe-hist")?;
+    if !output.status.success() {
+        bail!("livetrace uprobe-hist failed: {}", output.status);
+    }
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .context("livetrace uprobe-hist --json printed something that is not JSON")?;
+    report["percentiles_ns"]["p50"]
+        .as_u64()
+        .with_context(|| format!("{function} was not called during the calibration second"))
 }

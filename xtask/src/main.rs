@@ -4,7 +4,9 @@
 //!   cargo xtask setup   install the toolchain pieces (nightly rust-src, bpf-linker)
 //!   cargo xtask demo    build everything, run the demo service, and show livetrace on it
 //!   cargo xtask test    every test: unit tests, and the BPF integration tests (needs root)
+//!   cargo xtask bench-uprobe   uprobe-hist's per-call cost beside bpftrace (needs root)
 
+mod bench_uprobe;
 mod demo;
 
 use std::{
@@ -34,6 +36,8 @@ enum Chore {
         #[arg(trailing_var_arg = true)]
         cargo_args: Vec<String>,
     },
+    /// Nanoseconds uprobe-hist adds per call, beside the kernel's floor and bpftrace.
+    BenchUprobe,
 }
 
 fn main() {
@@ -42,6 +46,9 @@ fn main() {
         Chore::Setup => setup(),
         Chore::Demo(args) => setup().and_then(|()| demo::run(&args)),
         Chore::Test { cargo_args } => setup().and_then(|()| test(&cargo_args)),
+        Chore::BenchUprobe => setup()
+            .and_then(|()| bench_uprobe::run())
+            .map(|table| print!("{table}")),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
