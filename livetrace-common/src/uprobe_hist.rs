@@ -25,9 +25,14 @@ pub const STACKS: &str = "UPROBE_STACKS";
 /// Per-CPU `u64` counters indexed by [`Counter`].
 pub const COUNTERS: &str = "UPROBE_COUNTERS";
 
-/// Array of one `u32`, set to 1 by user space just before it detaches the entry probe: returns
-/// that match no entry after that are of calls that began after the capture, not losses.
-pub const STOPPING: &str = "UPROBE_STOPPING";
+/// Array of one `u32`, the capture's phase as user space sets it: [`PHASE_ATTACHING`] until the
+/// entry probe is attached, [`PHASE_RUNNING`], then [`PHASE_STOPPING`] just before the entry probe
+/// is detached. Returns that match no entry outside `PHASE_RUNNING` are of calls that began
+/// outside the capture (the return probe is attached first and detached last): not losses.
+pub const PHASE: &str = "UPROBE_PHASE";
+pub const PHASE_ATTACHING: u32 = 0;
+pub const PHASE_RUNNING: u32 = 1;
+pub const PHASE_STOPPING: u32 = 2;
 
 /// Load-time global (`u64`): calls at least this long (ns) are sent to [`SLOW_CALLS`]; 0 = off.
 pub const SLOW_NS: &str = "UPROBE_SLOW_NS";
@@ -127,9 +132,9 @@ pub enum Counter {
     SlowStackLost = 11,
     /// A map lookup that cannot fail did (per-CPU arrays): the call is lost.
     HelperFailed = 12,
-    /// A return that matched no entry after the entry probe was detached: the call began after
-    /// the capture ended. Not a loss.
-    ReturnAfterStop = 13,
+    /// A return that matched no entry while the entry probe was being attached or detached:
+    /// the call began outside the capture. Not a loss.
+    ReturnOutsideCapture = 13,
 }
 
 /// Number of [`Counter`] slots.

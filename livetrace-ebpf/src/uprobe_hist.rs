@@ -19,8 +19,8 @@ use aya_ebpf::{
 use livetrace_common::{
     histogram::{BUCKETS, bucket_index},
     uprobe_hist::{
-        COUNTER_SLOTS, Counter, LatencyHistogram, MAX_NESTING, OpenCall, SlowCall, ThreadCalls,
-        Window,
+        COUNTER_SLOTS, Counter, LatencyHistogram, MAX_NESTING, OpenCall, PHASE_RUNNING, SlowCall,
+        ThreadCalls, Window,
     },
 };
 
@@ -37,7 +37,7 @@ static UPROBE_SLOW_CALLS: RingBuf = RingBuf::with_byte_size(4096, 0);
 #[map]
 static UPROBE_STACKS: StackTrace = StackTrace::with_max_entries(1, 0);
 #[map]
-static UPROBE_STOPPING: Array<u32> = Array::with_max_entries(1, 0);
+static UPROBE_PHASE: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static UPROBE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
@@ -138,13 +138,13 @@ pub fn uprobe_hist_return(ctx: RetProbeContext) -> u32 {
     0
 }
 
-/// How to count a return that matched no entry: as `counter` during the capture, or as a
-/// return of a call that began after the entry probe was detached.
+/// How to count a return that matched no entry: as `counter` while the capture runs, or as a
+/// call that began outside it while the entry probe is being attached or detached.
 #[inline(always)]
 fn unmatched(counter: Counter) -> Counter {
-    match UPROBE_STOPPING.get(0) {
-        Some(&stopping) if stopping != 0 => Counter::ReturnAfterStop,
-        _ => counter,
+    match UPROBE_PHASE.get(0) {
+        Some(&PHASE_RUNNING) => counter,
+        _ => Counter::ReturnOutsideCapture,
     }
 }
 

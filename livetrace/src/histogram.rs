@@ -291,8 +291,9 @@ pub struct LatencyQuality {
     pub slow_ring_full: u64,
     pub slow_stack_lost: u64,
     pub helper_failed: u64,
-    /// Returns of calls that began after the entry probe was detached (not a loss).
-    pub returns_after_stop: u64,
+    /// Returns of calls that began while the entry probe was being attached or detached (not a
+    /// loss: those calls are outside the capture).
+    pub returns_outside: u64,
     /// The probe's own cost per call measured by the kernel (`kernel.bpf_stats_enabled`).
     pub probe_cost_ns: Option<f64>,
     pub notes: Vec<String>,

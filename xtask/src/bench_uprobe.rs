@@ -24,6 +24,9 @@ use crate::{build_release, require_root, run_command, workspace_root};
 const CALLS: u64 = 100_000;
 /// Rounds of the four conditions; the median is reported.
 const ROUNDS: usize = 5;
+/// What the bpftrace scripts print from BEGIN, which runs once every probe is attached
+/// ("Attaching N probes..." comes before the attaching).
+const READY: &str = "livetrace-bench-ready";
 
 /// One tracer condition.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -141,9 +144,12 @@ fn measure(
                 "-p",
                 &pid,
                 "-e",
-                &format!("uprobe:{path}:tiny {{}} uretprobe:{path}:tiny {{}}"),
+                &format!(
+                    "BEGIN {{ printf(\"{READY}\\n\"); }} \
+                     uprobe:{path}:tiny {{}} uretprobe:{path}:tiny {{}}"
+                ),
             ]),
-            "Attaching",
+            READY,
         )?),
         Tracer::BpftraceHist => Some(start_tracer(
             Command::new("bpftrace").args([
@@ -151,12 +157,13 @@ fn measure(
                 &pid,
                 "-e",
                 &format!(
-                    "uprobe:{path}:tiny {{ @start[tid] = nsecs; }} \
+                    "BEGIN {{ printf(\"{READY}\\n\"); }} \
+                     uprobe:{path}:tiny {{ @start[tid] = nsecs; }} \
                      uretprobe:{path}:tiny /@start[tid]/ {{ \
                      @ns = hist(nsecs - @start[tid]); delete(@start[tid]); }}"
                 ),
             ]),
-            "Attaching",
+            READY,
         )?),
         Tracer::Livetrace => Some(start_tracer(
             Command::new(livetrace).args(["uprobe-hist", "tiny", "-p", &pid, "--json"]),

@@ -15,7 +15,7 @@ use crate::histogram::{
 /// Width of the bar column.
 const BAR_WIDTH: u64 = 40;
 /// Caller frames shown per slow call.
-const CALLER_FRAMES: usize = 6;
+const CALLER_FRAMES: usize = 4;
 
 /// The whole report: header, histogram, percentiles, slowest calls, footer.
 pub fn write<W: Write>(report: &LatencyReport, mut out: W) -> io::Result<()> {
@@ -190,11 +190,11 @@ pub fn footer(report: &LatencyReport) -> String {
             q.slow_recorded, q.slow_ring_full, q.slow_stack_lost
         );
     }
-    if q.returns_after_stop > 0 {
+    if q.returns_outside > 0 {
         let _ = writeln!(
             out,
-            "  not counted: {} calls that began after the entry probe was detached",
-            q.returns_after_stop
+            "  not counted: {} calls that began while the probes were being attached or detached",
+            q.returns_outside
         );
     }
     if let Some(cost) = q.probe_cost_ns {

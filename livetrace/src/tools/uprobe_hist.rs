@@ -28,8 +28,8 @@ use livetrace_common::{
     stacks::{STACK_ID_NOT_COLLECTED, StackKey},
     uprobe_hist::{
         COUNTER_SLOTS, COUNTERS, Counter, DEFAULT_MAX_THREADS, DEFAULT_SLOW_BUFFER,
-        DEFAULT_STACK_STORAGE, HISTOGRAM, LatencyHistogram, SLOW_CALLS, STACKS, STOPPING, SlowCall,
-        THREADS, ThreadCalls, WINDOW, Window,
+        DEFAULT_STACK_STORAGE, HISTOGRAM, LatencyHistogram, PHASE, PHASE_RUNNING, PHASE_STOPPING,
+        SLOW_CALLS, STACKS, SlowCall, THREADS, ThreadCalls, WINDOW, Window,
     },
 };
 
@@ -248,6 +248,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let command_pid = command.as_ref().map(|c| c.pid);
     attach(&mut ebpf, &sites, command_pid)?;
     let mut maps = Maps::take(&mut ebpf)?;
+    maps.phase
+        .set(0, PHASE_RUNNING, 0)
+        .context("failed to tell the BPF programs that the capture runs")?;
 
     let mut symbolizer = Symbolizer::new();
     for site in &sites {
@@ -308,8 +311,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Err(err.context("reading the histogram during the capture failed"));
     }
     let cost_after = probe_cost(&ebpf);
-    maps.stopping
-        .set(0, 1, 0)
+    maps.phase
+        .set(0, PHASE_STOPPING, 0)
         .context("failed to tell the BPF programs that the capture is stopping")?;
     detach(&mut ebpf)?;
     if stop != StopReason::DurationElapsed {
@@ -337,7 +340,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         slow_ring_full: counter(Counter::SlowRingFull),
         slow_stack_lost: counter(Counter::SlowStackLost),
         helper_failed: counter(Counter::HelperFailed),
-        returns_after_stop: counter(Counter::ReturnAfterStop),
+        returns_outside: counter(Counter::ReturnOutsideCapture),
         probe_cost_ns: cost_before.zip(cost_after).and_then(|(before, after)| {
             let runs = after.1.saturating_sub(before.1);
             // Each call runs two programs: entry and return.
@@ -702,7 +705,7 @@ struct Maps {
     threads: BpfHashMap<MapData, u32, ThreadCalls>,
     ring: RingBuf<MapData>,
     stacks: StackTraceMap<MapData>,
-    stopping: Array<MapData, u32>,
+    phase: Array<MapData, u32>,
 }
 
 impl Maps {
@@ -714,7 +717,7 @@ impl Maps {
             threads: BpfHashMap::try_from(bpf::take_map(ebpf, THREADS)?)?,
             ring: RingBuf::try_from(bpf::take_map(ebpf, SLOW_CALLS)?)?,
             stacks: StackTraceMap::try_from(bpf::take_map(ebpf, STACKS)?)?,
-            stopping: Array::try_from(bpf::take_map(ebpf, STOPPING)?)?,
+            phase: Array::try_from(bpf::take_map(ebpf, PHASE)?)?,
         })
     }
 
