@@ -4,5 +4,7 @@
 //! `aya::Pod` impls so the loader can read these types out of BPF maps.
 #![no_std]
 
+pub mod histogram;
 pub mod offcpu;
 pub mod stacks;
+pub mod uprobe_hist;

@@ -155,3 +155,30 @@ pub fn explain_program_error(err: aya::programs::ProgramError, what: &str) -> an
     };
     anyhow!(err).context(format!("failed to {what}{hint}"))
 }
+
+/// Settings of `uprobe-hist`'s programs.
+pub struct UprobeHistSettings {
+    /// Calls at least this long (ns) go to the slow-call ring buffer; 0 = off.
+    pub slow_ns: u64,
+    /// Threads that can be inside the function at once.
+    pub max_threads: u32,
+    /// Distinct caller stacks of slow calls.
+    pub stack_storage: u32,
+    /// Slow-call ring buffer size in bytes (a power of two, at least a page).
+    pub slow_buffer: u32,
+}
+
+/// Loads the object for `uprobe-hist`, its maps sized for it and the stack tools' maps shrunk
+/// to nothing (they are created with the object but unused here).
+pub fn load_uprobe_hist(settings: &UprobeHistSettings) -> anyhow::Result<Ebpf> {
+    use livetrace_common::uprobe_hist;
+    EbpfLoader::new()
+        .override_global(uprobe_hist::SLOW_NS, &settings.slow_ns, true)
+        .map_max_entries(uprobe_hist::THREADS, settings.max_threads)
+        .map_max_entries(uprobe_hist::STACKS, settings.stack_storage)
+        .map_max_entries(uprobe_hist::SLOW_CALLS, settings.slow_buffer)
+        .map_max_entries(stacks::STACK_COUNTS, 1)
+        .map_max_entries(stacks::STACK_TRACES, 1)
+        .load(BPF_OBJECT)
+        .map_err(explain_load_error)
+}

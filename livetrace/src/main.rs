@@ -9,6 +9,7 @@ mod already_blocked;
 mod bpf;
 mod capture;
 mod duration;
+mod histogram;
 mod kernel_btf;
 mod model;
 mod output;
@@ -17,6 +18,7 @@ mod symbolize;
 mod targets;
 mod tools;
 mod tracefs;
+mod uprobe_target;
 
 use std::process::ExitCode;
 
@@ -47,6 +49,8 @@ enum Command {
     Offcpu(tools::offcpu::Args),
     /// Differential flamegraph and table of two captures (folded or pprof).
     Diff(tools::diff::Args),
+    /// Latency histogram of one function: what are its p50, p99 and p99.9?
+    UprobeHist(tools::uprobe_hist::Args),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
         Command::Profile(args) => tools::profile::run(args),
         Command::Offcpu(args) => tools::offcpu::run(args),
         Command::Diff(args) => tools::diff::run(args),
+        Command::UprobeHist(args) => tools::uprobe_hist::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -35,7 +35,12 @@ enum Config {
 }
 
 impl Config {
-    const ALL: [Config; 4] = [Self::None, Self::LivetraceCommand, Self::LivetraceSystem, Self::Bpftrace];
+    const ALL: [Config; 4] = [
+        Self::None,
+        Self::LivetraceCommand,
+        Self::LivetraceSystem,
+        Self::Bpftrace,
+    ];
 
     fn label(self) -> &'static str {
         match self {
@@ -55,7 +60,10 @@ pub fn run(livetrace: &Path, rounds: usize, seconds: f64) -> anyhow::Result<Stri
         for (i, config) in Config::ALL.into_iter().enumerate() {
             let ns = measure(config, livetrace, &pingpong, seconds)
                 .with_context(|| format!("round {round}, {}", config.label()))?;
-            eprintln!("bench offcpu: round {round} {:<34} {ns:>8.0} ns/round trip", config.label());
+            eprintln!(
+                "bench offcpu: round {round} {:<34} {ns:>8.0} ns/round trip",
+                config.label()
+            );
             results[i].push(ns);
         }
     }
@@ -97,7 +105,8 @@ fn build_pingpong() -> anyhow::Result<PathBuf> {
 /// One run of the workload under `config`; returns its ns per round trip.
 fn measure(config: Config, livetrace: &Path, pingpong: &Path, seconds: f64) -> anyhow::Result<f64> {
     let secs = seconds.to_string();
-    let folded = std::env::temp_dir().join(format!("livetrace-bench-{}.folded", std::process::id()));
+    let folded =
+        std::env::temp_dir().join(format!("livetrace-bench-{}.folded", std::process::id()));
     let output = match config {
         Config::None => Command::new(pingpong).arg(&secs).output()?,
         Config::LivetraceCommand => {
@@ -155,7 +164,9 @@ impl Tracer {
             Stream::Stdout => command.stdout(Stdio::piped()).stderr(Stdio::null()),
             Stream::Stderr => command.stderr(Stdio::piped()).stdout(Stdio::null()),
         };
-        let mut child = command.spawn().with_context(|| format!("starting {command:?}"))?;
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting {command:?}"))?;
         let reader: Box<dyn std::io::Read + Send> = match stream {
             Stream::Stdout => Box::new(child.stdout.take().context("no stdout")?),
             Stream::Stderr => Box::new(child.stderr.take().context("no stderr")?),

@@ -1,6 +1,8 @@
 //! `cargo xtask demo`: the incident from the design notes, end to end. Starts the bundled
 //! catalogue API (whose `validate_subtitle_track` walks all 37 caption tracks of every request),
-//! lets it serve, profiles it with livetrace, leaves the results on disk, and stops the service.
+//! lets it serve, profiles it with livetrace, then times `validate_subtitle_track` itself with
+//! `uprobe-hist` (its latency distribution and slowest calls), leaves the results on disk, and
+//! stops the service.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -87,9 +89,37 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         &["offcpu", "-p", &pid.to_string(), "-d", "5"],
         &[&offcpu_svg, &offcpu_folded],
     )?;
+    // 3. The profile named the hot function; now its latency distribution. A one-second look
+    // at its median sets the slow-call threshold at twice it, whatever this machine's speed.
+    let function = "livetrace_demo::validate_subtitle_track";
+    let p50 = median_ns(&bin, function, pid)?;
+    let slow = format!("{}us", (2 * p50).div_ceil(1000));
+    let hist = out.join("demo-uprobe-hist.txt");
+    let slow_svg = out.join("demo-slow-calls.svg");
+    livetrace(
+        &bin,
+        &[
+            "uprobe-hist",
+            function,
+            "-p",
+            &pid.to_string(),
+            "-d",
+            "5",
+            "--slow",
+            &slow,
+        ],
+        &[&hist, &slow_svg],
+    )?;
     drop(service);
     println!("\ndemo: the catalogue API is stopped. Results (open the SVGs in a browser):");
-    for path in [&profile_svg, &profile_folded, &offcpu_svg, &offcpu_folded] {
+    for path in [
+        &profile_svg,
+        &profile_folded,
+        &offcpu_svg,
+        &offcpu_folded,
+        &hist,
+        &slow_svg,
+    ] {
         println!("  {}", path.display());
     }
     Ok(())
@@ -108,4 +138,28 @@ fn livetrace(bin: &Path, args: &[&str], outputs: &[&Path]) -> anyhow::Result<()>
         .collect();
     println!("\ndemo: $ {}\n", shown.join(" "));
     run_command(&mut command)
+}
+/// The function's median latency in ns, from a one-second `uprobe-hist --json`.
+fn median_ns(bin: &std::path::Path, function: &str, pid: u32) -> anyhow::Result<u64> {
+    let output = Command::new(bin.join("livetrace"))
+        .args([
+            "uprobe-hist",
+            function,
+            "-p",
+            &pid.to_string(),
+            "-d",
+            "1",
+            "--json",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .context("failed to run livetrace uprobe-hist")?;
+    if !output.status.success() {
+        bail!("livetrace uprobe-hist failed: {}", output.status);
+    }
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .context("livetrace uprobe-hist --json printed something that is not JSON")?;
+    report["percentiles_ns"]["p50"]
+        .as_u64()
+        .with_context(|| format!("{function} was not called during the calibration second"))
 }

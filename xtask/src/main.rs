@@ -4,8 +4,10 @@
 //!   cargo xtask setup   install the toolchain pieces (nightly rust-src, bpf-linker)
 //!   cargo xtask demo    build everything, run the demo service, and show livetrace on it
 //!   cargo xtask test    every test: unit tests, and the BPF integration tests (needs root)
+//!   cargo xtask bench-uprobe   uprobe-hist's per-call cost beside bpftrace (needs root)
 
 mod bench_offcpu;
+mod bench_uprobe;
 mod demo;
 
 use std::{
@@ -40,6 +42,8 @@ enum Chore {
         #[arg(trailing_var_arg = true)]
         cargo_args: Vec<String>,
     },
+    /// Nanoseconds uprobe-hist adds per call, beside the kernel's floor and bpftrace.
+    BenchUprobe,
 }
 
 fn main() {
@@ -49,10 +53,16 @@ fn main() {
         Chore::Demo(args) => setup().and_then(|()| demo::run(&args)),
         Chore::BenchOffcpu { rounds } => setup().and_then(|()| {
             let bin = build_release()?;
-            println!("{}", bench_offcpu::run(&bin.join("livetrace"), rounds, 2.0)?);
+            println!(
+                "{}",
+                bench_offcpu::run(&bin.join("livetrace"), rounds, 2.0)?
+            );
             Ok(())
         }),
         Chore::Test { cargo_args } => setup().and_then(|()| test(&cargo_args)),
+        Chore::BenchUprobe => setup()
+            .and_then(|()| bench_uprobe::run())
+            .map(|table| print!("{table}")),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

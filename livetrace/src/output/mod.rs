@@ -7,6 +7,8 @@ pub mod folded;
 pub mod footer;
 #[cfg(test)]
 pub mod golden;
+pub mod histogram_json;
+pub mod histogram_text;
 pub mod json;
 pub mod offcpu_summary;
 pub mod pprof;

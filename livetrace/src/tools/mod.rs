@@ -4,3 +4,4 @@
 pub mod diff;
 pub mod offcpu;
 pub mod profile;
+pub mod uprobe_hist;

@@ -121,6 +121,48 @@ fn build_fixtures() -> PathBuf {
     out_dir
 }
 
+/// Builds a fixture that is not a single C file (several files, a shared library, Rust) with
+/// `command` plus `-o OUTPUT`, once per test binary, into `CARGO_TARGET_TMPDIR/fixtures/NAME`.
+/// Sources are named relative to `tests/fixtures/` with a leading `@`: `@histlib/libhist.c`.
+pub fn build_fixture(name: &str, command: &[&str]) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    // The single-file fixtures (and the folder) first: some link against others.
+    let dir = fixture("latency")
+        .parent()
+        .expect("fixtures live in a folder")
+        .to_path_buf();
+    let out = dir.join(name);
+    let mut built = BUILT.lock().unwrap_or_else(PoisonError::into_inner);
+    if built.iter().any(|n| n == name) {
+        return out;
+    }
+    let partial = dir.join(format!("{name}.{}.partial", std::process::id()));
+    let args: Vec<String> = command[1..]
+        .iter()
+        .map(|arg| match arg.strip_prefix('@') {
+            Some(source) => format!("{FIXTURE_SOURCES}/{source}"),
+            None => arg.replace("{dir}", &dir.to_string_lossy()),
+        })
+        .collect();
+    let result = Command::new(command[0])
+        .args(&args)
+        .arg("-o")
+        .arg(&partial)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", command[0]));
+    assert!(
+        result.status.success(),
+        "building {name} with {command:?} failed ({}):\n{}",
+        result.status,
+        String::from_utf8_lossy(&result.stderr)
+    );
+    fs::rename(&partial, &out)
+        .unwrap_or_else(|e| panic!("cannot move {} into place: {e}", out.display()));
+    built.push(name.to_owned());
+    out
+}
+
 /// Starts a fixture with the given arguments; it is killed when the returned guard drops.
 pub fn start_fixture(name: &str, args: &[&str]) -> Process {
     let mut command = Command::new(fixture(name));
@@ -233,11 +275,22 @@ impl Livetrace {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Starts `livetrace ARGS...` with extra environment variables (which a command it starts
+    /// inherits).
+    pub fn start_with_env<I, S>(args: I, env: &[(&str, &str)]) -> Livetrace
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let stdout = tempfile::tempfile().expect("cannot create a temporary file");
         let stderr = tempfile::tempfile().expect("cannot create a temporary file");
         let mut command = Command::new(LIVETRACE);
         command
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout.try_clone().expect("cannot duplicate a file handle"))
             .stderr(stderr.try_clone().expect("cannot duplicate a file handle"));
@@ -253,6 +306,22 @@ impl Livetrace {
 
     pub fn signal(&self, signal: libc::c_int) {
         self.process.signal(signal);
+    }
+
+    /// Waits until livetrace's standard error contains `needle` (e.g. its line saying that the
+    /// probes are attached); panics with what it printed if that takes longer than `timeout`.
+    pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let stderr = read_all(&mut self.stderr);
+            if stderr.contains(needle) {
+                return;
+            }
+            if Instant::now() >= deadline || self.process.wait_timeout(Duration::ZERO).is_some() {
+                panic!("livetrace never printed {needle:?}; stderr:\n{stderr}");
+            }
+            thread::sleep(POLL);
+        }
     }
 
     /// Waits for livetrace to exit. Panics, showing what it printed so far, if it has not exited

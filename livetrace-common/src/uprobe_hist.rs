@@ -1,0 +1,166 @@
+//! Types shared by `livetrace uprobe-hist`'s BPF programs and its loader.
+//!
+//! The entry probe pushes (entry time, stack pointer) on a small per-thread stack; the return
+//! probe pops back to the entry whose stack pointer matches its own, so recursion pairs each
+//! return with its own entry, and entries whose return never came (longjmp, exceptions, the
+//! kernel's uretprobe nesting limit) are found and counted instead of being paired wrongly. The
+//! latency goes into a per-CPU log-linear histogram ([`crate::histogram`]) with exact count, sum,
+//! min and max; calls slower than [`SLOW_NS`] also go to a ring buffer with their caller's stack.
+
+use crate::histogram::BUCKETS;
+
+/// Per-CPU array with one [`LatencyHistogram`].
+pub const HISTOGRAM: &str = "UPROBE_HIST";
+/// Per-CPU array with one [`Window`]: min and max since user space last reset it (`-i`).
+pub const WINDOW: &str = "UPROBE_WINDOW";
+/// Hash map of thread id (`u32`) to its [`ThreadCalls`].
+pub const THREADS: &str = "UPROBE_THREADS";
+/// Per-CPU array with one [`ThreadCalls`], used to create a thread's entry (the value is too
+/// large for the 512-byte BPF stack).
+pub const THREAD_SCRATCH: &str = "UPROBE_THREAD_SCRATCH";
+/// Ring buffer of [`SlowCall`] records (`--slow`).
+pub const SLOW_CALLS: &str = "UPROBE_SLOW_CALLS";
+/// `BPF_MAP_TYPE_STACK_TRACE` holding the slow calls' caller stacks.
+pub const STACKS: &str = "UPROBE_STACKS";
+/// Per-CPU `u64` counters indexed by [`Counter`].
+pub const COUNTERS: &str = "UPROBE_COUNTERS";
+
+/// Array of one `u32`, the capture's phase as user space sets it: [`PHASE_ATTACHING`] until the
+/// entry probe is attached, [`PHASE_RUNNING`], then [`PHASE_STOPPING`] just before the entry probe
+/// is detached. Returns that match no entry outside `PHASE_RUNNING` are of calls that began
+/// outside the capture (the return probe is attached first and detached last): not losses.
+pub const PHASE: &str = "UPROBE_PHASE";
+pub const PHASE_ATTACHING: u32 = 0;
+pub const PHASE_RUNNING: u32 = 1;
+pub const PHASE_STOPPING: u32 = 2;
+
+/// Load-time global (`u64`): calls at least this long (ns) are sent to [`SLOW_CALLS`]; 0 = off.
+pub const SLOW_NS: &str = "UPROBE_SLOW_NS";
+
+/// Nested calls of the probed function one thread can have open: the kernel's own limit
+/// (`MAX_URETPROBE_DEPTH`), beyond which it stops hijacking return addresses, so deeper calls
+/// never return through a uretprobe anyway.
+pub const MAX_NESTING: usize = 64;
+/// Default capacity of [`THREADS`]: threads that can be inside the function at once.
+pub const DEFAULT_MAX_THREADS: u32 = 8192;
+/// Default capacity of [`STACKS`]: distinct caller stacks of slow calls.
+pub const DEFAULT_STACK_STORAGE: u32 = 4096;
+/// Default size of [`SLOW_CALLS`] in bytes (a power of two; 32 bytes per record).
+pub const DEFAULT_SLOW_BUFFER: u32 = 1 << 20;
+
+/// Exact statistics and the bucket counts of every measured call on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LatencyHistogram {
+    pub count: u64,
+    pub sum_ns: u64,
+    /// Smallest duration seen; 0 until the first call (durations are never 0 ns).
+    pub min_ns: u64,
+    pub max_ns: u64,
+    pub buckets: [u64; BUCKETS],
+}
+
+/// Min and max since the last reset by user space, for per-interval output.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Window {
+    pub min_ns: u64,
+    pub max_ns: u64,
+}
+
+/// One open call: when it started and where the stack pointer was.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenCall {
+    pub start_ns: u64,
+    pub sp: u64,
+}
+
+/// A thread's open calls, outermost first; `depth` of them are valid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ThreadCalls {
+    pub depth: u32,
+    pub _pad: u32,
+    pub calls: [OpenCall; MAX_NESTING],
+}
+
+/// One call slower than `--slow`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlowCall {
+    /// `CLOCK_MONOTONIC` time of the return, in ns.
+    pub end_ns: u64,
+    pub duration_ns: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    /// Id of the caller's user stack in `stacks::STACK_TRACES`, or a negated errno.
+    pub user_stack_id: i32,
+    pub _pad: u32,
+}
+
+/// Indices into [`COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// The entry probe ran.
+    Entries = 0,
+    /// The return probe ran.
+    Returns = 1,
+    /// A call was paired and added to the histogram.
+    Recorded = 2,
+    /// An entry was not recorded: the thread map was full (`--max-threads`).
+    ThreadMapFull = 3,
+    /// An entry was not recorded: more than [`MAX_NESTING`] calls open on one thread (the kernel
+    /// does not probe the return of those either).
+    TooDeep = 4,
+    /// An open call whose return never came (longjmp, exception, a tail call into the function,
+    /// or the kernel dropped the return probe), found when a later call or return passed it.
+    Abandoned = 5,
+    /// Calls still open when their thread exited (pthread_exit or exit inside the function).
+    ExitedInside = 6,
+    /// A return on a thread with no recorded entry: the call began before the entry probe was
+    /// attached (the return probe is attached first), or its entry had no room in the map.
+    ReturnWithoutEntry = 7,
+    /// A return whose entry is not among the thread's open calls.
+    ReturnUnmatched = 8,
+    /// A slow call was sent to the ring buffer.
+    SlowRecorded = 9,
+    /// A slow call was lost: the ring buffer was full.
+    SlowRingFull = 10,
+    /// A slow call's caller stack could not be collected (the record is kept, without stack).
+    SlowStackLost = 11,
+    /// A map lookup that cannot fail did (per-CPU arrays): the call is lost.
+    HelperFailed = 12,
+    /// A return that matched no entry while the entry probe was being attached or detached:
+    /// the call began outside the capture. Not a loss.
+    ReturnOutsideCapture = 13,
+}
+
+/// Number of [`Counter`] slots.
+pub const COUNTER_SLOTS: u32 = 16;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: `#[repr(C)]` structs of integers with explicit padding fields.
+    unsafe impl aya::Pod for super::LatencyHistogram {}
+    unsafe impl aya::Pod for super::Window {}
+    unsafe impl aya::Pod for super::ThreadCalls {}
+    unsafe impl aya::Pod for super::SlowCall {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shared structs have no implicit padding, so both sides agree on every byte.
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<LatencyHistogram>(), 8 * (4 + BUCKETS));
+        assert_eq!(size_of::<ThreadCalls>(), 8 + 16 * MAX_NESTING);
+        assert_eq!(size_of::<SlowCall>(), 32);
+        // Per-CPU values are limited to 32 KiB by the kernel.
+        assert!(size_of::<LatencyHistogram>() <= 32 * 1024);
+    }
+}

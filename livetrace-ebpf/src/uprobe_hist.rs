@@ -1,0 +1,306 @@
+//! `livetrace uprobe-hist`: the latency of one user-space function, as a histogram built in the
+//! kernel. The entry probe pushes (time, stack pointer) on the thread's stack of open calls; the
+//! return probe pops back to the entry whose stack pointer is its own, so recursive calls pair
+//! correctly and calls whose return never came are counted, not mispaired. A `tp_btf`
+//! `sched_process_exit` program counts (and frees) what a thread still had open when it exited.
+//! Needs kernel 5.8+ (ring buffer, `tp_btf`).
+//!
+//! The maps are declared tiny: the loader sizes them for uprobe-hist, so other tools that load
+//! this object pay nothing for them.
+
+use aya_ebpf::{
+    Global,
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST, pt_regs},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{btf_tracepoint, map, uprobe, uretprobe},
+    maps::{Array, HashMap, PerCpuArray, RingBuf, StackTrace},
+    programs::{BtfTracePointContext, ProbeContext, RetProbeContext, tracing::StackIdContext},
+};
+use livetrace_common::{
+    histogram::{BUCKETS, bucket_index},
+    uprobe_hist::{
+        COUNTER_SLOTS, Counter, LatencyHistogram, MAX_NESTING, OpenCall, PHASE_RUNNING, SlowCall,
+        ThreadCalls, Window,
+    },
+};
+
+#[map]
+static UPROBE_HIST: PerCpuArray<LatencyHistogram> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static UPROBE_WINDOW: PerCpuArray<Window> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static UPROBE_THREADS: HashMap<u32, ThreadCalls> = HashMap::with_max_entries(1, 0);
+#[map]
+static UPROBE_THREAD_SCRATCH: PerCpuArray<ThreadCalls> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static UPROBE_SLOW_CALLS: RingBuf = RingBuf::with_byte_size(4096, 0);
+#[map]
+static UPROBE_STACKS: StackTrace = StackTrace::with_max_entries(1, 0);
+#[map]
+static UPROBE_PHASE: Array<u32> = Array::with_max_entries(1, 0);
+#[map]
+static UPROBE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[unsafe(no_mangle)]
+static UPROBE_SLOW_NS: Global<u64> = Global::new(0);
+
+/// `calls[depth & MASK]`: a bound the verifier can see.
+const MASK: usize = MAX_NESTING - 1;
+const _: () = assert!(MAX_NESTING.is_power_of_two());
+
+/// Where `ret` leaves the stack pointer relative to the entry probe's: x86-64's `call` pushed
+/// the return address, which `ret` pops; arm64 keeps it in a register.
+#[cfg(bpf_target_arch = "x86_64")]
+const RETURN_SP_OFFSET: u64 = 8;
+#[cfg(not(bpf_target_arch = "x86_64"))]
+const RETURN_SP_OFFSET: u64 = 0;
+
+#[uprobe]
+pub fn uprobe_hist_entry(ctx: ProbeContext) -> u32 {
+    add(Counter::Entries, 1);
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let sp = stack_pointer(ctx.regs);
+    let Some(calls) = thread_calls(tid) else {
+        return 0;
+    };
+    // SAFETY: a map value of this thread's own; only this thread (and its exit) touches it.
+    let calls = unsafe { &mut *calls };
+    // Open calls at or below this stack pointer were unwound without returning (longjmp,
+    // exception): their frames are gone, so their returns will never come.
+    let mut depth = calls.depth as usize;
+    let mut abandoned = 0;
+    for _ in 0..MAX_NESTING {
+        if depth == 0 || calls.calls[(depth - 1) & MASK].sp > sp {
+            break;
+        }
+        depth -= 1;
+        abandoned += 1;
+    }
+    if abandoned > 0 {
+        add(Counter::Abandoned, abandoned);
+    }
+    if depth >= MAX_NESTING {
+        calls.depth = depth as u32;
+        add(Counter::TooDeep, 1);
+        return 0;
+    }
+    calls.calls[depth & MASK] = OpenCall {
+        // Read last, so the probe's own cost before the function runs is left out.
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        sp,
+    };
+    calls.depth = depth as u32 + 1;
+    0
+}
+
+#[uretprobe]
+pub fn uprobe_hist_return(ctx: RetProbeContext) -> u32 {
+    // Read first, so the probe's own cost after the function returned is left out.
+    let now = unsafe { bpf_ktime_get_ns() };
+    add(Counter::Returns, 1);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let entry_sp = stack_pointer(ctx.regs).wrapping_sub(RETURN_SP_OFFSET);
+    let Some(calls) = UPROBE_THREADS.get_ptr_mut(tid) else {
+        add(unmatched(Counter::ReturnWithoutEntry), 1);
+        return 0;
+    };
+    // SAFETY: as in the entry probe.
+    let calls = unsafe { &mut *calls };
+    let depth = calls.depth as usize;
+    // Open calls are ordered by stack pointer, innermost (lowest) on top. Skip the deeper ones
+    // (abandoned) down to the one whose frame this return leaves.
+    let mut index = depth;
+    let mut found = None;
+    for _ in 0..MAX_NESTING {
+        if index == 0 {
+            break;
+        }
+        let call = calls.calls[(index - 1) & MASK];
+        if call.sp == entry_sp {
+            found = Some((index - 1, call.start_ns));
+            break;
+        }
+        if call.sp > entry_sp {
+            break;
+        }
+        index -= 1;
+    }
+    let Some((index, start_ns)) = found else {
+        add(unmatched(Counter::ReturnUnmatched), 1);
+        return 0;
+    };
+    if depth - 1 > index {
+        add(Counter::Abandoned, (depth - 1 - index) as u64);
+    }
+    calls.depth = index as u32;
+    record(&ctx, now.saturating_sub(start_ns), tgid, tid);
+    0
+}
+
+/// How to count a return that matched no entry: as `counter` while the capture runs, or as a
+/// call that began outside it while the entry probe is being attached or detached.
+#[inline(always)]
+fn unmatched(counter: Counter) -> Counter {
+    match UPROBE_PHASE.get(0) {
+        Some(&PHASE_RUNNING) => counter,
+        _ => Counter::ReturnOutsideCapture,
+    }
+}
+
+/// A thread is exiting (the current task is the exiting thread): whatever it still had open
+/// will never return. Counted, and its entry freed for the next thread.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn uprobe_hist_thread_exit(_ctx: BtfTracePointContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(calls) = UPROBE_THREADS.get_ptr(tid) else {
+        return 0;
+    };
+    let depth = unsafe { (*calls).depth };
+    if depth > 0 {
+        add(Counter::ExitedInside, u64::from(depth));
+    }
+    if UPROBE_THREADS.remove(tid).is_err() {
+        add(Counter::HelperFailed, 1);
+    }
+    0
+}
+
+/// The thread's open calls, created empty on its first call.
+#[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "passing the value itself would copy 1 KiB onto the 512-byte BPF stack"
+)]
+fn thread_calls(tid: u32) -> Option<*mut ThreadCalls> {
+    if let Some(calls) = UPROBE_THREADS.get_ptr_mut(tid) {
+        return Some(calls);
+    }
+    let Some(scratch) = UPROBE_THREAD_SCRATCH.get_ptr_mut(0) else {
+        add(Counter::HelperFailed, 1);
+        return None;
+    };
+    // SAFETY: this CPU's scratch value; only `depth` needs to be valid.
+    unsafe { (*scratch).depth = 0 };
+    if UPROBE_THREADS
+        .insert(tid, unsafe { &*scratch }, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        // Only this thread inserts its own id, so the only failure is a full map.
+        add(Counter::ThreadMapFull, 1);
+        return None;
+    }
+    let calls = UPROBE_THREADS.get_ptr_mut(tid);
+    if calls.is_none() {
+        add(Counter::HelperFailed, 1);
+    }
+    calls
+}
+
+/// Adds one call of `duration` ns to this CPU's histogram and, if it is slow, sends it to the
+/// ring buffer with its caller's stack.
+#[inline(always)]
+fn record(ctx: &RetProbeContext, duration: u64, tgid: u32, tid: u32) {
+    let Some(hist) = UPROBE_HIST.get_ptr_mut(0) else {
+        add(Counter::HelperFailed, 1);
+        return;
+    };
+    // bucket_index never returns more than the last bucket, and LLVM knows it, so it would drop
+    // this check; the verifier cannot follow the bit tricks of leading_zeros and needs it.
+    // Reading the index back through a volatile load hides it from LLVM.
+    let bucket = bucket_index(duration) as usize;
+    let bucket = unsafe { core::ptr::read_volatile(&bucket) };
+    if bucket >= BUCKETS {
+        add(Counter::HelperFailed, 1);
+        return;
+    }
+    // SAFETY: this CPU's value. Uprobe programs can be preempted by another thread's on the
+    // same CPU, so counts are added atomically; min and max are compared and stored, and a race
+    // there could at worst miss one extreme by a hair.
+    unsafe {
+        atomic_add(&raw mut (*hist).buckets[bucket], 1);
+        atomic_add(&raw mut (*hist).count, 1);
+        atomic_add(&raw mut (*hist).sum_ns, duration);
+        if (*hist).min_ns == 0 || duration < (*hist).min_ns {
+            (*hist).min_ns = duration;
+        }
+        if duration > (*hist).max_ns {
+            (*hist).max_ns = duration;
+        }
+    }
+    if let Some(window) = UPROBE_WINDOW.get_ptr_mut(0) {
+        unsafe {
+            if (*window).min_ns == 0 || duration < (*window).min_ns {
+                (*window).min_ns = duration;
+            }
+            if duration > (*window).max_ns {
+                (*window).max_ns = duration;
+            }
+        }
+    } else {
+        add(Counter::HelperFailed, 1);
+    }
+    add(Counter::Recorded, 1);
+
+    let slow = UPROBE_SLOW_NS.load();
+    if slow == 0 || duration < slow {
+        return;
+    }
+    let Some(mut entry) = UPROBE_SLOW_CALLS.reserve::<SlowCall>(0) else {
+        add(Counter::SlowRingFull, 1);
+        return;
+    };
+    // At the return probe the registers are the caller's: its stack is the caller's stack.
+    let user_stack_id = match ctx.get_stackid(&UPROBE_STACKS, u64::from(BPF_F_USER_STACK)) {
+        Ok(id) => id as i32,
+        Err(err) => {
+            add(Counter::SlowStackLost, 1);
+            if err < 0 { err } else { -14 }
+        }
+    };
+    entry.write(SlowCall {
+        end_ns: unsafe { bpf_ktime_get_ns() },
+        duration_ns: duration,
+        tgid,
+        tid,
+        user_stack_id,
+        _pad: 0,
+    });
+    entry.submit(0);
+    add(Counter::SlowRecorded, 1);
+}
+
+#[inline(always)]
+fn add(counter: Counter, value: u64) {
+    if let Some(slot) = UPROBE_COUNTERS.get_ptr_mut(counter as u32) {
+        atomic_add(slot, value);
+    }
+}
+
+/// BPF_ATOMIC_ADD: `core`'s atomic types have no read-modify-write on the BPF target.
+#[inline(always)]
+fn atomic_add(dst: *mut u64, value: u64) {
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            dst, value,
+        )
+    };
+}
+
+#[inline(always)]
+fn stack_pointer(regs: *mut pt_regs) -> u64 {
+    #[cfg(bpf_target_arch = "x86_64")]
+    {
+        unsafe { (*regs).rsp }
+    }
+    #[cfg(bpf_target_arch = "aarch64")]
+    {
+        unsafe { (*regs.cast::<aya_ebpf::bindings::user_pt_regs>()).sp }
+    }
+    #[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
+    {
+        // The loader refuses uprobe-hist on other architectures.
+        let _ = regs;
+        0
+    }
+}
