@@ -96,6 +96,29 @@ pub fn load_stacks(settings: &StackSettings) -> anyhow::Result<Ebpf> {
     Ok(bpf)
 }
 
+/// livetrace's own cost in the kernel, as the kernel counts it (only while
+/// `kernel.bpf_stats_enabled=1`, which livetrace does not switch on by itself: it slows every BPF
+/// program on the machine a little). Read before the programs are unloaded.
+pub fn in_kernel_cost(bpf: &Ebpf) -> String {
+    let (mut time, mut runs) = (std::time::Duration::ZERO, 0u64);
+    for (_, program) in bpf.programs() {
+        if let Ok(info) = program.info() {
+            time += info.run_time();
+            runs += info.run_count();
+        }
+    }
+    if runs == 0 {
+        return "in-kernel cost: not measured (`sysctl kernel.bpf_stats_enabled=1` makes the \
+                kernel count it)"
+            .into();
+    }
+    format!(
+        "in-kernel cost: {:.0} ns per program run, {runs} runs, {:.3} s of CPU in total",
+        time.as_nanos() as f64 / runs as f64,
+        time.as_secs_f64()
+    )
+}
+
 /// Tells the programs the capture is over; they stop recording at once, before the (possibly
 /// slow: tracepoint detach waits for an RCU grace period) detach.
 pub fn stop_capture(bpf: &mut Ebpf) -> anyhow::Result<()> {

@@ -236,6 +236,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Stop recording at once; detaching can take seconds (RCU) and must not count.
     bpf::stop_capture(&mut ebpf)?;
     let end_ns = monotonic_ns();
+    let cost = bpf::in_kernel_cost(&ebpf);
     for pid in stacks::processes_seen(&ebpf) {
         symbolizer.note_process(pid);
     }
@@ -325,6 +326,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .notes
             .push(format!("capture ended early: {}", stop.describe()));
     }
+    quality.notes.push(cost);
 
     let by_thread = stacks::build_profile(
         &raw,

@@ -182,6 +182,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for pid in stacks::processes_seen(&ebpf) {
         symbolizer.note_process(pid);
     }
+    let cost = bpf::in_kernel_cost(&ebpf);
     let program: &mut PerfEvent = ebpf
         .program_mut("profile_cpu")
         .context("profile_cpu vanished")?
@@ -219,6 +220,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .notes
             .push(format!("capture ended early: {}", stop.describe()));
     }
+    quality.notes.push(cost);
     quality.stop_reason = Some(stop.describe());
     let profile = stacks::build_profile(
         &raw,
