@@ -26,17 +26,24 @@ const BPFTRACE_OFFCPU: &str = r#"tracepoint:sched:sched_switch {
   }
 }"#;
 
+/// The floor: any program on this tracepoint costs at least this much per switch.
+const BPFTRACE_EMPTY: &str = "tracepoint:sched:sched_switch { }";
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Config {
     None,
+    BpftraceEmpty,
+    LivetraceUserOnly,
     LivetraceCommand,
     LivetraceSystem,
     Bpftrace,
 }
 
 impl Config {
-    const ALL: [Config; 4] = [
+    const ALL: [Config; 6] = [
         Self::None,
+        Self::BpftraceEmpty,
+        Self::LivetraceUserOnly,
         Self::LivetraceCommand,
         Self::LivetraceSystem,
         Self::Bpftrace,
@@ -45,9 +52,11 @@ impl Config {
     fn label(self) -> &'static str {
         match self {
             Self::None => "no tracer",
-            Self::LivetraceCommand => "livetrace offcpu -- pingpong",
-            Self::LivetraceSystem => "livetrace offcpu (whole system)",
-            Self::Bpftrace => "bpftrace sched_switch + kstack",
+            Self::BpftraceEmpty => "empty sched_switch program (bpftrace; the floor)",
+            Self::LivetraceUserOnly => "livetrace offcpu -U -- pingpong (user stacks)",
+            Self::LivetraceCommand => "livetrace offcpu -- pingpong (user + kernel stacks)",
+            Self::LivetraceSystem => "livetrace offcpu, whole system (user + kernel stacks)",
+            Self::Bpftrace => "bpftrace sched_switch script keeping kstack",
         }
     }
 }
@@ -109,9 +118,14 @@ fn measure(config: Config, livetrace: &Path, pingpong: &Path, seconds: f64) -> a
         std::env::temp_dir().join(format!("livetrace-bench-{}.folded", std::process::id()));
     let output = match config {
         Config::None => Command::new(pingpong).arg(&secs).output()?,
-        Config::LivetraceCommand => {
-            let out = Command::new(livetrace)
-                .args(["offcpu", "-d", "60", "-o"])
+        Config::LivetraceCommand | Config::LivetraceUserOnly => {
+            let mut command = Command::new(livetrace);
+            command.args(["offcpu", "-d", "60"]);
+            if config == Config::LivetraceUserOnly {
+                command.arg("-U");
+            }
+            let out = command
+                .arg("-o")
                 .arg(&folded)
                 .arg("--")
                 .arg(pingpong)
@@ -130,10 +144,15 @@ fn measure(config: Config, livetrace: &Path, pingpong: &Path, seconds: f64) -> a
             let _ = std::fs::remove_file(&folded);
             out
         }
-        Config::Bpftrace => {
+        Config::Bpftrace | Config::BpftraceEmpty => {
             ensure_tracefs()?;
+            let script = if config == Config::Bpftrace {
+                BPFTRACE_OFFCPU
+            } else {
+                BPFTRACE_EMPTY
+            };
             let mut tracer = Command::new("bpftrace");
-            tracer.args(["-e", BPFTRACE_OFFCPU]);
+            tracer.args(["-e", script]);
             let tracer = Tracer::start(tracer, "Attaching", Stream::Stdout)?;
             let out = Command::new(pingpong).arg(&secs).output()?;
             tracer.stop()?;
