@@ -245,3 +245,36 @@ fn min_above_max_is_a_usage_error() {
     assert!(run.stderr.contains("--min-block") && run.stderr.contains("--max-block"));
     assert!(run.elapsed < Duration::from_secs(2));
 }
+
+/// Kernel threads (kworker, ksoftirqd, rcu_*) switch all the time; the whole-system view leaves
+/// them out unless `--include-kernel-threads` asks for them.
+#[test]
+fn kernel_threads_only_when_asked() {
+    require_root();
+    let _cpus = cpu_shared();
+    let dir = tempfile::tempdir().unwrap();
+    let is_kernel_thread = |stack: &Stack| {
+        let root = stack.root();
+        ["kworker/", "ksoftirqd/", "rcu_", "migration/", "kcompactd"]
+            .iter()
+            .any(|prefix| root.starts_with(prefix))
+    };
+    let mut shares = Vec::new();
+    for extra in [None, Some("--include-kernel-threads")] {
+        let out = dir.path().join("out.folded");
+        let mut args = vec!["offcpu", "-d", "2", "-o", path_arg(&out)];
+        args.extend(extra);
+        let run = run_livetrace(&args, Duration::from_secs(2) + SLACK);
+        run.assert_success();
+        let profile = Profile::read(&out);
+        shares.push(profile.share_where(is_kernel_thread));
+    }
+    assert_eq!(
+        shares[0], 0.0,
+        "kernel threads in the default whole-system view"
+    );
+    assert!(
+        shares[1] > 0.0,
+        "no kernel thread with --include-kernel-threads"
+    );
+}

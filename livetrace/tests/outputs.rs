@@ -350,3 +350,57 @@ fn unknown_extension_lists_every_format() {
         );
     }
 }
+
+/// An off-CPU capture's pprof says what it measured (off_cpu nanoseconds), and `go tool pprof`
+/// totals the same blocked time as the folded output (us there, ns here).
+#[test]
+fn offcpu_pprof_is_read_by_go_tool_pprof() {
+    require_root();
+    let _cpus = cpu_shared();
+    let fixture = start_fixture("offcpu", &["20"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let dir = tempfile::tempdir().unwrap();
+    let (pprof, folded) = (dir.path().join("x.pb.gz"), dir.path().join("x.folded"));
+    let pid = fixture.pid().to_string();
+    let run = run_livetrace(
+        [
+            "offcpu",
+            "-p",
+            &pid,
+            "-d",
+            "2",
+            "--state",
+            "S",
+            "-o",
+            path_arg(&pprof),
+            "-o",
+            path_arg(&folded),
+        ],
+        Duration::from_secs(25),
+    );
+    run.assert_success();
+    let top = go_pprof(&["-top", "-nodecount=40"], &pprof, dir.path());
+    assert!(top.contains("Type: off_cpu"), "{top}");
+    // "Showing nodes accounting for 9.98s, 100% of 9.98s total"
+    let total_s: f64 = top
+        .lines()
+        .find_map(|l| {
+            l.split(" of ")
+                .nth(1)?
+                .split("s total")
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no total in:\n{top}"));
+    let folded_s = Profile::read(&folded).total() as f64 / 1e6;
+    assert!(
+        (total_s - folded_s).abs() <= 0.01 * folded_s + 0.01,
+        "pprof total {total_s} s, folded total {folded_s} s"
+    );
+    let cum = go_pprof(&["-top", "-cum", "-nodecount=60"], &pprof, dir.path());
+    assert!(
+        cum.contains("nap_loop") && cum.contains("read_forever"),
+        "{cum}"
+    );
+}
