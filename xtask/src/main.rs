@@ -4,7 +4,9 @@
 //!   cargo xtask setup   install the toolchain pieces (nightly rust-src, bpf-linker)
 //!   cargo xtask demo    build everything, run the demo service, and show livetrace on it
 //!   cargo xtask test    every test: unit tests, and the BPF integration tests (needs root)
+//!   cargo xtask bench   livetrace beside its peers (bpftrace, perf), written to docs/benchmarks.md
 
+mod bench;
 mod demo;
 
 use std::{
@@ -34,6 +36,9 @@ enum Chore {
         #[arg(trailing_var_arg = true)]
         cargo_args: Vec<String>,
     },
+    /// Measure livetrace beside bpftrace and perf (start-up, cost, overhead, memory) and write
+    /// docs/benchmarks.md; needs root, installs missing peers.
+    Bench(bench::Args),
 }
 
 fn main() {
@@ -42,6 +47,7 @@ fn main() {
         Chore::Setup => setup(),
         Chore::Demo(args) => setup().and_then(|()| demo::run(&args)),
         Chore::Test { cargo_args } => setup().and_then(|()| test(&cargo_args)),
+        Chore::Bench(args) => setup().and_then(|()| bench::run(&args)),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
