@@ -9,8 +9,11 @@
 //! - in-kernel cost per sample of the BPF tracers, from the kernel's own BPF statistics.
 //!
 //! The workload (`xtask/bench/burn.c`) runs one thread per CPU, so the machine is saturated and
-//! a tracer's whole cost (its sampling in the kernel and its own user-space work) takes
-//! throughput away; on an idle second CPU the user-space part would hide.
+//! a tracer's whole cost (its sampling in the kernel and its own user-space work) takes work per
+//! second away; on an idle second CPU the user-space part would hide. Work per second also moves
+//! with everything else the (shared, small) machine runs, so the workload's work per CPU-second
+//! of its own is reported beside it: that is the cost the target pays on its own time (sampling
+//! interrupts and BPF programs), and other load barely moves it.
 
 use std::{
     fs::{self, File},
@@ -92,6 +95,8 @@ fn bpftrace_program(hz: u32, pid: &str, exit_after: Option<u32>) -> String {
 struct Running {
     proc: Proc,
     attached: Instant,
+    /// The tracer's CPU time when it was seen to be attached.
+    cpu_to_attach: Option<Duration>,
     stderr: Option<thread::JoinHandle<String>>,
 }
 
@@ -186,6 +191,7 @@ fn start(
             let (seen, handle) = process::watch_for_line(stderr, "livetrace: profiling");
             if let Ok(at) = seen.recv_timeout(ATTACH_TIMEOUT) {
                 return Ok(Running {
+                    cpu_to_attach: process::cpu_time(proc.pid()),
                     proc,
                     attached: at,
                     stderr: Some(handle),
@@ -205,6 +211,7 @@ fn start(
         bail!("{} did not attach to pid {pid}:\n{log}", tracer.name());
     };
     Ok(Running {
+        cpu_to_attach: process::cpu_time(proc.pid()),
         proc,
         attached,
         stderr: None,
@@ -292,6 +299,12 @@ pub fn sections(ctx: &Ctx) -> anyhow::Result<Vec<Section>> {
     Ok(sections)
 }
 
+/// The indices `0..n` starting at `round % n`: each round of a measurement visits the tools in
+/// a different order, so a drift in the machine's speed does not favour whichever goes first.
+fn rotated(n: usize, round: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |k| (k + round) % n)
+}
+
 fn ratio_cell(value: f64, base: f64) -> String {
     if base > 0.0 && value.is_finite() {
         format!("{:.1}×", value / base)
@@ -307,28 +320,39 @@ fn startup(ctx: &Ctx, tracers: &[Tracer], pid: u32) -> anyhow::Result<Section> {
         "command",
         "launch → attached, median (min–max)",
         "vs livetrace",
+        "CPU time to attach, median",
         "attached means",
     ]);
-    let mut base = None;
+    let mut setups = Vec::new();
     for &tracer in tracers {
         let ready = readiness(ctx, tracer, pid)?;
         // One unmeasured run first, so every tool starts with warm caches.
         drop(start(ctx, tracer, pid, 99, ready)?);
-        let mut times = Vec::new();
-        for _ in 0..ctx.runs {
+        setups.push((tracer, ready));
+    }
+    let mut times = vec![Vec::new(); setups.len()];
+    let mut cpu = vec![Vec::new(); setups.len()];
+    for round in 0..ctx.runs {
+        for i in rotated(setups.len(), round) {
+            let (tracer, ready) = setups[i];
             let running = start(ctx, tracer, pid, 99, ready)?;
-            times.push(running.startup());
+            times[i].push(running.startup());
+            cpu[i].extend(running.cpu_to_attach.map(|d| d.as_secs_f64() * 1e3));
             drop(running);
             thread::sleep(Duration::from_millis(200));
         }
-        let ms: Vec<f64> = times.iter().map(|d| d.as_secs_f64()).collect();
-        let m = median(&ms).unwrap_or(f64::NAN);
+    }
+    let mut base = None;
+    for (i, &(tracer, ready)) in setups.iter().enumerate() {
+        let secs: Vec<f64> = times[i].iter().map(Duration::as_secs_f64).collect();
+        let m = median(&secs).unwrap_or(f64::NAN);
         let base = *base.get_or_insert(m);
         table.row(vec![
             tracer.name().to_owned(),
             tracer.shown(99, None),
-            ms_summary(&times),
+            ms_summary(&times[i]),
             ratio_cell(m, base),
+            median(&cpu[i]).map_or_else(|| "n/a".to_owned(), |c| format!("{c:.0} ms")),
             match ready {
                 Readiness::Message => "its `livetrace: profiling ...` line on stderr".to_owned(),
                 Readiness::PerfFds(n) => format!("holds its steady-state {n} perf_event fds"),
@@ -338,12 +362,15 @@ fn startup(ctx: &Ctx, tracers: &[Tracer], pid: u32) -> anyhow::Result<Section> {
     let mut section = Section::new(
         "profile: start-up",
         "Time from launching the tracer until it samples the demo service (pid given with `-p`). \
-         Lower is better: mid-incident, this is time with no data.",
+         Lower is better: mid-incident, this is time with no data. Wall times here move with \
+         whatever else the machine runs; the tracer's CPU time up to that point \
+         (`/proc/PID/task/*/schedstat`) moves much less. The tools take turns, in a rotated \
+         order, for every run after one unmeasured warm-up each.",
     );
     section.table = Some(table);
     section.notes.push(
-        "perf_event fds are polled every 2 ms; bpftrace and perf enable sampling on them within \
-         milliseconds of opening them."
+        "perf_event fds are polled every 2 ms. Checked by hand: bpftrace's first sample (a \
+         `printf` in the probe, at 999 Hz) arrives 2–3 ms after its fds are all open."
             .to_owned(),
     );
     Ok(section)
@@ -358,26 +385,35 @@ fn short_capture(ctx: &Ctx, tracers: &[Tracer], pid: u32) -> anyhow::Result<Sect
         "vs livetrace",
         "CPU time, median",
     ]);
-    let mut base = None;
+    // The first run of each warms caches and is not counted.
     for &tracer in tracers {
-        // The first run warms caches and is not counted.
-        let _ = capture(ctx, tracer, pid, 1)?;
-        let mut fixed = Vec::new();
-        let mut cpu = Vec::new();
-        for _ in 0..ctx.runs {
-            let run = capture(ctx, tracer, pid, 1)?;
-            fixed.push(run.wall.saturating_sub(Duration::from_secs(1)));
-            cpu.push(run.cpu.as_secs_f64() * 1e3);
+        capture(ctx, tracer, pid, 1)?;
+    }
+    let mut fixed = vec![Vec::new(); tracers.len()];
+    let mut cpu = vec![Vec::new(); tracers.len()];
+    for round in 0..ctx.runs {
+        for i in rotated(tracers.len(), round) {
+            let run = capture(ctx, tracers[i], pid, 1)?;
+            fixed[i].push(run.wall.saturating_sub(Duration::from_secs(1)));
+            cpu[i].push(run.cpu.as_secs_f64() * 1e3);
         }
-        let m = median(&fixed.iter().map(Duration::as_secs_f64).collect::<Vec<_>>())
-            .unwrap_or(f64::NAN);
+    }
+    let mut base = None;
+    for (i, &tracer) in tracers.iter().enumerate() {
+        let m = median(
+            &fixed[i]
+                .iter()
+                .map(Duration::as_secs_f64)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap_or(f64::NAN);
         let base = *base.get_or_insert(m);
         table.row(vec![
             tracer.name().to_owned(),
             tracer.shown(99, Some(1)),
-            ms_summary(&fixed),
+            ms_summary(&fixed[i]),
             ratio_cell(m, base),
-            format!("{:.0} ms", median(&cpu).unwrap_or(f64::NAN)),
+            format!("{:.0} ms", median(&cpu[i]).unwrap_or(f64::NAN)),
         ]);
     }
     let mut section = Section::new(
@@ -385,7 +421,8 @@ fn short_capture(ctx: &Ctx, tracers: &[Tracer], pid: u32) -> anyhow::Result<Sect
         "Wall time of a complete 1 s capture of the demo service at 99 Hz, from launch to a \
          symbolised result on disk (livetrace: a flamegraph; bpftrace: its printed map; perf: \
          record, then `perf report --stdio`), minus the 1 s of sampling: start-up, attaching, \
-         draining, symbolising and writing. CPU time is the tracer's user + system time.",
+         draining, symbolising and writing. CPU time is the tracer's user + system time. The \
+         tools take turns, in a rotated order, after one unmeasured warm-up each.",
     );
     section.table = Some(table);
     Ok(section)
@@ -682,8 +719,7 @@ fn overhead(ctx: &Ctx, tracers: &[Tracer]) -> anyhow::Result<Section> {
         let mut rounds: Vec<Vec<WorkloadRun>> = Vec::new();
         for round in 0..ctx.runs {
             let mut runs: Vec<Option<WorkloadRun>> = (0..configs.len()).map(|_| None).collect();
-            for k in 0..configs.len() {
-                let i = (k + round) % configs.len();
+            for i in rotated(configs.len(), round) {
                 runs[i] = Some(workload(ctx, configs[i], hz, window)?);
             }
             rounds.push(
@@ -783,13 +819,13 @@ fn in_kernel(ctx: &Ctx, tracers: &[Tracer]) -> anyhow::Result<Section> {
     ]);
     {
         let _stats_on = process::Sysctl::set("kernel.bpf_stats_enabled", "1")?;
-        let mut base = None;
-        for &(tracer, readiness) in &ready {
-            let mut per_run = Vec::new();
-            let mut rates = Vec::new();
-            let mut shares = Vec::new();
-            for _ in 0..ctx.runs {
-                let run = workload(ctx, Some((tracer, readiness)), hz, window)?;
+        let mut per_run = vec![Vec::new(); ready.len()];
+        let mut rates = vec![Vec::new(); ready.len()];
+        let mut shares = vec![Vec::new(); ready.len()];
+        for round in 0..ctx.runs {
+            for i in rotated(ready.len(), round) {
+                let (tracer, _) = ready[i];
+                let run = workload(ctx, Some(ready[i]), hz, window)?;
                 let (stats, interval) = run.bpf.with_context(|| {
                     format!("could not read {}'s BPF program statistics", tracer.name())
                 })?;
@@ -797,19 +833,22 @@ fn in_kernel(ctx: &Ctx, tracers: &[Tracer]) -> anyhow::Result<Section> {
                     continue;
                 }
                 let seconds = interval.as_secs_f64();
-                per_run.push(stats.run_time_ns as f64 / stats.run_cnt as f64);
-                rates.push(stats.run_cnt as f64 / seconds);
-                shares.push(stats.run_time_ns as f64 / (seconds * 1e9 * ctx.cpus as f64));
+                per_run[i].push(stats.run_time_ns as f64 / stats.run_cnt as f64);
+                rates[i].push(stats.run_cnt as f64 / seconds);
+                shares[i].push(stats.run_time_ns as f64 / (seconds * 1e9 * ctx.cpus as f64));
             }
-            let m = median(&per_run).unwrap_or(f64::NAN);
-            let (lo, hi) = min_max(&per_run);
+        }
+        let mut base = None;
+        for (i, &(tracer, _)) in ready.iter().enumerate() {
+            let m = median(&per_run[i]).unwrap_or(f64::NAN);
+            let (lo, hi) = min_max(&per_run[i]);
             let base = *base.get_or_insert(m);
             table.row(vec![
                 tracer.name().to_owned(),
                 format!("{m:.0} ns ({lo:.0}–{hi:.0})"),
                 ratio_cell(m, base),
-                format!("{:.0}", median(&rates).unwrap_or(f64::NAN)),
-                format!("{:.3} %", median(&shares).unwrap_or(f64::NAN) * 100.0),
+                format!("{:.0}", median(&rates[i]).unwrap_or(f64::NAN)),
+                format!("{:.3} %", median(&shares[i]).unwrap_or(f64::NAN) * 100.0),
             ]);
         }
     }
@@ -819,7 +858,7 @@ fn in_kernel(ctx: &Ctx, tracers: &[Tracer]) -> anyhow::Result<Section> {
             "Run time of each BPF tracer's programs as the kernel counts it \
              (`kernel.bpf_stats_enabled=1` for this section only, then restored; `run_time_ns` \
              and `run_cnt` from `/proc/PID/fdinfo`), over a {window:.0} s window of the saturated \
-             workload at {hz} Hz; {} runs. It excludes the perf event's own interrupt handling, \
+             workload at {hz} Hz; {} runs, alternating between the tools. It excludes the perf event's own interrupt handling, \
              which all three tools pay alike.",
             ctx.runs
         ),
