@@ -5,7 +5,7 @@
  * line from stdin; the line releases them, and each runs the same fixed unit of work (a
  * xorshift hash over a small buffer) in a loop for SECONDS. It prints the total number of units
  * done, the window actually measured and the CPU time its threads got in it, as
- * "units=N seconds=S cpu=C", and exits.
+ * "units=N seconds=S cpu=C", and exits when stdin is closed.
  *
  * Why this shape: the threads exist before the tracer attaches (so `perf record -p` sees them
  * all), the measured window starts only once the tracer is attached (the bench writes the line
@@ -112,5 +112,10 @@ int main(int argc, char **argv)
         cpu += results[i].cpu;
     }
     printf("units=%llu seconds=%.6f cpu=%.6f\n", (unsigned long long)total, now() - begin, cpu);
+    fflush(stdout);
+    /* Stay alive (idle) until stdin closes, so tracers that stop when their target exits can
+     * still be read after the window. */
+    while (fgets(line, sizeof line, stdin))
+        ;
     return 0;
 }

@@ -17,7 +17,7 @@
 
 use std::{
     fs::{self, File},
-    io::{Read as _, Write as _},
+    io::{BufRead as _, BufReader, Write as _},
     path::PathBuf,
     process::{Command, Stdio},
     thread,
@@ -627,24 +627,31 @@ fn workload(
         .and_then(|p| process::bpf_prog_stats(p).ok())
         .map(|stats| (stats, Instant::now()));
     let cpu_before = tracer_pid.and_then(process::cpu_time);
-    burn.child
+    let mut stdin = burn
+        .child
         .stdin
         .take()
-        .context("no stdin pipe to the workload")?
-        .write_all(b"go\n")
-        .context("starting the workload")?;
-    burn.wait_success(Duration::from_secs_f64(window) + Duration::from_secs(30))?;
+        .context("no stdin pipe to the workload")?;
+    stdin.write_all(b"go\n").context("starting the workload")?;
+    stdin.flush()?;
+    // The result line comes at the end of the window; the workload then idles until its stdin
+    // closes, so a tracer that stops when its target exits is still there to be read.
+    let mut out = String::new();
+    let stdout = burn
+        .child
+        .stdout
+        .take()
+        .context("no stdout from the workload")?;
+    BufReader::new(stdout)
+        .read_line(&mut out)
+        .context("reading the workload's result")?;
     let bpf_after = tracer_pid
         .and_then(|p| process::bpf_prog_stats(p).ok())
         .map(|stats| (stats, Instant::now()));
     let cpu_after = tracer_pid.and_then(process::cpu_time);
+    drop(stdin);
+    burn.wait_success(Duration::from_secs(30))?;
     drop(running);
-    let mut out = String::new();
-    burn.child
-        .stdout
-        .take()
-        .context("no stdout from the workload")?
-        .read_to_string(&mut out)?;
     let field = |name: &str| {
         out.split_whitespace()
             .find_map(|w| w.strip_prefix(name))
