@@ -223,6 +223,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     };
     let machine = machine_description(&ctx);
     eprintln!("bench: {machine}");
+    let load_before = load_average();
 
     let mut sections = Vec::new();
     sections.extend(profile::sections(&ctx)?);
@@ -233,10 +234,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let mut report = String::new();
     let _ = writeln!(
         report,
-        "## Results\n\n{machine}\n\n`cargo xtask bench{}` ({} runs per measurement, {:.0} s in all).\n",
+        "## Results\n\n{machine}\n\n`cargo xtask bench{}` ({} runs per measurement, {:.0} s in all). \
+         Load average (1, 5, 15 min) at the start {load_before}, at the end {}: with {} CPUs, \
+         anything above {} means other work was competing with the benchmark, which shows in the \
+         wall times.\n",
         if args.quick { " --quick" } else { "" },
         ctx.runs,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        load_average(),
+        ctx.cpus,
+        ctx.cpus,
     );
     for section in &sections {
         section.render(&mut report);
@@ -367,6 +374,13 @@ fn machine_description(ctx: &Ctx) -> String {
         peer(&ctx.peers.bpftrace, "bpftrace"),
         peer(&ctx.peers.perf, "perf"),
     )
+}
+
+/// The first three fields of `/proc/loadavg`, e.g. "0.52 0.58 0.59".
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned())
 }
 
 /// Replaces everything after [`GENERATED_MARKER`] in `doc` with `report`, keeping the
