@@ -4,10 +4,9 @@
 //!   cargo xtask setup   install the toolchain pieces (nightly rust-src, bpf-linker)
 //!   cargo xtask demo    build everything, run the demo service, and show livetrace on it
 //!   cargo xtask test    every test: unit tests, and the BPF integration tests (needs root)
-//!   cargo xtask bench-uprobe   uprobe-hist's per-call cost beside bpftrace (needs root)
+//!   cargo xtask bench   livetrace beside its peers (bpftrace, perf), written to docs/benchmarks.md
 
-mod bench_offcpu;
-mod bench_uprobe;
+mod bench;
 mod demo;
 
 use std::{
@@ -31,19 +30,15 @@ enum Chore {
     Setup,
     /// Build livetrace and the demo service, then profile the demo while it serves.
     Demo(demo::Args),
-    /// offcpu's cost per context switch against no tracer and bpftrace.
-    BenchOffcpu {
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
-    },
     /// Run every test; the integration tests load BPF programs and need root.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         cargo_args: Vec<String>,
     },
-    /// Nanoseconds uprobe-hist adds per call, beside the kernel's floor and bpftrace.
-    BenchUprobe,
+    /// Measure livetrace beside bpftrace and perf (start-up, cost, overhead, memory) and write
+    /// docs/benchmarks.md; needs root, installs missing peers.
+    Bench(bench::Args),
 }
 
 fn main() {
@@ -51,18 +46,8 @@ fn main() {
     let result = match cli.chore {
         Chore::Setup => setup(),
         Chore::Demo(args) => setup().and_then(|()| demo::run(&args)),
-        Chore::BenchOffcpu { rounds } => setup().and_then(|()| {
-            let bin = build_release()?;
-            println!(
-                "{}",
-                bench_offcpu::run(&bin.join("livetrace"), rounds, 2.0)?
-            );
-            Ok(())
-        }),
         Chore::Test { cargo_args } => setup().and_then(|()| test(&cargo_args)),
-        Chore::BenchUprobe => setup()
-            .and_then(|()| bench_uprobe::run())
-            .map(|table| print!("{table}")),
+        Chore::Bench(args) => setup().and_then(|()| bench::run(&args)),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

@@ -5,16 +5,21 @@
 //! whole system; and a bpftrace sched_switch script that also keeps kernel stacks.
 
 use std::{
-    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::{Command, Stdio},
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
+use super::{
+    median,
+    process::{start_tracer, stop_tracer},
+};
 use crate::{run_command, workspace_root};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 const BPFTRACE_OFFCPU: &str = r#"tracepoint:sched:sched_switch {
   @start[args->prev_pid] = nsecs;
@@ -76,13 +81,13 @@ pub fn run(livetrace: &Path, rounds: usize, seconds: f64) -> anyhow::Result<Stri
             results[i].push(ns);
         }
     }
-    let base = median(&results[0]);
+    let base = median(&results[0]).context("no baseline runs")?;
     let mut out = String::from(
         "| configuration | ns per round trip (median) | added per context switch | vs no tracer |\n\
          | --- | ---: | ---: | ---: |\n",
     );
     for (config, samples) in Config::ALL.into_iter().zip(&results) {
-        let m = median(samples);
+        let m = median(samples).context("no runs")?;
         out.push_str(&format!(
             "| {} | {:.0} | {:+.2} us | {:.2}x |\n",
             config.label(),
@@ -136,11 +141,14 @@ fn measure(config: Config, livetrace: &Path, pingpong: &Path, seconds: f64) -> a
             out
         }
         Config::LivetraceSystem => {
-            let mut tracer = Command::new(livetrace);
-            tracer.args(["offcpu", "-o"]).arg(&folded);
-            let tracer = Tracer::start(tracer, "livetrace: tracing", Stream::Stderr)?;
+            let mut tracer = start_tracer(
+                "livetrace offcpu",
+                Command::new(livetrace).args(["offcpu", "-o"]).arg(&folded),
+                "livetrace: tracing",
+                READY_TIMEOUT,
+            )?;
             let out = Command::new(pingpong).arg(&secs).output()?;
-            tracer.stop()?;
+            stop_tracer(&mut tracer, STOP_TIMEOUT)?;
             let _ = std::fs::remove_file(&folded);
             out
         }
@@ -151,11 +159,14 @@ fn measure(config: Config, livetrace: &Path, pingpong: &Path, seconds: f64) -> a
             } else {
                 BPFTRACE_EMPTY
             };
-            let mut tracer = Command::new("bpftrace");
-            tracer.args(["-e", script]);
-            let tracer = Tracer::start(tracer, "Attaching", Stream::Stdout)?;
+            let mut tracer = start_tracer(
+                "bpftrace",
+                Command::new("bpftrace").args(["-e", script]),
+                "Attaching",
+                READY_TIMEOUT,
+            )?;
             let out = Command::new(pingpong).arg(&secs).output()?;
-            tracer.stop()?;
+            stop_tracer(&mut tracer, STOP_TIMEOUT)?;
             out
         }
     };
@@ -167,88 +178,10 @@ fn measure(config: Config, livetrace: &Path, pingpong: &Path, seconds: f64) -> a
         .with_context(|| format!("pingpong printed no result: {text:?}"))
 }
 
-#[derive(Clone, Copy)]
-enum Stream {
-    Stdout,
-    Stderr,
-}
-
-/// A tracer running in the background, killed by PID if not stopped cleanly.
-struct Tracer(Option<Child>);
-
-impl Tracer {
-    /// Starts `command` and waits (30 s at most) for `ready` on the given stream.
-    fn start(mut command: Command, ready: &'static str, stream: Stream) -> anyhow::Result<Self> {
-        match stream {
-            Stream::Stdout => command.stdout(Stdio::piped()).stderr(Stdio::null()),
-            Stream::Stderr => command.stderr(Stdio::piped()).stdout(Stdio::null()),
-        };
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("starting {command:?}"))?;
-        let reader: Box<dyn std::io::Read + Send> = match stream {
-            Stream::Stdout => Box::new(child.stdout.take().context("no stdout")?),
-            Stream::Stderr => Box::new(child.stderr.take().context("no stderr")?),
-        };
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(reader).lines();
-            for line in lines.by_ref().map_while(Result::ok) {
-                if line.contains(ready) {
-                    let _ = tx.send(());
-                    break;
-                }
-            }
-            // Keep draining so the tracer never blocks on a full pipe.
-            for _ in lines {}
-        });
-        let tracer = Self(Some(child));
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            bail!("{command:?} did not print {ready:?} within 30 s");
-        }
-        Ok(tracer)
-    }
-
-    /// Ends the tracer with SIGINT, as a user would, and waits for it.
-    fn stop(mut self) -> anyhow::Result<()> {
-        let mut child = self.0.take().context("tracer already stopped")?;
-        // SAFETY: signalling our own child by its PID.
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        for _ in 0..600 {
-            if child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("the tracer did not exit within 30 s of SIGINT")
-    }
-}
-
-impl Drop for Tracer {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// bpftrace 0.17 attaches tracepoints through tracefs, which a fresh machine has not mounted.
 fn ensure_tracefs() -> anyhow::Result<()> {
     if Path::new("/sys/kernel/tracing/events").is_dir() {
         return Ok(());
     }
     run_command(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
-}
-
-pub fn median(samples: &[f64]) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
 }
