@@ -39,16 +39,18 @@ enum Config {
     None,
     BpftraceEmpty,
     LivetraceUserOnly,
+    LivetraceKernelOnly,
     LivetraceCommand,
     LivetraceSystem,
     Bpftrace,
 }
 
 impl Config {
-    const ALL: [Config; 6] = [
+    const ALL: [Config; 7] = [
         Self::None,
         Self::BpftraceEmpty,
         Self::LivetraceUserOnly,
+        Self::LivetraceKernelOnly,
         Self::LivetraceCommand,
         Self::LivetraceSystem,
         Self::Bpftrace,
@@ -59,6 +61,9 @@ impl Config {
             Self::None => "no tracer",
             Self::BpftraceEmpty => "empty sched_switch program (bpftrace; the floor)",
             Self::LivetraceUserOnly => "livetrace offcpu -U -- pingpong (user stacks)",
+            Self::LivetraceKernelOnly => {
+                "livetrace offcpu -K -- pingpong (kernel stacks, as bpftrace)"
+            }
             Self::LivetraceCommand => "livetrace offcpu -- pingpong (user + kernel stacks)",
             Self::LivetraceSystem => "livetrace offcpu, whole system (user + kernel stacks)",
             Self::Bpftrace => "bpftrace sched_switch script keeping kstack",
@@ -123,12 +128,14 @@ fn measure(config: Config, livetrace: &Path, pingpong: &Path, seconds: f64) -> a
         std::env::temp_dir().join(format!("livetrace-bench-{}.folded", std::process::id()));
     let output = match config {
         Config::None => Command::new(pingpong).arg(&secs).output()?,
-        Config::LivetraceCommand | Config::LivetraceUserOnly => {
+        Config::LivetraceCommand | Config::LivetraceUserOnly | Config::LivetraceKernelOnly => {
             let mut command = Command::new(livetrace);
             command.args(["offcpu", "-d", "60"]);
-            if config == Config::LivetraceUserOnly {
-                command.arg("-U");
-            }
+            match config {
+                Config::LivetraceUserOnly => command.arg("-U"),
+                Config::LivetraceKernelOnly => command.arg("-K"),
+                _ => &mut command,
+            };
             let out = command
                 .arg("-o")
                 .arg(&folded)
