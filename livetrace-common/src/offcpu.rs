@@ -38,6 +38,8 @@ pub const STATE_UNINTERRUPTIBLE: u32 = 4;
 /// The kernel's `task_struct::__state` bits that the mask above maps from.
 pub const TASK_INTERRUPTIBLE: u32 = 0x1;
 pub const TASK_UNINTERRUPTIBLE: u32 = 0x2;
+/// `task_struct::__state` of a task switching out for the last time (it is exiting).
+pub const TASK_DEAD: u32 = 0x80;
 /// `task_struct::flags` bit of kernel threads.
 pub const PF_KTHREAD: u32 = 0x0020_0000;
 
@@ -55,7 +57,8 @@ pub const fn state_bit(prev_state: u32) -> u32 {
     }
 }
 
-/// A switch-out waiting for its switch-in.
+/// A switch-out waiting for its switch-in. Entries are reused in place for a thread's lifetime;
+/// `start_ns == 0` marks one whose block was already counted.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OffcpuStart {

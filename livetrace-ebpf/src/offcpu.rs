@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
 };
 use livetrace_common::{
-    offcpu::{MAX_THREADS, OffcpuStart, PF_KTHREAD, WakeKey, state_bit},
+    offcpu::{MAX_THREADS, OffcpuStart, PF_KTHREAD, TASK_DEAD, WakeKey, state_bit},
     stacks::{Counter, StackKey},
 };
 
@@ -95,7 +95,8 @@ pub fn offcpu_wakeup(ctx: BtfTracePointContext) -> i32 {
     let Some(tid) = read_task_u32(task, TASK_PID_OFFSET.load()) else {
         return 0;
     };
-    if unsafe { OFFCPU_START.get(tid) }.is_none() {
+    // Only a target that is blocked now (its entry not yet consumed by a switch-in).
+    if !unsafe { OFFCPU_START.get(tid) }.is_some_and(|start| start.start_ns != 0) {
         return 0;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -128,6 +129,11 @@ fn switch_out<C: StackIdContext>(ctx: &C, prev_state: u32, kernel_thread: bool, 
         return; // the idle task leaving the CPU: not a block
     }
     count(Counter::Events);
+    if prev_state & TASK_DEAD != 0 {
+        // Its last switch: nothing will switch it back in, so its entry goes with it.
+        let _ = OFFCPU_START.remove(tid);
+        return;
+    }
     if kernel_thread && INCLUDE_KERNEL_THREADS.load() == 0 {
         count(Counter::KernelThread);
         return;
@@ -144,8 +150,15 @@ fn switch_out<C: StackIdContext>(ctx: &C, prev_state: u32, kernel_thread: bool, 
         key: current_key(ctx, tgid, tid, true),
         start_ns: now,
     };
-    if OFFCPU_START.insert(tid, start, 0).is_err() {
-        count(Counter::StartMapFull);
+    // A thread's entry is written in place after its first block: a lookup is much cheaper
+    // than a hash-map update (and the delete it would need at switch-in).
+    match OFFCPU_START.get_ptr_mut(tid) {
+        Some(slot) => unsafe { *slot = start },
+        None => {
+            if OFFCPU_START.insert(tid, start, 0).is_err() {
+                count(Counter::StartMapFull);
+            }
+        }
     }
 }
 
@@ -154,13 +167,17 @@ fn switch_in(next_tid: u32, now: u64, next_tgid: impl FnOnce() -> Option<u32>) {
     if next_tid == 0 {
         return;
     }
-    let Some(start) = (unsafe { OFFCPU_START.get(next_tid) }).copied() else {
+    let slot = OFFCPU_START.get_ptr_mut(next_tid);
+    let start = slot.map(|slot| unsafe { *slot });
+    let Some(start) = start.filter(|start| start.start_ns != 0) else {
         if next_tgid().is_some_and(|tgid| is_target(tgid, next_tid)) {
             count(Counter::UnmatchedSwitchIn);
         }
         return;
     };
-    let _ = OFFCPU_START.remove(next_tid);
+    if let Some(slot) = slot {
+        unsafe { (*slot).start_ns = 0 };
+    }
     let blocked_ns = now.saturating_sub(start.start_ns);
     if blocked_ns < MIN_BLOCK_NS.load() || blocked_ns > MAX_BLOCK_NS.load() {
         count(Counter::BlockFiltered);

@@ -1,5 +1,5 @@
 //! The capture's run loop, shared by every tool: run until the duration ends, Ctrl-C, SIGTERM or
-//! SIGHUP arrives, or the targets are gone; call the tool back once a second meanwhile (to note
+//! SIGHUP arrives, or the targets are gone; call the tool back every 250 ms meanwhile (to note
 //! new processes while their memory maps can still be read). The observed process never waits
 //! on any of this: the BPF programs aggregate in the kernel.
 
@@ -47,8 +47,9 @@ impl<'a> Watch<'a> {
     }
 }
 
-/// How often the tool is called back during the capture.
-const TICK: Duration = Duration::from_secs(1);
+/// How often the tool is called back during the capture: often enough to snapshot a new
+/// process's memory map while it settles (and before a short-lived one exits).
+const TICK: Duration = Duration::from_millis(250);
 /// How often the liveness of `-p`/`-t` targets is checked.
 const LIVENESS_POLL: Duration = Duration::from_millis(200);
 

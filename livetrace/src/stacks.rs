@@ -43,7 +43,7 @@ pub struct RawStacks {
 /// The marker frame under which recovered stacks of already-blocked threads appear.
 pub const RECOVERED_MARKER: &str = "[blocked since before the capture]";
 
-/// The processes that have entries so far (read once a second during a capture, so that each
+/// The processes that have entries so far (read four times a second during a capture, so that each
 /// one's memory map is snapshotted while it still exists).
 pub fn processes_seen(bpf: &Ebpf) -> HashSet<u32> {
     let Some(map) = bpf.map(STACK_COUNTS) else {
@@ -413,6 +413,7 @@ fn key_frames(
 
 fn is_tracer_frame(name: &str) -> bool {
     name.starts_with("bpf_trace_run")
+        || name.starts_with("__traceiter_")
         || name.starts_with("__bpf_trace_")
         || name.starts_with("bpf_prog_")
 }

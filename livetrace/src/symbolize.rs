@@ -65,7 +65,14 @@ struct Snapshot {
     /// The executable when the snapshot was taken: a process that execs gets a new snapshot.
     exe: Option<PathBuf>,
     mappings: Vec<Mapping>,
+    /// When this executable was first seen: snapshots are refreshed for a few seconds after,
+    /// while the process is still mapping its libraries (and right after an exec, its mappings
+    /// are not even complete yet).
+    first_seen: Option<std::time::Instant>,
 }
+
+/// How long after first seeing a process (or its exec) its memory map keeps being re-read.
+const SETTLING_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct Symbolizer {
     blaze: Blaze,
@@ -121,10 +128,17 @@ impl Symbolizer {
             return;
         }
         let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
+        let mut first_seen = Some(std::time::Instant::now());
         if let Some(known) = self.snapshots.get(&pid)
             && (known.exe == exe || exe.is_none())
         {
-            return;
+            if known
+                .first_seen
+                .is_some_and(|t| t.elapsed() > SETTLING_TIME)
+            {
+                return;
+            }
+            first_seen = known.first_seen;
         }
         let Some(mappings) = read_mappings(pid) else {
             return; // gone already: keep what we had
@@ -133,6 +147,7 @@ impl Symbolizer {
             name: crate::targets::process_name(pid),
             exe,
             mappings,
+            first_seen,
         };
         self.snapshots.insert(pid, snapshot);
     }

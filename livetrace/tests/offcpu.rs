@@ -223,7 +223,12 @@ fn command_mode_ends_with_the_command() {
         run.elapsed
     );
     let profile = Profile::read(&out);
-    assert!(profile.has_frame("nap_loop"), "{}", profile.summary());
+    assert!(
+        profile.has_frame("nap_loop"),
+        "{}\n{}",
+        profile.summary(),
+        run.stderr
+    );
 }
 
 /// Contradictory filters are a usage error (exit 2) naming both options, before any capture.

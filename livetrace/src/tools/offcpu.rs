@@ -509,6 +509,9 @@ fn still_blocked(
     let mut merged: HashMap<StackKey, u64> = HashMap::new();
     for entry in starts.iter() {
         let (_, start) = entry.context("failed to read the off-CPU start map")?;
+        if start.start_ns == 0 {
+            continue; // that thread is running: its last block was already counted
+        }
         let blocked = Duration::from_nanos(end_ns.saturating_sub(start.start_ns));
         if (min_block..=max_block).contains(&blocked) {
             *merged.entry(start.key).or_default() += blocked.as_nanos() as u64;
