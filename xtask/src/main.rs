@@ -5,8 +5,10 @@
 //!   cargo xtask demo    build everything, run the demo service, and show livetrace on it
 //!   cargo xtask test    every test: unit tests, and the BPF integration tests (needs root)
 //!   cargo xtask bench-uprobe   uprobe-hist's per-call cost beside bpftrace (needs root)
+//!   cargo xtask bench-unwind   profile's fp and dwarf unwinding beside perf --call-graph dwarf
 
 mod bench_offcpu;
+mod bench_unwind;
 mod bench_uprobe;
 mod demo;
 
@@ -44,6 +46,9 @@ enum Chore {
     },
     /// Nanoseconds uprobe-hist adds per call, beside the kernel's floor and bpftrace.
     BenchUprobe,
+    /// profile --unwind fp vs dwarf vs perf --call-graph dwarf: cost and complete stacks.
+    /// (Temporary chore, until `cargo xtask bench` runs every benchmark.)
+    BenchUnwind,
 }
 
 fn main() {
@@ -62,6 +67,9 @@ fn main() {
         Chore::Test { cargo_args } => setup().and_then(|()| test(&cargo_args)),
         Chore::BenchUprobe => setup()
             .and_then(|()| bench_uprobe::run())
+            .map(|table| print!("{table}")),
+        Chore::BenchUnwind => setup()
+            .and_then(|()| bench_unwind::run())
             .map(|table| print!("{table}")),
     };
     if let Err(err) = result {
