@@ -7,4 +7,5 @@
 pub mod histogram;
 pub mod offcpu;
 pub mod stacks;
+pub mod unwind;
 pub mod uprobe_hist;

@@ -100,6 +100,10 @@ pub enum Counter {
     WakeCountsMapFull = 10,
     /// Outcome: a kernel thread, left out unless asked for (not recorded).
     KernelThread = 11,
+    /// `--unwind dwarf`: the sample ring buffer was full; the sample is lost.
+    UnwindRingFull = 12,
+    /// `--unwind dwarf`: the per-CPU scratch buffer was missing (never expected); sample lost.
+    UnwindScratchMissing = 13,
 }
 
 /// Number of [`Counter`] slots.

@@ -11,6 +11,7 @@
 mod offcpu;
 mod profile;
 mod stacks;
+mod unwind;
 mod uprobe_hist;
 
 #[cfg(not(test))]

@@ -7,7 +7,10 @@ use aya_ebpf::{
 };
 use livetrace_common::stacks::Counter;
 
-use crate::stacks::{add_weight, count, current_key, is_target};
+use crate::{
+    stacks::{add_weight, count, current_key, is_target, wants_user_stacks},
+    unwind,
+};
 
 #[perf_event]
 pub fn profile_cpu(ctx: PerfEventContext) -> u32 {
@@ -22,7 +25,12 @@ pub fn profile_cpu(ctx: PerfEventContext) -> u32 {
         count(Counter::NotTarget);
         return 0;
     }
-    let key = current_key(&ctx, tgid, tid, interrupted_kernel_mode(&ctx));
+    let in_kernel = interrupted_kernel_mode(&ctx);
+    if unwind::enabled() && wants_user_stacks() {
+        unwind::submit(&ctx, tgid, tid, in_kernel);
+        return 0;
+    }
+    let key = current_key(&ctx, tgid, tid, in_kernel);
     add_weight(&key, 1);
     0
 }

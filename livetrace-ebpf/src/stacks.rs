@@ -74,11 +74,7 @@ pub fn current_key<C: StackIdContext>(ctx: &C, tgid: u32, tid: u32, in_kernel: b
     } else {
         STACK_ID_NOT_COLLECTED
     };
-    let kernel_stack_id = if kinds & STACK_KIND_KERNEL != 0 && in_kernel {
-        stack_id(ctx, 0)
-    } else {
-        STACK_ID_NOT_COLLECTED
-    };
+    let kernel_stack_id = kernel_stack_id(ctx, in_kernel);
     StackKey {
         tgid,
         tid: if PER_THREAD.load() != 0 { tid } else { 0 },
@@ -86,6 +82,23 @@ pub fn current_key<C: StackIdContext>(ctx: &C, tgid: u32, tid: u32, in_kernel: b
         kernel_stack_id,
         comm: ctx.command().unwrap_or_default(),
     }
+}
+
+/// The kernel stack's id for a sample, or [`STACK_ID_NOT_COLLECTED`] when it was not asked for
+/// or there is none (`in_kernel` false).
+#[inline(always)]
+pub fn kernel_stack_id<C: StackIdContext>(ctx: &C, in_kernel: bool) -> i32 {
+    if STACK_KINDS.load() & STACK_KIND_KERNEL != 0 && in_kernel {
+        stack_id(ctx, 0)
+    } else {
+        STACK_ID_NOT_COLLECTED
+    }
+}
+
+/// Whether user stacks were asked for.
+#[inline(always)]
+pub fn wants_user_stacks() -> bool {
+    STACK_KINDS.load() & STACK_KIND_USER != 0
 }
 
 /// `bpf_get_stackid` without `BPF_F_REUSE_STACKID`: a hash collision comes back as `-EEXIST`

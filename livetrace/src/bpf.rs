@@ -9,6 +9,7 @@ use aya::{
 use livetrace_common::{
     offcpu::{self, MAX_THREADS},
     stacks::{self, COUNTER_SLOTS, Counter},
+    unwind,
 };
 
 /// The BPF object that `build.rs` compiled from `livetrace-ebpf`.
@@ -27,7 +28,16 @@ pub struct StackSettings {
     pub stack_storage: u32,
     /// Settings of the offcpu programs; `None` keeps their maps at one entry.
     pub offcpu: Option<OffcpuSettings>,
+    /// `--unwind dwarf` (profile only): bytes of user stack copied per sample; 0 = frame
+    /// pointers, walked in the kernel.
+    pub stack_copy_bytes: u32,
+    /// Size of the ring buffer that carries stack copies to user space (a power of two).
+    pub unwind_buffer: u32,
 }
+
+/// The smallest ring buffer the kernel accepts: one page. Tools that do not copy stacks
+/// shrink the unwind ring buffer to it.
+const MIN_RING_BUFFER: u32 = 4096;
 
 /// Settings of the offcpu programs (see `livetrace_common::offcpu`).
 #[derive(Clone, Debug, Default)]
@@ -55,7 +65,16 @@ pub fn load_stacks(settings: &StackSettings) -> anyhow::Result<Ebpf> {
         .override_global(stacks::STACK_KINDS, &settings.stack_kinds, true)
         .override_global(stacks::PER_THREAD, &per_thread, true)
         .map_max_entries(stacks::STACK_COUNTS, settings.stack_storage)
-        .map_max_entries(stacks::STACK_TRACES, settings.stack_storage);
+        .map_max_entries(stacks::STACK_TRACES, settings.stack_storage)
+        .override_global(unwind::STACK_COPY_BYTES, &settings.stack_copy_bytes, true)
+        .map_max_entries(
+            unwind::UNWIND_SAMPLES,
+            if settings.stack_copy_bytes == 0 {
+                MIN_RING_BUFFER
+            } else {
+                settings.unwind_buffer
+            },
+        );
     let off = settings.offcpu.clone().unwrap_or_default();
     let (include_kthreads, wakers) = (u8::from(off.include_kernel_threads), u8::from(off.wakers));
     // Hash maps are preallocated: size the ones a tool does not use down to one entry.
@@ -202,6 +221,7 @@ pub fn load_uprobe_hist(settings: &UprobeHistSettings) -> anyhow::Result<Ebpf> {
         .map_max_entries(uprobe_hist::SLOW_CALLS, settings.slow_buffer)
         .map_max_entries(stacks::STACK_COUNTS, 1)
         .map_max_entries(stacks::STACK_TRACES, 1)
+        .map_max_entries(unwind::UNWIND_SAMPLES, MIN_RING_BUFFER)
         .load(BPF_OBJECT)
         .map_err(explain_load_error)
 }

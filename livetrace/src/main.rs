@@ -18,6 +18,7 @@ mod symbolize;
 mod targets;
 mod tools;
 mod tracefs;
+mod unwind;
 mod uprobe_target;
 
 use std::process::ExitCode;

@@ -124,6 +124,12 @@ pub struct DataQuality {
     pub expected: Option<u64>,
     /// Weight whose stack is missing or cut short, by cause (e.g. "user stack: hash collision").
     pub stack_losses: BTreeMap<String, u64>,
+    /// `--unwind dwarf`: weight whose user stack was unwound only part of the way, by cause.
+    pub stacks_cut_short: BTreeMap<String, u64>,
+    /// `--unwind dwarf`: samples lost because the ring buffer to user space was full.
+    pub unwind_ring_full: u64,
+    /// How user stacks were walked ("frame pointers", "DWARF CFI ..."), where it applies.
+    pub unwind_mode: Option<String>,
     /// Weight with at least one unresolved frame, and the frames by reason.
     pub unknown_weight: u64,
     pub unknown_frames: BTreeMap<String, u64>,

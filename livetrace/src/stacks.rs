@@ -38,6 +38,8 @@ pub struct RawStacks {
     /// Stacks recovered from /proc for threads already blocked at start, by tid; keys whose
     /// stack ids are [`STACK_ID_RECOVERED`] refer to these.
     pub recovered: HashMap<u32, BlockedThread>,
+    /// `--unwind dwarf`: why a synthetic user stack (by id) stops short of its root.
+    pub cut_short: HashMap<u32, String>,
 }
 
 /// The marker frame under which recovered stacks of already-blocked threads appear.
@@ -61,13 +63,27 @@ pub fn processes_seen(bpf: &Ebpf) -> HashSet<u32> {
 
 /// Copies the counts (and, with `wakers`, the blocked/waker pairs) and the stacks they refer to
 /// out of the kernel.
-pub fn drain(bpf: &mut Ebpf, wakers: bool) -> anyhow::Result<RawStacks> {
+///
+/// `unwound` adds the stacks unwound in user space (`--unwind dwarf`): their user stacks are
+/// synthetic ids into [`RawStacks::traces`], their kernel stacks ids in the kernel's map.
+pub fn drain(
+    bpf: &mut Ebpf,
+    wakers: bool,
+    unwound: Option<crate::unwind::Unwound>,
+) -> anyhow::Result<RawStacks> {
     let counts: BpfHashMap<MapData, StackKey, u64> =
         BpfHashMap::try_from(bpf::take_map(bpf, STACK_COUNTS)?)?;
     let mut raw = RawStacks::default();
     for entry in counts.iter() {
         raw.entries
             .push(entry.context("failed to read the stack counts map")?);
+    }
+    let mut synthetic = HashMap::new();
+    if let Some(unwound) = unwound {
+        let (entries, traces, cut_short) = unwound.into_entries();
+        raw.entries.extend(entries);
+        synthetic = traces;
+        raw.cut_short = cut_short;
     }
     if wakers {
         let wake: BpfHashMap<MapData, WakeKey, u64> =
@@ -83,6 +99,7 @@ pub fn drain(bpf: &mut Ebpf, wakers: bool) -> anyhow::Result<RawStacks> {
         .keys()
         .flat_map(|k| [k.user_stack_id, k.kernel_stack_id])
         .filter_map(|id| u32::try_from(id).ok())
+        .filter(|id| !synthetic.contains_key(id))
         .collect();
     for id in ids {
         // A missing id is reported as a lost stack when the profile is built.
@@ -91,6 +108,7 @@ pub fn drain(bpf: &mut Ebpf, wakers: bool) -> anyhow::Result<RawStacks> {
                 .insert(id, trace.frames().iter().map(|f| f.ip).collect());
         }
     }
+    raw.traces.extend(synthetic);
     Ok(raw)
 }
 
@@ -188,6 +206,7 @@ impl Names {
 struct KeyFindings {
     unknown_reasons: Vec<&'static str>,
     losses: Vec<String>,
+    cut_short: Vec<String>,
     map_full: bool,
     /// (a process that mapped it, module), for build IDs.
     modules: Vec<(u32, Arc<str>)>,
@@ -214,6 +233,9 @@ pub fn build_profile(
         }
         for loss in findings.losses {
             *quality.stack_losses.entry(loss).or_default() += weight;
+        }
+        for cause in findings.cut_short {
+            *quality.stacks_cut_short.entry(cause).or_default() += weight;
         }
         map_full |= findings.map_full;
         modules.extend(findings.modules);
@@ -364,6 +386,15 @@ fn key_frames(
             findings.losses.push(format!("{side} stack: {cause}"));
             continue;
         };
+        if kind == FrameKind::User
+            && let Some(cause) = u32::try_from(stack_id)
+                .ok()
+                .and_then(|id| raw.cut_short.get(&id))
+        {
+            // The frames that could not be unwound would sit here, under the process.
+            frames.push(Frame::new(FrameKind::Lost, "[stack cut short]"));
+            findings.cut_short.push(cause.clone());
+        }
         let first_frame = frames.len();
         // BPF gives the leaf first; profiles read root first.
         for addr in lookup_addrs(trace).into_iter().rev() {

@@ -308,11 +308,11 @@ fn symbols_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<Symbol> {
         (Some(Arc::from(file.to_string_lossy().as_ref())), info.line)
     };
     let (file, line) = position(sym.code_info.as_deref());
-    let mut symbols = vec![Symbol {
-        name: demangle(&sym.name),
-        file,
-        line,
-    }];
+    let (name, file) = match python_perf_map_name(&sym.name) {
+        Some((name, source)) => (name.to_owned(), file.or_else(|| Some(Arc::from(source)))),
+        None => (demangle(&sym.name), file),
+    };
+    let mut symbols = vec![Symbol { name, file, line }];
     symbols.extend(sym.inlined.iter().map(|f| {
         let (file, line) = position(f.code_info.as_ref());
         Symbol {
@@ -322,6 +322,19 @@ fn symbols_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<Symbol> {
         }
     }));
     symbols
+}
+
+/// CPython's `-X perf` trampolines are named `py::FUNCTION:/path/to/file.py` in its perf map:
+/// the function keeps the `py::` prefix (so Python frames stand out) and the path becomes the
+/// frame's file.
+fn python_perf_map_name(name: &str) -> Option<(&str, &str)> {
+    if !name.starts_with("py::") {
+        return None;
+    }
+    let at = name
+        .find(":/")
+        .or_else(|| name[4..].find(':').map(|i| i + 4))?;
+    Some((&name[..at], &name[at + 1..]))
 }
 
 /// The descriptor of the first `NT_GNU_BUILD_ID` note in an ELF note section's bytes (the
@@ -521,6 +534,20 @@ mod tests {
             }
             other => panic!("not resolved: {other:?}"),
         }
+    }
+
+    /// CPython perf-map names lose their file path to the frame's file field.
+    #[test]
+    fn splits_python_perf_map_names() {
+        assert_eq!(
+            python_perf_map_name("py::parse_subtitle_track:/srv/catalogue.py"),
+            Some(("py::parse_subtitle_track", "/srv/catalogue.py"))
+        );
+        assert_eq!(
+            python_perf_map_name("py::<module>:<stdin>"),
+            Some(("py::<module>", "<stdin>"))
+        );
+        assert_eq!(python_perf_map_name("main"), None);
     }
 
     /// The kernel's build ID note is found among other notes, whatever their sizes.

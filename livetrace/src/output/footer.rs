@@ -32,15 +32,27 @@ pub fn text(profile: &StackProfile) -> String {
             q.idle, q.not_target
         );
     }
-    let lost_events = q.counts_map_full;
+    if let Some(mode) = &q.unwind_mode {
+        let _ = writeln!(out, "  user stacks: {mode}");
+    }
+    let lost_events = q.counts_map_full + q.unwind_ring_full;
     let lost_stacks: u64 = q.stack_losses.values().sum();
     if lost_events == 0 && lost_stacks == 0 {
         let _ = writeln!(out, "  lost: nothing");
     } else {
-        if lost_events > 0 {
+        if q.counts_map_full > 0 {
             let _ = writeln!(
                 out,
-                "  lost: {lost_events} events because the counts map was full"
+                "  lost: {} events because the counts map was full",
+                q.counts_map_full
+            );
+        }
+        if q.unwind_ring_full > 0 {
+            let _ = writeln!(
+                out,
+                "  lost: {} samples because the unwind ring buffer was full (raise \
+                 --unwind-buffer-size, or lower -F or --stack-copy-size)",
+                q.unwind_ring_full
             );
         }
         for (cause, weight) in &q.stack_losses {
@@ -50,6 +62,13 @@ pub fn text(profile: &StackProfile) -> String {
                 percent(*weight, total)
             );
         }
+    }
+    for (cause, weight) in &q.stacks_cut_short {
+        let _ = writeln!(
+            out,
+            "  stack cut short ({cause}): {weight} {unit} ({:.1}%)",
+            percent(*weight, total)
+        );
     }
     if q.unknown_weight > 0 {
         let reasons: Vec<String> = q
@@ -79,7 +98,7 @@ pub fn text(profile: &StackProfile) -> String {
 pub fn one_line(profile: &StackProfile) -> String {
     let q = &profile.quality;
     let total = profile.total_weight();
-    let lost = q.counts_map_full + q.stack_losses.values().sum::<u64>();
+    let lost = q.counts_map_full + q.unwind_ring_full + q.stack_losses.values().sum::<u64>();
     format!(
         "{:.2} s, {} {} recorded, {} lost, {:.1}% with unresolved frames",
         q.duration.as_secs_f64(),

@@ -79,11 +79,25 @@ pub struct Quality {
     pub expected: Option<u64>,
     /// Weight whose stack is missing or cut short, by cause.
     pub stack_losses: BTreeMap<String, u64>,
+    /// `--unwind dwarf`: weight whose user stack was unwound only part of the way, by cause.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub stacks_cut_short: BTreeMap<String, u64>,
+    /// `--unwind dwarf`: samples lost because the ring buffer to user space was full.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unwind_ring_full: u64,
     /// Weight with at least one unresolved frame, and that weight by reason.
     pub unknown_weight: u64,
     pub unknown_frames: BTreeMap<String, u64>,
     pub notes: Vec<String>,
     pub advice: Vec<String>,
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 pub fn write<W: Write>(profile: &StackProfile, mut out: W) -> io::Result<()> {
@@ -174,6 +188,8 @@ pub fn summarize(profile: &StackProfile) -> Summary {
             counts_map_full: q.counts_map_full,
             expected: q.expected,
             stack_losses: q.stack_losses.clone(),
+            stacks_cut_short: q.stacks_cut_short.clone(),
+            unwind_ring_full: q.unwind_ring_full,
             unknown_weight: q.unknown_weight,
             unknown_frames: q.unknown_frames.clone(),
             notes: q.notes.clone(),

@@ -176,6 +176,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             wakers: args.wakers,
             ..OffcpuSettings::default()
         }),
+        // Off-CPU stacks are taken at every context switch, where copying 16 KiB of stack
+        // would cost more than the switch itself: frame pointers only.
+        stack_copy_bytes: 0,
+        unwind_buffer: 0,
     };
     let (mut ebpf, hook) = load_and_attach(&args, base, &target, &mut notes)?;
 
@@ -257,7 +261,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let counters =
         bpf::read_counters(&PerCpuArray::try_from(bpf::take_map(&mut ebpf, COUNTERS)?)?)?;
     let still_blocked = still_blocked(&mut ebpf, end_ns, min_block, max_block)?;
-    let mut raw = stacks::drain(&mut ebpf, args.wakers)?;
+    let mut raw = stacks::drain(&mut ebpf, args.wakers, None)?;
     drop(ebpf);
     let still_blocked_count = still_blocked.len();
     raw.entries.extend(still_blocked);

@@ -7,15 +7,16 @@ use std::{io::Write as _, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use aya::{
-    maps::PerCpuArray,
+    maps::{PerCpuArray, RingBuf},
     programs::{
         PerfEvent,
         perf_event::{HardwareEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
 };
 use clap::{Args as ClapArgs, ValueEnum};
-use livetrace_common::stacks::{
-    COUNTERS, Counter, DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER,
+use livetrace_common::{
+    stacks::{COUNTERS, Counter, DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER},
+    unwind::{MAX_STACK_COPY, UNWIND_SAMPLES},
 };
 
 use crate::{
@@ -27,6 +28,7 @@ use crate::{
     stacks::{self, BuildOptions},
     symbolize::Symbolizer,
     targets::{HeldCommand, Target, TargetArgs},
+    unwind::{self, UnwindMode},
 };
 
 const EXAMPLES: &str = "\
@@ -35,7 +37,9 @@ Examples:
   livetrace profile -p 1234 -o cpu.svg -o cpu.folded
   livetrace profile -d 10                    # the whole system, idle CPUs excluded
   livetrace profile -F 999 -U -- ./server    # start ./server, user stacks only, 999 Hz
-  livetrace profile -t 1240 -o - | grep parse  # one thread, folded stacks on stdout";
+  livetrace profile -t 1240 -o - | grep parse  # one thread, folded stacks on stdout
+  livetrace profile --unwind fp -d 10        # the whole system, frame pointers (the default there)
+  livetrace profile -p 1234 --unwind dwarf --stack-copy-size 32k   # deep stacks, no frame pointers";
 
 #[derive(ClapArgs, Debug)]
 #[command(after_help = EXAMPLES)]
@@ -69,6 +73,55 @@ pub struct Args {
     /// The event to sample on; `cycles` needs a hardware PMU and falls back to cpu-clock.
     #[arg(long = "event", value_enum, default_value_t = Event::CpuClock)]
     pub event: Event,
+    /// How user stacks are walked: `fp` follows frame pointers in the kernel (cheap, but stops
+    /// early in code built without them); `dwarf` copies the top of the stack and unwinds it here
+    /// with the binaries' .eh_frame; `auto` is dwarf for -p/-t/a command, fp for the whole system.
+    #[arg(long = "unwind", value_enum, default_value_t = UnwindMode::Auto)]
+    pub unwind: UnwindMode,
+    /// With dwarf unwinding: bytes of user stack copied per sample (at most 16k; 4096, 8k...).
+    #[arg(long = "stack-copy-size", value_name = "BYTES", default_value = "16k",
+          value_parser = parse_stack_copy_size)]
+    pub stack_copy_size: u32,
+    /// With dwarf unwinding: size of the ring buffer carrying stack copies to user space
+    /// (rounded up to a power of two).
+    #[arg(long = "unwind-buffer-size", value_name = "BYTES", default_value = "8m",
+          value_parser = parse_buffer_size)]
+    pub unwind_buffer_size: u32,
+}
+
+/// `16384`, `16k`: a multiple of 8 bytes from 512 to 16 KiB (a per-CPU map value's limit).
+fn parse_stack_copy_size(text: &str) -> Result<u32, String> {
+    let bytes = parse_bytes(text)?;
+    if !(512..=u64::from(MAX_STACK_COPY)).contains(&bytes) {
+        return Err(format!(
+            "{text} is out of range: the stack copy is 512 bytes to 16k"
+        ));
+    }
+    Ok((bytes / 8 * 8) as u32)
+}
+
+/// `8m`, `65536`: rounded up to a power of two, 64 KiB to 1 GiB.
+fn parse_buffer_size(text: &str) -> Result<u32, String> {
+    let bytes = parse_bytes(text)?;
+    if !(64 * 1024..=1 << 30).contains(&bytes) {
+        return Err(format!("{text} is out of range: 64k to 1g"));
+    }
+    Ok(bytes.next_power_of_two() as u32)
+}
+
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let lower = text.trim().to_ascii_lowercase();
+    let (digits, scale) = match lower.strip_suffix(['k', 'm', 'g']) {
+        Some(d) if lower.ends_with('k') => (d, 1 << 10),
+        Some(d) if lower.ends_with('m') => (d, 1 << 20),
+        Some(d) => (d, 1 << 30),
+        None => (lower.as_str(), 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{text} is not a size in bytes (e.g. 16k, 8m, 4096)"))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -105,6 +158,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (_, true) => STACK_KIND_KERNEL,
         _ => STACK_KIND_USER | STACK_KIND_KERNEL,
     };
+    let dwarf = match args.unwind {
+        UnwindMode::Fp => false,
+        UnwindMode::Dwarf => true,
+        UnwindMode::Auto => target != Target::System,
+    } && stack_kinds & STACK_KIND_USER != 0;
     let mut ebpf = bpf::load_stacks(&StackSettings {
         filter: matches!(target, Target::Threads { .. }),
         tgids,
@@ -113,7 +171,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         per_thread: args.per_thread,
         stack_storage: args.stack_storage,
         offcpu: None,
+        stack_copy_bytes: if dwarf { args.stack_copy_size } else { 0 },
+        unwind_buffer: args.unwind_buffer_size,
     })?;
+    // Drained from before the first sample, so that the ring buffer never fills at start.
+    let collector = if dwarf {
+        let ring = RingBuf::try_from(bpf::take_map(&mut ebpf, UNWIND_SAMPLES)?)?;
+        Some(
+            unwind::Collector::start(ring, args.per_thread)
+                .context("failed to start the unwinding thread")?,
+        )
+    } else {
+        None
+    };
     let program: &mut PerfEvent = ebpf
         .program_mut("profile_cpu")
         .context("the BPF object has no profile_cpu program; rebuild livetrace")?
@@ -176,10 +246,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             for pid in stacks::processes_seen(&ebpf) {
                 symbolizer.note_process(pid);
             }
+            for pid in collector.iter().flat_map(unwind::Collector::take_seen) {
+                symbolizer.note_process(pid);
+            }
         },
     ))?;
     // Stop sampling before reading, so the counters and the maps agree.
     for pid in stacks::processes_seen(&ebpf) {
+        symbolizer.note_process(pid);
+    }
+    for pid in collector.iter().flat_map(unwind::Collector::take_seen) {
         symbolizer.note_process(pid);
     }
     let cost = bpf::in_kernel_cost(&ebpf);
@@ -196,7 +272,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let counters =
         bpf::read_counters(&PerCpuArray::try_from(bpf::take_map(&mut ebpf, COUNTERS)?)?)?;
-    let raw = stacks::drain(&mut ebpf, false)?;
+    // The program is detached: what is in the ring buffer now is all there will be.
+    let unwound = collector.map(unwind::Collector::finish).transpose()?;
+    if let Some(unwound) = &unwound
+        && unwound.malformed > 0
+    {
+        notes.push(format!(
+            "{} stack samples were malformed and skipped (a livetrace bug: please report it)",
+            unwound.malformed
+        ));
+    }
+    let raw = stacks::drain(&mut ebpf, false, unwound)?;
     drop(ebpf);
     let started = std::time::SystemTime::now()
         .checked_sub(elapsed)
@@ -209,6 +295,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         idle: bpf::counter(&counters, Counter::Idle),
         not_target: bpf::counter(&counters, Counter::NotTarget),
         counts_map_full: bpf::counter(&counters, Counter::CountsMapFull),
+        unwind_ring_full: bpf::counter(&counters, Counter::UnwindRingFull)
+            + bpf::counter(&counters, Counter::UnwindScratchMissing),
+        unwind_mode: Some(if dwarf {
+            format!(
+                "unwound with DWARF CFI (.eh_frame) from {} KiB stack copies (--unwind dwarf)",
+                args.stack_copy_size / 1024
+            )
+        } else if stack_kinds & STACK_KIND_USER != 0 {
+            "frame pointers, walked in the kernel (--unwind fp); code built without them \
+             shows short stacks: try --unwind dwarf"
+                .into()
+        } else {
+            "not collected (-K)".into()
+        }),
         // Only the whole system has a known expectation: every CPU, every tick.
         expected: (target == Target::System)
             .then(|| (cpus as f64 * frequency as f64 * elapsed.as_secs_f64()).round() as u64),

@@ -9,6 +9,7 @@
 mod offcpu;
 mod process;
 mod profile;
+mod unwind;
 mod uprobe;
 
 use std::{
@@ -226,6 +227,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let mut sections = Vec::new();
     sections.extend(profile::sections(&ctx)?);
     let livetrace = ctx.bin.join("livetrace");
+    if ctx.peers.perf.is_some() {
+        sections.push(Section::from_markdown(
+            "profile without frame pointers: --unwind fp vs dwarf vs perf --call-graph dwarf",
+            unwind::run(&livetrace)?,
+        ));
+    }
     if ctx.peers.bpftrace.is_some() {
         sections.push(Section::from_markdown(
             "offcpu: cost per context switch",

@@ -1,0 +1,72 @@
+//! `--unwind dwarf`: instead of walking the user stack in the kernel (which needs frame
+//! pointers), the profile program copies the user registers and the top of the user stack into a
+//! ring buffer, and user space unwinds it with the binaries' `.eh_frame` CFI.
+//!
+//! A sample is a [`UnwindSampleHeader`] followed by `stack_len` bytes of stack, starting at `sp`.
+//! The stack is read a page at a time (the first read ends at the page boundary above `sp`), so
+//! a stack whose top is nearer than `--stack-copy-size` is copied up to its last readable page.
+
+/// `BPF_MAP_TYPE_RINGBUF` of samples (header + stack bytes).
+pub const UNWIND_SAMPLES: &str = "UNWIND_SAMPLES";
+/// Per-CPU one-slot array holding the sample being assembled ([`UnwindScratch`]).
+pub const UNWIND_SCRATCH: &str = "UNWIND_SCRATCH";
+/// Load-time global (`u32`): bytes of user stack to copy per sample; 0 = frame-pointer mode
+/// (the kernel walks the stack with `bpf_get_stackid`).
+pub const STACK_COPY_BYTES: &str = "STACK_COPY_BYTES";
+
+/// Most stack bytes one sample can carry. A per-CPU array value is limited to 32 KiB.
+pub const MAX_STACK_COPY: u32 = 16 * 1024;
+/// The default `--stack-copy-size`.
+pub const DEFAULT_STACK_COPY: u32 = 16 * 1024;
+/// Default ring buffer size: at 99 Hz a 16 KiB copy per sample is ~1.6 MB/s per CPU, and user
+/// space drains it every few milliseconds.
+pub const DEFAULT_UNWIND_BUFFER: u32 = 8 * 1024 * 1024;
+/// The unit the stack is read in: a page, so that a read never crosses into an unmapped one.
+pub const STACK_CHUNK: u32 = 4096;
+
+/// The registers framehop needs on x86-64, and who was running.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindSampleHeader {
+    pub tgid: u32,
+    pub tid: u32,
+    /// As [`crate::stacks::StackKey::kernel_stack_id`].
+    pub kernel_stack_id: i32,
+    /// Bytes of stack that follow the header.
+    pub stack_len: u32,
+    /// User-mode instruction pointer, stack pointer and frame pointer at the sample.
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    pub comm: [u8; 16],
+}
+
+/// Bytes of [`UnwindSampleHeader`].
+pub const HEADER_LEN: usize = core::mem::size_of::<UnwindSampleHeader>();
+
+/// The per-CPU buffer a sample is assembled in. The stack area has one chunk of slack beyond
+/// [`MAX_STACK_COPY`] so that the verifier can bound every chunk's end without knowing the
+/// earlier chunks' sizes.
+#[repr(C)]
+pub struct UnwindScratch {
+    pub header: UnwindSampleHeader,
+    pub stack: [u8; (MAX_STACK_COPY + STACK_CHUNK) as usize],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: `#[repr(C)]` plain integers and byte arrays without padding.
+    unsafe impl aya::Pod for super::UnwindSampleHeader {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The header has no implicit padding, and stack bytes after it stay 8-byte aligned.
+    #[test]
+    fn header_layout() {
+        assert_eq!(HEADER_LEN, 4 * 4 + 3 * 8 + 16);
+        assert_eq!(HEADER_LEN % 8, 0);
+    }
+}

@@ -1,0 +1,137 @@
+//! `--unwind dwarf`: copy the user registers and the top of the user stack of a sample into a
+//! ring buffer, for user space to unwind with CFI (see `livetrace_common::unwind`). The user
+//! registers come from the perf event's interrupted context when it was in user mode, else from
+//! the task's saved user `pt_regs` (`bpf_task_pt_regs`, kernel 5.15+).
+
+use aya_ebpf::{
+    EbpfContext, Global,
+    bindings::{BPF_RB_NO_WAKEUP, bpf_perf_event_data, pt_regs},
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs},
+    },
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+    programs::PerfEventContext,
+};
+use livetrace_common::{
+    stacks::Counter,
+    unwind::{
+        DEFAULT_UNWIND_BUFFER, HEADER_LEN, MAX_STACK_COPY, STACK_CHUNK, UnwindSampleHeader,
+        UnwindScratch,
+    },
+};
+
+use crate::stacks::{count, kernel_stack_id};
+
+#[map]
+static UNWIND_SAMPLES: RingBuf = RingBuf::with_byte_size(DEFAULT_UNWIND_BUFFER, 0);
+#[map]
+static UNWIND_SCRATCH: PerCpuArray<UnwindScratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[unsafe(no_mangle)]
+static STACK_COPY_BYTES: Global<u32> = Global::new(0);
+
+/// Whether samples go to user space for unwinding instead of `bpf_get_stackid`.
+#[inline(always)]
+pub fn enabled() -> bool {
+    STACK_COPY_BYTES.load() != 0
+}
+
+/// Sends one sample (registers, stack copy, kernel stack id) to user space; a full ring buffer
+/// is counted.
+#[inline(always)]
+pub fn submit(ctx: &PerfEventContext, tgid: u32, tid: u32, in_kernel: bool) {
+    let Some(scratch) = UNWIND_SCRATCH.get_ptr_mut(0) else {
+        count(Counter::UnwindScratchMissing);
+        return;
+    };
+    // SAFETY: the per-CPU slot is ours while this program runs on this CPU.
+    let scratch = unsafe { &mut *scratch };
+    let (ip, sp, bp) = user_registers(ctx, in_kernel);
+    let stack_len = if sp == 0 {
+        0 // a kernel thread: no user stack
+    } else {
+        copy_stack(&mut scratch.stack, sp)
+    };
+    scratch.header = UnwindSampleHeader {
+        tgid,
+        tid,
+        kernel_stack_id: kernel_stack_id(ctx, in_kernel),
+        stack_len,
+        ip,
+        sp,
+        bp,
+        comm: ctx.command().unwrap_or_default(),
+    };
+    let len = HEADER_LEN + stack_len as usize;
+    if len > core::mem::size_of::<UnwindScratch>() {
+        return;
+    }
+    // SAFETY: `len` is within the scratch value, checked just above.
+    let bytes =
+        unsafe { core::slice::from_raw_parts((scratch as *const UnwindScratch).cast::<u8>(), len) };
+    // User space polls; waking it for every sample would cost more than the sample.
+    match UNWIND_SAMPLES.output::<[u8]>(bytes, u64::from(BPF_RB_NO_WAKEUP)) {
+        Ok(()) => count(Counter::Recorded),
+        Err(_) => count(Counter::UnwindRingFull),
+    }
+}
+
+/// (ip, sp, bp) of the thread's user-mode context.
+#[inline(always)]
+fn user_registers(ctx: &PerfEventContext, in_kernel: bool) -> (u64, u64, u64) {
+    if !in_kernel {
+        let data = ctx.as_ptr().cast::<bpf_perf_event_data>();
+        // SAFETY: the context of a perf_event program is a `bpf_perf_event_data`.
+        let regs = unsafe { &(*data).regs };
+        return (regs.rip, regs.rsp, regs.rbp);
+    }
+    // SAFETY: helpers that take the current task; the result is read with probe_read.
+    let regs = unsafe {
+        let task = bpf_get_current_task_btf();
+        let ptr = bpf_task_pt_regs(task) as *const pt_regs;
+        bpf_probe_read_kernel(ptr)
+    };
+    match regs {
+        Ok(regs) => (regs.rip, regs.rsp, regs.rbp),
+        Err(_) => (0, 0, 0),
+    }
+}
+
+/// Copies up to `STACK_COPY_BYTES` of the stack above `sp`, a page at a time, stopping at the
+/// first page that cannot be read (the top of the stack). Returns the bytes copied.
+#[inline(always)]
+fn copy_stack(dst: &mut [u8; (MAX_STACK_COPY + STACK_CHUNK) as usize], sp: u64) -> u32 {
+    let limit = STACK_COPY_BYTES.load().min(MAX_STACK_COPY);
+    let mut copied: u32 = 0;
+    // The first read ends at the page boundary above sp; each further read is one page.
+    let mut want = STACK_CHUNK - (sp as u32 & (STACK_CHUNK - 1));
+    for _ in 0..=(MAX_STACK_COPY / STACK_CHUNK) {
+        if copied >= limit {
+            break;
+        }
+        if want > limit - copied {
+            want = limit - copied;
+        }
+        let off = (copied & (MAX_STACK_COPY - 1)) as usize;
+        let size = want & (STACK_CHUNK * 2 - 1);
+        if size > STACK_CHUNK {
+            break;
+        }
+        // SAFETY: off < MAX_STACK_COPY and size <= STACK_CHUNK, so the write stays within dst.
+        let rc = unsafe {
+            bpf_probe_read_user(
+                dst.as_mut_ptr().add(off).cast(),
+                size,
+                (sp + u64::from(copied)) as *const _,
+            )
+        };
+        if rc != 0 {
+            break;
+        }
+        copied += size;
+        want = STACK_CHUNK;
+    }
+    copied
+}

@@ -1,0 +1,764 @@
+//! `--unwind dwarf`: unwinding user stacks without frame pointers. The BPF program copies each
+//! sample's user registers and the top of its user stack into a ring buffer
+//! (`livetrace_common::unwind`); a thread here drains it every few milliseconds and unwinds each
+//! sample at once with the modules' `.eh_frame` CFI (framehop), falling back to the frame-pointer
+//! chain where there is no CFI (JIT code, such as CPython's `-X perf` trampolines). The stacks
+//! are aggregated like the kernel's: one count per distinct (process, thread, kernel stack id,
+//! user addresses), so the rest of the pipeline is the frame-pointer path's.
+//!
+//! Each ELF file is mapped once and its unwind sections shared by every process that maps it;
+//! each process gets a framehop unwinder over its executable mappings, rebuilt when an address
+//! falls outside them (a library loaded since).
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    ops::{Deref, Range},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, RingBuf};
+use framehop::{
+    ExplicitModuleSectionInfo, Module, Unwinder as _,
+    x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64},
+};
+use livetrace_common::{
+    stacks::{StackKey, stack_errno},
+    unwind::{HEADER_LEN, UnwindSampleHeader},
+};
+use object::{Object as _, ObjectSection as _, ObjectSegment as _};
+
+/// How user stacks are walked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnwindMode {
+    /// Frame pointers, walked in the kernel (`bpf_get_stackid`): cheapest, but stacks of code
+    /// built without frame pointers stop after a frame or two.
+    Fp,
+    /// Copy the stack and unwind it in user space with the binaries' CFI (`.eh_frame`).
+    Dwarf,
+    /// `dwarf` when targets are given (-p, -t, a command), `fp` for the whole system.
+    Auto,
+}
+
+/// The deepest stack kept (as the kernel's default `perf_event_max_stack`).
+const MAX_FRAMES: usize = 127;
+/// How long the drain thread sleeps when the ring buffer is empty.
+const POLL: Duration = Duration::from_millis(5);
+/// A process's mappings are re-read at most this often when addresses fall outside them.
+const REFRESH: Duration = Duration::from_millis(500);
+/// Synthetic user stack ids start here, far above any id `bpf_get_stackid` hands out.
+pub const FIRST_SYNTHETIC_ID: u32 = 0x4000_0000;
+
+/// Why an unwound stack stops before its root.
+pub type CutShort = String;
+
+/// A distinct sample: who, where in the kernel, the user addresses (leaf first), and why the user
+/// stack is incomplete (`None`: it ended at its root).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct SampleKey {
+    tgid: u32,
+    tid: u32,
+    kernel_stack_id: i32,
+    comm: [u8; 16],
+    user: Result<Vec<u64>, i32>,
+    cut_short: Option<CutShort>,
+}
+
+/// The aggregated result of a capture's unwinding.
+#[derive(Default)]
+pub struct Unwound {
+    counts: HashMap<SampleKey, u64>,
+    /// Samples that could not be parsed (never expected: a layout mismatch).
+    pub malformed: u64,
+}
+
+impl Unwound {
+    /// The stack keys (with synthetic user stack ids), their counts, the synthetic traces (leaf
+    /// first) and, by synthetic id, why a trace stops short.
+    #[expect(clippy::type_complexity, reason = "three parallel outputs, used once")]
+    pub fn into_entries(
+        self,
+    ) -> (
+        Vec<(StackKey, u64)>,
+        HashMap<u32, Vec<u64>>,
+        HashMap<u32, CutShort>,
+    ) {
+        let mut ids: HashMap<(Vec<u64>, Option<CutShort>), u32> = HashMap::new();
+        let mut traces = HashMap::new();
+        let mut cut = HashMap::new();
+        let mut entries = Vec::with_capacity(self.counts.len());
+        for (key, count) in self.counts {
+            let user_stack_id = match key.user {
+                Err(id) => id,
+                Ok(addrs) => {
+                    let next = FIRST_SYNTHETIC_ID + ids.len() as u32;
+                    let id = *ids
+                        .entry((addrs.clone(), key.cut_short.clone()))
+                        .or_insert(next);
+                    traces.insert(id, addrs);
+                    if let Some(cause) = key.cut_short {
+                        cut.insert(id, cause);
+                    }
+                    id as i32
+                }
+            };
+            entries.push((
+                StackKey {
+                    tgid: key.tgid,
+                    tid: key.tid,
+                    user_stack_id,
+                    kernel_stack_id: key.kernel_stack_id,
+                    comm: key.comm,
+                },
+                count,
+            ));
+        }
+        (entries, traces, cut)
+    }
+}
+
+/// The drain-and-unwind thread of a capture.
+pub struct Collector {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<HashSet<u32>>>,
+    thread: JoinHandle<Unwound>,
+}
+
+impl Collector {
+    /// Starts draining `ring`. `per_thread` keeps thread ids in the keys.
+    pub fn start(ring: RingBuf<MapData>, per_thread: bool) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(HashSet::new()));
+        let thread = std::thread::Builder::new().name("unwind".into()).spawn({
+            let stop = stop.clone();
+            let seen = seen.clone();
+            move || drain_loop(ring, per_thread, &stop, &seen)
+        })?;
+        Ok(Self { stop, seen, thread })
+    }
+
+    /// Processes sampled since the last call (to snapshot their maps for symbolisation).
+    pub fn take_seen(&self) -> HashSet<u32> {
+        std::mem::take(&mut *self.seen.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Drains what is left and returns the aggregated stacks. Call after the BPF program has
+    /// stopped recording.
+    pub fn finish(self) -> anyhow::Result<Unwound> {
+        self.stop.store(true, Ordering::Release);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the unwinding thread panicked"))
+    }
+}
+
+fn drain_loop(
+    mut ring: RingBuf<MapData>,
+    per_thread: bool,
+    stop: &AtomicBool,
+    seen: &Mutex<HashSet<u32>>,
+) -> Unwound {
+    let mut unwinder = DwarfUnwinder::default();
+    let mut out = Unwound::default();
+    loop {
+        // Read the flag before draining, so that the last drain follows the stop.
+        let stopping = stop.load(Ordering::Acquire);
+        let mut drained = 0usize;
+        let mut new_pids = Vec::new();
+        while let Some(item) = ring.next() {
+            drained += 1;
+            match unwinder.sample(&item, per_thread) {
+                Some(key) => {
+                    if !unwinder.noted.contains(&key.tgid) {
+                        unwinder.noted.insert(key.tgid);
+                        new_pids.push(key.tgid);
+                    }
+                    *out.counts.entry(key).or_default() += 1;
+                }
+                None => out.malformed += 1,
+            }
+        }
+        if !new_pids.is_empty() {
+            seen.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(new_pids);
+        }
+        if stopping {
+            return out;
+        }
+        if drained == 0 {
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+/// A module's bytes: a range of a file mapped once and shared (or of synthesized CFI).
+#[derive(Clone)]
+struct Bytes {
+    data: Arc<dyn Deref<Target = [u8]> + Send + Sync>,
+    range: Range<usize>,
+}
+
+impl Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data[self.range.clone()]
+    }
+}
+
+/// CPython 3.12's `-X perf` trampoline on x86-64 (Python/asm_trampoline.S), copied once per
+/// Python function into an anonymous mapping: `sub $8,%rsp; call *%rcx; add $8,%rsp; ret`.
+/// It keeps no frame pointer, so the frame-pointer fallback cannot step over it; its unwind rule
+/// is fixed, though (CFA = rsp + 16, return address at CFA - 8), and is given to framehop as a
+/// synthesized `.eh_frame` covering the mapping.
+const CPYTHON_TRAMPOLINE: [u8; 11] = [
+    0x48, 0x83, 0xec, 0x08, 0xff, 0xd1, 0x48, 0x83, 0xc4, 0x08, 0xc3,
+];
+
+/// An `.eh_frame` with one CIE and one FDE covering `range` (module-relative) with the rule
+/// CFA = rsp + `cfa_offset`, return address at CFA - 8.
+fn synthetic_eh_frame(range: &Range<u64>, cfa_offset: u8) -> Vec<u8> {
+    let mut cie = vec![
+        0, 0, 0, 0, // CIE id
+        1, // version
+        b'z', b'R', 0,    // augmentation: has data, FDE pointer encoding
+        1,    // code alignment
+        0x78, // data alignment -8
+        16,   // return address register (rip)
+        1,    // augmentation data length
+        0x04, // FDE pointers: DW_EH_PE_udata8, absolute
+        0x0c, 7, cfa_offset, // DW_CFA_def_cfa rsp, cfa_offset
+        0x90, 1, // DW_CFA_offset rip, CFA - 8
+    ];
+    cie.resize(cie.len().div_ceil(8) * 8 + 4, 0); // DW_CFA_nop; length field makes it 8n
+    let mut out = Vec::new();
+    out.extend((cie.len() as u32).to_le_bytes());
+    out.extend(&cie);
+    let fde_start = out.len();
+    let mut fde = Vec::new();
+    fde.extend(((fde_start + 4) as u32).to_le_bytes()); // back to the CIE
+    fde.extend(range.start.to_le_bytes());
+    fde.extend((range.end - range.start).to_le_bytes());
+    fde.push(0); // augmentation data length
+    fde.resize(fde.len().div_ceil(8) * 8 + 4, 0);
+    out.extend((fde.len() as u32).to_le_bytes());
+    out.extend(&fde);
+    out.extend(0u32.to_le_bytes()); // terminator
+    out
+}
+
+/// A framehop module for an anonymous mapping that holds only CPython trampolines.
+fn cpython_trampolines(pid: u32, range: &Range<u64>) -> Option<Module<Bytes>> {
+    use std::os::unix::fs::FileExt as _;
+    let mem = fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut code = [0u8; CPYTHON_TRAMPOLINE.len()];
+    if let Err(err) = mem.read_exact_at(&mut code, range.start) {
+        log::debug!("pid {pid}: cannot read code at {:#x}: {err}", range.start);
+        return None;
+    }
+    if code != CPYTHON_TRAMPOLINE {
+        return None;
+    }
+    log::debug!("pid {pid}: CPython trampolines at {range:x?}");
+    // framehop looks addresses up relative to the module's base, in 32 bits: the FDE covers
+    // 0..size, and the module's base is the mapping's start.
+    let eh_frame = synthetic_eh_frame(&(0..range.end - range.start), 16);
+    let len = eh_frame.len();
+    let bytes = Bytes {
+        data: Arc::new(eh_frame),
+        range: 0..len,
+    };
+    let info = ExplicitModuleSectionInfo::<Bytes> {
+        base_svma: 0,
+        text_svma: None,
+        text: None,
+        stubs_svma: None,
+        stub_helper_svma: None,
+        got_svma: None,
+        unwind_info: None,
+        eh_frame_svma: Some(0..len as u64),
+        eh_frame: Some(bytes),
+        eh_frame_hdr_svma: None,
+        eh_frame_hdr: None,
+        debug_frame: None,
+        text_segment_svma: None,
+        text_segment: None,
+    };
+    Some(Module::new(
+        "[cpython perf trampolines]".into(),
+        range.clone(),
+        range.start,
+        info,
+    ))
+}
+
+/// What unwinding needs from one ELF file, found once per file.
+struct ElfUnwindInfo {
+    map: Arc<memmap2::Mmap>,
+    /// (vaddr, file offset, file size) of each PT_LOAD segment, to place the file in a process.
+    segments: Vec<(u64, u64, u64)>,
+    /// (section, address range, file range) for .text, .eh_frame, .eh_frame_hdr, .got.
+    sections: Vec<(&'static str, Range<u64>, Range<usize>)>,
+    debug_frame: Option<Range<usize>>,
+}
+
+impl ElfUnwindInfo {
+    fn open(path: &Path) -> Result<Self, String> {
+        let file = fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+        // SAFETY: the mapping is read-only; a binary truncated while mapped would fault, which
+        // package managers avoid by replacing files rather than rewriting them.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("cannot map: {e}"))?;
+        let elf = object::File::parse(&*map).map_err(|e| format!("not an ELF file: {e}"))?;
+        let segments = elf
+            .segments()
+            .map(|s| {
+                let (offset, size) = s.file_range();
+                (s.address(), offset, size)
+            })
+            .collect();
+        let mut sections = Vec::new();
+        let mut debug_frame = None;
+        for name in [
+            ".text",
+            ".eh_frame",
+            ".eh_frame_hdr",
+            ".got",
+            ".debug_frame",
+        ] {
+            let Some(section) = elf.section_by_name(name) else {
+                continue;
+            };
+            let Some((offset, size)) = section.file_range() else {
+                continue; // compressed or NOBITS
+            };
+            let file = offset as usize..(offset + size) as usize;
+            if file.end > map.len() {
+                continue;
+            }
+            if name == ".debug_frame" {
+                debug_frame = Some(file);
+            } else {
+                let addr = section.address()..section.address() + section.size();
+                sections.push((name, addr, file));
+            }
+        }
+        Ok(Self {
+            map: Arc::new(map),
+            segments,
+            sections,
+            debug_frame,
+        })
+    }
+
+    fn has_cfi(&self) -> bool {
+        self.debug_frame.is_some() || self.sections.iter().any(|(n, ..)| *n == ".eh_frame")
+    }
+
+    fn bytes(&self, range: &Range<usize>) -> Bytes {
+        Bytes {
+            data: self.map.clone(),
+            range: range.clone(),
+        }
+    }
+
+    /// The module for a mapping of this file at `start..end` from file offset `offset`.
+    fn module(&self, name: &str, start: u64, end: u64, offset: u64) -> Option<Module<Bytes>> {
+        let &(vaddr, seg_offset, _) = self
+            .segments
+            .iter()
+            .find(|&&(_, off, size)| (off..off + size.max(1)).contains(&offset))?;
+        let bias = start.wrapping_sub(vaddr + (offset - seg_offset));
+        let mut info = ExplicitModuleSectionInfo::<Bytes> {
+            base_svma: 0,
+            text_svma: None,
+            text: None,
+            stubs_svma: None,
+            stub_helper_svma: None,
+            got_svma: None,
+            unwind_info: None,
+            eh_frame_svma: None,
+            eh_frame: None,
+            eh_frame_hdr_svma: None,
+            eh_frame_hdr: None,
+            debug_frame: self.debug_frame.as_ref().map(|r| self.bytes(r)),
+            text_segment_svma: None,
+            text_segment: None,
+        };
+        for (name, addr, file) in &self.sections {
+            let (svma, data) = (Some(addr.clone()), Some(self.bytes(file)));
+            match *name {
+                ".text" => (info.text_svma, info.text) = (svma, data),
+                ".eh_frame" => (info.eh_frame_svma, info.eh_frame) = (svma, data),
+                ".eh_frame_hdr" => (info.eh_frame_hdr_svma, info.eh_frame_hdr) = (svma, data),
+                ".got" => info.got_svma = svma,
+                _ => {}
+            }
+        }
+        Some(Module::new(name.to_owned(), start..end, bias, info))
+    }
+}
+
+/// One process's view: its unwinder and what lies where.
+struct ProcessUnwinder {
+    unwinder: UnwinderX86_64<Bytes>,
+    /// Executable file mappings: range and the file's name, and whether it has CFI.
+    files: Vec<(Range<u64>, Arc<str>, bool)>,
+    /// Executable anonymous mappings (JIT code).
+    anonymous: Vec<Range<u64>>,
+    read_at: Instant,
+}
+
+#[derive(Default)]
+pub struct DwarfUnwinder {
+    /// By path (as reachable from here); `None`: unreadable, with why.
+    elves: HashMap<PathBuf, Result<Arc<ElfUnwindInfo>, String>>,
+    processes: HashMap<u32, ProcessUnwinder>,
+    cache: CacheX86_64,
+    noted: HashSet<u32>,
+}
+
+impl DwarfUnwinder {
+    /// Unwinds one ring buffer record; `None` if it is malformed.
+    fn sample(&mut self, record: &[u8], per_thread: bool) -> Option<SampleKey> {
+        let header_bytes = record.get(..HEADER_LEN)?;
+        // SAFETY: `UnwindSampleHeader` is plain integers; read_unaligned copes with alignment.
+        let header: UnwindSampleHeader =
+            unsafe { std::ptr::read_unaligned(header_bytes.as_ptr().cast()) };
+        let stack = record.get(HEADER_LEN..HEADER_LEN + header.stack_len as usize)?;
+        let user = if header.sp == 0 && header.ip == 0 {
+            // No user context (a kernel thread): as bpf_get_stackid would say.
+            (Err(-stack_errno::EFAULT), None)
+        } else {
+            let (addrs, cut) = self.unwind(header.tgid, &header, stack);
+            if addrs.is_empty() {
+                (Err(-stack_errno::EFAULT), None)
+            } else {
+                (Ok(addrs), cut)
+            }
+        };
+        Some(SampleKey {
+            tgid: header.tgid,
+            tid: if per_thread { header.tid } else { 0 },
+            kernel_stack_id: header.kernel_stack_id,
+            comm: header.comm,
+            user: user.0,
+            cut_short: user.1,
+        })
+    }
+
+    /// The user addresses of a sample, leaf first, and why they stop short, if they do.
+    fn unwind(
+        &mut self,
+        pid: u32,
+        regs: &UnwindSampleHeader,
+        stack: &[u8],
+    ) -> (Vec<u64>, Option<CutShort>) {
+        let (addrs, error) = self.walk(pid, regs, stack);
+        log::trace!(
+            "pid {pid}: ip {:#x} sp {:#x} bp {:#x} stack {} bytes: {addrs:x?} {error:?}",
+            regs.ip,
+            regs.sp,
+            regs.bp,
+            stack.len()
+        );
+        let Some(error) = error else {
+            return (addrs, None);
+        };
+        // Where the walk stopped: an address outside every known mapping may be a library
+        // loaded since the process was first seen; look again (rate-limited) and retry.
+        let last = addrs.last().copied().unwrap_or(regs.ip);
+        let stale = self
+            .processes
+            .get(&pid)
+            .is_some_and(|p| p.read_at.elapsed() >= REFRESH && p.place(last) == Place::Unmapped);
+        if stale {
+            self.processes.remove(&pid);
+            let (addrs, error) = self.walk(pid, regs, stack);
+            let cause = error.map(|e| self.cause(pid, &addrs, regs, stack, e));
+            return (addrs, cause);
+        }
+        let cause = self.cause(pid, &addrs, regs, stack, error);
+        (addrs, Some(cause))
+    }
+
+    fn walk(
+        &mut self,
+        pid: u32,
+        regs: &UnwindSampleHeader,
+        stack: &[u8],
+    ) -> (Vec<u64>, Option<framehop::Error>) {
+        if !self.processes.contains_key(&pid) {
+            let process = self.read_process(pid);
+            self.processes.insert(pid, process);
+        }
+        let process = &self.processes[&pid];
+        let sp = regs.sp;
+        let mut read_stack = |addr: u64| -> Result<u64, ()> {
+            let at = addr.checked_sub(sp).ok_or(())? as usize;
+            let word = stack.get(at..at + 8).ok_or(())?;
+            Ok(u64::from_le_bytes(word.try_into().map_err(|_| ())?))
+        };
+        let mut frames = process.unwinder.iter_frames(
+            regs.ip,
+            UnwindRegsX86_64::new(regs.ip, regs.sp, regs.bp),
+            &mut self.cache,
+            &mut read_stack,
+        );
+        let mut addrs = Vec::new();
+        loop {
+            match frames.next() {
+                Ok(Some(frame)) => {
+                    addrs.push(frame.address());
+                    if addrs.len() >= MAX_FRAMES {
+                        return (addrs, None);
+                    }
+                }
+                Ok(None) => return (addrs, None),
+                Err(err) => return (addrs, Some(err)),
+            }
+        }
+    }
+
+    /// Names the cause of an unwind that stopped short, after the frame at `addrs.last()`.
+    fn cause(
+        &self,
+        pid: u32,
+        addrs: &[u64],
+        regs: &UnwindSampleHeader,
+        stack: &[u8],
+        error: framehop::Error,
+    ) -> CutShort {
+        let last = addrs.last().copied().unwrap_or(regs.ip);
+        let place = self
+            .processes
+            .get(&pid)
+            .map_or(Place::Unmapped, |p| p.place(last));
+        match place {
+            Place::Anonymous if !perf_map_exists(pid) => {
+                return "JIT or anonymous code without a perf map".into();
+            }
+            Place::Anonymous => {
+                return "JIT code whose frame-pointer chain broke".into();
+            }
+            Place::File(name, false) => return format!("no unwind info (.eh_frame) in {name}"),
+            _ => {}
+        }
+        match error {
+            framehop::Error::CouldNotReadStack(addr)
+                if addr >= regs.sp + stack.len() as u64
+                    && addr < regs.sp + stack.len() as u64 + (1 << 20) =>
+            {
+                "stack copy too small (raise --stack-copy-size)".into()
+            }
+            framehop::Error::CouldNotReadStack(_) => {
+                "unwinding read outside the copied stack (bad unwind info or frame pointer)".into()
+            }
+            _ if place == Place::Unmapped => "unwinding reached an unmapped address".into(),
+            other => format!("unwinding failed ({other})"),
+        }
+    }
+
+    fn read_process(&mut self, pid: u32) -> ProcessUnwinder {
+        let mut process = ProcessUnwinder {
+            unwinder: UnwinderX86_64::new(),
+            files: Vec::new(),
+            anonymous: Vec::new(),
+            read_at: Instant::now(),
+        };
+        let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
+            return process;
+        };
+        for line in maps.lines() {
+            let mut fields = line.split_ascii_whitespace();
+            let (Some(range), Some(perms), Some(offset)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                continue;
+            };
+            let path = fields.skip(2).collect::<Vec<_>>().join(" ");
+            let Some((start, end)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(start), Ok(end), Ok(offset)) = (
+                u64::from_str_radix(start, 16),
+                u64::from_str_radix(end, 16),
+                u64::from_str_radix(offset, 16),
+            ) else {
+                continue;
+            };
+            if !perms.contains('x') {
+                continue;
+            }
+            if !path.starts_with('/') {
+                // [vdso] has CFI of its own but no file; treat it like anonymous code (the
+                // frame-pointer fallback handles its leaf frames well enough).
+                if path.is_empty()
+                    && let Some(module) = cpython_trampolines(pid, &(start..end))
+                {
+                    process.unwinder.add_module(module);
+                }
+                process.anonymous.push(start..end);
+                continue;
+            }
+            let name: Arc<str> = Arc::from(
+                Path::new(&path)
+                    .file_name()
+                    .map_or(path.clone(), |n| n.to_string_lossy().into_owned()),
+            );
+            let reachable = PathBuf::from(format!("/proc/{pid}/root{path}"));
+            let elf = self
+                .elves
+                .entry(PathBuf::from(&path))
+                .or_insert_with(|| {
+                    let file = if reachable.exists() {
+                        reachable.as_path()
+                    } else {
+                        Path::new(&path)
+                    };
+                    ElfUnwindInfo::open(file).map(Arc::new)
+                })
+                .clone();
+            match elf {
+                Ok(elf) => {
+                    let has_cfi = elf.has_cfi();
+                    if let Some(module) = elf.module(&path, start, end, offset) {
+                        process.unwinder.add_module(module);
+                    }
+                    process.files.push((start..end, name, has_cfi));
+                }
+                Err(why) => {
+                    log::debug!("no unwind info from {path}: {why}");
+                    process.files.push((start..end, name, false));
+                }
+            }
+        }
+        process
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Place {
+    File(Arc<str>, bool),
+    Anonymous,
+    Unmapped,
+}
+
+impl ProcessUnwinder {
+    fn place(&self, addr: u64) -> Place {
+        if let Some((_, name, cfi)) = self.files.iter().find(|(r, ..)| r.contains(&addr)) {
+            return Place::File(name.clone(), *cfi);
+        }
+        if self.anonymous.iter().any(|r| r.contains(&addr)) {
+            return Place::Anonymous;
+        }
+        Place::Unmapped
+    }
+}
+
+fn perf_map_exists(pid: u32) -> bool {
+    Path::new(&format!("/tmp/perf-{pid}.map")).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This very test binary unwinds itself from its own registers and stack, through CFI, down
+    /// past the test function (std's test runner calls it from a thread).
+    #[test]
+    fn unwinds_own_stack() {
+        #[inline(never)]
+        fn capture() -> (UnwindSampleHeader, Vec<u8>) {
+            let (ip, sp, bp): (u64, u64, u64);
+            // SAFETY: reads three registers, touches no memory.
+            unsafe {
+                std::arch::asm!("lea {ip}, [rip]", "mov {sp}, rsp", "mov {bp}, rbp",
+                    ip = out(reg) ip, sp = out(reg) sp, bp = out(reg) bp);
+            }
+            let len = 64 * 1024;
+            // SAFETY: the thread's stack above sp is mapped (std gives threads 2 MiB).
+            let stack = unsafe { std::slice::from_raw_parts(sp as *const u8, len) }.to_vec();
+            let header = UnwindSampleHeader {
+                tgid: std::process::id(),
+                ip,
+                sp,
+                bp,
+                stack_len: len as u32,
+                ..Default::default()
+            };
+            (header, stack)
+        }
+        let (header, stack) = capture();
+        let mut unwinder = DwarfUnwinder::default();
+        let (addrs, cut) = unwinder.unwind(header.tgid, &header, &stack);
+        let here = unwinds_own_stack as *const () as u64;
+        assert!(addrs.len() >= 3, "{addrs:x?} {cut:?}");
+        assert!(
+            addrs.iter().any(|&a| (here..here + 4096).contains(&a)),
+            "the test function is on the stack: {addrs:x?} (it starts at {here:#x}); {cut:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod trampoline_tests {
+    use super::*;
+
+    /// The synthesized CFI steps over a CPython trampoline frame: CFA = rsp + 16.
+    #[test]
+    fn synthetic_cfi_steps_over_a_trampoline() {
+        let range = 0x10_0000..0x10_1000;
+        let eh_frame = synthetic_eh_frame(&range, 16);
+        let len = eh_frame.len();
+        let bytes = Bytes {
+            data: Arc::new(eh_frame),
+            range: 0..len,
+        };
+        let info = ExplicitModuleSectionInfo::<Bytes> {
+            base_svma: 0,
+            text_svma: None,
+            text: None,
+            stubs_svma: None,
+            stub_helper_svma: None,
+            got_svma: None,
+            unwind_info: None,
+            eh_frame_svma: Some(0..len as u64),
+            eh_frame: Some(bytes),
+            eh_frame_hdr_svma: None,
+            eh_frame_hdr: None,
+            debug_frame: None,
+            text_segment_svma: None,
+            text_segment: None,
+        };
+        let mut unwinder = UnwinderX86_64::new();
+        unwinder.add_module(Module::new("t".into(), range.clone(), 0, info));
+        let mut cache = CacheX86_64::new();
+        // sp -> [padding][return address 0x2222][...]
+        let stack = [0u64, 0x2222, 0, 0];
+        let sp = 0x8000;
+        let mut read = |addr: u64| -> Result<u64, ()> {
+            stack.get(((addr - sp) / 8) as usize).copied().ok_or(())
+        };
+        let mut frames = unwinder.iter_frames(
+            0x10_0006,
+            UnwindRegsX86_64::new(0x10_0006, sp, 0),
+            &mut cache,
+            &mut read,
+        );
+        let mut addrs = Vec::new();
+        let error = loop {
+            match frames.next() {
+                Ok(Some(f)) => addrs.push(f.address()),
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        assert_eq!(addrs.get(..2), Some(&[0x10_0006, 0x2222][..]), "{error:?}");
+    }
+}
