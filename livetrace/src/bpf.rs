@@ -138,7 +138,7 @@ fn explain_load_error(err: EbpfError) -> anyhow::Error {
     let text = err.to_string();
     let hint = if text.contains("Operation not permitted") || text.contains("EPERM") {
         "; loading BPF programs needs root, or the capabilities CAP_BPF and CAP_PERFMON \
-         (try: sudo livetrace ...)"
+         (try: sudo livetrace ..., and see `livetrace --help` for each subcommand's capabilities)"
     } else {
         ""
     };
@@ -150,6 +150,8 @@ pub fn explain_program_error(err: aya::programs::ProgramError, what: &str) -> an
     let text = format!("{err}");
     let hint = if text.contains("Operation not permitted") || text.contains("os error 1)") {
         " (needs root, or CAP_BPF and CAP_PERFMON)"
+    } else if text.contains("Permission denied") && what.contains("uprobe") {
+        " (uprobes need root, or CAP_SYS_ADMIN besides CAP_BPF and CAP_PERFMON)"
     } else {
         ""
     };

@@ -31,6 +31,7 @@ use crate::{
     kernel_btf::KernelBtf,
     model::{DataQuality, WeightUnit},
     output::{self, OutputSpec, footer, offcpu_summary},
+    privileges,
     stacks::{self, BuildOptions, RECOVERED_MARKER},
     symbolize::Symbolizer,
     targets::{HeldCommand, Target, TargetArgs},
@@ -138,6 +139,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "--min-block ({min_block:?}) is longer than --max-block ({max_block:?})"
         )));
     }
+    check_privileges(&args, &target)?;
     let mut outputs = args.outputs.clone();
     if outputs.is_empty() {
         let path = default_output_path(&target);
@@ -146,7 +148,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     output::preflight(&outputs)?;
 
     let mut command = match &target {
-        Target::Command(argv) => Some(HeldCommand::spawn(argv)?),
+        Target::Command(argv) => Some(HeldCommand::spawn(argv, args.target.as_root)?),
         _ => None,
     };
     let (tgids, tids) = match (&target, &command) {
@@ -364,6 +366,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if output.path.is_some() {
             eprintln!("livetrace: wrote {}", output.describe());
         }
+    }
+    Ok(())
+}
+
+/// Fails, naming them, without the capabilities the run needs; warns about the ones that only
+/// the recovery of threads already blocked at the start uses.
+fn check_privileges(args: &Args, target: &Target) -> anyhow::Result<()> {
+    let mut needs = vec![privileges::BPF, privileges::PERFMON];
+    let kernel_stacks = !args.user_only;
+    if kernel_stacks && privileges::kernel_symbols_hidden() {
+        needs.push(privileges::KALLSYMS);
+    }
+    if args.attach == Attach::Tracepoint {
+        match tracefs::status() {
+            tracefs::Status::Readable(_) => {}
+            tracefs::Status::Unreadable(_) => needs.push(privileges::TRACEFS_READ),
+            tracefs::Status::NotMounted => {
+                needs.push(privileges::TRACEFS_MOUNT);
+                needs.push(privileges::TRACEFS_READ);
+            }
+        }
+    }
+    privileges::require("offcpu", &needs)?;
+    if let Target::Threads { pids, tids } = target {
+        let mut wanted = Vec::new();
+        if kernel_stacks {
+            wanted.push(privileges::RECOVER_KERNEL_STACKS);
+        }
+        let ids: Vec<u32> = pids.iter().chain(tids).copied().collect();
+        if !args.kernel_only && privileges::ptrace_need(&ids).is_some() {
+            wanted.extend(privileges::RECOVER_USER_STACKS);
+        }
+        privileges::warn_missing(&wanted);
     }
     Ok(())
 }

@@ -24,6 +24,7 @@ use crate::{
     duration::parse_positive_duration,
     model::{DataQuality, WeightUnit},
     output::{self, OutputSpec, footer, summary},
+    privileges,
     stacks::{self, BuildOptions},
     symbolize::Symbolizer,
     targets::{HeldCommand, Target, TargetArgs},
@@ -80,6 +81,11 @@ pub enum Event {
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Everything that can be checked is checked before the kernel is touched.
     let target = args.target.resolve()?;
+    let mut needs = vec![privileges::BPF, privileges::PERFMON];
+    if !args.user_only && privileges::kernel_symbols_hidden() {
+        needs.push(privileges::KALLSYMS);
+    }
+    privileges::require("profile", &needs)?;
     let mut outputs = args.outputs.clone();
     let default_svg = outputs.is_empty().then(|| default_output_path(&target));
     if let Some(path) = &default_svg {
@@ -93,7 +99,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let frequency = clamp_frequency(args.frequency, &mut notes);
 
     let mut command = match &target {
-        Target::Command(argv) => Some(HeldCommand::spawn(argv)?),
+        Target::Command(argv) => Some(HeldCommand::spawn(argv, args.target.as_root)?),
         _ => None,
     };
     let (tgids, tids) = match &target {

@@ -42,6 +42,7 @@ use crate::{
     },
     model::{DataQuality, Frame, FrameKind, WeightUnit},
     output::{self, Format, OutputSpec, histogram_json, histogram_text},
+    privileges,
     stacks::{self, BuildOptions, RawStacks},
     symbolize::{Resolved, Symbolizer},
     targets::{self, HeldCommand, Target, TargetArgs},
@@ -99,6 +100,9 @@ pub struct Args {
     /// Start this command and time the function in it until it exits.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+    /// Under sudo, run COMMAND as root instead of as the user who ran sudo (SUDO_UID).
+    #[arg(long = "as-root")]
+    pub as_root: bool,
 }
 
 /// Where one `-o` goes.
@@ -204,8 +208,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         pids: args.pids.clone(),
         tids: vec![],
         command: args.command.clone(),
+        as_root: args.as_root,
     }
     .resolve()?;
+    let mut needs = vec![
+        privileges::BPF,
+        privileges::PERFMON,
+        privileges::UPROBE_ADMIN,
+    ];
+    needs.extend(privileges::ptrace_need(&args.pids));
+    privileges::require("uprobe-hist", &needs)?;
     let sites = find_sites(&args.symbol, &target)?;
     let function = sites[0].symbol.demangled.clone();
 
@@ -225,7 +237,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     output::preflight(&paths)?;
 
     let mut command = match &target {
-        Target::Command(argv) => Some(HeldCommand::spawn(argv)?),
+        Target::Command(argv) => Some(HeldCommand::spawn(argv, args.as_root)?),
         _ => None,
     };
     let slow_ns = args
