@@ -190,6 +190,29 @@ pub fn write_stack_profile(profile: &StackProfile, outputs: &[OutputSpec]) -> an
     Ok(())
 }
 
+/// Writes a mid-capture snapshot (SIGUSR1) to every file output, atomically, and says so on
+/// stderr. Standard output is left alone: a reader of `-o -` expects one profile, at the end.
+pub fn write_snapshot(profile: &StackProfile, outputs: &[OutputSpec]) -> anyhow::Result<()> {
+    let files: Vec<OutputSpec> = outputs
+        .iter()
+        .filter(|o| o.path.is_some())
+        .cloned()
+        .collect();
+    write_stack_profile(profile, &files)?;
+    let names: Vec<String> = files.iter().map(OutputSpec::describe).collect();
+    eprintln!(
+        "livetrace: snapshot (SIGUSR1): {} {} so far written to {}; the capture goes on",
+        profile.total_weight(),
+        profile.unit.short_name(),
+        if names.is_empty() {
+            "no file (standard output gets the final profile only)".to_owned()
+        } else {
+            names.join(", ")
+        }
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

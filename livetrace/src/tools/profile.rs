@@ -6,16 +6,13 @@
 use std::{io::Write as _, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use aya::{
-    maps::PerCpuArray,
-    programs::{
-        PerfEvent,
-        perf_event::{HardwareEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
-    },
+use aya::programs::{
+    PerfEvent,
+    perf_event::{HardwareEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
 };
 use clap::{Args as ClapArgs, ValueEnum};
 use livetrace_common::stacks::{
-    COUNTERS, Counter, DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER,
+    Counter, DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER,
 };
 
 use crate::{
@@ -171,16 +168,33 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     );
 
+    let context = BuildContext {
+        title,
+        frequency,
+        per_thread: args.per_thread,
+        stack_storage: args.stack_storage,
+        cpus,
+        whole_system: target == Target::System,
+        notes,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
+    let started = std::time::Instant::now();
     let (stop, elapsed) = runtime.block_on(capture::run(
         args.duration,
         Watch::for_target(&target, command.as_mut()),
-        || {
+        |event| {
             for pid in stacks::processes_seen(&ebpf) {
                 symbolizer.note_process(pid);
+            }
+            if event == capture::Event::Snapshot {
+                let result = build(&ebpf, &mut symbolizer, &context, started.elapsed(), None)
+                    .and_then(|profile| output::write_snapshot(&profile, &outputs));
+                if let Err(err) = result {
+                    eprintln!("livetrace: snapshot failed: {err:#}");
+                }
             }
         },
     ))?;
@@ -198,48 +212,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if stop != StopReason::DurationElapsed {
         eprintln!("livetrace: {}", stop.describe());
     }
-
-    let counters =
-        bpf::read_counters(&PerCpuArray::try_from(bpf::take_map(&mut ebpf, COUNTERS)?)?)?;
-    let raw = stacks::drain(&mut ebpf, false)?;
+    let profile = build(&ebpf, &mut symbolizer, &context, elapsed, Some(&stop))?;
     drop(ebpf);
-    let started = std::time::SystemTime::now()
-        .checked_sub(elapsed)
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-    let mut quality = DataQuality {
-        duration: elapsed,
-        started_unix_ns: started.map(|d| d.as_nanos() as u64),
-        events: bpf::counter(&counters, Counter::Events),
-        recorded: bpf::counter(&counters, Counter::Recorded),
-        idle: bpf::counter(&counters, Counter::Idle),
-        not_target: bpf::counter(&counters, Counter::NotTarget),
-        counts_map_full: bpf::counter(&counters, Counter::CountsMapFull),
-        // Only the whole system has a known expectation: every CPU, every tick.
-        expected: (target == Target::System)
-            .then(|| (cpus as f64 * frequency as f64 * elapsed.as_secs_f64()).round() as u64),
-        notes,
-        ..DataQuality::default()
-    };
-    if !matches!(stop, StopReason::DurationElapsed) {
-        quality
-            .notes
-            .push(format!("capture ended early: {}", stop.describe()));
-    }
-    quality.stop_reason = Some(stop.describe());
-    let profile = stacks::build_profile(
-        &raw,
-        &mut symbolizer,
-        &BuildOptions {
-            title,
-            unit: WeightUnit::Samples,
-            // Sampling is by frequency, so a sample stands for 1/Hz of CPU time on average.
-            period_ns: Some(1_000_000_000 / frequency),
-            per_thread: args.per_thread,
-            stack_storage: args.stack_storage,
-            weight_divisor: 1,
-        },
-        quality,
-    );
 
     output::write_stack_profile(&profile, &outputs)?;
     let to_stdout = outputs.iter().any(|o| o.path.is_none());
@@ -268,6 +242,73 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What [`build`] needs besides the maps.
+struct BuildContext {
+    title: String,
+    frequency: u64,
+    per_thread: bool,
+    stack_storage: u32,
+    cpus: usize,
+    whole_system: bool,
+    notes: Vec<String>,
+}
+
+/// Reads the maps in place and builds the symbolised profile: at the end (with why the capture
+/// stopped), or mid-capture for a SIGUSR1 snapshot.
+fn build(
+    ebpf: &aya::Ebpf,
+    symbolizer: &mut Symbolizer,
+    context: &BuildContext,
+    elapsed: Duration,
+    stop: Option<&StopReason>,
+) -> anyhow::Result<crate::model::StackProfile> {
+    let counters = bpf::read_counters_in(ebpf)?;
+    let raw = stacks::drain(ebpf, false)?;
+    let started = std::time::SystemTime::now()
+        .checked_sub(elapsed)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    let frequency = context.frequency;
+    let mut quality = DataQuality {
+        duration: elapsed,
+        started_unix_ns: started.map(|d| d.as_nanos() as u64),
+        events: bpf::counter(&counters, Counter::Events),
+        recorded: bpf::counter(&counters, Counter::Recorded),
+        idle: bpf::counter(&counters, Counter::Idle),
+        not_target: bpf::counter(&counters, Counter::NotTarget),
+        counts_map_full: bpf::counter(&counters, Counter::CountsMapFull),
+        // Only the whole system has a known expectation: every CPU, every tick.
+        expected: context.whole_system.then(|| {
+            (context.cpus as f64 * frequency as f64 * elapsed.as_secs_f64()).round() as u64
+        }),
+        notes: context.notes.clone(),
+        ..DataQuality::default()
+    };
+    match stop {
+        Some(StopReason::DurationElapsed) => {}
+        Some(stop) => quality
+            .notes
+            .push(format!("capture ended early: {}", stop.describe())),
+        None => quality
+            .notes
+            .push("snapshot (SIGUSR1) taken while the capture goes on".into()),
+    }
+    quality.stop_reason = stop.map(StopReason::describe);
+    Ok(stacks::build_profile(
+        &raw,
+        symbolizer,
+        &BuildOptions {
+            title: context.title.clone(),
+            unit: WeightUnit::Samples,
+            // Sampling is by frequency, so a sample stands for 1/Hz of CPU time on average.
+            period_ns: Some(1_000_000_000 / frequency),
+            per_thread: context.per_thread,
+            stack_storage: context.stack_storage,
+            weight_divisor: 1,
+        },
+        quality,
+    ))
 }
 
 /// Attaches the program to one perf event per online CPU (whole system, or `-p`/`-t` filtered in
