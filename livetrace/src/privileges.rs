@@ -80,8 +80,8 @@ pub const UPROBE_ADMIN: Need = Need::new(
 );
 pub const PTRACE_OTHERS: Need = Need::new(
     Cap::SysPtrace,
-    "read /proc/PID/maps and the executable of processes of other users, to name their frames \
-     and find their functions",
+    "read the executable and /proc/PID/root of processes of other users, to find the function \
+     in them",
 );
 pub const TRACEFS_READ: Need = Need::new(
     Cap::DacReadSearch,
@@ -205,16 +205,6 @@ fn shell_quote(word: &str) -> String {
     }
 }
 
-/// Whether this process can read `/proc/PID/maps` of `pid` (the kernel's ptrace read check: same
-/// user and dumpable, or CAP_SYS_PTRACE). A process that is gone counts as readable: that error
-/// is reported elsewhere.
-pub fn can_read_maps(pid: u32) -> bool {
-    match std::fs::File::open(format!("/proc/{pid}/maps")) {
-        Ok(_) => true,
-        Err(err) => err.kind() != std::io::ErrorKind::PermissionDenied,
-    }
-}
-
 /// Whether /proc/kallsyms shows this process zeros instead of addresses (it does without
 /// CAP_SYSLOG when kernel.kptr_restrict >= 1, or kernel.perf_event_paranoid >= 2).
 pub fn kernel_symbols_hidden() -> bool {
@@ -232,10 +222,21 @@ pub fn kernel_symbols_hidden() -> bool {
         .is_none_or(|addr| addr.bytes().all(|b| b == b'0'))
 }
 
-/// CAP_SYS_PTRACE when some of `pids` belongs to another user (its maps cannot be read).
+/// Whether `pid` runs as another user than this process (its /proc directory is owned by its
+/// effective user). Reading its executable, its /proc/PID/root, its registers and its memory then
+/// takes CAP_SYS_PTRACE; /proc/PID/maps alone is also open to CAP_PERFMON. A process that is gone
+/// counts as ours: that error is reported elsewhere.
+pub fn belongs_to_another_user(pid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() != me)
+}
+
+/// CAP_SYS_PTRACE when some of `pids` belongs to another user.
 pub fn ptrace_need(pids: &[u32]) -> Option<Need> {
     pids.iter()
-        .any(|&pid| !can_read_maps(pid))
+        .any(|&pid| belongs_to_another_user(pid))
         .then_some(PTRACE_OTHERS)
 }
 

@@ -55,10 +55,12 @@ impl TargetArgs {
         for &pid in &self.pids {
             match thread_group_of(pid) {
                 Some(tgid) if tgid == pid => {}
-                Some(tgid) => bail!(
-                    "{pid} is a thread of process {tgid}, not a process: use -t {pid} for the \
-                     thread alone, or -p {tgid} for the whole process"
-                ),
+                Some(tgid) => {
+                    return Err(UsageError::error(format!(
+                        "{pid} is a thread of process {tgid}, not a process: use -t {pid} for \
+                         the thread alone, or -p {tgid} for the whole process"
+                    )));
+                }
                 None => bail!("no process with PID {pid} exists (is it still running?)"),
             }
         }

@@ -22,7 +22,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use crate::model::StackProfile;
 
@@ -105,14 +105,17 @@ pub fn preflight(outputs: &[OutputSpec]) -> anyhow::Result<()> {
     for output in outputs {
         let Some(path) = &output.path else { continue };
         if seen.contains(&path) {
-            bail!("'{}' is given twice with -o", path.display());
+            return Err(crate::UsageError::error(format!(
+                "'{}' is given twice with -o",
+                path.display()
+            )));
         }
         seen.push(path);
         if path.is_dir() {
-            bail!(
+            return Err(crate::UsageError::error(format!(
                 "output path '{}' is a directory; name a file",
                 path.display()
-            );
+            )));
         }
         let probe = temp_sibling(path)?;
         OpenOptions::new()

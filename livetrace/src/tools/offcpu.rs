@@ -290,7 +290,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if profile.total_weight() == 0 {
         eprintln!(
-            "livetrace: no blocked time was recorded: the target's threads did not leave the CPU \
+            "livetrace: no samples: no blocked time was recorded; the target's threads did not leave the CPU \
              in the selected states. If it is busy, try `livetrace profile` with the same target."
         );
     }

@@ -629,7 +629,11 @@ fn find_site(spec: &SymbolSpec, scope: &Scope<'_>, pid: Option<u32>) -> anyhow::
                 }
             }
             Lookup::Ambiguous(candidates) => {
-                bail!(describe_ambiguity(spec, &file.shown, &candidates))
+                return Err(crate::UsageError::error(describe_ambiguity(
+                    spec,
+                    &file.shown,
+                    &candidates,
+                )));
             }
             Lookup::Missing => {
                 if primary && !info.has_symtab {
@@ -652,7 +656,7 @@ fn find_site(spec: &SymbolSpec, scope: &Scope<'_>, pid: Option<u32>) -> anyhow::
             "\nname the library: e.g. {}:{}",
             found[0].0.shown, spec.symbol
         ));
-        bail!(message);
+        return Err(crate::UsageError::error(message));
     }
     let Some((file, symbol, info)) = found.pop() else {
         let searched = if search.files.len() == 1 {
