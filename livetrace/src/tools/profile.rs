@@ -1,7 +1,8 @@
 //! `livetrace profile`: where is the CPU time going? Samples stacks on a perf event (software
 //! cpu-clock by default, at 99 Hz so as not to beat in step with 100 Hz timers) and aggregates
 //! them in the kernel; prints the hottest leaf functions and writes a flamegraph.
-//! Needs kernel 4.9+ (BPF perf_event programs), root or CAP_BPF + CAP_PERFMON.
+//! Needs kernel 4.9+ (BPF perf_event programs), root or CAP_BPF + CAP_PERFMON (+ CAP_SYSLOG for
+//! kernel frame names where /proc/kallsyms hides them).
 
 use std::{io::Write as _, path::PathBuf, time::Duration};
 

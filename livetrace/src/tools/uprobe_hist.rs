@@ -3,7 +3,7 @@
 //! thread, by stack pointer, so recursion pairs correctly) and add its duration to a log-linear
 //! histogram there; the loader prints the histogram, percentiles with their bounds, and, with
 //! `--slow`, the slowest calls with their callers. Needs kernel 5.8+, root or CAP_BPF +
-//! CAP_PERFMON. Go programs are refused: uretprobes corrupt Go's moving stacks.
+//! CAP_PERFMON + CAP_SYS_ADMIN (uprobes through perf_event_open). Go programs are refused: uretprobes corrupt Go's moving stacks.
 
 use std::{
     collections::{BTreeSet, HashMap},
