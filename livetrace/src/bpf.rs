@@ -152,14 +152,24 @@ pub fn map_mut<'a>(bpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya:
         .ok_or_else(|| anyhow!("the BPF object has no map named {name}; rebuild livetrace"))
 }
 
+pub fn map_ref<'a>(bpf: &'a Ebpf, name: &str) -> anyhow::Result<&'a aya::maps::Map> {
+    bpf.map(name)
+        .ok_or_else(|| anyhow!("the BPF object has no map named {name}; rebuild livetrace"))
+}
+
+/// The per-CPU counters, summed, read in place (the capture may still be running).
+pub fn read_counters_in(bpf: &Ebpf) -> anyhow::Result<[u64; COUNTER_SLOTS as usize]> {
+    read_counters(&PerCpuArray::try_from(map_ref(bpf, stacks::COUNTERS)?)?)
+}
+
 pub fn take_map(bpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
     bpf.take_map(name)
         .ok_or_else(|| anyhow!("the BPF object has no map named {name}; rebuild livetrace"))
 }
 
 /// Sums the per-CPU counters.
-pub fn read_counters(
-    map: &PerCpuArray<MapData, u64>,
+pub fn read_counters<T: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<T, u64>,
 ) -> anyhow::Result<[u64; COUNTER_SLOTS as usize]> {
     let mut totals = [0u64; COUNTER_SLOTS as usize];
     for (slot, total) in totals.iter_mut().enumerate() {
@@ -180,7 +190,7 @@ fn explain_load_error(err: EbpfError) -> anyhow::Error {
     let text = err.to_string();
     let hint = if text.contains("Operation not permitted") || text.contains("EPERM") {
         "; loading BPF programs needs root, or the capabilities CAP_BPF and CAP_PERFMON \
-         (try: sudo livetrace ...)"
+         (try: sudo livetrace ..., and see `livetrace --help` for each subcommand's capabilities)"
     } else {
         ""
     };
@@ -192,6 +202,8 @@ pub fn explain_program_error(err: aya::programs::ProgramError, what: &str) -> an
     let text = format!("{err}");
     let hint = if text.contains("Operation not permitted") || text.contains("os error 1)") {
         " (needs root, or CAP_BPF and CAP_PERFMON)"
+    } else if text.contains("Permission denied") && what.contains("uprobe") {
+        " (uprobes need root, or CAP_SYS_ADMIN besides CAP_BPF and CAP_PERFMON)"
     } else {
         ""
     };

@@ -1,9 +1,17 @@
 //! The capture's run loop, shared by every tool: run until the duration ends, Ctrl-C, SIGTERM or
 //! SIGHUP arrives, or the targets are gone; call the tool back every 250 ms meanwhile (to note
-//! new processes while their memory maps can still be read). The observed process never waits
-//! on any of this: the BPF programs aggregate in the kernel.
+//! new processes while their memory maps can still be read), and on SIGUSR1 (to write a
+//! snapshot). The observed process never waits on any of this: the BPF programs aggregate in the
+//! kernel.
+//!
+//! Once the loop has ended, a second SIGINT, SIGTERM or SIGHUP sets an abort flag that
+//! symbolisation checks between batches: the outputs are then written with raw addresses,
+//! promptly, instead of the user having to kill livetrace and lose the capture.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -47,8 +55,62 @@ impl<'a> Watch<'a> {
     }
 }
 
-/// How often the tool is called back during the capture: often enough to snapshot a new
-/// process's memory map while it settles (and before a short-lived one exits).
+/// Why the tool is called back during the capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Every 250 ms.
+    Tick,
+    /// SIGUSR1: write a snapshot of every output, and go on.
+    Snapshot,
+}
+
+/// Set by a signal that arrives after the capture loop has ended.
+static ABORT: AtomicBool = AtomicBool::new(false);
+
+/// Whether a second stop signal asked to skip the rest of the work (symbolisation).
+pub fn aborted() -> bool {
+    ABORT.load(Ordering::Relaxed)
+}
+
+extern "C" fn on_abort_signal(_: libc::c_int) {
+    // An atomic store is async-signal-safe.
+    ABORT.store(true, Ordering::Relaxed);
+}
+
+/// From now on, SIGINT, SIGTERM and SIGHUP set the abort flag instead of being queued for the
+/// (finished) run loop.
+fn arm_abort() {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: a zeroed sigaction with a handler that only stores to an atomic.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_abort_signal as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// A test hook: `LIVETRACE_TEST_SLOW_SYMBOLIZE=MS` makes each symbolisation batch take MS
+/// longer (in steps that notice the abort flag), so tests can deliver a second signal while
+/// symbolisation runs.
+pub fn test_symbolize_delay() {
+    let Some(ms) = std::env::var("LIVETRACE_TEST_SLOW_SYMBOLIZE")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    let end = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < end && !aborted() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// How often the tool is called back during the capture.
+// Often enough to snapshot a new process's memory map while it settles (and before a
+// short-lived one exits).
 const TICK: Duration = Duration::from_millis(250);
 /// How often the liveness of `-p`/`-t` targets is checked.
 const LIVENESS_POLL: Duration = Duration::from_millis(200);
@@ -57,13 +119,15 @@ const LIVENESS_POLL: Duration = Duration::from_millis(200);
 pub async fn run(
     duration: Option<Duration>,
     mut watch: Watch<'_>,
-    mut on_tick: impl FnMut(),
+    mut on_event: impl FnMut(Event),
 ) -> anyhow::Result<(StopReason, Duration)> {
     let start = Instant::now();
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut snapshot =
+        signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
     let deadline = async {
         match duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -81,7 +145,8 @@ pub async fn run(
             _ = terminate.recv() => break StopReason::Signal("SIGTERM"),
             _ = hangup.recv() => break StopReason::Signal("SIGHUP"),
             status = command_exit(&mut watch) => break StopReason::CommandExited(status),
-            _ = tick.tick() => on_tick(),
+            _ = snapshot.recv() => on_event(Event::Snapshot),
+            _ = tick.tick() => on_event(Event::Tick),
             _ = liveness.tick() => {
                 if let Watch::Ids { pids, tids } = &watch
                     && !pids.iter().chain(tids.iter()).any(|&id| targets::is_alive(id))
@@ -91,6 +156,13 @@ pub async fn run(
             }
         }
     };
+    arm_abort();
+    if let StopReason::Signal(name) = reason {
+        eprintln!(
+            "livetrace: {name} received: writing the outputs (send it again to skip naming the \
+             frames and write raw addresses)"
+        );
+    }
     Ok((reason, start.elapsed()))
 }
 

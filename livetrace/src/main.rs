@@ -13,6 +13,7 @@ mod histogram;
 mod kernel_btf;
 mod model;
 mod output;
+mod privileges;
 mod stacks;
 mod symbolize;
 mod targets;
@@ -29,8 +30,21 @@ const ABOUT: &str = "Live debugging with eBPF: see where a running process spend
 where it blocks, and how long a function takes, without stopping it.";
 
 const AFTER_HELP: &str = "\
-Exit status: 0 when every output was written (also after Ctrl-C or SIGTERM), 1 on runtime errors,
-2 on usage errors. Needs root, or CAP_BPF and CAP_PERFMON.";
+Signals: Ctrl-C (SIGINT), SIGTERM or SIGHUP stop the capture and write every output; a second one
+while symbolising writes the frames as raw addresses and exits. SIGUSR1 writes a snapshot of every
+output (uprobe-hist: prints the histogram so far) and the capture goes on.
+
+Exit status: 0 when every output was written (whatever ended the capture), 1 on runtime errors
+(a process that is gone, a kernel that refuses, a missing capability), 2 on usage errors (the
+command line itself is wrong).
+
+Privileges: root, or these capabilities (checked before anything is loaded):
+  profile, offcpu   CAP_BPF CAP_PERFMON, and CAP_SYSLOG for kernel frame names (not with -U)
+  offcpu --attach tracepoint   also CAP_DAC_READ_SEARCH (and CAP_SYS_ADMIN if tracefs is unmounted)
+  uprobe-hist       CAP_BPF CAP_PERFMON CAP_SYS_ADMIN, and CAP_SYS_PTRACE for another user's -p
+  diff              none
+  e.g. sudo setcap cap_bpf,cap_perfmon,cap_syslog+ep /path/to/livetrace
+Under sudo, a command given after -- runs as the invoking user (SUDO_UID); --as-root keeps root.";
 
 #[derive(Parser, Debug)]
 #[command(name = "livetrace", version, about = ABOUT, after_help = AFTER_HELP)]
@@ -58,7 +72,7 @@ fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == targets::HOLD_SHIM) {
         // `livetrace __livetrace-hold-exec -- COMMAND...`: see targets::HeldCommand.
-        return targets::hold_shim_main(&args[3..]);
+        return targets::hold_shim_main(&args[2..]);
     }
     let cli = Cli::parse_from(args);
     let level = match cli.verbose {

@@ -42,6 +42,10 @@ pub struct RawStacks {
     pub cut_short: HashMap<u32, String>,
 }
 
+/// The footer's note when a second stop signal cut symbolisation short.
+pub const INTERRUPTED_NOTE: &str = "symbolisation was interrupted by a second signal: frames not \
+     named by then are raw addresses ([module+0xoffset] or 0xaddress)";
+
 /// The marker frame under which recovered stacks of already-blocked threads appear.
 pub const RECOVERED_MARKER: &str = "[blocked since before the capture]";
 
@@ -62,17 +66,17 @@ pub fn processes_seen(bpf: &Ebpf) -> HashSet<u32> {
 }
 
 /// Copies the counts (and, with `wakers`, the blocked/waker pairs) and the stacks they refer to
-/// out of the kernel.
+/// out of the kernel, leaving the maps as they are (a SIGUSR1 snapshot reads them mid-capture).
 ///
 /// `unwound` adds the stacks unwound in user space (`--unwind dwarf`): their user stacks are
 /// synthetic ids into [`RawStacks::traces`], their kernel stacks ids in the kernel's map.
 pub fn drain(
-    bpf: &mut Ebpf,
+    bpf: &Ebpf,
     wakers: bool,
     unwound: Option<crate::unwind::Unwound>,
 ) -> anyhow::Result<RawStacks> {
-    let counts: BpfHashMap<MapData, StackKey, u64> =
-        BpfHashMap::try_from(bpf::take_map(bpf, STACK_COUNTS)?)?;
+    let counts: BpfHashMap<&MapData, StackKey, u64> =
+        BpfHashMap::try_from(bpf::map_ref(bpf, STACK_COUNTS)?)?;
     let mut raw = RawStacks::default();
     for entry in counts.iter() {
         raw.entries
@@ -86,15 +90,15 @@ pub fn drain(
         raw.cut_short = cut_short;
     }
     if wakers {
-        let wake: BpfHashMap<MapData, WakeKey, u64> =
-            BpfHashMap::try_from(bpf::take_map(bpf, WAKE_COUNTS)?)?;
+        let wake: BpfHashMap<&MapData, WakeKey, u64> =
+            BpfHashMap::try_from(bpf::map_ref(bpf, WAKE_COUNTS)?)?;
         for entry in wake.iter() {
             raw.wake_entries
                 .push(entry.context("failed to read the waker counts map")?);
         }
     }
-    let traces: StackTraceMap<MapData> =
-        StackTraceMap::try_from(bpf::take_map(bpf, STACK_TRACES)?)?;
+    let traces: StackTraceMap<&MapData> =
+        StackTraceMap::try_from(bpf::map_ref(bpf, STACK_TRACES)?)?;
     let ids: HashSet<u32> = raw
         .keys()
         .flat_map(|k| [k.user_stack_id, k.kernel_stack_id])
@@ -220,6 +224,9 @@ pub fn build_profile(
     mut quality: DataQuality,
 ) -> StackProfile {
     let names = Names::resolve(raw, symbolizer);
+    if symbolizer.interrupted() {
+        quality.notes.push(INTERRUPTED_NOTE.into());
+    }
     let divisor = options.weight_divisor.max(1);
     let mut stacks = Vec::with_capacity(raw.entries.len() + raw.wake_entries.len());
     let mut map_full = false;
@@ -292,6 +299,7 @@ pub fn build_profile(
     let mut build_ids = BTreeMap::new();
     for (pid, module) in modules {
         if !build_ids.contains_key(&module)
+            && !crate::capture::aborted()
             && let Some(id) = symbolizer.build_id(pid, &module)
         {
             build_ids.insert(module, id);

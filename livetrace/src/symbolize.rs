@@ -21,6 +21,9 @@ use blazesym::{
     },
 };
 
+/// Why a frame is a raw address after a second Ctrl-C.
+pub const INTERRUPTED: &str = "symbolisation interrupted by a second signal";
+
 /// The name the kernel's pseudo-module goes by in perf and pprof tools.
 pub const KERNEL_MODULE: &str = "[kernel.kallsyms]";
 
@@ -79,6 +82,8 @@ pub struct Symbolizer {
     snapshots: HashMap<u32, Snapshot>,
     /// Build IDs (hex) by module path, looked up once each.
     build_ids: HashMap<Arc<str>, Option<String>>,
+    /// A batch was left unsymbolised because a second stop signal asked to hurry.
+    interrupted: bool,
 }
 
 impl Default for Symbolizer {
@@ -97,6 +102,7 @@ impl Symbolizer {
                 .build(),
             snapshots: HashMap::new(),
             build_ids: HashMap::new(),
+            interrupted: false,
         }
     }
 
@@ -127,10 +133,14 @@ impl Symbolizer {
         if pid == 0 {
             return;
         }
-        let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
+        // No executable: exiting or a zombie (whose maps read empty). Keep what we had.
+        let Some(exe) = fs::read_link(format!("/proc/{pid}/exe")).ok() else {
+            return;
+        };
+        let exe = Some(exe);
         let mut first_seen = Some(std::time::Instant::now());
         if let Some(known) = self.snapshots.get(&pid)
-            && (known.exe == exe || exe.is_none())
+            && known.exe == exe
         {
             if known
                 .first_seen
@@ -140,8 +150,8 @@ impl Symbolizer {
             }
             first_seen = known.first_seen;
         }
-        let Some(mappings) = read_mappings(pid) else {
-            return; // gone already: keep what we had
+        let Some(mappings) = read_mappings(pid).filter(|m| !m.is_empty()) else {
+            return; // gone (or going) already: keep what we had
         };
         let snapshot = Snapshot {
             name: crate::targets::process_name(pid),
@@ -157,8 +167,34 @@ impl Symbolizer {
         self.snapshots.get(&pid)?.name.as_deref()
     }
 
+    /// Whether some addresses were left as raw addresses after a second stop signal.
+    pub fn interrupted(&self) -> bool {
+        self.interrupted
+    }
+
+    /// Checked before each batch: after a second stop signal, addresses stay raw.
+    fn skip_batch(&mut self) -> bool {
+        crate::capture::test_symbolize_delay();
+        if crate::capture::aborted() {
+            self.interrupted = true;
+        }
+        self.interrupted
+    }
+
     /// Symbolises one process's addresses (already adjusted to point into the call instruction).
     pub fn user(&mut self, pid: u32, addrs: &[u64]) -> Vec<Resolved> {
+        if !addrs.is_empty() && self.skip_batch() {
+            let snapshot = self.snapshots.get(&pid);
+            return addrs
+                .iter()
+                .map(|&addr| Resolved::Unknown {
+                    name: snapshot
+                        .and_then(|s| s.find(addr))
+                        .map_or_else(|| format!("{addr:#x}"), |m| module_offset(m, addr)),
+                    reason: INTERRUPTED,
+                })
+                .collect();
+        }
         let alive = crate::targets::is_alive(pid);
         if alive {
             // Refresh: libraries may have been loaded since the first look.
@@ -219,7 +255,16 @@ impl Symbolizer {
             .collect()
     }
 
-    pub fn kernel(&self, addrs: &[u64]) -> Vec<Resolved> {
+    pub fn kernel(&mut self, addrs: &[u64]) -> Vec<Resolved> {
+        if !addrs.is_empty() && self.skip_batch() {
+            return addrs
+                .iter()
+                .map(|&addr| Resolved::Unknown {
+                    name: format!("{addr:#x}"),
+                    reason: INTERRUPTED,
+                })
+                .collect();
+        }
         // kallsyms is enough for function names; hunting for a vmlinux image is slow and
         // rarely fruitful on production machines.
         let source = Source::Kernel(Kernel {

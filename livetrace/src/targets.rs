@@ -24,6 +24,9 @@ pub struct TargetArgs {
     /// Start this command and observe it and every process it forks, until it exits.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+    /// Under sudo, run COMMAND as root instead of as the user who ran sudo (SUDO_UID).
+    #[arg(long = "as-root")]
+    pub as_root: bool,
 }
 
 /// A checked target.
@@ -52,10 +55,12 @@ impl TargetArgs {
         for &pid in &self.pids {
             match thread_group_of(pid) {
                 Some(tgid) if tgid == pid => {}
-                Some(tgid) => bail!(
-                    "{pid} is a thread of process {tgid}, not a process: use -t {pid} for the \
-                     thread alone, or -p {tgid} for the whole process"
-                ),
+                Some(tgid) => {
+                    return Err(UsageError::error(format!(
+                        "{pid} is a thread of process {tgid}, not a process: use -t {pid} for \
+                         the thread alone, or -p {tgid} for the whole process"
+                    )));
+                }
                 None => bail!("no process with PID {pid} exists (is it still running?)"),
             }
         }
@@ -157,6 +162,10 @@ impl Target {
 /// `std`'s spawn returns only once the child has exec'd, so the child cannot simply wait in a
 /// `pre_exec` hook. Instead livetrace starts itself as a small shim ([`HOLD_SHIM`]) that waits
 /// for a byte on fd 3 and then execs the command in place: same PID, probes already attached.
+///
+/// Under sudo the command runs as the invoking user (`SUDO_UID`, `SUDO_GID`, that user's
+/// groups, `HOME`, `USER`, `LOGNAME`), as it would have without sudo: a tracer's privileges are
+/// for tracing, not for the program being traced. `--as-root` keeps root.
 pub struct HeldCommand {
     pub pid: u32,
     go: Option<std::fs::File>,
@@ -170,7 +179,7 @@ pub const HOLD_SHIM: &str = "__livetrace-hold-exec";
 const HOLD_FD: i32 = 3;
 
 impl HeldCommand {
-    pub fn spawn(argv: &[OsString]) -> anyhow::Result<Self> {
+    pub fn spawn(argv: &[OsString], as_root: bool) -> anyhow::Result<Self> {
         let program = argv.first().context("no command given after --")?;
         // Fail early and clearly if the program cannot be found, instead of after loading BPF.
         if program.as_bytes().contains(&b'/') {
@@ -182,7 +191,14 @@ impl HeldCommand {
         }
         let (go_read, go_write) = pipe()?;
         let mut command = std::process::Command::new("/proc/self/exe");
-        command.arg(HOLD_SHIM).arg("--").args(argv);
+        command.arg(HOLD_SHIM);
+        if let Some((uid, gid)) = sudo_user(as_root)? {
+            log::info!("running the command as uid {uid}, gid {gid} (SUDO_UID, SUDO_GID)");
+            command
+                .arg(format!("--uid={uid}"))
+                .arg(format!("--gid={gid}"));
+        }
+        command.arg("--").args(argv);
         // SAFETY: dup2 and fcntl are async-signal-safe. They hand the read end to the shim as
         // fd 3 without close-on-exec (dup2 clears it on the copy; if the pipe already is fd 3,
         // dup2 would do nothing, so clear the flag directly).
@@ -231,10 +247,110 @@ impl HeldCommand {
     }
 }
 
-/// The shim's side: wait for the go byte (end-of-file means livetrace gave up: do not run the
-/// command), then exec the command in place. Only returns on failure.
-pub fn hold_shim_main(argv: &[OsString]) -> std::process::ExitCode {
+/// The user a command started under sudo runs as: `SUDO_UID` and `SUDO_GID` (or that user's
+/// primary group), when livetrace runs as root and `--as-root` was not given.
+fn sudo_user(as_root: bool) -> anyhow::Result<Option<(u32, u32)>> {
+    // SAFETY: geteuid has no preconditions.
+    if as_root || unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let Some(uid) = std::env::var_os("SUDO_UID") else {
+        return Ok(None);
+    };
+    let uid: u32 = uid.to_str().and_then(|s| s.parse().ok()).with_context(|| {
+        format!(
+            "SUDO_UID is '{}', not a user id; unset it, or pass --as-root to run the command \
+             as root",
+            uid.to_string_lossy()
+        )
+    })?;
+    if uid == 0 {
+        return Ok(None);
+    }
+    let gid = match std::env::var("SUDO_GID").ok().and_then(|s| s.parse().ok()) {
+        Some(gid) => gid,
+        None => Passwd::by_uid(uid).map(|p| p.gid).with_context(|| {
+            format!("SUDO_GID is unset and user {uid} has no passwd entry to take a group from")
+        })?,
+    };
+    Ok(Some((uid, gid)))
+}
+
+/// The fields of a passwd entry the shim needs.
+struct Passwd {
+    name: CString,
+    gid: u32,
+    home: OsString,
+}
+
+impl Passwd {
+    fn by_uid(uid: u32) -> Option<Self> {
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut buf = vec![0 as libc::c_char; 16 * 1024];
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the sizes given; getpwuid_r is thread-safe.
+        let rc =
+            unsafe { libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut result) };
+        if rc != 0 || result.is_null() {
+            return None;
+        }
+        // SAFETY: on success the strings point into buf, NUL-terminated.
+        let (name, home) = unsafe {
+            (
+                std::ffi::CStr::from_ptr(entry.pw_name).to_owned(),
+                std::ffi::CStr::from_ptr(entry.pw_dir).to_owned(),
+            )
+        };
+        Some(Self {
+            name,
+            gid: entry.pw_gid,
+            home: OsString::from(std::ffi::OsStr::from_bytes(home.as_bytes())),
+        })
+    }
+}
+
+/// Becomes `uid`/`gid` for good (groups first, user last), for the shim before it execs.
+fn drop_to(uid: u32, gid: u32, command: &mut std::process::Command) -> std::io::Result<()> {
+    let passwd = Passwd::by_uid(uid);
+    // SAFETY: plain credential syscalls on this single-threaded shim process.
+    unsafe {
+        let rc = match &passwd {
+            Some(p) => libc::initgroups(p.name.as_ptr(), gid),
+            None => libc::setgroups(1, &gid),
+        };
+        if rc != 0 || libc::setresgid(gid, gid, gid) != 0 || libc::setresuid(uid, uid, uid) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    if let Some(p) = passwd {
+        let name = std::ffi::OsStr::from_bytes(p.name.as_bytes());
+        command
+            .env("HOME", &p.home)
+            .env("USER", name)
+            .env("LOGNAME", name);
+    }
+    Ok(())
+}
+
+/// The shim's side: `[--uid=N --gid=N] -- COMMAND...`. Wait for the go byte (end-of-file means
+/// livetrace gave up: do not run the command), become the given user if any, then exec the
+/// command in place. Only returns on failure.
+pub fn hold_shim_main(args: &[OsString]) -> std::process::ExitCode {
     use std::{io::Read as _, os::unix::process::CommandExt as _};
+    let mut user: (Option<u32>, Option<u32>) = (None, None);
+    let mut rest = args;
+    while let Some((first, tail)) = rest.split_first() {
+        rest = tail;
+        let text = first.to_string_lossy();
+        if text == "--" {
+            break;
+        } else if let Some(uid) = text.strip_prefix("--uid=") {
+            user.0 = uid.parse().ok();
+        } else if let Some(gid) = text.strip_prefix("--gid=") {
+            user.1 = gid.parse().ok();
+        }
+    }
+    let argv = rest;
     // SAFETY: fd 3 was set up by HeldCommand::spawn and nothing else owns it.
     let mut go = unsafe { std::fs::File::from_raw_fd(HOLD_FD) };
     let mut byte = [0u8];
@@ -245,7 +361,19 @@ pub fn hold_shim_main(argv: &[OsString]) -> std::process::ExitCode {
     let Some(program) = argv.first() else {
         return std::process::ExitCode::from(127);
     };
-    let err = std::process::Command::new(program).args(&argv[1..]).exec();
+    let mut command = std::process::Command::new(program);
+    command.args(&argv[1..]);
+    if let (Some(uid), Some(gid)) = user
+        && let Err(err) = drop_to(uid, gid, &mut command)
+    {
+        eprintln!(
+            "livetrace: cannot run '{}' as uid {uid}, gid {gid}: {err}; not running it \
+             (pass --as-root to run it as root)",
+            program.to_string_lossy()
+        );
+        return std::process::ExitCode::from(126);
+    }
+    let err = command.exec();
     eprintln!(
         "livetrace: cannot run '{}': {err}",
         program.to_string_lossy()
@@ -341,9 +469,10 @@ mod tests {
             pids: vec![1],
             tids: vec![],
             command: vec!["true".into()],
+            as_root: false,
         };
         assert!(both.resolve().is_err());
-        let err = HeldCommand::spawn(&["no-such-program-livetrace".into()])
+        let err = HeldCommand::spawn(&["no-such-program-livetrace".into()], false)
             .err()
             .unwrap()
             .to_string();

@@ -7,12 +7,46 @@ use anyhow::{Context as _, bail};
 
 const MOUNT_POINTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
+/// Where tracefs stands for this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Mounted, and its events can be read here.
+    Readable(&'static str),
+    /// Mounted, but this process may not look inside (the mount point is mode 0700, root's).
+    Unreadable(&'static str),
+    NotMounted,
+}
+
+pub fn status() -> Status {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut unreadable = None;
+    for dir in MOUNT_POINTS {
+        match fs::metadata(Path::new(dir).join("events")) {
+            Ok(meta) if meta.is_dir() => return Status::Readable(dir),
+            Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => {
+                let mounted = mounts.lines().any(|line| {
+                    let mut fields = line.split_ascii_whitespace().skip(1);
+                    fields.next() == Some(dir) && fields.next() == Some("tracefs")
+                });
+                if mounted && unreadable.is_none() {
+                    unreadable = Some(dir);
+                }
+            }
+            _ => {}
+        }
+    }
+    unreadable.map_or(Status::NotMounted, Status::Unreadable)
+}
+
 /// The tracefs directory, mounting tracefs at /sys/kernel/tracing if no mount is there yet.
 pub fn ensure_mounted() -> anyhow::Result<&'static Path> {
-    for dir in MOUNT_POINTS {
-        if Path::new(dir).join("events").is_dir() {
-            return Ok(Path::new(dir));
-        }
+    match status() {
+        Status::Readable(dir) => return Ok(Path::new(dir)),
+        Status::Unreadable(dir) => bail!(
+            "tracefs is mounted at {dir}, but this process may not read it (it is root's, mode \
+             0700): run livetrace as root, or with CAP_DAC_READ_SEARCH"
+        ),
+        Status::NotMounted => {}
     }
     let target = c"/sys/kernel/tracing";
     // SAFETY: plain mount(2) of tracefs with constant, NUL-terminated arguments.
@@ -28,8 +62,8 @@ pub fn ensure_mounted() -> anyhow::Result<&'static Path> {
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         bail!(
-            "tracefs is not mounted and mounting it failed ({err}); run \
-             `mount -t tracefs nodev /sys/kernel/tracing` as root"
+            "tracefs is not mounted and mounting it failed ({err}; mounting needs \
+             CAP_SYS_ADMIN); run `mount -t tracefs nodev /sys/kernel/tracing` as root"
         );
     }
     Ok(Path::new(MOUNT_POINTS[0]))

@@ -71,7 +71,7 @@ struct SampleKey {
 }
 
 /// The aggregated result of a capture's unwinding.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Unwound {
     counts: HashMap<SampleKey, u64>,
     /// Samples that could not be parsed (never expected: a layout mismatch).
@@ -127,7 +127,9 @@ impl Unwound {
 pub struct Collector {
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<HashSet<u32>>>,
-    thread: JoinHandle<Unwound>,
+    /// Updated by the thread after each batch, so a snapshot can be read mid-capture.
+    unwound: Arc<Mutex<Unwound>>,
+    thread: JoinHandle<()>,
 }
 
 impl Collector {
@@ -135,12 +137,25 @@ impl Collector {
     pub fn start(ring: RingBuf<MapData>, per_thread: bool) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(HashSet::new()));
+        let unwound = Arc::new(Mutex::new(Unwound::default()));
         let thread = std::thread::Builder::new().name("unwind".into()).spawn({
-            let stop = stop.clone();
-            let seen = seen.clone();
-            move || drain_loop(ring, per_thread, &stop, &seen)
+            let (stop, seen, unwound) = (stop.clone(), seen.clone(), unwound.clone());
+            move || drain_loop(ring, per_thread, &stop, &seen, &unwound)
         })?;
-        Ok(Self { stop, seen, thread })
+        Ok(Self {
+            stop,
+            seen,
+            unwound,
+            thread,
+        })
+    }
+
+    /// What has been unwound so far (for a SIGUSR1 snapshot); the capture goes on.
+    pub fn snapshot(&self) -> Unwound {
+        self.unwound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Processes sampled since the last call (to snapshot their maps for symbolisation).
@@ -154,7 +169,10 @@ impl Collector {
         self.stop.store(true, Ordering::Release);
         self.thread
             .join()
-            .map_err(|_| anyhow::anyhow!("the unwinding thread panicked"))
+            .map_err(|_| anyhow::anyhow!("the unwinding thread panicked"))?;
+        Ok(std::mem::take(
+            &mut *self.unwound.lock().unwrap_or_else(PoisonError::into_inner),
+        ))
     }
 }
 
@@ -163,14 +181,15 @@ fn drain_loop(
     per_thread: bool,
     stop: &AtomicBool,
     seen: &Mutex<HashSet<u32>>,
-) -> Unwound {
+    shared: &Mutex<Unwound>,
+) {
     let mut unwinder = DwarfUnwinder::default();
-    let mut out = Unwound::default();
     loop {
         // Read the flag before draining, so that the last drain follows the stop.
         let stopping = stop.load(Ordering::Acquire);
         let mut drained = 0usize;
         let mut new_pids = Vec::new();
+        let mut out = shared.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(item) = ring.next() {
             drained += 1;
             match unwinder.sample(&item, per_thread) {
@@ -184,13 +203,14 @@ fn drain_loop(
                 None => out.malformed += 1,
             }
         }
+        drop(out);
         if !new_pids.is_empty() {
             seen.lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .extend(new_pids);
         }
         if stopping {
-            return out;
+            return;
         }
         if drained == 0 {
             std::thread::sleep(POLL);

@@ -15,7 +15,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use blazesym::{
     SymType,
     inspect::{Inspector, source::Elf},
@@ -238,10 +238,10 @@ pub fn files_to_search(scope: &Scope<'_>, target: Option<&str>) -> anyhow::Resul
                 explicit: true,
             })
         }
-        (Scope::System, None) => bail!(
+        (Scope::System, None) => Err(crate::UsageError::error(
             "no process to search for the function: give -p PID, a COMMAND after --, or a \
-             TARGET (a path or library name) before the symbol, e.g. libc:malloc"
-        ),
+             TARGET (a path or library name) before the symbol, e.g. libc:malloc",
+        )),
     }
 }
 

@@ -416,7 +416,8 @@ fn ambiguous_symbol_lists_candidates_and_an_address_picks_one() {
         ["uprobe-hist", "helper", "--", path_arg(&program), "5"],
         SLACK,
     );
-    assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+    // An ambiguous name is a command-line mistake: the command line must say which.
+    assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
     assert!(
         run.stderr.contains("'helper' matches 2 functions"),
         "{}",

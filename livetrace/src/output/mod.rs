@@ -22,7 +22,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use crate::model::StackProfile;
 
@@ -105,14 +105,17 @@ pub fn preflight(outputs: &[OutputSpec]) -> anyhow::Result<()> {
     for output in outputs {
         let Some(path) = &output.path else { continue };
         if seen.contains(&path) {
-            bail!("'{}' is given twice with -o", path.display());
+            return Err(crate::UsageError::error(format!(
+                "'{}' is given twice with -o",
+                path.display()
+            )));
         }
         seen.push(path);
         if path.is_dir() {
-            bail!(
+            return Err(crate::UsageError::error(format!(
                 "output path '{}' is a directory; name a file",
                 path.display()
-            );
+            )));
         }
         let probe = temp_sibling(path)?;
         OpenOptions::new()
@@ -187,6 +190,29 @@ pub fn write_stack_profile(profile: &StackProfile, outputs: &[OutputSpec]) -> an
             None => render(&mut io::stdout().lock()).context("failed to write to stdout")?,
         }
     }
+    Ok(())
+}
+
+/// Writes a mid-capture snapshot (SIGUSR1) to every file output, atomically, and says so on
+/// stderr. Standard output is left alone: a reader of `-o -` expects one profile, at the end.
+pub fn write_snapshot(profile: &StackProfile, outputs: &[OutputSpec]) -> anyhow::Result<()> {
+    let files: Vec<OutputSpec> = outputs
+        .iter()
+        .filter(|o| o.path.is_some())
+        .cloned()
+        .collect();
+    write_stack_profile(profile, &files)?;
+    let names: Vec<String> = files.iter().map(OutputSpec::describe).collect();
+    eprintln!(
+        "livetrace: snapshot (SIGUSR1): {} {} so far written to {}; the capture goes on",
+        profile.total_weight(),
+        profile.unit.short_name(),
+        if names.is_empty() {
+            "no file (standard output gets the final profile only)".to_owned()
+        } else {
+            names.join(", ")
+        }
+    );
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use std::{collections::HashMap, io::Write as _, path::PathBuf, time::Duration};
 use anyhow::{Context as _, anyhow};
 use aya::{
     Btf, Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{HashMap as BpfHashMap, MapData},
     programs::{BtfTracePoint, Program, TracePoint},
 };
 use clap::{Args as ClapArgs, ValueEnum};
@@ -18,8 +18,8 @@ use livetrace_common::{
         OFFCPU_START, OffcpuStart, STATE_INTERRUPTIBLE, STATE_PREEMPTED, STATE_UNINTERRUPTIBLE,
     },
     stacks::{
-        COUNTERS, Counter, DEFAULT_STACK_STORAGE, STACK_ID_RECOVERED, STACK_KIND_KERNEL,
-        STACK_KIND_USER, StackKey,
+        Counter, DEFAULT_STACK_STORAGE, STACK_ID_RECOVERED, STACK_KIND_KERNEL, STACK_KIND_USER,
+        StackKey,
     },
 };
 
@@ -29,8 +29,9 @@ use crate::{
     capture::{self, StopReason, Watch},
     duration::{parse_duration, parse_positive_duration},
     kernel_btf::KernelBtf,
-    model::{DataQuality, WeightUnit},
+    model::{DataQuality, StackProfile, WeightUnit},
     output::{self, OutputSpec, footer, offcpu_summary},
+    privileges,
     stacks::{self, BuildOptions, RECOVERED_MARKER},
     symbolize::Symbolizer,
     targets::{HeldCommand, Target, TargetArgs},
@@ -138,6 +139,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "--min-block ({min_block:?}) is longer than --max-block ({max_block:?})"
         )));
     }
+    check_privileges(&args, &target)?;
     let mut outputs = args.outputs.clone();
     if outputs.is_empty() {
         let path = default_output_path(&target);
@@ -146,7 +148,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     output::preflight(&outputs)?;
 
     let mut command = match &target {
-        Target::Command(argv) => Some(HeldCommand::spawn(argv)?),
+        Target::Command(argv) => Some(HeldCommand::spawn(argv, args.target.as_root)?),
         _ => None,
     };
     let (tgids, tids) = match (&target, &command) {
@@ -168,6 +170,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // unless --per-thread.
         per_thread: true,
         stack_storage: args.stack_storage,
+        // Off-CPU stacks are taken at every context switch, where copying 16 KiB of stack
+        // would cost more than the switch itself: frame pointers only.
+        stack_copy_bytes: 0,
+        unwind_buffer: 0,
         offcpu: Some(OffcpuSettings {
             state_mask: args.state.mask(),
             min_block_ns: u64::try_from(min_block.as_nanos()).unwrap_or(u64::MAX),
@@ -176,10 +182,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             wakers: args.wakers,
             ..OffcpuSettings::default()
         }),
-        // Off-CPU stacks are taken at every context switch, where copying 16 KiB of stack
-        // would cost more than the switch itself: frame pointers only.
-        stack_copy_bytes: 0,
-        unwind_buffer: 0,
     };
     let (mut ebpf, hook) = load_and_attach(&args, base, &target, &mut notes)?;
 
@@ -228,19 +230,41 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
+    let mut context = BuildContext {
+        title,
+        notes,
+        blocked_at_start,
+        min_block,
+        max_block,
+        start_ns,
+    };
     let (stop, _) = runtime.block_on(capture::run(
         args.duration,
         Watch::for_target(&target, command.as_mut()),
-        || {
+        |event| {
             for pid in stacks::processes_seen(&ebpf) {
                 symbolizer.note_process(pid);
+            }
+            if event == capture::Event::Snapshot {
+                let result = build(
+                    &ebpf,
+                    &mut symbolizer,
+                    &args,
+                    &context,
+                    monotonic_ns(),
+                    None,
+                )
+                .and_then(|(_, profile)| output::write_snapshot(&profile, &outputs));
+                if let Err(err) = result {
+                    eprintln!("livetrace: snapshot failed: {err:#}");
+                }
             }
         },
     ))?;
     // Stop recording at once; detaching can take seconds (RCU) and must not count.
     bpf::stop_capture(&mut ebpf)?;
     let end_ns = monotonic_ns();
-    let cost = bpf::in_kernel_cost(&ebpf);
+    context.notes.push(bpf::in_kernel_cost(&ebpf));
     for pid in stacks::processes_seen(&ebpf) {
         symbolizer.note_process(pid);
     }
@@ -258,11 +282,61 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("livetrace: {}", stop.describe());
     }
 
-    let counters =
-        bpf::read_counters(&PerCpuArray::try_from(bpf::take_map(&mut ebpf, COUNTERS)?)?)?;
-    let still_blocked = still_blocked(&mut ebpf, end_ns, min_block, max_block)?;
-    let mut raw = stacks::drain(&mut ebpf, args.wakers, None)?;
+    let (by_thread, profile) = build(&ebpf, &mut symbolizer, &args, &context, end_ns, Some(&stop))?;
     drop(ebpf);
+    output::write_stack_profile(&profile, &outputs)?;
+    let mut summary = Vec::new();
+    offcpu_summary::write(&by_thread, elapsed, &mut summary)?;
+    if outputs.iter().any(|o| o.path.is_none()) {
+        std::io::stderr().write_all(&summary)?;
+    } else {
+        std::io::stdout().write_all(&summary)?;
+        std::io::stdout().flush()?;
+    }
+    if profile.total_weight() == 0 {
+        eprintln!(
+            "livetrace: no samples: no blocked time was recorded; the target's threads did not leave the CPU \
+             in the selected states. If it is busy, try `livetrace profile` with the same target."
+        );
+    }
+    eprint!("{}", footer::text(&profile));
+    for output in &outputs {
+        if output.path.is_some() {
+            eprintln!("livetrace: wrote {}", output.describe());
+        }
+    }
+    Ok(())
+}
+
+/// What [`build`] needs besides the maps and the arguments.
+struct BuildContext {
+    title: String,
+    notes: Vec<String>,
+    blocked_at_start: Vec<already_blocked::BlockedThread>,
+    min_block: Duration,
+    max_block: Duration,
+    /// When the clocks were seeded (CLOCK_MONOTONIC ns).
+    start_ns: u64,
+}
+
+/// Reads the maps in place and builds the profile by thread and the one to write: at the end
+/// (with why the capture stopped), or mid-capture for a SIGUSR1 snapshot, blocks still going on
+/// counted up to `end_ns`.
+fn build(
+    ebpf: &Ebpf,
+    symbolizer: &mut Symbolizer,
+    args: &Args,
+    context: &BuildContext,
+    end_ns: u64,
+    stop: Option<&StopReason>,
+) -> anyhow::Result<(StackProfile, StackProfile)> {
+    let (min_block, max_block) = (context.min_block, context.max_block);
+    let blocked_at_start = &context.blocked_at_start;
+    // The window is what blocks were measured against: from seeding the clocks to the end.
+    let elapsed = Duration::from_nanos(end_ns.saturating_sub(context.start_ns));
+    let counters = bpf::read_counters_in(ebpf)?;
+    let still_blocked = still_blocked(ebpf, end_ns, min_block, max_block)?;
+    let mut raw = stacks::drain(ebpf, args.wakers, None)?;
     let still_blocked_count = still_blocked.len();
     raw.entries.extend(still_blocked);
     raw.recovered = blocked_at_start
@@ -277,7 +351,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         recorded: counter(Counter::Recorded),
         not_target: counter(Counter::NotTarget) + counter(Counter::KernelThread),
         counts_map_full: counter(Counter::CountsMapFull) + counter(Counter::WakeCountsMapFull),
-        notes,
+        notes: context.notes.clone(),
         ..DataQuality::default()
     };
     quality.notes.push(format!(
@@ -325,18 +399,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             quality.advice.push(format!("{what}: {fix}"));
         }
     }
-    if !matches!(stop, StopReason::DurationElapsed) {
-        quality
+    match stop {
+        Some(StopReason::DurationElapsed) => {}
+        Some(stop) => quality
             .notes
-            .push(format!("capture ended early: {}", stop.describe()));
+            .push(format!("capture ended early: {}", stop.describe())),
+        None => quality
+            .notes
+            .push("snapshot (SIGUSR1) taken while the capture goes on".into()),
     }
-    quality.notes.push(cost);
 
     let by_thread = stacks::build_profile(
         &raw,
-        &mut symbolizer,
+        symbolizer,
         &BuildOptions {
-            title,
+            title: context.title.clone(),
             unit: WeightUnit::Microseconds,
             per_thread: true,
             stack_storage: args.stack_storage,
@@ -350,26 +427,38 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         by_thread.without_threads()
     };
-    output::write_stack_profile(&profile, &outputs)?;
-    let mut summary = Vec::new();
-    offcpu_summary::write(&by_thread, elapsed, &mut summary)?;
-    if outputs.iter().any(|o| o.path.is_none()) {
-        std::io::stderr().write_all(&summary)?;
-    } else {
-        std::io::stdout().write_all(&summary)?;
-        std::io::stdout().flush()?;
+    Ok((by_thread, profile))
+}
+
+/// Fails, naming them, without the capabilities the run needs; warns about the ones that only
+/// the recovery of threads already blocked at the start uses.
+fn check_privileges(args: &Args, target: &Target) -> anyhow::Result<()> {
+    let mut needs = vec![privileges::BPF, privileges::PERFMON];
+    let kernel_stacks = !args.user_only;
+    if kernel_stacks && privileges::kernel_symbols_hidden() {
+        needs.push(privileges::KALLSYMS);
     }
-    if profile.total_weight() == 0 {
-        eprintln!(
-            "livetrace: no blocked time was recorded: the target's threads did not leave the CPU \
-             in the selected states. If it is busy, try `livetrace profile` with the same target."
-        );
-    }
-    eprint!("{}", footer::text(&profile));
-    for output in &outputs {
-        if output.path.is_some() {
-            eprintln!("livetrace: wrote {}", output.describe());
+    if args.attach == Attach::Tracepoint {
+        match tracefs::status() {
+            tracefs::Status::Readable(_) => {}
+            tracefs::Status::Unreadable(_) => needs.push(privileges::TRACEFS_READ),
+            tracefs::Status::NotMounted => {
+                needs.push(privileges::TRACEFS_MOUNT);
+                needs.push(privileges::TRACEFS_READ);
+            }
         }
+    }
+    privileges::require("offcpu", &needs)?;
+    if let Target::Threads { pids, tids } = target {
+        let mut wanted = Vec::new();
+        if kernel_stacks {
+            wanted.push(privileges::RECOVER_KERNEL_STACKS);
+        }
+        let ids: Vec<u32> = pids.iter().chain(tids).copied().collect();
+        if !args.kernel_only && privileges::ptrace_need(&ids).is_some() {
+            wanted.extend(privileges::RECOVER_USER_STACKS);
+        }
+        privileges::warn_missing(&wanted);
     }
     Ok(())
 }
@@ -503,13 +592,13 @@ fn seed_blocked(
 /// Blocks still going on at the end, counted up to the end, under the same --min-block and
 /// --max-block filters as the finished ones (applied to the time blocked so far).
 fn still_blocked(
-    ebpf: &mut Ebpf,
+    ebpf: &Ebpf,
     end_ns: u64,
     min_block: Duration,
     max_block: Duration,
 ) -> anyhow::Result<Vec<(StackKey, u64)>> {
-    let starts: BpfHashMap<MapData, u32, OffcpuStart> =
-        BpfHashMap::try_from(bpf::take_map(ebpf, OFFCPU_START)?)?;
+    let starts: BpfHashMap<&MapData, u32, OffcpuStart> =
+        BpfHashMap::try_from(bpf::map_ref(ebpf, OFFCPU_START)?)?;
     let mut merged: HashMap<StackKey, u64> = HashMap::new();
     for entry in starts.iter() {
         let (_, start) = entry.context("failed to read the off-CPU start map")?;

@@ -1,13 +1,14 @@
 //! `livetrace profile`: where is the CPU time going? Samples stacks on a perf event (software
 //! cpu-clock by default, at 99 Hz so as not to beat in step with 100 Hz timers) and aggregates
 //! them in the kernel; prints the hottest leaf functions and writes a flamegraph.
-//! Needs kernel 4.9+ (BPF perf_event programs), root or CAP_BPF + CAP_PERFMON.
+//! Needs kernel 4.9+ (BPF perf_event programs), root or CAP_BPF + CAP_PERFMON (+ CAP_SYSLOG for
+//! kernel frame names where /proc/kallsyms hides them).
 
 use std::{io::Write as _, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use aya::{
-    maps::{PerCpuArray, RingBuf},
+    maps::RingBuf,
     programs::{
         PerfEvent,
         perf_event::{HardwareEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
@@ -15,7 +16,7 @@ use aya::{
 };
 use clap::{Args as ClapArgs, ValueEnum};
 use livetrace_common::{
-    stacks::{COUNTERS, Counter, DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER},
+    stacks::{Counter, DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER},
     unwind::{MAX_STACK_COPY, UNWIND_SAMPLES},
 };
 
@@ -25,6 +26,7 @@ use crate::{
     duration::parse_positive_duration,
     model::{DataQuality, WeightUnit},
     output::{self, OutputSpec, footer, summary},
+    privileges,
     stacks::{self, BuildOptions},
     symbolize::Symbolizer,
     targets::{HeldCommand, Target, TargetArgs},
@@ -133,6 +135,11 @@ pub enum Event {
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Everything that can be checked is checked before the kernel is touched.
     let target = args.target.resolve()?;
+    let mut needs = vec![privileges::BPF, privileges::PERFMON];
+    if !args.user_only && privileges::kernel_symbols_hidden() {
+        needs.push(privileges::KALLSYMS);
+    }
+    privileges::require("profile", &needs)?;
     let mut outputs = args.outputs.clone();
     let default_svg = outputs.is_empty().then(|| default_output_path(&target));
     if let Some(path) = &default_svg {
@@ -146,7 +153,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let frequency = clamp_frequency(args.frequency, &mut notes);
 
     let mut command = match &target {
-        Target::Command(argv) => Some(HeldCommand::spawn(argv)?),
+        Target::Command(argv) => Some(HeldCommand::spawn(argv, args.target.as_root)?),
         _ => None,
     };
     let (tgids, tids) = match &target {
@@ -235,69 +242,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     );
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("failed to start the async runtime")?;
-    let (stop, elapsed) = runtime.block_on(capture::run(
-        args.duration,
-        Watch::for_target(&target, command.as_mut()),
-        || {
-            for pid in stacks::processes_seen(&ebpf) {
-                symbolizer.note_process(pid);
-            }
-            for pid in collector.iter().flat_map(unwind::Collector::take_seen) {
-                symbolizer.note_process(pid);
-            }
-        },
-    ))?;
-    // Stop sampling before reading, so the counters and the maps agree.
-    for pid in stacks::processes_seen(&ebpf) {
-        symbolizer.note_process(pid);
-    }
-    for pid in collector.iter().flat_map(unwind::Collector::take_seen) {
-        symbolizer.note_process(pid);
-    }
-    let cost = bpf::in_kernel_cost(&ebpf);
-    let program: &mut PerfEvent = ebpf
-        .program_mut("profile_cpu")
-        .context("profile_cpu vanished")?
-        .try_into()?;
-    program
-        .unload()
-        .context("failed to detach the perf events")?;
-    if stop != StopReason::DurationElapsed {
-        eprintln!("livetrace: {}", stop.describe());
-    }
-
-    let counters =
-        bpf::read_counters(&PerCpuArray::try_from(bpf::take_map(&mut ebpf, COUNTERS)?)?)?;
-    // The program is detached: what is in the ring buffer now is all there will be.
-    let unwound = collector.map(unwind::Collector::finish).transpose()?;
-    if let Some(unwound) = &unwound
-        && unwound.malformed > 0
-    {
-        notes.push(format!(
-            "{} stack samples were malformed and skipped (a livetrace bug: please report it)",
-            unwound.malformed
-        ));
-    }
-    let raw = stacks::drain(&mut ebpf, false, unwound)?;
-    drop(ebpf);
-    let started = std::time::SystemTime::now()
-        .checked_sub(elapsed)
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-    let mut quality = DataQuality {
-        duration: elapsed,
-        started_unix_ns: started.map(|d| d.as_nanos() as u64),
-        events: bpf::counter(&counters, Counter::Events),
-        recorded: bpf::counter(&counters, Counter::Recorded),
-        idle: bpf::counter(&counters, Counter::Idle),
-        not_target: bpf::counter(&counters, Counter::NotTarget),
-        counts_map_full: bpf::counter(&counters, Counter::CountsMapFull),
-        unwind_ring_full: bpf::counter(&counters, Counter::UnwindRingFull)
-            + bpf::counter(&counters, Counter::UnwindScratchMissing),
-        unwind_mode: Some(if dwarf {
+    let mut context = BuildContext {
+        unwind_mode: if dwarf {
             format!(
                 "unwound with DWARF CFI (.eh_frame) from {} KiB stack copies (--unwind dwarf)",
                 args.stack_copy_size / 1024
@@ -308,34 +254,84 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .into()
         } else {
             "not collected (-K)".into()
-        }),
-        // Only the whole system has a known expectation: every CPU, every tick.
-        expected: (target == Target::System)
-            .then(|| (cpus as f64 * frequency as f64 * elapsed.as_secs_f64()).round() as u64),
-        notes,
-        ..DataQuality::default()
-    };
-    if !matches!(stop, StopReason::DurationElapsed) {
-        quality
-            .notes
-            .push(format!("capture ended early: {}", stop.describe()));
-    }
-    quality.notes.push(cost);
-    quality.stop_reason = Some(stop.describe());
-    let profile = stacks::build_profile(
-        &raw,
-        &mut symbolizer,
-        &BuildOptions {
-            title,
-            unit: WeightUnit::Samples,
-            // Sampling is by frequency, so a sample stands for 1/Hz of CPU time on average.
-            period_ns: Some(1_000_000_000 / frequency),
-            per_thread: args.per_thread,
-            stack_storage: args.stack_storage,
-            weight_divisor: 1,
         },
-        quality,
-    );
+        title,
+        frequency,
+        per_thread: args.per_thread,
+        stack_storage: args.stack_storage,
+        cpus,
+        whole_system: target == Target::System,
+        notes,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    let started = std::time::Instant::now();
+    let (stop, elapsed) = runtime.block_on(capture::run(
+        args.duration,
+        Watch::for_target(&target, command.as_mut()),
+        |event| {
+            for pid in stacks::processes_seen(&ebpf) {
+                symbolizer.note_process(pid);
+            }
+            for pid in collector.iter().flat_map(unwind::Collector::take_seen) {
+                symbolizer.note_process(pid);
+            }
+            if event == capture::Event::Snapshot {
+                let unwound = collector.as_ref().map(unwind::Collector::snapshot);
+                let result = build(
+                    &ebpf,
+                    &mut symbolizer,
+                    &context,
+                    started.elapsed(),
+                    None,
+                    unwound,
+                )
+                .and_then(|profile| output::write_snapshot(&profile, &outputs));
+                if let Err(err) = result {
+                    eprintln!("livetrace: snapshot failed: {err:#}");
+                }
+            }
+        },
+    ))?;
+    // Stop sampling before reading, so the counters and the maps agree.
+    for pid in stacks::processes_seen(&ebpf) {
+        symbolizer.note_process(pid);
+    }
+    for pid in collector.iter().flat_map(unwind::Collector::take_seen) {
+        symbolizer.note_process(pid);
+    }
+    context.notes.push(bpf::in_kernel_cost(&ebpf));
+    let program: &mut PerfEvent = ebpf
+        .program_mut("profile_cpu")
+        .context("profile_cpu vanished")?
+        .try_into()?;
+    program
+        .unload()
+        .context("failed to detach the perf events")?;
+    if stop != StopReason::DurationElapsed {
+        eprintln!("livetrace: {}", stop.describe());
+    }
+    // The program is detached: what is in the ring buffer now is all there will be.
+    let unwound = collector.map(unwind::Collector::finish).transpose()?;
+    if let Some(unwound) = &unwound
+        && unwound.malformed > 0
+    {
+        context.notes.push(format!(
+            "{} stack samples were malformed and skipped (a livetrace bug: please report it)",
+            unwound.malformed
+        ));
+    }
+    let profile = build(
+        &ebpf,
+        &mut symbolizer,
+        &context,
+        elapsed,
+        Some(&stop),
+        unwound,
+    )?;
+    drop(ebpf);
 
     output::write_stack_profile(&profile, &outputs)?;
     let to_stdout = outputs.iter().any(|o| o.path.is_none());
@@ -364,6 +360,79 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What [`build`] needs besides the maps.
+struct BuildContext {
+    /// How user stacks were walked, for the footer.
+    unwind_mode: String,
+    title: String,
+    frequency: u64,
+    per_thread: bool,
+    stack_storage: u32,
+    cpus: usize,
+    whole_system: bool,
+    notes: Vec<String>,
+}
+
+/// Reads the maps in place and builds the symbolised profile: at the end (with why the capture
+/// stopped), or mid-capture for a SIGUSR1 snapshot.
+fn build(
+    ebpf: &aya::Ebpf,
+    symbolizer: &mut Symbolizer,
+    context: &BuildContext,
+    elapsed: Duration,
+    stop: Option<&StopReason>,
+    unwound: Option<unwind::Unwound>,
+) -> anyhow::Result<crate::model::StackProfile> {
+    let counters = bpf::read_counters_in(ebpf)?;
+    let raw = stacks::drain(ebpf, false, unwound)?;
+    let started = std::time::SystemTime::now()
+        .checked_sub(elapsed)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    let frequency = context.frequency;
+    let mut quality = DataQuality {
+        duration: elapsed,
+        started_unix_ns: started.map(|d| d.as_nanos() as u64),
+        events: bpf::counter(&counters, Counter::Events),
+        recorded: bpf::counter(&counters, Counter::Recorded),
+        idle: bpf::counter(&counters, Counter::Idle),
+        not_target: bpf::counter(&counters, Counter::NotTarget),
+        counts_map_full: bpf::counter(&counters, Counter::CountsMapFull),
+        unwind_ring_full: bpf::counter(&counters, Counter::UnwindRingFull)
+            + bpf::counter(&counters, Counter::UnwindScratchMissing),
+        unwind_mode: Some(context.unwind_mode.clone()),
+        // Only the whole system has a known expectation: every CPU, every tick.
+        expected: context.whole_system.then(|| {
+            (context.cpus as f64 * frequency as f64 * elapsed.as_secs_f64()).round() as u64
+        }),
+        notes: context.notes.clone(),
+        ..DataQuality::default()
+    };
+    match stop {
+        Some(StopReason::DurationElapsed) => {}
+        Some(stop) => quality
+            .notes
+            .push(format!("capture ended early: {}", stop.describe())),
+        None => quality
+            .notes
+            .push("snapshot (SIGUSR1) taken while the capture goes on".into()),
+    }
+    quality.stop_reason = stop.map(StopReason::describe);
+    Ok(stacks::build_profile(
+        &raw,
+        symbolizer,
+        &BuildOptions {
+            title: context.title.clone(),
+            unit: WeightUnit::Samples,
+            // Sampling is by frequency, so a sample stands for 1/Hz of CPU time on average.
+            period_ns: Some(1_000_000_000 / frequency),
+            per_thread: context.per_thread,
+            stack_storage: context.stack_storage,
+            weight_divisor: 1,
+        },
+        quality,
+    ))
 }
 
 /// Attaches the program to one perf event per online CPU (whole system, or `-p`/`-t` filtered in

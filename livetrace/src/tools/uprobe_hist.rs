@@ -3,7 +3,7 @@
 //! thread, by stack pointer, so recursion pairs correctly) and add its duration to a log-linear
 //! histogram there; the loader prints the histogram, percentiles with their bounds, and, with
 //! `--slow`, the slowest calls with their callers. Needs kernel 5.8+, root or CAP_BPF +
-//! CAP_PERFMON. Go programs are refused: uretprobes corrupt Go's moving stacks.
+//! CAP_PERFMON + CAP_SYS_ADMIN (uprobes through perf_event_open). Go programs are refused: uretprobes corrupt Go's moving stacks.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -42,6 +42,7 @@ use crate::{
     },
     model::{DataQuality, Frame, FrameKind, WeightUnit},
     output::{self, Format, OutputSpec, histogram_json, histogram_text},
+    privileges,
     stacks::{self, BuildOptions, RawStacks},
     symbolize::{Resolved, Symbolizer},
     targets::{self, HeldCommand, Target, TargetArgs},
@@ -99,6 +100,9 @@ pub struct Args {
     /// Start this command and time the function in it until it exits.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+    /// Under sudo, run COMMAND as root instead of as the user who ran sudo (SUDO_UID).
+    #[arg(long = "as-root")]
+    pub as_root: bool,
 }
 
 /// Where one `-o` goes.
@@ -204,8 +208,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         pids: args.pids.clone(),
         tids: vec![],
         command: args.command.clone(),
+        as_root: args.as_root,
     }
     .resolve()?;
+    let mut needs = vec![
+        privileges::BPF,
+        privileges::PERFMON,
+        privileges::UPROBE_ADMIN,
+    ];
+    needs.extend(privileges::ptrace_need(&args.pids));
+    privileges::require("uprobe-hist", &needs)?;
     let sites = find_sites(&args.symbol, &target)?;
     let function = sites[0].symbol.demangled.clone();
 
@@ -225,7 +237,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     output::preflight(&paths)?;
 
     let mut command = match &target {
-        Target::Command(argv) => Some(HeldCommand::spawn(argv)?),
+        Target::Command(argv) => Some(HeldCommand::spawn(argv, args.as_root)?),
         _ => None,
     };
     let slow_ns = args
@@ -285,6 +297,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     );
 
+    let snapshot_base = LatencyReport {
+        function: function.clone(),
+        sites: site_names.clone(),
+        title: title.clone(),
+        total: Histogram::default(),
+        intervals: Vec::new(),
+        slow: None,
+        quality: LatencyQuality::default(),
+        max_threads: args.max_threads,
+    };
     let start = Instant::now();
     let start_mono_ns = monotonic_ns();
     let cost_before = probe_cost(&ebpf);
@@ -298,8 +320,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (stop, elapsed) = runtime.block_on(capture::run(
         args.duration,
         Watch::for_target(&target, command.as_mut()),
-        || {
+        |event| {
             slow.drain(&mut maps.ring, &mut symbolizer);
+            if event == capture::Event::Snapshot {
+                if let Err(err) = write_snapshot(
+                    &maps,
+                    &slow,
+                    &mut symbolizer,
+                    &snapshot_base,
+                    &outputs,
+                    start.elapsed(),
+                    start_mono_ns,
+                    args.json,
+                ) {
+                    eprintln!("livetrace: snapshot failed: {err:#}");
+                }
+                return;
+            }
             if tick_error.is_none()
                 && let Err(err) = intervals.tick(&mut maps, start.elapsed(), &function, args.json)
             {
@@ -322,42 +359,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     slow.drain(&mut maps.ring, &mut symbolizer);
     let total = maps.histogram()?;
     intervals.finish(&mut maps, &total, elapsed, &function, args.json)?;
-    let counters = maps.counters()?;
-    let counter = |c: Counter| counters[c as usize];
-    let mut quality = LatencyQuality {
-        duration: elapsed,
-        entries: counter(Counter::Entries),
-        returns: counter(Counter::Returns),
-        recorded: counter(Counter::Recorded),
-        thread_map_full: counter(Counter::ThreadMapFull),
-        too_deep: counter(Counter::TooDeep),
-        abandoned: counter(Counter::Abandoned),
-        exited_inside: counter(Counter::ExitedInside),
-        still_open: maps.still_open()?,
-        return_without_entry: counter(Counter::ReturnWithoutEntry),
-        return_unmatched: counter(Counter::ReturnUnmatched),
-        slow_recorded: counter(Counter::SlowRecorded),
-        slow_ring_full: counter(Counter::SlowRingFull),
-        slow_stack_lost: counter(Counter::SlowStackLost),
-        helper_failed: counter(Counter::HelperFailed),
-        returns_outside: counter(Counter::ReturnOutsideCapture),
-        probe_cost_ns: cost_before.zip(cost_after).and_then(|(before, after)| {
-            let runs = after.1.saturating_sub(before.1);
-            // Each call runs two programs: entry and return.
-            (runs > 0).then(|| 2.0 * (after.0 - before.0) as f64 / runs as f64)
-        }),
-        notes: Vec::new(),
-    };
+    let mut quality = latency_quality(&maps, elapsed, &function)?;
+    quality.probe_cost_ns = cost_before.zip(cost_after).and_then(|(before, after)| {
+        let runs = after.1.saturating_sub(before.1);
+        // Each call runs two programs: entry and return.
+        (runs > 0).then(|| 2.0 * (after.0 - before.0) as f64 / runs as f64)
+    });
     if !matches!(stop, StopReason::DurationElapsed) {
         quality
             .notes
             .push(format!("capture ended early: {}", stop.describe()));
-    }
-    if quality.entries == 0 {
-        quality.notes.push(format!(
-            "{function} was not called during the capture: check that the target calls it \
-             (it may be inlined at its call sites, and then never runs as its own function)"
-        ));
     }
 
     let traces = if slow_ns > 0 {
@@ -366,6 +377,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         HashMap::new()
     };
     let slow_report = (slow_ns > 0).then(|| slow.report(&traces, &mut symbolizer, start_mono_ns));
+    if symbolizer.interrupted() {
+        quality.notes.push(stacks::INTERRUPTED_NOTE.into());
+    }
     let report = LatencyReport {
         function: function.clone(),
         sites: site_names,
@@ -418,6 +432,120 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             eprintln!("livetrace: wrote {}", path.display());
         }
     }
+    Ok(())
+}
+
+/// The data-quality record from the counters, read in place (also mid-capture).
+fn latency_quality(
+    maps: &Maps,
+    elapsed: Duration,
+    function: &str,
+) -> anyhow::Result<LatencyQuality> {
+    let counters = maps.counters()?;
+    let counter = |c: Counter| counters[c as usize];
+    let mut quality = LatencyQuality {
+        duration: elapsed,
+        entries: counter(Counter::Entries),
+        returns: counter(Counter::Returns),
+        recorded: counter(Counter::Recorded),
+        thread_map_full: counter(Counter::ThreadMapFull),
+        too_deep: counter(Counter::TooDeep),
+        abandoned: counter(Counter::Abandoned),
+        exited_inside: counter(Counter::ExitedInside),
+        still_open: maps.still_open()?,
+        return_without_entry: counter(Counter::ReturnWithoutEntry),
+        return_unmatched: counter(Counter::ReturnUnmatched),
+        slow_recorded: counter(Counter::SlowRecorded),
+        slow_ring_full: counter(Counter::SlowRingFull),
+        slow_stack_lost: counter(Counter::SlowStackLost),
+        helper_failed: counter(Counter::HelperFailed),
+        returns_outside: counter(Counter::ReturnOutsideCapture),
+        probe_cost_ns: None,
+        notes: Vec::new(),
+    };
+    if quality.entries == 0 {
+        quality.notes.push(format!(
+            "{function} was not called during the capture: check that the target calls it \
+             (it may be inlined at its call sites, and then never runs as its own function)"
+        ));
+    }
+
+    Ok(quality)
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the run loop's state, borrowed piece by piece inside its callback"
+)]
+/// SIGUSR1: the report so far, written to every file output and printed on stdout (as JSON
+/// with --json); the maps are read, not cleared, and the capture goes on.
+fn write_snapshot(
+    maps: &Maps,
+    slow: &SlowCollector,
+    symbolizer: &mut Symbolizer,
+    base: &LatencyReport,
+    outputs: &[HistOutput],
+    elapsed: Duration,
+    start_mono_ns: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut quality = latency_quality(maps, elapsed, &base.function)?;
+    quality
+        .notes
+        .push("snapshot (SIGUSR1) taken while the capture goes on".into());
+    let traces = if slow.threshold_ns > 0 {
+        maps.stack_traces(slow)?
+    } else {
+        HashMap::new()
+    };
+    let report = LatencyReport {
+        function: base.function.clone(),
+        sites: base.sites.clone(),
+        title: base.title.clone(),
+        total: maps.histogram()?,
+        intervals: Vec::new(),
+        slow: (slow.threshold_ns > 0).then(|| slow.report(&traces, symbolizer, start_mono_ns)),
+        quality,
+        max_threads: base.max_threads,
+    };
+    let mut written = Vec::new();
+    for output in outputs {
+        match output {
+            HistOutput::Text(Some(path)) => {
+                output::write_atomically(path, |out| histogram_text::write(&report, out))?;
+            }
+            HistOutput::Json(path) => {
+                output::write_atomically(path, |out| histogram_json::write(&report, out))?;
+            }
+            HistOutput::Stacks(spec) => {
+                let profile = slow.profile(&traces, symbolizer, &report, &report.title);
+                output::write_stack_profile(&profile, std::slice::from_ref(spec))?;
+            }
+            HistOutput::Text(None) => continue,
+        }
+        if let Some(path) = output.path() {
+            written.push(path.display().to_string());
+        }
+    }
+    let mut stdout = std::io::stdout().lock();
+    if json {
+        histogram_json::write(&report, &mut stdout).context("failed to write to stdout")?;
+    } else {
+        stdout
+            .write_all(histogram_text::report_text(&report).as_bytes())
+            .context("failed to write to stdout")?;
+    }
+    stdout.flush().context("failed to write to stdout")?;
+    drop(stdout);
+    eprintln!(
+        "livetrace: snapshot (SIGUSR1): {} calls so far{}; the capture goes on",
+        report.total.count(),
+        if written.is_empty() {
+            String::new()
+        } else {
+            format!(", written to {}", written.join(", "))
+        }
+    );
     Ok(())
 }
 
@@ -501,7 +629,11 @@ fn find_site(spec: &SymbolSpec, scope: &Scope<'_>, pid: Option<u32>) -> anyhow::
                 }
             }
             Lookup::Ambiguous(candidates) => {
-                bail!(describe_ambiguity(spec, &file.shown, &candidates))
+                return Err(crate::UsageError::error(describe_ambiguity(
+                    spec,
+                    &file.shown,
+                    &candidates,
+                )));
             }
             Lookup::Missing => {
                 if primary && !info.has_symtab {
@@ -524,7 +656,7 @@ fn find_site(spec: &SymbolSpec, scope: &Scope<'_>, pid: Option<u32>) -> anyhow::
             "\nname the library: e.g. {}:{}",
             found[0].0.shown, spec.symbol
         ));
-        bail!(message);
+        return Err(crate::UsageError::error(message));
     }
     let Some((file, symbol, info)) = found.pop() else {
         let searched = if search.files.len() == 1 {

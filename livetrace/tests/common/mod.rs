@@ -285,12 +285,17 @@ impl Livetrace {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        let mut command = Command::new(LIVETRACE);
+        command.args(args).envs(env.iter().copied());
+        Self::start_command(command)
+    }
+
+    /// Starts a prepared command (livetrace itself, or livetrace under a wrapper such as
+    /// setpriv) with no standard input and its output captured.
+    pub fn start_command(mut command: Command) -> Livetrace {
         let stdout = tempfile::tempfile().expect("cannot create a temporary file");
         let stderr = tempfile::tempfile().expect("cannot create a temporary file");
-        let mut command = Command::new(LIVETRACE);
         command
-            .args(args)
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout.try_clone().expect("cannot duplicate a file handle"))
             .stderr(stderr.try_clone().expect("cannot duplicate a file handle"));
