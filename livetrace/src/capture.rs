@@ -1,6 +1,7 @@
 //! The capture's run loop, shared by every tool: run until the duration ends, Ctrl-C, SIGTERM or
-//! SIGHUP arrives, or the targets are gone; call the tool back once a second meanwhile (to note
-//! new processes while their memory maps can still be read). The observed process never waits
+//! SIGHUP arrives, or the targets are gone; call the tool back meanwhile, often (to read the
+//! processes the BPF programs announce while their memory maps can still be read, however short
+//! their lives) and once a second (slower chores). The observed process never waits
 //! on any of this: the BPF programs aggregate in the kernel.
 
 use std::time::{Duration, Instant};
@@ -47,8 +48,20 @@ impl<'a> Watch<'a> {
     }
 }
 
-/// How often the tool is called back during the capture.
+/// Which of the tool's periodic chores is due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tick {
+    /// Every [`FAST_TICK`]: cheap work that cannot wait (a process seen for the first time
+    /// may exit within a second).
+    Fast,
+    /// Every [`TICK`].
+    Second,
+}
+
+/// How often the tool is called back for its slower chores.
 const TICK: Duration = Duration::from_secs(1);
+/// How often the tool is called back for its urgent, cheap chores.
+const FAST_TICK: Duration = Duration::from_millis(50);
 /// How often the liveness of `-p`/`-t` targets is checked.
 const LIVENESS_POLL: Duration = Duration::from_millis(200);
 
@@ -56,7 +69,7 @@ const LIVENESS_POLL: Duration = Duration::from_millis(200);
 pub async fn run(
     duration: Option<Duration>,
     mut watch: Watch<'_>,
-    mut on_tick: impl FnMut(),
+    mut on_tick: impl FnMut(Tick),
 ) -> anyhow::Result<(StopReason, Duration)> {
     let start = Instant::now();
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -72,6 +85,8 @@ pub async fn run(
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(TICK);
     tick.tick().await;
+    let mut fast_tick = tokio::time::interval(FAST_TICK);
+    fast_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut liveness = tokio::time::interval(LIVENESS_POLL);
     let reason = loop {
         tokio::select! {
@@ -80,7 +95,8 @@ pub async fn run(
             _ = terminate.recv() => break StopReason::Signal("SIGTERM"),
             _ = hangup.recv() => break StopReason::Signal("SIGHUP"),
             status = command_exit(&mut watch) => break StopReason::CommandExited(status),
-            _ = tick.tick() => on_tick(),
+            _ = tick.tick() => on_tick(Tick::Second),
+            _ = fast_tick.tick() => on_tick(Tick::Fast),
             _ = liveness.tick() => {
                 if let Watch::Ids { pids, tids } = &watch
                     && !pids.iter().chain(tids.iter()).any(|&id| targets::is_alive(id))

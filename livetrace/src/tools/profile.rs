@@ -20,7 +20,7 @@ use livetrace_common::stacks::{
 
 use crate::{
     bpf::{self, StackSettings},
-    capture::{self, StopReason, Watch},
+    capture::{self, StopReason, Tick, Watch},
     duration::parse_positive_duration,
     model::{DataQuality, WeightUnit},
     output::{self, OutputSpec, footer, summary},
@@ -165,6 +165,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     );
 
+    let mut new_processes = stacks::new_processes(&mut ebpf)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -172,12 +173,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (stop, elapsed) = runtime.block_on(capture::run(
         args.duration,
         Watch::for_target(&target, command.as_mut()),
-        || {
-            for pid in stacks::processes_seen(&ebpf) {
-                symbolizer.note_process(pid);
+        |tick| match tick {
+            Tick::Fast => stacks::note_new_processes(&mut new_processes, &mut symbolizer),
+            // A process the BPF programs could not announce (counted) is still noted here.
+            Tick::Second => {
+                for pid in stacks::processes_seen(&ebpf) {
+                    symbolizer.note_process(pid);
+                }
             }
         },
     ))?;
+    stacks::note_new_processes(&mut new_processes, &mut symbolizer);
     // Stop sampling before reading, so the counters and the maps agree.
     for pid in stacks::processes_seen(&ebpf) {
         symbolizer.note_process(pid);
@@ -214,6 +220,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         notes,
         ..DataQuality::default()
     };
+    let unannounced = bpf::counter(&counters, Counter::NewProcessNotAnnounced);
+    if unannounced > 0 {
+        quality.notes.push(format!(
+            "{unannounced} processes could not be announced when first seen (map or ring buffer \
+             full); those that exited within a second may have unnamed frames"
+        ));
+    }
     if !matches!(stop, StopReason::DurationElapsed) {
         quality
             .notes
