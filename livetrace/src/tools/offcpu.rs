@@ -8,7 +8,7 @@ use std::{collections::HashMap, io::Write as _, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Btf, Ebpf,
+    Ebpf,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
     programs::{BtfTracePoint, Program, TracePoint},
 };
@@ -26,7 +26,7 @@ use livetrace_common::{
 use crate::{
     UsageError, already_blocked,
     bpf::{self, OffcpuSettings, StackSettings},
-    capture::{self, StopReason, Watch},
+    capture::{self, StopReason, Tick, Watch},
     duration::{parse_duration, parse_positive_duration},
     kernel_btf::KernelBtf,
     model::{DataQuality, WeightUnit},
@@ -220,6 +220,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     );
 
+    let mut new_processes = stacks::new_processes(&mut ebpf)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -227,12 +228,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (stop, _) = runtime.block_on(capture::run(
         args.duration,
         Watch::for_target(&target, command.as_mut()),
-        || {
-            for pid in stacks::processes_seen(&ebpf) {
-                symbolizer.note_process(pid);
+        |tick| match tick {
+            Tick::Fast => stacks::note_new_processes(&mut new_processes, &mut symbolizer),
+            // A process the BPF programs could not announce (counted) is still noted here.
+            Tick::Second => {
+                for pid in stacks::processes_seen(&ebpf) {
+                    symbolizer.note_process(pid);
+                }
             }
         },
     ))?;
+    stacks::note_new_processes(&mut new_processes, &mut symbolizer);
     // Stop recording at once; detaching can take seconds (RCU) and must not count.
     bpf::stop_capture(&mut ebpf)?;
     let end_ns = monotonic_ns();
@@ -319,6 +325,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             *quality.stack_losses.entry(what.to_owned()).or_default() += n;
             quality.advice.push(format!("{what}: {fix}"));
         }
+    }
+    let unannounced = counter(Counter::NewProcessNotAnnounced);
+    if unannounced > 0 {
+        quality.notes.push(format!(
+            "{unannounced} processes could not be announced when first seen (map or ring buffer \
+             full); those that exited within a second may have unnamed frames"
+        ));
     }
     if !matches!(stop, StopReason::DurationElapsed) {
         quality
@@ -440,7 +453,7 @@ fn try_tp_btf(settings: &mut StackSettings, target: &Target) -> anyhow::Result<E
     offcpu.task_tgid_offset = kernel.member_offset("task_struct", "tgid")?;
     offcpu.task_flags_offset = kernel.member_offset("task_struct", "flags")?;
     let wakers = offcpu.wakers;
-    let btf = Btf::from_sys_fs().context("cannot load the kernel's BTF")?;
+    let btf = crate::kernel_btf::aya_btf()?;
     let mut ebpf = bpf::load_stacks(settings)?;
     let mut hooks = vec![("offcpu_switch", "sched_switch")];
     if wakers {

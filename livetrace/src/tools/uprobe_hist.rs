@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
-    Btf, Ebpf,
+    Ebpf,
     maps::{
         Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues, RingBuf, StackTraceMap,
     },
@@ -35,7 +35,7 @@ use livetrace_common::{
 
 use crate::{
     bpf::{self, UprobeHistSettings},
-    capture::{self, StopReason, Watch},
+    capture::{self, StopReason, Tick, Watch},
     duration::parse_positive_duration,
     histogram::{
         Histogram, Interval, LatencyQuality, LatencyReport, SlowCallView, SlowCalls, format_ns,
@@ -298,7 +298,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (stop, elapsed) = runtime.block_on(capture::run(
         args.duration,
         Watch::for_target(&target, command.as_mut()),
-        || {
+        |tick| {
+            if tick != Tick::Second {
+                return;
+            }
             slow.drain(&mut maps.ring, &mut symbolizer);
             if tick_error.is_none()
                 && let Err(err) = intervals.tick(&mut maps, start.elapsed(), &function, args.json)
@@ -606,9 +609,8 @@ const THREAD_EXIT: &str = "uprobe_hist_thread_exit";
 /// missed, then the return probes, then the entry probes, so that no entry is recorded whose
 /// return could not be seen.
 fn attach(ebpf: &mut Ebpf, sites: &[Site], command_pid: Option<u32>) -> anyhow::Result<()> {
-    let btf = Btf::from_sys_fs().context(
-        "cannot read the kernel's BTF (/sys/kernel/btf/vmlinux): uprobe-hist needs a kernel \
-         built with CONFIG_DEBUG_INFO_BTF to notice threads that exit inside the function",
+    let btf = crate::kernel_btf::aya_btf().context(
+        "uprobe-hist needs the kernel's BTF to notice threads that exit inside the function",
     )?;
     let exit: &mut BtfTracePoint = ebpf
         .program_mut(THREAD_EXIT)
