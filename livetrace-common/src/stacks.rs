@@ -20,6 +20,17 @@ pub const TARGET_TGIDS: &str = "TARGET_TGIDS";
 /// Thread ids to sample when [`FILTER_TARGETS`] is set; `u32 -> u8`.
 pub const TARGET_TIDS: &str = "TARGET_TIDS";
 
+/// Processes already seen (`u32` tgid -> `u8`): the first event of a process also sends its
+/// tgid to [`NEW_PROCESSES`], so user space reads its memory map while it still lives, however
+/// short its life.
+pub const SEEN_PROCESSES: &str = "SEEN_PROCESSES";
+/// Ring buffer of `u32` tgids, each sent once, when the process is first seen.
+pub const NEW_PROCESSES: &str = "NEW_PROCESSES";
+/// Capacity of [`SEEN_PROCESSES`]; processes beyond it are only found by the once-a-second scan.
+pub const MAX_SEEN_PROCESSES: u32 = 16 * 1024;
+/// Size of [`NEW_PROCESSES`] in bytes (a power-of-two multiple of the page size).
+pub const NEW_PROCESSES_BYTES: u32 = 64 * 1024;
+
 /// Load-time global (`u8`): nonzero means sample only the threads in [`TARGET_TGIDS`] or
 /// [`TARGET_TIDS`]; zero means every thread the attached perf events see.
 pub const FILTER_TARGETS: &str = "FILTER_TARGETS";
@@ -104,6 +115,10 @@ pub enum Counter {
     UnwindRingFull = 12,
     /// `--unwind dwarf`: the per-CPU scratch buffer was missing (never expected); sample lost.
     UnwindScratchMissing = 13,
+    /// Not an outcome: a process seen for the first time could not be announced to user space
+    /// ([`SEEN_PROCESSES`] or [`NEW_PROCESSES`] full); its memory map is read at the next
+    /// once-a-second scan instead, which a short-lived process may not live to see.
+    NewProcessNotAnnounced = 14,
 }
 
 /// Number of [`Counter`] slots.

@@ -5,12 +5,13 @@ use aya_ebpf::{
     Global,
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, StackTrace},
+    maps::{Array, HashMap, PerCpuArray, RingBuf, StackTrace},
     programs::tracing::StackIdContext,
 };
 use livetrace_common::stacks::{
-    CAPTURE_STOPPED, COUNTER_SLOTS, Counter, DEFAULT_STACK_STORAGE, MAX_TARGETS,
-    STACK_ID_NOT_COLLECTED, STACK_KIND_KERNEL, STACK_KIND_USER, StackKey, stack_errno,
+    CAPTURE_STOPPED, COUNTER_SLOTS, Counter, DEFAULT_STACK_STORAGE, MAX_SEEN_PROCESSES,
+    MAX_TARGETS, NEW_PROCESSES_BYTES, STACK_ID_NOT_COLLECTED, STACK_KIND_KERNEL, STACK_KIND_USER,
+    StackKey, stack_errno,
 };
 
 #[map]
@@ -25,6 +26,11 @@ static CONTROL: Array<u32> = Array::with_max_entries(1, 0);
 static TARGET_TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TARGETS, 0);
 #[map]
 static TARGET_TIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+#[map]
+static SEEN_PROCESSES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_SEEN_PROCESSES, 0);
+#[map]
+static NEW_PROCESSES: RingBuf = RingBuf::with_byte_size(NEW_PROCESSES_BYTES, 0);
 
 #[unsafe(no_mangle)]
 static FILTER_TARGETS: Global<u8> = Global::new(0);
@@ -123,9 +129,29 @@ fn atomic_add(dst: *mut u64, value: u64) {
     };
 }
 
+/// Tells user space about a process the first time it is recorded, so that its memory map is
+/// read while it is alive; a failure is counted.
+#[inline(always)]
+fn announce_first_sight(tgid: u32) {
+    if unsafe { SEEN_PROCESSES.get(tgid) }.is_some() {
+        return;
+    }
+    match SEEN_PROCESSES.insert(tgid, 1u8, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {
+            if NEW_PROCESSES.output::<u32>(tgid, 0).is_err() {
+                count(Counter::NewProcessNotAnnounced);
+            }
+        }
+        // Another CPU announced it between our lookup and insert.
+        Err(err) if err == -stack_errno::EEXIST => {}
+        Err(_) => count(Counter::NewProcessNotAnnounced),
+    }
+}
+
 /// Adds `weight` to `key`'s entry in [`STACK_COUNTS`]; a full map is counted, not ignored.
 #[inline(always)]
 pub fn add_weight(key: &StackKey, weight: u64) {
+    announce_first_sight(key.tgid);
     add_weight_to(&STACK_COUNTS, key, weight, Counter::CountsMapFull);
 }
 

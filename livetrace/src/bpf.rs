@@ -197,8 +197,24 @@ fn explain_load_error(err: EbpfError) -> anyhow::Error {
     anyhow!(err).context(format!("failed to load livetrace's BPF programs{hint}"))
 }
 
-/// Adds the permission hint to an attach or load error of one program.
+/// Adds the permission hint to an attach or load error of one program; a verifier rejection is
+/// summarised (the lines that say why) and its whole log saved to a file whose path is given.
 pub fn explain_program_error(err: aya::programs::ProgramError, what: &str) -> anyhow::Error {
+    if let aya::programs::ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = &err
+    {
+        let log = verifier_log.to_string();
+        if !log.trim().is_empty() {
+            return anyhow!(verifier_rejection(
+                what,
+                io_error,
+                &log,
+                &program_name(what)
+            ));
+        }
+    }
     let text = format!("{err}");
     let hint = if text.contains("Operation not permitted") || text.contains("os error 1)") {
         " (needs root, or CAP_BPF and CAP_PERFMON)"
@@ -208,6 +224,98 @@ pub fn explain_program_error(err: aya::programs::ProgramError, what: &str) -> an
         ""
     };
     anyhow!(err).context(format!("failed to {what}{hint}"))
+}
+
+/// A file-name-friendly name for the program an action is about ("load tp_btf/sched_switch"
+/// gives "tp_btf-sched_switch").
+fn program_name(what: &str) -> String {
+    let word = what
+        .split_whitespace()
+        .find(|w| w.contains('/') || w.contains('_'))
+        .unwrap_or("program");
+    word.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// How many lines of a verifier log the error message quotes.
+const VERIFIER_SUMMARY_LINES: usize = 4;
+
+/// The message for a program the verifier rejected: the reason, the last lines of the log that
+/// lead to it, and where the whole log was saved.
+fn verifier_rejection(what: &str, io_error: &std::io::Error, log: &str, program: &str) -> String {
+    let path = std::env::temp_dir().join(format!(
+        "livetrace-verifier-{program}-{}.log",
+        std::process::id()
+    ));
+    let saved = crate::output::write_atomically(&path, |out| out.write_all(log.as_bytes()));
+    let mut message = format!(
+        "failed to {what}: the kernel's verifier rejected it ({io_error}). The verifier says:"
+    );
+    for line in summarize_verifier_log(log, VERIFIER_SUMMARY_LINES) {
+        message.push_str("\n  ");
+        message.push_str(&line);
+    }
+    match saved {
+        Ok(()) => message.push_str(&format!(
+            "\nthe whole verifier log is in {}",
+            path.display()
+        )),
+        Err(err) => message.push_str(&format!("\n(the whole log could not be saved: {err:#})")),
+    }
+    message.push_str(
+        "\nthis is a bug in livetrace or an incompatibility with this kernel: please report it \
+         with the log and `uname -r`",
+    );
+    message
+}
+
+/// The last `max` lines of a verifier log that say why it refused the program: the statistics
+/// it prints after the verdict (instructions processed, time, stack depth) are left out, since
+/// the reason is the last line before them and the instructions just above lead to it.
+pub fn summarize_verifier_log(log: &str, max: usize) -> Vec<String> {
+    const STATISTICS: [&str; 4] = [
+        "processed ",
+        "verification time",
+        "stack depth",
+        "max_states_per_insn",
+    ];
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let mut end = lines.len();
+    while end > 0
+        && STATISTICS
+            .iter()
+            .any(|s| lines[end - 1].trim_start().starts_with(s))
+    {
+        end -= 1;
+    }
+    if end == 0 {
+        // Nothing but statistics: quote them rather than nothing.
+        end = lines.len();
+    }
+    let start = end.saturating_sub(max);
+    lines[start..end]
+        .iter()
+        .map(|l| {
+            // Instruction lines carry the register state after a `;` column: keep it short.
+            let l = l.split("   ; ").next().unwrap_or(l).trim_end();
+            let mut shown: String = l.chars().take(160).collect();
+            if shown.len() < l.len() {
+                shown.push_str("...");
+            }
+            shown
+        })
+        .collect()
 }
 
 /// Settings of `uprobe-hist`'s programs.
@@ -234,6 +342,72 @@ pub fn load_uprobe_hist(settings: &UprobeHistSettings) -> anyhow::Result<Ebpf> {
         .map_max_entries(stacks::STACK_COUNTS, 1)
         .map_max_entries(stacks::STACK_TRACES, 1)
         .map_max_entries(unwind::UNWIND_SAMPLES, MIN_RING_BUFFER)
+        .map_max_entries(stacks::SEEN_PROCESSES, 1)
+        .map_max_entries(stacks::NEW_PROCESSES, 4096)
         .load(BPF_OBJECT)
         .map_err(explain_load_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real verifier log (this kernel, a map value dereferenced without its null check): the
+    /// summary ends with the reason, quotes the instruction that caused it, and leaves out the
+    /// statistics after the verdict.
+    #[test]
+    fn summarises_a_real_verifier_log() {
+        let log = include_str!("../tests/data/verifier-null-map-value.log");
+        let summary = summarize_verifier_log(log, 4);
+        assert_eq!(summary.len(), 4, "{summary:#?}");
+        assert_eq!(
+            summary.last().unwrap(),
+            "R0 invalid mem access 'map_value_or_null'"
+        );
+        assert_eq!(summary[2], "7: (79) r0 = *(u64 *)(r0 +0)");
+        assert!(
+            summary
+                .iter()
+                .all(|l| !l.contains("processed") && !l.contains("verification time")),
+            "{summary:#?}"
+        );
+    }
+
+    /// Degenerate logs give a short summary, never a panic.
+    #[test]
+    fn summarises_degenerate_logs() {
+        assert!(summarize_verifier_log("", 4).is_empty());
+        assert_eq!(
+            summarize_verifier_log("processed 1 insns\n", 4),
+            ["processed 1 insns"]
+        );
+        let long = "x".repeat(1000);
+        assert!(summarize_verifier_log(&long, 4)[0].ends_with("..."));
+    }
+
+    /// A LoadError with a verifier log becomes a message with the reason and the path of the
+    /// saved log, which holds the whole log.
+    #[test]
+    fn verifier_rejection_saves_the_log_and_names_it() {
+        let log = include_str!("../tests/data/verifier-null-map-value.log");
+        let err = aya::programs::ProgramError::LoadError {
+            io_error: std::io::Error::from_raw_os_error(libc::EACCES),
+            verifier_log: aya_obj::VerifierLog::new(log.to_owned()),
+        };
+        let message = format!(
+            "{:#}",
+            explain_program_error(err, "load tp_btf/sched_switch")
+        );
+        assert!(message.contains("map_value_or_null"), "{message}");
+        let path = message
+            .lines()
+            .find_map(|l| l.strip_prefix("the whole verifier log is in "))
+            .unwrap_or_else(|| panic!("no path in: {message}"));
+        assert!(
+            path.contains("livetrace-verifier-tp_btf-sched_switch-"),
+            "{path}"
+        );
+        assert_eq!(std::fs::read_to_string(path).unwrap(), log);
+        std::fs::remove_file(path).unwrap();
+    }
 }

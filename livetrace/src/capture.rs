@@ -1,8 +1,9 @@
 //! The capture's run loop, shared by every tool: run until the duration ends, Ctrl-C, SIGTERM or
-//! SIGHUP arrives, or the targets are gone; call the tool back every 250 ms meanwhile (to note
-//! new processes while their memory maps can still be read), and on SIGUSR1 (to write a
-//! snapshot). The observed process never waits on any of this: the BPF programs aggregate in the
-//! kernel.
+//! SIGHUP arrives, or the targets are gone; call the tool back meanwhile: often (to read the
+//! processes the BPF programs announce while their memory maps can still be read, however short
+//! their lives), every 250 ms (slower chores, such as re-reading the memory maps of processes
+//! that are still settling), and on SIGUSR1 (to write a snapshot). The observed process never
+//! waits on any of this: the BPF programs aggregate in the kernel.
 //!
 //! Once the loop has ended, a second SIGINT, SIGTERM or SIGHUP sets an abort flag that
 //! symbolisation checks between batches: the outputs are then written with raw addresses,
@@ -58,7 +59,10 @@ impl<'a> Watch<'a> {
 /// Why the tool is called back during the capture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    /// Every 250 ms.
+    /// Every [`FAST_TICK`]: cheap work that cannot wait (a process seen for the first time may
+    /// exit within a second).
+    FastTick,
+    /// Every [`TICK`]: slower chores.
     Tick,
     /// SIGUSR1: write a snapshot of every output, and go on.
     Snapshot,
@@ -112,6 +116,8 @@ pub fn test_symbolize_delay() {
 // Often enough to snapshot a new process's memory map while it settles (and before a
 // short-lived one exits).
 const TICK: Duration = Duration::from_millis(250);
+/// How often the tool is called back for its urgent, cheap chores.
+const FAST_TICK: Duration = Duration::from_millis(50);
 /// How often the liveness of `-p`/`-t` targets is checked.
 const LIVENESS_POLL: Duration = Duration::from_millis(200);
 
@@ -137,6 +143,8 @@ pub async fn run(
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(TICK);
     tick.tick().await;
+    let mut fast_tick = tokio::time::interval(FAST_TICK);
+    fast_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut liveness = tokio::time::interval(LIVENESS_POLL);
     let reason = loop {
         tokio::select! {
@@ -147,6 +155,7 @@ pub async fn run(
             status = command_exit(&mut watch) => break StopReason::CommandExited(status),
             _ = snapshot.recv() => on_event(Event::Snapshot),
             _ = tick.tick() => on_event(Event::Tick),
+            _ = fast_tick.tick() => on_event(Event::FastTick),
             _ = liveness.tick() => {
                 if let Watch::Ids { pids, tids } = &watch
                     && !pids.iter().chain(tids.iter()).any(|&id| targets::is_alive(id))

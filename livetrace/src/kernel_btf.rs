@@ -5,7 +5,10 @@
 //! Format: a header, then type records (`btf_type` plus kind-specific trailing data), then a
 //! string table. See the kernel's Documentation/bpf/btf.rst.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, bail, ensure};
 
@@ -33,14 +36,44 @@ pub struct KernelBtf {
     by_name: HashMap<String, u32>,
 }
 
+/// Where the running kernel publishes its BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Hidden override of [`VMLINUX_BTF`], for tests that simulate a kernel without BTF (or point
+/// at a BTF file of another kernel).
+pub const BTF_PATH_ENV: &str = "LIVETRACE_BTF_PATH";
+
+/// The kernel BTF file livetrace reads: [`VMLINUX_BTF`], unless [`BTF_PATH_ENV`] says otherwise.
+pub fn vmlinux_path() -> PathBuf {
+    std::env::var_os(BTF_PATH_ENV).map_or_else(|| PathBuf::from(VMLINUX_BTF), PathBuf::from)
+}
+
+/// Why a kernel BTF file could not be read, and what to do about it.
+fn missing_btf(path: &Path, err: &dyn std::fmt::Display) -> String {
+    format!(
+        "cannot read the kernel's BTF at {} ({err}): the kernel was built without \
+         CONFIG_DEBUG_INFO_BTF, or /sys is not mounted (`mount -t sysfs sysfs /sys`); \
+         check with `ls -l {VMLINUX_BTF}`",
+        path.display()
+    )
+}
+
+/// The kernel's BTF as aya reads it (for `tp_btf` programs), from [`vmlinux_path`].
+pub fn aya_btf() -> anyhow::Result<aya::Btf> {
+    let path = vmlinux_path();
+    if let Err(err) = std::fs::metadata(&path) {
+        bail!(missing_btf(&path, &err));
+    }
+    aya::Btf::parse_file(&path, aya::Endianness::default())
+        .map_err(|err| anyhow::anyhow!(missing_btf(&path, &err)))
+}
+
 impl KernelBtf {
-    /// The running kernel's BTF.
+    /// The running kernel's BTF (from [`vmlinux_path`]).
     pub fn from_sys_fs() -> anyhow::Result<Self> {
-        const PATH: &str = "/sys/kernel/btf/vmlinux";
-        let data = std::fs::read(PATH).with_context(|| {
-            format!("cannot read the kernel's BTF at {PATH} (kernel built without CONFIG_DEBUG_INFO_BTF?)")
-        })?;
-        Self::parse(&data).with_context(|| format!("cannot parse {PATH}"))
+        let path = vmlinux_path();
+        let data = std::fs::read(&path).map_err(|err| anyhow::anyhow!(missing_btf(&path, &err)))?;
+        Self::parse(&data).with_context(|| format!("cannot parse {}", path.display()))
     }
 
     pub fn parse(data: &[u8]) -> anyhow::Result<Self> {
@@ -123,34 +156,64 @@ impl KernelBtf {
             .by_name
             .get(name)
             .with_context(|| format!("the kernel's BTF has no struct {name}"))?;
-        self.find(id, member, 0)
+        self.find(id, member, 0, 0)
             .map(|bits| bits / 8)
             .with_context(|| format!("the kernel's struct {name} has no member {member}"))
     }
 
-    fn find(&self, id: u32, member: &str, base_bits: u32) -> Option<u32> {
+    /// Anonymous members are followed at most this deep, visiting at most this many members in
+    /// all: real kernels nest a few levels, and a malformed blob whose anonymous members refer
+    /// back to their own struct must neither recurse forever nor explode combinatorially.
+    const MAX_NESTING: u32 = 32;
+    const MAX_VISITS: u32 = 1 << 20;
+
+    fn find(&self, id: u32, member: &str, base_bits: u32, depth: u32) -> Option<u32> {
+        let mut budget = Self::MAX_VISITS;
+        self.find_within(id, member, base_bits, depth, &mut budget)
+    }
+
+    fn find_within(
+        &self,
+        id: u32,
+        member: &str,
+        base_bits: u32,
+        depth: u32,
+        budget: &mut u32,
+    ) -> Option<u32> {
         let Type::Composite { members, .. } = self.types.get(id as usize)? else {
             return None;
         };
-        members.iter().find_map(|m| {
+        if depth > Self::MAX_NESTING {
+            return None;
+        }
+        for m in members {
+            *budget = budget.checked_sub(1)?;
             if m.name == member {
-                Some(base_bits + m.bit_offset)
-            } else if m.name.is_empty() {
-                self.find(m.type_id, member, base_bits + m.bit_offset)
-            } else {
-                None
+                return base_bits.checked_add(m.bit_offset);
             }
-        })
+            if m.name.is_empty()
+                && let Some(bits) = self.find_within(
+                    m.type_id,
+                    member,
+                    base_bits.checked_add(m.bit_offset)?,
+                    depth + 1,
+                    budget,
+                )
+            {
+                return Some(bits);
+            }
+        }
+        None
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Builds a BTF blob: `struct task { int flags; union { int a; struct { int pad; int pid; }; }; }`
     /// with an `int` type, to check direct and nested (anonymous) member offsets.
-    fn synthetic_btf() -> Vec<u8> {
+    pub(crate) fn synthetic_btf() -> Vec<u8> {
         let strings = b"\0int\0task\0flags\0pid\0pad\0a\0";
         let s = |name: &str| -> u32 {
             let needle = format!("{name}\0");

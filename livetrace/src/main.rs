@@ -5,26 +5,10 @@
 //! Exit codes: 0 when the outputs were written (whatever ended the capture), 1 for runtime errors,
 //! 2 for usage errors.
 
-mod already_blocked;
-mod bpf;
-mod capture;
-mod duration;
-mod histogram;
-mod kernel_btf;
-mod model;
-mod output;
-mod privileges;
-mod stacks;
-mod symbolize;
-mod targets;
-mod tools;
-mod tracefs;
-mod unwind;
-mod uprobe_target;
-
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use livetrace::{UsageError, targets, tools};
 
 const ABOUT: &str = "Live debugging with eBPF: see where a running process spends its CPU time, \
 where it blocks, and how long a function takes, without stopping it.";
@@ -102,47 +86,4 @@ fn main() -> ExitCode {
             }
         }
     }
-}
-
-/// A mistake in the command line that clap cannot see by itself (options that contradict each
-/// other): reported like clap's own errors, with exit status 2.
-#[derive(Debug)]
-pub struct UsageError(String);
-
-impl UsageError {
-    pub fn error(message: impl Into<String>) -> anyhow::Error {
-        anyhow::Error::new(Self(message.into()))
-    }
-}
-
-impl std::fmt::Display for UsageError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for UsageError {}
-
-/// `20261126-045103` in UTC, for default output names.
-fn timestamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
-        rest / 3600,
-        rest / 60 % 60,
-        rest % 60
-    )
 }

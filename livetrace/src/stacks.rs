@@ -10,13 +10,13 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, StackTraceMap},
+    maps::{HashMap as BpfHashMap, MapData, RingBuf, StackTraceMap},
 };
 use livetrace_common::{
     offcpu::{WAKE_COUNTS, WakeKey},
     stacks::{
-        STACK_COUNTS, STACK_ID_NOT_COLLECTED, STACK_ID_RECOVERED, STACK_TRACES, StackKey,
-        stack_errno,
+        NEW_PROCESSES, STACK_COUNTS, STACK_ID_NOT_COLLECTED, STACK_ID_RECOVERED, STACK_TRACES,
+        StackKey, stack_errno,
     },
 };
 
@@ -63,6 +63,22 @@ pub fn processes_seen(bpf: &Ebpf) -> HashSet<u32> {
         .filter_map(Result::ok)
         .map(|k| k.tgid)
         .collect()
+}
+
+/// The ring buffer on which the BPF programs announce each process the first time they record
+/// it; take it before the capture and pass it to [`note_new_processes`] often.
+pub fn new_processes(bpf: &mut Ebpf) -> anyhow::Result<RingBuf<MapData>> {
+    Ok(RingBuf::try_from(bpf::take_map(bpf, NEW_PROCESSES)?)?)
+}
+
+/// Snapshots every process announced since the last call, while it is (most likely) alive.
+pub fn note_new_processes(ring: &mut RingBuf<MapData>, symbolizer: &mut Symbolizer) {
+    while let Some(item) = ring.next() {
+        let Some(bytes) = item.get(..4) else { continue };
+        let tgid = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        drop(item);
+        symbolizer.note_process(tgid);
+    }
 }
 
 /// Copies the counts (and, with `wakers`, the blocked/waker pairs) and the stacks they refer to

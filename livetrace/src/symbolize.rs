@@ -54,12 +54,22 @@ pub struct Symbol {
     pub line: Option<u32>,
 }
 
-#[derive(Clone, Debug)]
-struct Mapping {
-    start: u64,
-    end: u64,
-    offset: u64,
-    path: PathBuf,
+/// One executable file mapping of a process, from `/proc/PID/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// Offset in the file of `start`.
+    pub offset: u64,
+    pub path: PathBuf,
+}
+
+impl Mapping {
+    /// The file offset of `addr`, an address inside the mapping. Wrapping: the numbers come from
+    /// a file, and a nonsensical offset must give a nonsensical answer, not a panic.
+    pub fn file_offset(&self, addr: u64) -> u64 {
+        addr.wrapping_sub(self.start).wrapping_add(self.offset)
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -67,6 +77,9 @@ struct Snapshot {
     name: Option<String>,
     /// The executable when the snapshot was taken: a process that execs gets a new snapshot.
     exe: Option<PathBuf>,
+    /// Where its code started: a process that execs the same program again (a fork that execs
+    /// itself) gets a new, randomised layout, and a new snapshot.
+    start_code: Option<u64>,
     mappings: Vec<Mapping>,
     /// When this executable was first seen: snapshots are refreshed for a few seconds after,
     /// while the process is still mapping its libraries (and right after an exec, its mappings
@@ -138,9 +151,12 @@ impl Symbolizer {
             return;
         };
         let exe = Some(exe);
+        // A process that execs the same program again keeps its exe path, not its code address.
+        let start_code = start_code(pid);
         let mut first_seen = Some(std::time::Instant::now());
         if let Some(known) = self.snapshots.get(&pid)
             && known.exe == exe
+            && known.start_code == start_code
         {
             if known
                 .first_seen
@@ -156,6 +172,7 @@ impl Symbolizer {
         let snapshot = Snapshot {
             name: crate::targets::process_name(pid),
             exe,
+            start_code,
             mappings,
             first_seen,
         };
@@ -239,7 +256,7 @@ impl Symbolizer {
                         reason: "not in a file mapping (JIT or anonymous code)",
                     };
                 };
-                let file_offset = addr - mapping.start + mapping.offset;
+                let file_offset = mapping.file_offset(addr);
                 let source = Source::Elf(Elf::new(reachable_path(pid, &mapping.path)));
                 match self
                     .blaze
@@ -441,12 +458,12 @@ fn reachable_path(pid: u32, path: &std::path::Path) -> PathBuf {
 }
 
 /// `[libfoo.so+0x1234]`: where the address is, when its name is not known.
-fn module_offset(mapping: &Mapping, addr: u64) -> String {
+pub fn module_offset(mapping: &Mapping, addr: u64) -> String {
     let module = mapping.path.file_name().map_or_else(
         || mapping.path.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     );
-    format!("[{module}+{:#x}]", addr - mapping.start + mapping.offset)
+    format!("[{module}+{:#x}]", mapping.file_offset(addr))
 }
 
 fn describe(reason: Reason) -> &'static str {
@@ -461,13 +478,23 @@ fn describe(reason: Reason) -> &'static str {
     }
 }
 
+/// The `startcode` field of /proc/PID/stat: changes when the process execs, even the same file.
+fn start_code(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised comm (which may contain spaces); startcode is the 26th.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_ascii_whitespace().nth(23)?.parse().ok()
+}
+
 /// File-backed executable mappings of a process, with paths reachable from our mount namespace.
 fn read_mappings(pid: u32) -> Option<Vec<Mapping>> {
     let text = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     Some(parse_maps(&text))
 }
 
-fn parse_maps(text: &str) -> Vec<Mapping> {
+/// Parses `/proc/PID/maps` text; lines that are not executable file mappings, or not
+/// well-formed, are skipped.
+pub fn parse_maps(text: &str) -> Vec<Mapping> {
     text.lines()
         .filter_map(|line| {
             let mut fields = line.split_ascii_whitespace();

@@ -1,32 +1,44 @@
 //! tracefs, for the classic-tracepoint fallback: make sure it is mounted (mounting it when we
 //! may), and read a tracepoint's record layout from its `format` file.
 
-use std::{collections::HashMap, fs, path::Path};
+use std::{collections::HashMap, ffi::CString, fs, os::unix::ffi::OsStrExt as _, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 
 const MOUNT_POINTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
+/// Hidden override of where tracefs is looked for (and mounted), for tests that simulate a
+/// machine where it is not mounted and cannot be.
+pub const TRACEFS_ENV: &str = "LIVETRACE_TRACEFS";
+
+/// Where tracefs is looked for: the test override, or the usual mount points.
+fn candidates() -> Vec<PathBuf> {
+    match std::env::var_os(TRACEFS_ENV) {
+        Some(dir) => vec![PathBuf::from(dir)],
+        None => MOUNT_POINTS.iter().map(PathBuf::from).collect(),
+    }
+}
+
 /// Where tracefs stands for this process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Status {
     /// Mounted, and its events can be read here.
-    Readable(&'static str),
+    Readable(PathBuf),
     /// Mounted, but this process may not look inside (the mount point is mode 0700, root's).
-    Unreadable(&'static str),
+    Unreadable(PathBuf),
     NotMounted,
 }
 
 pub fn status() -> Status {
     let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let mut unreadable = None;
-    for dir in MOUNT_POINTS {
-        match fs::metadata(Path::new(dir).join("events")) {
+    for dir in candidates() {
+        match fs::metadata(dir.join("events")) {
             Ok(meta) if meta.is_dir() => return Status::Readable(dir),
             Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => {
                 let mounted = mounts.lines().any(|line| {
                     let mut fields = line.split_ascii_whitespace().skip(1);
-                    fields.next() == Some(dir) && fields.next() == Some("tracefs")
+                    fields.next() == dir.to_str() && fields.next() == Some("tracefs")
                 });
                 if mounted && unreadable.is_none() {
                     unreadable = Some(dir);
@@ -39,21 +51,24 @@ pub fn status() -> Status {
 }
 
 /// The tracefs directory, mounting tracefs at /sys/kernel/tracing if no mount is there yet.
-pub fn ensure_mounted() -> anyhow::Result<&'static Path> {
+pub fn ensure_mounted() -> anyhow::Result<PathBuf> {
     match status() {
-        Status::Readable(dir) => return Ok(Path::new(dir)),
+        Status::Readable(dir) => return Ok(dir),
         Status::Unreadable(dir) => bail!(
-            "tracefs is mounted at {dir}, but this process may not read it (it is root's, mode \
-             0700): run livetrace as root, or with CAP_DAC_READ_SEARCH"
+            "tracefs is mounted at {}, but this process may not read it (it is root's, mode \
+             0700): run livetrace as root, or with CAP_DAC_READ_SEARCH",
+            dir.display()
         ),
         Status::NotMounted => {}
     }
-    let target = c"/sys/kernel/tracing";
-    // SAFETY: plain mount(2) of tracefs with constant, NUL-terminated arguments.
+    let target = candidates().swap_remove(0);
+    let c_target = CString::new(target.as_os_str().as_bytes())
+        .map_err(|_| anyhow::anyhow!("{} contains a NUL byte", target.display()))?;
+    // SAFETY: plain mount(2) of tracefs with NUL-terminated arguments that outlive the call.
     let rc = unsafe {
         libc::mount(
             c"nodev".as_ptr(),
-            target.as_ptr(),
+            c_target.as_ptr(),
             c"tracefs".as_ptr(),
             0,
             std::ptr::null(),
@@ -62,23 +77,33 @@ pub fn ensure_mounted() -> anyhow::Result<&'static Path> {
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         bail!(
-            "tracefs is not mounted and mounting it failed ({err}; mounting needs \
-             CAP_SYS_ADMIN); run `mount -t tracefs nodev /sys/kernel/tracing` as root"
+            "tracefs is not mounted at {} and mounting it failed ({err}; mounting needs \
+             CAP_SYS_ADMIN); run `mount -t tracefs nodev {}` as root",
+            target.display(),
+            target.display()
         );
     }
-    Ok(Path::new(MOUNT_POINTS[0]))
+    Ok(target)
 }
 
 /// Field name -> (offset, size) from `events/<category>/<name>/format`.
 pub fn field_offsets(category: &str, name: &str) -> anyhow::Result<HashMap<String, (u32, u32)>> {
     let dir = ensure_mounted()?;
     let path = dir.join("events").join(category).join(name).join("format");
-    let text = fs::read_to_string(&path)
-        .with_context(|| format!("cannot read the tracepoint format {}", path.display()))?;
+    let text = fs::read_to_string(&path).with_context(|| {
+        format!(
+            "the tracepoint {category}:{name} is missing (cannot read {}); this kernel does not \
+             have it: list the ones it has with `ls {}`",
+            path.display(),
+            dir.join("events").join(category).display()
+        )
+    })?;
     Ok(parse_format(&text))
 }
 
-fn parse_format(text: &str) -> HashMap<String, (u32, u32)> {
+/// Field name -> (offset, size) from a tracepoint `format` file's text; lines it cannot read are
+/// skipped.
+pub fn parse_format(text: &str) -> HashMap<String, (u32, u32)> {
     let mut fields = HashMap::new();
     for line in text.lines() {
         let mut name = None;

@@ -5,6 +5,7 @@
 //!   cargo xtask demo    build everything, run the demo service, and show livetrace on it
 //!   cargo xtask test    every test: unit tests, and the BPF integration tests (needs root)
 //!   cargo xtask bench   livetrace beside its peers (bpftrace, perf), written to docs/benchmarks.md
+//!   cargo xtask fuzz [TARGET] [--seconds N]   fuzz the parsers of untrusted input (nightly)
 
 mod bench;
 mod demo;
@@ -39,6 +40,15 @@ enum Chore {
     /// Measure livetrace beside bpftrace and perf (start-up, cost, overhead, memory) and write
     /// docs/benchmarks.md; needs root, installs missing peers.
     Bench(bench::Args),
+    /// Fuzz the parsers of untrusted input (cargo-fuzz, libFuzzer, nightly); installs
+    /// cargo-fuzz if it is missing. A crash leaves its input in fuzz/artifacts/TARGET/.
+    Fuzz {
+        /// One fuzz target (see fuzz/fuzz_targets/); default: each in turn.
+        target: Option<String>,
+        /// How long to run each target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
 }
 
 fn main() {
@@ -48,6 +58,7 @@ fn main() {
         Chore::Demo(args) => setup().and_then(|()| demo::run(&args)),
         Chore::Test { cargo_args } => setup().and_then(|()| test(&cargo_args)),
         Chore::Bench(args) => setup().and_then(|()| bench::run(&args)),
+        Chore::Fuzz { target, seconds } => fuzz(target.as_deref(), seconds),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
@@ -76,6 +87,55 @@ fn test(cargo_args: &[String]) -> anyhow::Result<()> {
             .args(["test", "--release"])
             .args(cargo_args),
     )
+}
+
+/// Runs each fuzz target (or the one asked for) for `seconds`, from its checked-in seeds
+/// (fuzz/seeds/TARGET, read-only) and the corpus it grew before (fuzz/corpus/TARGET).
+fn fuzz(only: Option<&str>, seconds: u64) -> anyhow::Result<()> {
+    let dir = workspace_root().join("fuzz");
+    let has_cargo_fuzz = Command::new("cargo")
+        .args(["+nightly", "fuzz", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_cargo_fuzz {
+        eprintln!("xtask: installing cargo-fuzz");
+        run_command(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let mut targets: Vec<String> = std::fs::read_dir(dir.join("fuzz_targets"))
+        .context("listing fuzz/fuzz_targets")?
+        .filter_map(|e| e.ok()?.path().file_stem()?.to_str().map(str::to_owned))
+        .collect();
+    targets.sort();
+    if let Some(only) = only {
+        if !targets.iter().any(|t| t == only) {
+            bail!("no fuzz target {only}; there are: {}", targets.join(", "));
+        }
+        targets = vec![only.to_owned()];
+    }
+    for target in &targets {
+        eprintln!("xtask: fuzzing {target} for {seconds} s");
+        let corpus = dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)
+            .with_context(|| format!("creating {}", corpus.display()))?;
+        run_command(
+            Command::new("cargo")
+                .current_dir(&dir)
+                .args(["+nightly", "fuzz", "run", target])
+                .arg(&corpus)
+                .arg(dir.join("seeds").join(target))
+                .arg("--")
+                .arg(format!("-max_total_time={seconds}"))
+                .arg("-rss_limit_mb=4096"),
+        )
+        .with_context(|| {
+            format!(
+                "fuzz target {target} failed; the crashing input is in fuzz/artifacts/{target}/"
+            )
+        })?;
+    }
+    Ok(())
 }
 
 pub fn require_root(why: &str) -> anyhow::Result<()> {

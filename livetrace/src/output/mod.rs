@@ -269,6 +269,44 @@ mod tests {
         assert!(preflight(&[ok.clone(), ok]).is_err());
     }
 
+    /// A write that fails halfway (disk full, a renderer error) leaves the previous file whole
+    /// and no temporary file behind: the target is only ever replaced by a complete file.
+    #[test]
+    fn interrupted_write_never_leaves_a_truncated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.svg");
+        fs::write(&out, "the previous, complete file").unwrap();
+        let err = write_atomically(&out, |w| {
+            w.write_all(&[b'x'; 100_000])?;
+            Err(io::Error::other("disk full"))
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("out.svg"), "{err:#}");
+        assert_eq!(
+            fs::read_to_string(&out).unwrap(),
+            "the previous, complete file"
+        );
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["out.svg"], "temporary file left behind");
+    }
+
+    /// A symlink planted at the temporary name itself is not followed either: the write fails
+    /// (the name is taken) rather than writing through it, and the victim is untouched.
+    #[test]
+    fn planted_temporary_symlink_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "keep").unwrap();
+        let out = dir.path().join("out.folded");
+        std::os::unix::fs::symlink(&victim, temp_sibling(&out).unwrap()).unwrap();
+        assert!(write_atomically(&out, |w| w.write_all(b"new")).is_err());
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "keep");
+        assert!(!out.exists());
+    }
+
     /// Writing replaces a planted symlink instead of writing through it.
     #[test]
     fn atomic_write_does_not_follow_symlinks() {

@@ -8,7 +8,7 @@ use std::{collections::HashMap, io::Write as _, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Btf, Ebpf,
+    Ebpf,
     maps::{HashMap as BpfHashMap, MapData},
     programs::{BtfTracePoint, Program, TracePoint},
 };
@@ -226,6 +226,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     );
 
+    let mut new_processes = stacks::new_processes(&mut ebpf)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -242,6 +243,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.duration,
         Watch::for_target(&target, command.as_mut()),
         |event| {
+            if event == capture::Event::FastTick {
+                // Cheap and urgent: processes the BPF programs just announced.
+                stacks::note_new_processes(&mut new_processes, &mut symbolizer);
+                return;
+            }
+            // A process the BPF programs could not announce (counted) is still noted here.
             for pid in stacks::processes_seen(&ebpf) {
                 symbolizer.note_process(pid);
             }
@@ -261,6 +268,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         },
     ))?;
+    stacks::note_new_processes(&mut new_processes, &mut symbolizer);
     // Stop recording at once; detaching can take seconds (RCU) and must not count.
     bpf::stop_capture(&mut ebpf)?;
     let end_ns = monotonic_ns();
@@ -399,6 +407,13 @@ fn build(
             quality.advice.push(format!("{what}: {fix}"));
         }
     }
+    let unannounced = counter(Counter::NewProcessNotAnnounced);
+    if unannounced > 0 {
+        quality.notes.push(format!(
+            "{unannounced} processes could not be announced when first seen (map or ring buffer \
+             full); those that exited within a second may have unnamed frames"
+        ));
+    }
     match stop {
         Some(StopReason::DurationElapsed) => {}
         Some(stop) => quality
@@ -535,7 +550,7 @@ fn try_tp_btf(settings: &mut StackSettings, target: &Target) -> anyhow::Result<E
     offcpu.task_tgid_offset = kernel.member_offset("task_struct", "tgid")?;
     offcpu.task_flags_offset = kernel.member_offset("task_struct", "flags")?;
     let wakers = offcpu.wakers;
-    let btf = Btf::from_sys_fs().context("cannot load the kernel's BTF")?;
+    let btf = crate::kernel_btf::aya_btf()?;
     let mut ebpf = bpf::load_stacks(settings)?;
     let mut hooks = vec![("offcpu_switch", "sched_switch")];
     if wakers {

@@ -263,6 +263,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         whole_system: target == Target::System,
         notes,
     };
+    let mut new_processes = stacks::new_processes(&mut ebpf)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -272,6 +273,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.duration,
         Watch::for_target(&target, command.as_mut()),
         |event| {
+            if event == capture::Event::FastTick {
+                // Cheap and urgent: processes the BPF program just announced.
+                stacks::note_new_processes(&mut new_processes, &mut symbolizer);
+                return;
+            }
+            // A process the BPF program could not announce (counted) is still noted here.
             for pid in stacks::processes_seen(&ebpf) {
                 symbolizer.note_process(pid);
             }
@@ -295,6 +302,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         },
     ))?;
+    stacks::note_new_processes(&mut new_processes, &mut symbolizer);
     // Stop sampling before reading, so the counters and the maps agree.
     for pid in stacks::processes_seen(&ebpf) {
         symbolizer.note_process(pid);
@@ -409,6 +417,13 @@ fn build(
         notes: context.notes.clone(),
         ..DataQuality::default()
     };
+    let unannounced = bpf::counter(&counters, Counter::NewProcessNotAnnounced);
+    if unannounced > 0 {
+        quality.notes.push(format!(
+            "{unannounced} processes could not be announced when first seen (map or ring buffer \
+             full); those that exited within a second may have unnamed frames"
+        ));
+    }
     match stop {
         Some(StopReason::DurationElapsed) => {}
         Some(stop) => quality

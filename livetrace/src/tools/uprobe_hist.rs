@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
-    Btf, Ebpf,
+    Ebpf,
     maps::{
         Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues, RingBuf, StackTraceMap,
     },
@@ -321,6 +321,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.duration,
         Watch::for_target(&target, command.as_mut()),
         |event| {
+            if event == capture::Event::FastTick {
+                return; // nothing here is that urgent
+            }
             slow.drain(&mut maps.ring, &mut symbolizer);
             if event == capture::Event::Snapshot {
                 if let Err(err) = write_snapshot(
@@ -738,9 +741,8 @@ const THREAD_EXIT: &str = "uprobe_hist_thread_exit";
 /// missed, then the return probes, then the entry probes, so that no entry is recorded whose
 /// return could not be seen.
 fn attach(ebpf: &mut Ebpf, sites: &[Site], command_pid: Option<u32>) -> anyhow::Result<()> {
-    let btf = Btf::from_sys_fs().context(
-        "cannot read the kernel's BTF (/sys/kernel/btf/vmlinux): uprobe-hist needs a kernel \
-         built with CONFIG_DEBUG_INFO_BTF to notice threads that exit inside the function",
+    let btf = crate::kernel_btf::aya_btf().context(
+        "uprobe-hist needs the kernel's BTF to notice threads that exit inside the function",
     )?;
     let exit: &mut BtfTracePoint = ebpf
         .program_mut(THREAD_EXIT)

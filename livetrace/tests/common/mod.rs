@@ -205,6 +205,11 @@ impl Process {
         Process { child }
     }
 
+    /// Takes charge of a child started elsewhere (e.g. with piped output).
+    pub fn from_child(child: Child) -> Process {
+        Process { child }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -1,0 +1,9 @@
+//! A tracepoint's `format` file from tracefs (field offsets for the classic-tracepoint mode).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use livetrace::tracefs::parse_format;
+
+fuzz_target!(|text: &str| {
+    let _ = parse_format(text);
+});
