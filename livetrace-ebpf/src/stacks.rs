@@ -121,7 +121,7 @@ fn stack_id<C: StackIdContext>(ctx: &C, flags: u64) -> i32 {
 /// An atomic add (BPF_ATOMIC_ADD): several CPUs may bump one entry at once. `core`'s atomic
 /// types offer no read-modify-write on the BPF target, so this uses the intrinsic directly.
 #[inline(always)]
-fn atomic_add(dst: *mut u64, value: u64) {
+pub fn atomic_add(dst: *mut u64, value: u64) {
     unsafe {
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
             dst, value,

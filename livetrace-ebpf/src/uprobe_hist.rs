@@ -24,6 +24,8 @@ use livetrace_common::{
     },
 };
 
+use crate::stacks::atomic_add;
+
 #[map]
 static UPROBE_HIST: PerCpuArray<LatencyHistogram> = PerCpuArray::with_max_entries(1, 0);
 #[map]
@@ -275,16 +277,6 @@ fn add(counter: Counter, value: u64) {
     if let Some(slot) = UPROBE_COUNTERS.get_ptr_mut(counter as u32) {
         atomic_add(slot, value);
     }
-}
-
-/// BPF_ATOMIC_ADD: `core`'s atomic types have no read-modify-write on the BPF target.
-#[inline(always)]
-fn atomic_add(dst: *mut u64, value: u64) {
-    unsafe {
-        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            dst, value,
-        )
-    };
 }
 
 #[inline(always)]

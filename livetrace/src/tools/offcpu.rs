@@ -26,7 +26,7 @@ use livetrace_common::{
 use crate::{
     UsageError, already_blocked,
     bpf::{self, OffcpuSettings, StackSettings},
-    capture::{self, StopReason, Watch},
+    capture::{self, StopReason, Watch, monotonic_ns},
     duration::{parse_duration, parse_positive_duration},
     kernel_btf::KernelBtf,
     model::{DataQuality, StackProfile, WeightUnit},
@@ -626,17 +626,6 @@ fn still_blocked(
         }
     }
     Ok(merged.into_iter().collect())
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn default_output_path(target: &Target) -> PathBuf {

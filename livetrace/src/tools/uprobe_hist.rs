@@ -35,7 +35,7 @@ use livetrace_common::{
 
 use crate::{
     bpf::{self, UprobeHistSettings},
-    capture::{self, StopReason, Watch},
+    capture::{self, StopReason, Watch, monotonic_ns},
     duration::parse_positive_duration,
     histogram::{
         Histogram, Interval, LatencyQuality, LatencyReport, SlowCallView, SlowCalls, format_ns,
@@ -1222,16 +1222,6 @@ fn wait_until_loaded(pid: u32, file: &std::path::Path) {
         }
         std::thread::sleep(Duration::from_micros(500));
     }
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// `livetrace-uprobe-hist-<function>-<UTC time>.txt` in the current directory.
