@@ -362,7 +362,13 @@ pub enum ReadError {
     Decode(#[from] prost::DecodeError),
     #[error("malformed pprof profile: {0}")]
     Malformed(String),
+    #[error("it decompresses to more than {} MiB, more than any real profile", .0 >> 20)]
+    TooLarge(u64),
 }
+
+/// What a gzipped pprof input may decompress to: far beyond real profiles, and a bound on what a
+/// hostile file (a gzip bomb) can make `diff` allocate.
+const MAX_DECOMPRESSED: u64 = 1 << 30;
 
 /// Reads a pprof profile (gzip-compressed or not) into a stack profile. Of several sample types
 /// it takes a count (`samples/count`) if there is one, else the default (or last) type; time in
@@ -370,16 +376,25 @@ pub enum ReadError {
 pub fn read(bytes: &[u8]) -> Result<StackProfile, ReadError> {
     let raw;
     let data = if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut buf = Vec::new();
-        GzDecoder::new(bytes)
-            .read_to_end(&mut buf)
-            .map_err(ReadError::Gzip)?;
-        raw = buf;
+        raw = gunzip(bytes, MAX_DECOMPRESSED)?;
         &raw[..]
     } else {
         bytes
     };
     decode(&Profile::decode(data)?)
+}
+
+/// Decompresses at most `limit` bytes; more is an error, not an allocation.
+fn gunzip(bytes: &[u8], limit: u64) -> Result<Vec<u8>, ReadError> {
+    let mut buf = Vec::new();
+    GzDecoder::new(bytes)
+        .take(limit + 1)
+        .read_to_end(&mut buf)
+        .map_err(ReadError::Gzip)?;
+    if buf.len() as u64 > limit {
+        return Err(ReadError::TooLarge(limit));
+    }
+    Ok(buf)
 }
 
 pub fn decode(p: &Profile) -> Result<StackProfile, ReadError> {
@@ -641,5 +656,18 @@ mod tests {
         assert!(err.to_string().contains("gzip"), "{err}");
         let err = read(b"\x0f\xff\xff garbage").unwrap_err();
         assert!(err.to_string().contains("pprof"), "{err}");
+    }
+
+    /// A gzip stream that expands past the limit is refused before it is all in memory.
+    #[test]
+    fn gzip_bombs_are_refused() {
+        let mut encoder = GzEncoder::new(Vec::new(), Compression::best());
+        encoder.write_all(&vec![0u8; 64 * 1024]).unwrap();
+        let bomb = encoder.finish().unwrap();
+        assert!(matches!(
+            gunzip(&bomb, 4096),
+            Err(ReadError::TooLarge(4096))
+        ));
+        assert_eq!(gunzip(&bomb, 64 * 1024).unwrap().len(), 64 * 1024);
     }
 }
