@@ -701,8 +701,23 @@ mod tests {
                 std::arch::asm!("lea {ip}, [rip]", "mov {sp}, rsp", "mov {bp}, rbp",
                     ip = out(reg) ip, sp = out(reg) sp, bp = out(reg) bp);
             }
-            let len = 64 * 1024;
-            // SAFETY: the thread's stack above sp is mapped (std gives threads 2 MiB).
+            // Only up to the top of this thread's stack: a test thread's top is often a few KiB
+            // above sp, and reading past the end of its mapping faults.
+            let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
+            let stack_end = maps
+                .lines()
+                .filter_map(|line| {
+                    let (lo, hi) = line.split_whitespace().next()?.split_once('-')?;
+                    Some((
+                        u64::from_str_radix(lo, 16).ok()?,
+                        u64::from_str_radix(hi, 16).ok()?,
+                    ))
+                })
+                .find(|&(lo, hi)| (lo..hi).contains(&sp))
+                .map(|(_, hi)| hi)
+                .expect("sp is in a mapping");
+            let len = (64 * 1024).min(stack_end - sp) as usize;
+            // SAFETY: [sp, sp + len) lies inside the mapping that holds this thread's stack.
             let stack = unsafe { std::slice::from_raw_parts(sp as *const u8, len) }.to_vec();
             let header = UnwindSampleHeader {
                 tgid: std::process::id(),
