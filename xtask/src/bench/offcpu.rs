@@ -1,6 +1,6 @@
 //! offcpu's cost per context switch, the number that decides whether it can run in production:
 //! sched_switch fires on every switch of the machine. Workload: two processes pinned to one CPU
-//! passing a byte over pipes (`bench/pingpong.c`), two switches per round trip. Compared in one
+//! passing a byte over pipes (`xtask/bench/pingpong.c`), two switches per round trip. Compared in one
 //! run, alternating: no tracer; livetrace on the ping-pong only (`-- COMMAND`); livetrace on the
 //! whole system; and a bpftrace sched_switch script that also keeps kernel stacks.
 
@@ -116,7 +116,7 @@ fn build_pingpong() -> anyhow::Result<PathBuf> {
         Command::new("cc")
             .args(["-O2", "-o"])
             .arg(&out)
-            .arg(workspace_root().join("bench/pingpong.c")),
+            .arg(workspace_root().join("xtask/bench/pingpong.c")),
     )?;
     Ok(out)
 }
