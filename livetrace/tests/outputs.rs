@@ -381,16 +381,24 @@ fn offcpu_pprof_is_read_by_go_tool_pprof() {
     run.assert_success();
     let top = go_pprof(&["-top", "-nodecount=40"], &pprof, dir.path());
     assert!(top.contains("Type: off_cpu"), "{top}");
-    // "Showing nodes accounting for 9.98s, 100% of 9.98s total"
+    // "Showing nodes accounting for 9753.17ms, 100% of 9753.17ms total" (pprof picks the unit:
+    // ns, us, ms, s, mins, hrs).
     let total_s: f64 = top
         .lines()
         .find_map(|l| {
-            l.split(" of ")
-                .nth(1)?
-                .split("s total")
-                .next()?
-                .parse()
-                .ok()
+            let total = l.split(" of ").nth(1)?.strip_suffix(" total")?;
+            let split = total.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+            let (number, unit) = total.split_at(split);
+            let scale = match unit {
+                "ns" => 1e-9,
+                "us" | "µs" => 1e-6,
+                "ms" => 1e-3,
+                "s" => 1.0,
+                "mins" => 60.0,
+                "hrs" => 3600.0,
+                _ => return None,
+            };
+            Some(number.parse::<f64>().ok()? * scale)
         })
         .unwrap_or_else(|| panic!("no total in:\n{top}"));
     let folded_s = Profile::read(&folded).total() as f64 / 1e6;
