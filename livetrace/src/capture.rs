@@ -197,3 +197,19 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// The end of every tool's start line: " for 5.0 s; Ctrl-C to stop early" or "; Ctrl-C to stop".
+pub fn how_it_ends(duration: Option<Duration>) -> String {
+    match duration {
+        Some(d) => format!(" for {:.1} s; Ctrl-C to stop early", d.as_secs_f64()),
+        None => "; Ctrl-C to stop".to_owned(),
+    }
+}
+
+/// The single-threaded runtime [`run`] needs: the observed process is what matters, not us.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")
+}

@@ -215,22 +215,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         _ => target.describe(),
     };
     eprintln!(
-        "livetrace: tracing off-CPU time of {title} on {hook}{}; {}",
-        args.duration
-            .map(|d| format!(" for {:.1} s", d.as_secs_f64()))
-            .unwrap_or_default(),
-        if args.duration.is_some() {
-            "Ctrl-C to stop early"
-        } else {
-            "Ctrl-C to stop"
-        }
+        "livetrace: tracing off-CPU time of {title} on {hook}{}",
+        capture::how_it_ends(args.duration)
     );
 
     let mut new_processes = stacks::new_processes(&mut ebpf)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("failed to start the async runtime")?;
+    let runtime = capture::runtime()?;
     let mut context = BuildContext {
         title,
         notes,

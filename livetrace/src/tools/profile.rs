@@ -231,15 +231,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         _ => target.describe(),
     };
     eprintln!(
-        "livetrace: profiling {title} at {frequency} Hz on {event_name}{}; {}",
-        args.duration
-            .map(|d| format!(" for {:.1} s", d.as_secs_f64()))
-            .unwrap_or_default(),
-        if args.duration.is_some() {
-            "Ctrl-C to stop early"
-        } else {
-            "Ctrl-C to stop"
-        }
+        "livetrace: profiling {title} at {frequency} Hz on {event_name}{}",
+        capture::how_it_ends(args.duration)
     );
 
     let mut context = BuildContext {
@@ -264,10 +257,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         notes,
     };
     let mut new_processes = stacks::new_processes(&mut ebpf)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("failed to start the async runtime")?;
+    let runtime = capture::runtime()?;
     let started = std::time::Instant::now();
     let (stop, elapsed) = runtime.block_on(capture::run(
         args.duration,

@@ -285,16 +285,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let site_names: Vec<String> = sites.iter().map(|s| s.describe(command_pid)).collect();
     eprintln!(
-        "livetrace: timing {function} in {}{}; {}",
+        "livetrace: timing {function} in {}{}",
         site_names.join(", "),
-        args.duration
-            .map(|d| format!(" for {:.1} s", d.as_secs_f64()))
-            .unwrap_or_default(),
-        if args.duration.is_some() {
-            "Ctrl-C to stop early"
-        } else {
-            "Ctrl-C to stop"
-        }
+        capture::how_it_ends(args.duration)
     );
 
     let snapshot_base = LatencyReport {
@@ -313,10 +306,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut slow = SlowCollector::new(slow_ns);
     let mut intervals = IntervalClock::new(args.interval);
     let mut tick_error: Option<anyhow::Error> = None;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("failed to start the async runtime")?;
+    let runtime = capture::runtime()?;
     let (stop, elapsed) = runtime.block_on(capture::run(
         args.duration,
         Watch::for_target(&target, command.as_mut()),
