@@ -17,7 +17,10 @@ use std::{
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::targets::{self, HeldCommand, Target};
+use crate::{
+    model::DataQuality,
+    targets::{self, HeldCommand, Target},
+};
 
 /// Why the capture ended; reported in the footer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,4 +215,26 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("failed to start the async runtime")
+}
+
+/// The footer notes every stack tool adds about how its capture went: processes the BPF programs
+/// could not announce (their frames may stay unnamed), and why it stopped, or that this is a
+/// SIGUSR1 snapshot (`stop` is `None`).
+pub fn note_capture_end(quality: &mut DataQuality, unannounced: u64, stop: Option<&StopReason>) {
+    if unannounced > 0 {
+        quality.notes.push(format!(
+            "{unannounced} processes could not be announced when first seen (map or ring buffer \
+             full); those that exited within a second may have unnamed frames"
+        ));
+    }
+    match stop {
+        Some(StopReason::DurationElapsed) => {}
+        Some(stop) => quality
+            .notes
+            .push(format!("capture ended early: {}", stop.describe())),
+        None => quality
+            .notes
+            .push("snapshot (SIGUSR1) taken while the capture goes on".into()),
+    }
+    quality.stop_reason = stop.map(StopReason::describe);
 }

@@ -241,6 +241,31 @@ const CPYTHON_TRAMPOLINE: [u8; 11] = [
     0x48, 0x83, 0xec, 0x08, 0xff, 0xd1, 0x48, 0x83, 0xc4, 0x08, 0xc3,
 ];
 
+/// Section info for a module whose only unwind information is `eh_frame` (synthesized here, at
+/// address 0 of the module).
+fn eh_frame_only(eh_frame: Vec<u8>) -> ExplicitModuleSectionInfo<Bytes> {
+    let len = eh_frame.len();
+    ExplicitModuleSectionInfo::<Bytes> {
+        base_svma: 0,
+        text_svma: None,
+        text: None,
+        stubs_svma: None,
+        stub_helper_svma: None,
+        got_svma: None,
+        unwind_info: None,
+        eh_frame_svma: Some(0..len as u64),
+        eh_frame: Some(Bytes {
+            data: Arc::new(eh_frame),
+            range: 0..len,
+        }),
+        eh_frame_hdr_svma: None,
+        eh_frame_hdr: None,
+        debug_frame: None,
+        text_segment_svma: None,
+        text_segment: None,
+    }
+}
+
 /// An `.eh_frame` with one CIE and one FDE covering `range` (module-relative) with the rule
 /// CFA = rsp + `cfa_offset`, return address at CFA - 8.
 fn synthetic_eh_frame(range: &Range<u64>, cfa_offset: u8) -> Vec<u8> {
@@ -289,27 +314,7 @@ fn cpython_trampolines(pid: u32, range: &Range<u64>) -> Option<Module<Bytes>> {
     // framehop looks addresses up relative to the module's base, in 32 bits: the FDE covers
     // 0..size, and the module's base is the mapping's start.
     let eh_frame = synthetic_eh_frame(&(0..range.end - range.start), 16);
-    let len = eh_frame.len();
-    let bytes = Bytes {
-        data: Arc::new(eh_frame),
-        range: 0..len,
-    };
-    let info = ExplicitModuleSectionInfo::<Bytes> {
-        base_svma: 0,
-        text_svma: None,
-        text: None,
-        stubs_svma: None,
-        stub_helper_svma: None,
-        got_svma: None,
-        unwind_info: None,
-        eh_frame_svma: Some(0..len as u64),
-        eh_frame: Some(bytes),
-        eh_frame_hdr_svma: None,
-        eh_frame_hdr: None,
-        debug_frame: None,
-        text_segment_svma: None,
-        text_segment: None,
-    };
+    let info = eh_frame_only(eh_frame);
     Some(Module::new(
         "[cpython perf trampolines]".into(),
         range.clone(),
@@ -750,27 +755,7 @@ mod trampoline_tests {
     fn synthetic_cfi_steps_over_a_trampoline() {
         let range = 0x10_0000..0x10_1000;
         let eh_frame = synthetic_eh_frame(&range, 16);
-        let len = eh_frame.len();
-        let bytes = Bytes {
-            data: Arc::new(eh_frame),
-            range: 0..len,
-        };
-        let info = ExplicitModuleSectionInfo::<Bytes> {
-            base_svma: 0,
-            text_svma: None,
-            text: None,
-            stubs_svma: None,
-            stub_helper_svma: None,
-            got_svma: None,
-            unwind_info: None,
-            eh_frame_svma: Some(0..len as u64),
-            eh_frame: Some(bytes),
-            eh_frame_hdr_svma: None,
-            eh_frame_hdr: None,
-            debug_frame: None,
-            text_segment_svma: None,
-            text_segment: None,
-        };
+        let info = eh_frame_only(eh_frame);
         let mut unwinder = UnwinderX86_64::new();
         unwinder.add_module(Module::new("t".into(), range.clone(), 0, info));
         let mut cache = CacheX86_64::new();

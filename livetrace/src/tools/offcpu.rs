@@ -397,22 +397,7 @@ fn build(
             quality.advice.push(format!("{what}: {fix}"));
         }
     }
-    let unannounced = counter(Counter::NewProcessNotAnnounced);
-    if unannounced > 0 {
-        quality.notes.push(format!(
-            "{unannounced} processes could not be announced when first seen (map or ring buffer \
-             full); those that exited within a second may have unnamed frames"
-        ));
-    }
-    match stop {
-        Some(StopReason::DurationElapsed) => {}
-        Some(stop) => quality
-            .notes
-            .push(format!("capture ended early: {}", stop.describe())),
-        None => quality
-            .notes
-            .push("snapshot (SIGUSR1) taken while the capture goes on".into()),
-    }
+    capture::note_capture_end(&mut quality, counter(Counter::NewProcessNotAnnounced), stop);
 
     let by_thread = stacks::build_profile(
         &raw,

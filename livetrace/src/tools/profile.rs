@@ -407,23 +407,11 @@ fn build(
         notes: context.notes.clone(),
         ..DataQuality::default()
     };
-    let unannounced = bpf::counter(&counters, Counter::NewProcessNotAnnounced);
-    if unannounced > 0 {
-        quality.notes.push(format!(
-            "{unannounced} processes could not be announced when first seen (map or ring buffer \
-             full); those that exited within a second may have unnamed frames"
-        ));
-    }
-    match stop {
-        Some(StopReason::DurationElapsed) => {}
-        Some(stop) => quality
-            .notes
-            .push(format!("capture ended early: {}", stop.describe())),
-        None => quality
-            .notes
-            .push("snapshot (SIGUSR1) taken while the capture goes on".into()),
-    }
-    quality.stop_reason = stop.map(StopReason::describe);
+    capture::note_capture_end(
+        &mut quality,
+        bpf::counter(&counters, Counter::NewProcessNotAnnounced),
+        stop,
+    );
     Ok(stacks::build_profile(
         &raw,
         symbolizer,
