@@ -62,6 +62,10 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
     say "installing nodejs and npm (speedscope's importer reads our speedscope files in the tests)"
     apt_install nodejs npm
 fi
+if ! command -v java >/dev/null || ! command -v jcmd >/dev/null; then
+    say "installing a JDK (the tests profile a JVM's JIT-compiled methods through jcmd's perf map)"
+    apt_install default-jdk-headless
+fi
 
 # Pinned: the speedscope test hooks into this release's bundled importer.
 SPEEDSCOPE_VERSION=1.25.0

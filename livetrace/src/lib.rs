@@ -12,6 +12,7 @@ pub mod histogram;
 pub mod kernel_btf;
 pub mod model;
 pub mod output;
+pub mod perf_map;
 pub mod privileges;
 pub mod stacks;
 pub mod symbolize;

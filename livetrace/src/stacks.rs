@@ -304,7 +304,11 @@ pub fn build_profile(
             options.stack_storage
         ));
     }
-    if quality.unknown_weight > 0 {
+    let native_unknowns = quality
+        .unknown_frames
+        .keys()
+        .any(|reason| !reason.starts_with("JIT"));
+    if native_unknowns {
         quality.advice.push(
             "unresolved frames usually mean stripped binaries or code built without frame \
              pointers: install debug symbols, or build with -fno-omit-frame-pointer \
@@ -312,6 +316,8 @@ pub fn build_profile(
                 .into(),
         );
     }
+    quality.advice.extend(symbolizer.jit_advice());
+    quality.notes.extend(symbolizer.perf_map_notes());
     let mut build_ids = BTreeMap::new();
     for (pid, module) in modules {
         if !build_ids.contains_key(&module)

@@ -6,12 +6,13 @@
 //! process is then symbolised from its snapshot through the ELF files themselves.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     fs,
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
 };
+
+use crate::perf_map::PerfMap;
 
 use blazesym::{
     Pid,
@@ -23,6 +24,9 @@ use blazesym::{
 
 /// Why a frame is a raw address after a second Ctrl-C.
 pub const INTERRUPTED: &str = "symbolisation interrupted by a second signal";
+
+/// Why an address has no name when it lies outside every file the process mapped.
+const NOT_IN_A_FILE: &str = "not in a file mapping (JIT or anonymous code)";
 
 /// The name the kernel's pseudo-module goes by in perf and pprof tools.
 pub const KERNEL_MODULE: &str = "[kernel.kallsyms]";
@@ -97,6 +101,10 @@ pub struct Symbolizer {
     build_ids: HashMap<Arc<str>, Option<String>>,
     /// A batch was left unsymbolised because a second stop signal asked to hurry.
     interrupted: bool,
+    /// Each process's JIT symbol file, read when its addresses are symbolised.
+    perf_maps: HashMap<u32, Option<PerfMap>>,
+    /// Processes with JIT frames left unnamed, for the hint on how to name them.
+    unnamed_jit: BTreeSet<u32>,
 }
 
 impl Default for Symbolizer {
@@ -116,6 +124,8 @@ impl Symbolizer {
             snapshots: HashMap::new(),
             build_ids: HashMap::new(),
             interrupted: false,
+            perf_maps: HashMap::new(),
+            unnamed_jit: BTreeSet::new(),
         }
     }
 
@@ -212,14 +222,20 @@ impl Symbolizer {
                 })
                 .collect();
         }
-        let alive = crate::targets::is_alive(pid);
-        if alive {
+        let mut resolved = self.user_native(pid, addrs);
+        self.name_jit_frames(pid, addrs, &mut resolved);
+        resolved
+    }
+
+    /// Symbolises addresses in the process's files (the perf map is not consulted here).
+    fn user_native(&mut self, pid: u32, addrs: &[u64]) -> Vec<Resolved> {
+        if crate::targets::is_alive(pid) {
             // Refresh: libraries may have been loaded since the first look.
             if let Some(mappings) = read_mappings(pid) {
                 self.snapshots.entry(pid).or_default().mappings = mappings;
             }
             let mut process = Process::new(Pid::from(pid));
-            process.perf_map = perf_map_is_trusted(pid);
+            process.perf_map = false;
             let source = Source::Process(process);
             match self.blaze.symbolize(&source, Input::AbsAddr(addrs)) {
                 Ok(results) => {
@@ -233,6 +249,124 @@ impl Symbolizer {
             }
         }
         self.user_from_snapshot(pid, addrs)
+    }
+
+    /// Names the frames in JIT code (outside every file mapping) through the process's perf map.
+    fn name_jit_frames(&mut self, pid: u32, addrs: &[u64], resolved: &mut [Resolved]) {
+        let snapshot = self.snapshots.get(&pid);
+        // blazesym reports anonymous code as unmapped or uncovered, depending on the mapping.
+        let in_jit = |addr: u64, r: &Resolved| {
+            matches!(r, Resolved::Unknown { .. }) && snapshot.is_none_or(|s| s.find(addr).is_none())
+        };
+        if !addrs
+            .iter()
+            .zip(resolved.iter())
+            .any(|(&a, r)| in_jit(a, r))
+        {
+            return;
+        }
+        let jit: Vec<usize> = (0..addrs.len())
+            .filter(|&i| in_jit(addrs[i], &resolved[i]))
+            .collect();
+        let map = self
+            .perf_maps
+            .entry(pid)
+            .or_insert_with(|| PerfMap::read(pid))
+            .as_ref();
+        let mut unnamed = false;
+        for i in jit {
+            let addr = addrs[i];
+            match map.and_then(|m| m.find(addr).map(|name| (m, name))) {
+                Some((map, name)) => {
+                    resolved[i] = Resolved::Frames(Located {
+                        module: Some(Arc::from(map.path.to_string_lossy().as_ref())),
+                        address: addr,
+                        symbols: vec![jit_symbol(name)],
+                    });
+                }
+                None => {
+                    unnamed = true;
+                    resolved[i] = Resolved::Unknown {
+                        name: "[unknown]".into(),
+                        reason: if map.is_some() {
+                            "JIT code missing from its perf map"
+                        } else {
+                            "JIT code, and no perf map names it"
+                        },
+                    };
+                }
+            }
+        }
+        if unnamed {
+            self.unnamed_jit.insert(pid);
+        }
+    }
+
+    /// What was wrong with the perf maps read, for the data-quality notes.
+    pub fn perf_map_notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        for map in self.perf_maps.values().flatten() {
+            if map.malformed > 0 {
+                notes.push(format!(
+                    "{}: {} lines could not be read and were skipped",
+                    map.path.display(),
+                    map.malformed
+                ));
+            }
+            if map.truncated {
+                notes.push(format!(
+                    "{}: only its first 256 MiB were read (it keeps growing while the runtime \
+                     runs; restart the runtime to start a fresh one)",
+                    map.path.display()
+                ));
+            }
+        }
+        notes
+    }
+
+    /// How to get JIT frames named, for each kind of runtime that had some unnamed.
+    pub fn jit_advice(&self) -> Vec<String> {
+        self.unnamed_jit
+            .iter()
+            .take(3)
+            .map(|&pid| {
+                let snapshot = self.snapshots.get(&pid);
+                let maps = |suffix: &str| {
+                    snapshot.is_some_and(|s| {
+                        s.mappings
+                            .iter()
+                            .any(|m| m.path.to_string_lossy().ends_with(suffix))
+                    })
+                };
+                let exe = snapshot
+                    .and_then(|s| s.exe.as_ref())
+                    .and_then(|e| e.file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if maps("/libjvm.so") {
+                    format!(
+                        "pid {pid} is a JVM: have it write its perf map with `jcmd {pid} \
+                         Compiler.perfmap` (JDK 17+) after warm-up and before the capture ends, \
+                         and start it with -XX:+PreserveFramePointer for complete stacks"
+                    )
+                } else if exe.starts_with("node") {
+                    format!(
+                        "pid {pid} is Node.js: start it with --perf-basic-prof (add \
+                         --interpreted-frames-native-stack to name interpreted functions too)"
+                    )
+                } else if exe.starts_with("python") {
+                    format!(
+                        "pid {pid} is Python: CPython 3.12+ started with -X perf (or \
+                         PYTHONPERFSUPPORT=1) names its Python functions"
+                    )
+                } else {
+                    format!(
+                        "pid {pid} runs JIT code that no perf map names: its runtime can \
+                         usually write /tmp/perf-{pid}.map (perf's JIT interface)"
+                    )
+                }
+            })
+            .collect()
     }
 
     /// For processes that are gone: map each address to (file, offset) through the snapshot and
@@ -253,7 +387,7 @@ impl Symbolizer {
                 let Some(mapping) = snapshot.find(addr) else {
                     return Resolved::Unknown {
                         name: "[unknown]".into(),
-                        reason: "not in a file mapping (JIT or anonymous code)",
+                        reason: NOT_IN_A_FILE,
                     };
                 };
                 let file_offset = mapping.file_offset(addr);
@@ -370,10 +504,7 @@ fn symbols_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<Symbol> {
         (Some(Arc::from(file.to_string_lossy().as_ref())), info.line)
     };
     let (file, line) = position(sym.code_info.as_deref());
-    let (name, file) = match python_perf_map_name(&sym.name) {
-        Some((name, source)) => (name.to_owned(), file.or_else(|| Some(Arc::from(source)))),
-        None => (demangle(&sym.name), file),
-    };
+    let name = demangle(&sym.name);
     let mut symbols = vec![Symbol { name, file, line }];
     symbols.extend(sym.inlined.iter().map(|f| {
         let (file, line) = position(f.code_info.as_ref());
@@ -384,6 +515,22 @@ fn symbols_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<Symbol> {
         }
     }));
     symbols
+}
+
+/// A perf-map name as a frame: CPython's split into function and file, others as written.
+fn jit_symbol(name: &str) -> Symbol {
+    match python_perf_map_name(name) {
+        Some((function, file)) => Symbol {
+            name: function.to_owned(),
+            file: Some(Arc::from(file)),
+            line: None,
+        },
+        None => Symbol {
+            name: name.to_owned(),
+            file: None,
+            line: None,
+        },
+    }
 }
 
 /// CPython's `-X perf` trampolines are named `py::FUNCTION:/path/to/file.py` in its perf map:
@@ -470,7 +617,7 @@ fn describe(reason: Reason) -> &'static str {
     match reason {
         Reason::Unmapped => "not in the process's memory map",
         Reason::InvalidFileOffset => "invalid file offset",
-        Reason::MissingComponent => "not in a file mapping (JIT or anonymous code)",
+        Reason::MissingComponent => NOT_IN_A_FILE,
         Reason::MissingSyms => "binary has no symbols (stripped)",
         Reason::Unsupported => "unsupported kind of mapping",
         Reason::UnknownAddr => "address not covered by any symbol",
@@ -516,19 +663,6 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
             })
         })
         .collect()
-}
-
-/// JIT symbol files in /tmp are world-writable territory: trust one only if it belongs to the
-/// process's own user or to root.
-fn perf_map_is_trusted(pid: u32) -> bool {
-    let Ok(meta) = fs::symlink_metadata(format!("/tmp/perf-{pid}.map")) else {
-        return false;
-    };
-    if !meta.file_type().is_file() {
-        return false;
-    }
-    let owner = fs::metadata(format!("/proc/{pid}")).map(|m| m.uid()).ok();
-    meta.uid() == 0 || Some(meta.uid()) == owner
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Integration tests of `livetrace profile --unwind dwarf`: complete user stacks of code built
 //! without frame pointers (a C call chain compiled with -fomit-frame-pointer, and CPython 3.12,
-//! whose pyenv build has no frame pointers), and Python functions named through the perf map
-//! that `python -X perf` writes. They run the real binary as root.
+//! whose pyenv build has no frame pointers), and JIT code named through the perf maps that
+//! CPython (`-X perf`), Node (`--perf-basic-prof`) and the JVM (`jcmd PID Compiler.perfmap`)
+//! write. They run the real binary as root.
 
 mod common;
 
@@ -122,13 +123,11 @@ fn python_functions_by_name_over_complete_native_stacks() {
          CPython 3.12+ is the first with -X perf",
         python_path.display()
     );
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/catalogue.py"
-    );
     let mut command = Command::new(&python_path);
     command
-        .args(["-X", "perf", script, "12"])
+        .args(["-X", "perf"])
+        .arg(fixture_source("catalogue.py"))
+        .arg("12")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -138,33 +137,156 @@ fn python_functions_by_name_over_complete_native_stacks() {
     let pid = python.pid().to_string();
 
     let (profile, stderr) = profile(&["-p", &pid, "-U", "-d", "4"], 4);
-    let hot = "py::parse_subtitle_track";
-    let in_hot = |stack: &Stack| stack.contains(hot);
-    let hot_share = profile.share_where(in_hot);
+    assert_incident_stacks(
+        &profile,
+        &stderr,
+        |frame| frame == "py::parse_subtitle_track",
+        |frame| frame == "py::serve_request",
+        &["_start", "Py_RunMain"],
+    );
+}
+
+/// Node with `--perf-basic-prof`: V8's JIT code is named from its perf map (`JS:*parseSubtitleTrack
+/// /path/catalogue.js:26:28`), nested under serveRequest, over native frames down to _start.
+#[test]
+fn node_functions_by_name() {
+    require_root();
+    let _cpus = cpu_exclusive();
+    // --perf-basic-prof also turns on V8's log, written to the working directory.
+    let workdir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(require_tool("node", "apt-get install nodejs"));
+    command
+        .current_dir(workdir.path())
+        .args(["--perf-basic-prof", "--no-turbo-inlining"])
+        .arg(fixture_source("catalogue.js"))
+        .arg("12")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let node = Process::spawn(command);
+    // Past start-up and into the request loop, with the hot functions compiled.
+    thread::sleep(Duration::from_millis(1500));
+    let pid = node.pid().to_string();
+
+    let (profile, stderr) = profile(&["-p", &pid, "-U", "-d", "4"], 4);
+    assert_incident_stacks(
+        &profile,
+        &stderr,
+        |frame| js_function(frame) == Some("parseSubtitleTrack"),
+        |frame| js_function(frame) == Some("serveRequest"),
+        &["_start", "node::Start(int, char**)"],
+    );
+    let _ = std::fs::remove_file(format!("/tmp/perf-{pid}.map"));
+}
+
+/// A JVM with -XX:+PreserveFramePointer whose perf map `jcmd PID Compiler.perfmap` wrote: the
+/// JIT-compiled Java methods are named (the JVM writes its map in a 0x-prefixed dialect), nested
+/// under serveRequest, over the JVM's native frames down to the Java main thread's start.
+#[test]
+fn java_methods_by_name() {
+    require_root();
+    let _cpus = cpu_exclusive();
+    let mut command = Command::new(require_tool("java", "apt-get install default-jdk-headless"));
+    command
+        .args([
+            "-XX:+PreserveFramePointer",
+            "-XX:CompileCommand=quiet",
+            "-XX:CompileCommand=dontinline,Catalogue::*",
+        ])
+        .arg(fixture_source("Catalogue.java"))
+        .arg("14")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let java = Process::spawn(command);
+    let pid = java.pid().to_string();
+    // The map lists what is compiled when jcmd asks: wait until the request loop is compiled
+    // (a source-file launch compiles the program first).
+    thread::sleep(Duration::from_secs(4));
+    let jcmd = Command::new(require_tool("jcmd", "apt-get install default-jdk-headless"))
+        .args([&pid, "Compiler.perfmap"])
+        .output()
+        .expect("jcmd runs");
+    assert!(
+        jcmd.status.success(),
+        "jcmd {pid} Compiler.perfmap failed: {}",
+        String::from_utf8_lossy(&jcmd.stdout)
+    );
+
+    let (profile, stderr) = profile(&["-p", &pid, "-U", "-d", "4"], 4);
+    let _ = std::fs::remove_file(format!("/tmp/perf-{pid}.map"));
+    assert_incident_stacks(
+        &profile,
+        &stderr,
+        |frame| java_method(frame) == Some("Catalogue.parseSubtitleTrack"),
+        |frame| java_method(frame) == Some("Catalogue.serveRequest"),
+        &["clone3", "start_thread", "JavaMain"],
+    );
+}
+
+/// The incident's truth, whatever the runtime: the hot function is on the large majority of
+/// stacks, nested under the request handler, and the native frames beneath include `native`
+/// (in that order) from the outermost frame down.
+fn assert_incident_stacks(
+    profile: &Profile,
+    stderr: &str,
+    is_hot: impl Fn(&str) -> bool,
+    is_handler: impl Fn(&str) -> bool,
+    native: &[&str],
+) {
+    let hot_share = profile.share_where(|stack| stack.user_frames().into_iter().any(&is_hot));
     assert!(
         hot_share >= 0.70,
-        "{hot} is on only {hot_share:.3} of the stacks\n{}\n{stderr}",
+        "the hot function is on only {hot_share:.3} of the stacks\n{}\n{stderr}",
         profile.summary()
     );
     let nested = profile.share_where(|stack| {
         let frames = stack.user_frames();
-        let serve = frames.iter().position(|f| *f == "py::serve_request");
-        let parse = frames.iter().position(|f| *f == hot);
-        matches!((serve, parse), (Some(s), Some(p)) if s < p)
+        let handler = frames.iter().position(|f| is_handler(f));
+        let hot = frames.iter().position(|f| is_hot(f));
+        matches!((handler, hot), (Some(h), Some(p)) if h < p)
     });
     assert!(
         nested >= 0.98 * hot_share,
-        "{hot} sits under py::serve_request in only {nested:.3} of {hot_share:.3}\n{}",
+        "the hot function sits under the request handler in only {nested:.3} of {hot_share:.3}\n{}",
         profile.summary()
     );
     let complete = profile.share_where(|stack| {
-        in_hot(stack)
-            && stack.user_frames().first() == Some(&"_start")
-            && stack.contains("Py_RunMain")
+        let frames = stack.user_frames();
+        frames.iter().any(|f| is_hot(f))
+            && frames.first() == native.first()
+            && native.iter().all(|n| frames.contains(n))
     });
     assert!(
         complete >= 0.95 * hot_share,
-        "only {complete:.3} of {hot_share:.3} reach _start through Py_RunMain\n{}\n{stderr}",
+        "only {complete:.3} of {hot_share:.3} have the native frames {native:?} beneath\n{}\n{stderr}",
         profile.summary()
     );
+}
+
+/// `parseSubtitleTrack` from V8's `JS:*parseSubtitleTrack /path/file.js:26:28` (the marker after
+/// `JS:` is the tier: ~ interpreted, ^ baseline, + or * optimised).
+fn js_function(frame: &str) -> Option<&str> {
+    let name = frame.strip_prefix("JS:")?.split(' ').next()?;
+    Some(name.trim_start_matches(['~', '^', '+', '*']))
+}
+
+/// `Catalogue.parseSubtitleTrack` from the JVM's `int Catalogue.parseSubtitleTrack(byte[])`.
+fn java_method(frame: &str) -> Option<&str> {
+    let (before_args, _) = frame.split_once('(')?;
+    before_args.rsplit(' ').next()
+}
+
+fn fixture_source(name: &str) -> String {
+    format!("{}/../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The path of a runtime these tests need, or a failure that says how to install it.
+fn require_tool(name: &str, install: &str) -> PathBuf {
+    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file());
+    found.unwrap_or_else(|| {
+        panic!("{name} is not installed: this test needs it (`{install}`, or `cargo xtask setup`)")
+    })
 }
