@@ -51,6 +51,10 @@ pub const MAX_TARGETS: u32 = 4096;
 /// began: its stacks were recovered from /proc instead of by the BPF program.
 pub const STACK_ID_RECOVERED: i32 = i32::MIN + 1;
 
+/// Stored in `user_stack_id` of an off-CPU start by `--unwind dwarf`: the user stack went to
+/// user space as a stack copy, to be unwound there.
+pub const STACK_ID_UNWOUND: i32 = i32::MIN + 2;
+
 /// Stored in a stack id field when that stack was not asked for (`-U`, `-K`), or when a sample
 /// taken in user mode has no kernel stack to walk. Not a loss.
 pub const STACK_ID_NOT_COLLECTED: i32 = i32::MIN;
@@ -63,6 +67,9 @@ pub mod stack_errno {
     pub const EEXIST: i32 = 17;
     /// The stack-trace map is full.
     pub const ENOMEM: i32 = 12;
+    /// Not from the kernel: offcpu's stack copy could not be sent, the unwind ring buffer was
+    /// full.
+    pub const ENOSPC: i32 = 28;
 }
 
 /// One aggregation key: who was running (or blocked), and where.

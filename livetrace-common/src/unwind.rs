@@ -2,7 +2,12 @@
 //! pointers), the profile program copies the user registers and the top of the user stack into a
 //! ring buffer, and user space unwinds it with the binaries' `.eh_frame` CFI.
 //!
-//! A sample is a [`UnwindSampleHeader`] followed by `stack_len` bytes of stack, starting at `sp`.
+//! `livetrace offcpu --unwind dwarf` uses the same ring: the stack is copied when a thread switches
+//! out ([`RECORD_BLOCK_START`]; it cannot change while the thread is off-CPU), and the time it
+//! was blocked follows when it switches back in ([`RECORD_BLOCK_END`]), joined by thread and
+//! switch-out time in user space.
+//!
+//! A record is a [`UnwindSampleHeader`] followed by `stack_len` bytes of stack, starting at `sp`.
 //! The stack is read a page at a time (the first read ends at the page boundary above `sp`), so
 //! a stack whose top is nearer than `--stack-copy-size` is copied up to its last readable page.
 
@@ -24,7 +29,14 @@ pub const DEFAULT_UNWIND_BUFFER: u32 = 8 * 1024 * 1024;
 /// The unit the stack is read in: a page, so that a read never crosses into an unmapped one.
 pub const STACK_CHUNK: u32 = 4096;
 
-/// The registers framehop needs on x86-64, and who was running.
+/// A profile sample: count `weight` for this stack now.
+pub const RECORD_SAMPLE: u32 = 0;
+/// A thread switched out at `start_ns` with this stack; its weight comes with the block's end.
+pub const RECORD_BLOCK_START: u32 = 1;
+/// The block that began at `start_ns` lasted `weight` ns (no stack follows).
+pub const RECORD_BLOCK_END: u32 = 2;
+
+/// The registers framehop needs on x86-64, who was running, and what the record counts.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UnwindSampleHeader {
@@ -34,10 +46,17 @@ pub struct UnwindSampleHeader {
     pub kernel_stack_id: i32,
     /// Bytes of stack that follow the header.
     pub stack_len: u32,
+    /// [`RECORD_SAMPLE`], [`RECORD_BLOCK_START`] or [`RECORD_BLOCK_END`].
+    pub kind: u32,
+    pub _reserved: u32,
     /// User-mode instruction pointer, stack pointer and frame pointer at the sample.
     pub ip: u64,
     pub sp: u64,
     pub bp: u64,
+    /// Blocks: when the thread switched out (`bpf_ktime_get_ns`), which identifies the block.
+    pub start_ns: u64,
+    /// Samples: 1. Block ends: nanoseconds blocked.
+    pub weight: u64,
     pub comm: [u8; 16],
 }
 
@@ -66,7 +85,7 @@ mod tests {
     /// The header has no implicit padding, and stack bytes after it stay 8-byte aligned.
     #[test]
     fn header_layout() {
-        assert_eq!(HEADER_LEN, 4 * 4 + 3 * 8 + 16);
+        assert_eq!(HEADER_LEN, 6 * 4 + 5 * 8 + 16);
         assert_eq!(HEADER_LEN % 8, 0);
     }
 }

@@ -12,11 +12,15 @@ use aya_ebpf::{
 };
 use livetrace_common::{
     offcpu::{MAX_THREADS, OffcpuStart, PF_KTHREAD, TASK_DEAD, WakeKey, state_bit},
-    stacks::{Counter, StackKey},
+    stacks::{Counter, STACK_ID_UNWOUND, StackKey, stack_errno},
 };
 
-use crate::stacks::{
-    add_target_tgid, add_weight, add_weight_to, capture_stopped, count, current_key, is_target,
+use crate::{
+    stacks::{
+        add_target_tgid, add_weight, add_weight_to, announce_first_sight, capture_stopped, count,
+        current_key, is_target, kernel_stack_id, wants_user_stacks,
+    },
+    unwind,
 };
 
 #[map]
@@ -59,7 +63,13 @@ pub fn offcpu_switch(ctx: BtfTracePointContext) -> i32 {
     let prev_state: u64 = ctx.arg(3);
     let now = unsafe { bpf_ktime_get_ns() };
     let prev_flags = read_task_u32(prev, TASK_FLAGS_OFFSET.load()).unwrap_or(0);
-    switch_out(&ctx, prev_state as u32, prev_flags & PF_KTHREAD != 0, now);
+    switch_out(
+        &ctx,
+        prev_state as u32,
+        prev_flags & PF_KTHREAD != 0,
+        now,
+        unwind::enabled(),
+    );
     if let Some(next_tid) = read_task_u32(next, TASK_PID_OFFSET.load()) {
         switch_in(next_tid, now, || {
             read_task_u32(next, TASK_TGID_OFFSET.load())
@@ -78,7 +88,8 @@ pub fn offcpu_switch_tracepoint(ctx: TracePointContext) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let prev_state: u32 =
         unsafe { ctx.read_at::<u32>(TP_PREV_STATE_OFFSET.load() as usize) }.unwrap_or(0);
-    switch_out(&ctx, prev_state, false, now);
+    // No stack copies here: this fallback runs where there is no BTF, which they need.
+    switch_out(&ctx, prev_state, false, now, false);
     if let Ok(next_tid) = unsafe { ctx.read_at::<u32>(TP_NEXT_PID_OFFSET.load() as usize) } {
         switch_in(next_tid, now, || None);
     }
@@ -121,8 +132,16 @@ pub fn offcpu_fork(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// Records the current thread's switch-out. `copy_stack`: send its user stack to user space for
+/// unwinding (`--unwind dwarf`) instead of walking frame pointers here.
 #[inline(always)]
-fn switch_out<C: StackIdContext>(ctx: &C, prev_state: u32, kernel_thread: bool, now: u64) {
+fn switch_out<C: StackIdContext>(
+    ctx: &C,
+    prev_state: u32,
+    kernel_thread: bool,
+    now: u64,
+    copy_stack: bool,
+) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     if tid == 0 {
@@ -146,10 +165,25 @@ fn switch_out<C: StackIdContext>(ctx: &C, prev_state: u32, kernel_thread: bool, 
         count(Counter::StateFiltered);
         return;
     }
-    let start = OffcpuStart {
-        key: current_key(ctx, tgid, tid, true),
-        start_ns: now,
+    let key = if copy_stack && wants_user_stacks() {
+        let mut key = StackKey {
+            tgid,
+            tid,
+            user_stack_id: STACK_ID_UNWOUND,
+            kernel_stack_id: kernel_stack_id(ctx, true),
+            comm: [0; 16],
+        };
+        if !unwind::submit_block_start(ctx, tgid, tid, key.kernel_stack_id, now) {
+            // The copy could not be sent (counted): the block keeps its time and kernel stack,
+            // under a user stack marked lost.
+            key.user_stack_id = -stack_errno::ENOSPC;
+        }
+        key.comm = ctx.command().unwrap_or_default();
+        key
+    } else {
+        current_key(ctx, tgid, tid, true)
     };
+    let start = OffcpuStart { key, start_ns: now };
     // A thread's entry is written in place after its first block: a lookup is much cheaper
     // than a hash-map update (and the delete it would need at switch-in).
     match OFFCPU_START.get_ptr_mut(tid) {
@@ -193,6 +227,12 @@ fn switch_in(next_tid: u32, now: u64, next_tgid: impl FnOnce() -> Option<u32>) {
             waker,
         };
         add_weight_to(&WAKE_COUNTS, &key, blocked_ns, Counter::WakeCountsMapFull);
+        return;
+    }
+    if start.key.user_stack_id == STACK_ID_UNWOUND {
+        // The stack went to user space at switch-out; the time joins it there.
+        announce_first_sight(start.key.tgid);
+        unwind::submit_block_end(start.key.tgid, next_tid, start.start_ns, blocked_ns);
         return;
     }
     add_weight(&start.key, blocked_ns);

@@ -132,7 +132,7 @@ pub fn atomic_add(dst: *mut u64, value: u64) {
 /// Tells user space about a process the first time it is recorded, so that its memory map is
 /// read while it is alive; a failure is counted.
 #[inline(always)]
-fn announce_first_sight(tgid: u32) {
+pub fn announce_first_sight(tgid: u32) {
     if unsafe { SEEN_PROCESSES.get(tgid) }.is_some() {
         return;
     }

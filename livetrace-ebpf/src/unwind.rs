@@ -1,7 +1,8 @@
-//! `--unwind dwarf`: copy the user registers and the top of the user stack of a sample into a
-//! ring buffer, for user space to unwind with CFI (see `livetrace_common::unwind`). The user
-//! registers come from the perf event's interrupted context when it was in user mode, else from
-//! the task's saved user `pt_regs` (`bpf_task_pt_regs`, kernel 5.15+).
+//! `--unwind dwarf`: copy the user registers and the top of the user stack of a sample (or of a
+//! thread switching out) into a ring buffer, for user space to unwind with CFI (see
+//! `livetrace_common::unwind`). The user registers come from the perf event's interrupted
+//! context when it was in user mode, else from the task's saved user `pt_regs`
+//! (`bpf_task_pt_regs`, kernel 5.15+).
 
 use aya_ebpf::{
     EbpfContext, Global,
@@ -12,13 +13,13 @@ use aya_ebpf::{
     },
     macros::map,
     maps::{PerCpuArray, RingBuf},
-    programs::PerfEventContext,
+    programs::{PerfEventContext, tracing::StackIdContext},
 };
 use livetrace_common::{
     stacks::Counter,
     unwind::{
-        DEFAULT_UNWIND_BUFFER, HEADER_LEN, MAX_STACK_COPY, STACK_CHUNK, UnwindSampleHeader,
-        UnwindScratch,
+        DEFAULT_UNWIND_BUFFER, HEADER_LEN, MAX_STACK_COPY, RECORD_BLOCK_END, RECORD_BLOCK_START,
+        RECORD_SAMPLE, STACK_CHUNK, UnwindSampleHeader, UnwindScratch,
     },
 };
 
@@ -38,43 +39,94 @@ pub fn enabled() -> bool {
     STACK_COPY_BYTES.load() != 0
 }
 
-/// Sends one sample (registers, stack copy, kernel stack id) to user space; a full ring buffer
-/// is counted.
+/// Sends one profile sample (registers, stack copy, kernel stack id) to user space; a full
+/// ring buffer is counted.
 #[inline(always)]
 pub fn submit(ctx: &PerfEventContext, tgid: u32, tid: u32, in_kernel: bool) {
+    let regs = user_registers(ctx, in_kernel);
+    let header = UnwindSampleHeader {
+        tgid,
+        tid,
+        kernel_stack_id: kernel_stack_id(ctx, in_kernel),
+        kind: RECORD_SAMPLE,
+        weight: 1,
+        comm: ctx.command().unwrap_or_default(),
+        ..UnwindSampleHeader::default()
+    };
+    if send_with_stack(header, regs) {
+        count(Counter::Recorded);
+    }
+}
+
+/// Off-CPU: the current thread is switching out at `start_ns`; sends its user stack (frozen
+/// until it runs again). Returns whether it was sent.
+#[inline(always)]
+pub fn submit_block_start<C: StackIdContext>(
+    ctx: &C,
+    tgid: u32,
+    tid: u32,
+    kernel_stack_id: i32,
+    start_ns: u64,
+) -> bool {
+    let header = UnwindSampleHeader {
+        tgid,
+        tid,
+        kernel_stack_id,
+        kind: RECORD_BLOCK_START,
+        start_ns,
+        comm: ctx.command().unwrap_or_default(),
+        ..UnwindSampleHeader::default()
+    };
+    send_with_stack(header, task_user_registers())
+}
+
+/// Off-CPU: the block of `tid` that began at `start_ns` lasted `blocked_ns`.
+#[inline(always)]
+pub fn submit_block_end(tgid: u32, tid: u32, start_ns: u64, blocked_ns: u64) {
+    let header = UnwindSampleHeader {
+        tgid,
+        tid,
+        kind: RECORD_BLOCK_END,
+        start_ns,
+        weight: blocked_ns,
+        ..UnwindSampleHeader::default()
+    };
+    match UNWIND_SAMPLES.output::<UnwindSampleHeader>(&header, u64::from(BPF_RB_NO_WAKEUP)) {
+        Ok(()) => count(Counter::Recorded),
+        Err(_) => count(Counter::UnwindRingFull),
+    }
+}
+
+/// Completes `header` with the user registers and a copy of the stack above `sp`, and sends it.
+#[inline(always)]
+fn send_with_stack(mut header: UnwindSampleHeader, (ip, sp, bp): (u64, u64, u64)) -> bool {
     let Some(scratch) = UNWIND_SCRATCH.get_ptr_mut(0) else {
         count(Counter::UnwindScratchMissing);
-        return;
+        return false;
     };
     // SAFETY: the per-CPU slot is ours while this program runs on this CPU.
     let scratch = unsafe { &mut *scratch };
-    let (ip, sp, bp) = user_registers(ctx, in_kernel);
-    let stack_len = if sp == 0 {
+    header.stack_len = if sp == 0 {
         0 // a kernel thread: no user stack
     } else {
         copy_stack(&mut scratch.stack, sp)
     };
-    scratch.header = UnwindSampleHeader {
-        tgid,
-        tid,
-        kernel_stack_id: kernel_stack_id(ctx, in_kernel),
-        stack_len,
-        ip,
-        sp,
-        bp,
-        comm: ctx.command().unwrap_or_default(),
-    };
-    let len = HEADER_LEN + stack_len as usize;
+    (header.ip, header.sp, header.bp) = (ip, sp, bp);
+    let len = HEADER_LEN + header.stack_len as usize;
+    scratch.header = header;
     if len > core::mem::size_of::<UnwindScratch>() {
-        return;
+        return false;
     }
     // SAFETY: `len` is within the scratch value, checked just above.
     let bytes =
         unsafe { core::slice::from_raw_parts((scratch as *const UnwindScratch).cast::<u8>(), len) };
-    // User space polls; waking it for every sample would cost more than the sample.
+    // User space polls; waking it for every record would cost more than the record.
     match UNWIND_SAMPLES.output::<[u8]>(bytes, u64::from(BPF_RB_NO_WAKEUP)) {
-        Ok(()) => count(Counter::Recorded),
-        Err(_) => count(Counter::UnwindRingFull),
+        Ok(()) => true,
+        Err(_) => {
+            count(Counter::UnwindRingFull);
+            false
+        }
     }
 }
 
@@ -87,6 +139,12 @@ fn user_registers(ctx: &PerfEventContext, in_kernel: bool) -> (u64, u64, u64) {
         let regs = unsafe { &(*data).regs };
         return (regs.rip, regs.rsp, regs.rbp);
     }
+    task_user_registers()
+}
+
+/// (ip, sp, bp) the current task saved on entering the kernel: its user-mode context.
+#[inline(always)]
+fn task_user_registers() -> (u64, u64, u64) {
     // SAFETY: helpers that take the current task; the result is read with probe_read.
     let regs = unsafe {
         let task = bpf_get_current_task_btf();

@@ -6,6 +6,7 @@ pub mod already_blocked;
 pub mod bpf;
 pub mod capture;
 pub mod duration;
+pub mod frame_pointers;
 #[cfg(test)]
 mod fuzz_smoke;
 pub mod histogram;

@@ -86,14 +86,19 @@ pub fn note_new_processes(ring: &mut RingBuf<MapData>, symbolizer: &mut Symboliz
 ///
 /// `unwound` adds the stacks unwound in user space (`--unwind dwarf`): their user stacks are
 /// synthetic ids into [`RawStacks::traces`], their kernel stacks ids in the kernel's map.
+/// `extra` entries (offcpu's blocks still going on) are added before the stacks are fetched.
 pub fn drain(
     bpf: &Ebpf,
     wakers: bool,
     unwound: Option<crate::unwind::Unwound>,
+    extra: Vec<(StackKey, u64)>,
 ) -> anyhow::Result<RawStacks> {
     let counts: BpfHashMap<&MapData, StackKey, u64> =
         BpfHashMap::try_from(bpf::map_ref(bpf, STACK_COUNTS)?)?;
-    let mut raw = RawStacks::default();
+    let mut raw = RawStacks {
+        entries: extra,
+        ..RawStacks::default()
+    };
     for entry in counts.iter() {
         raw.entries
             .push(entry.context("failed to read the stack counts map")?);
@@ -408,6 +413,7 @@ fn key_frames(
                     "stack map full"
                 }
                 stack_errno::EFAULT => "walk failed (EFAULT)",
+                stack_errno::ENOSPC => "stack copy lost to the full unwind ring buffer",
                 _ if stack_id == STACK_ID_RECOVERED => "not recoverable from /proc",
                 _ if stack_id >= 0 => "evicted from the stack map",
                 _ => "walk failed",

@@ -8,6 +8,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     fs,
+    ops::Range,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -85,6 +86,8 @@ struct Snapshot {
     /// itself) gets a new, randomised layout, and a new snapshot.
     start_code: Option<u64>,
     mappings: Vec<Mapping>,
+    /// Executable memory backed by no file: where JIT compilers put their code.
+    anon_exec: Vec<Range<u64>>,
     /// When this executable was first seen: snapshots are refreshed for a few seconds after,
     /// while the process is still mapping its libraries (and right after an exec, its mappings
     /// are not even complete yet).
@@ -176,7 +179,7 @@ impl Symbolizer {
             }
             first_seen = known.first_seen;
         }
-        let Some(mappings) = read_mappings(pid).filter(|m| !m.is_empty()) else {
+        let Some((mappings, anon_exec)) = read_mappings(pid).filter(|(m, _)| !m.is_empty()) else {
             return; // gone (or going) already: keep what we had
         };
         let snapshot = Snapshot {
@@ -184,6 +187,7 @@ impl Symbolizer {
             exe,
             start_code,
             mappings,
+            anon_exec,
             first_seen,
         };
         self.snapshots.insert(pid, snapshot);
@@ -231,8 +235,10 @@ impl Symbolizer {
     fn user_native(&mut self, pid: u32, addrs: &[u64]) -> Vec<Resolved> {
         if crate::targets::is_alive(pid) {
             // Refresh: libraries may have been loaded since the first look.
-            if let Some(mappings) = read_mappings(pid) {
-                self.snapshots.entry(pid).or_default().mappings = mappings;
+            if let Some((mappings, anon_exec)) = read_mappings(pid) {
+                let snapshot = self.snapshots.entry(pid).or_default();
+                snapshot.mappings = mappings;
+                snapshot.anon_exec = anon_exec;
             }
             let mut process = Process::new(Pid::from(pid));
             process.perf_map = false;
@@ -252,29 +258,28 @@ impl Symbolizer {
     }
 
     /// Names the frames in JIT code (outside every file mapping) through the process's perf map.
+    /// A frame-pointer walk gone astray also lands outside every file: an address is called JIT
+    /// code only when the perf map names it or it lies in anonymous executable memory.
     fn name_jit_frames(&mut self, pid: u32, addrs: &[u64], resolved: &mut [Resolved]) {
         let snapshot = self.snapshots.get(&pid);
         // blazesym reports anonymous code as unmapped or uncovered, depending on the mapping.
-        let in_jit = |addr: u64, r: &Resolved| {
-            matches!(r, Resolved::Unknown { .. }) && snapshot.is_none_or(|s| s.find(addr).is_none())
-        };
-        if !addrs
-            .iter()
-            .zip(resolved.iter())
-            .any(|(&a, r)| in_jit(a, r))
-        {
+        let candidates: Vec<(usize, bool)> = (0..addrs.len())
+            .filter(|&i| {
+                matches!(resolved[i], Resolved::Unknown { .. })
+                    && snapshot.is_none_or(|s| s.find(addrs[i]).is_none())
+            })
+            .map(|i| (i, snapshot.is_some_and(|s| s.in_anon_exec(addrs[i]))))
+            .collect();
+        if candidates.is_empty() {
             return;
         }
-        let jit: Vec<usize> = (0..addrs.len())
-            .filter(|&i| in_jit(addrs[i], &resolved[i]))
-            .collect();
         let map = self
             .perf_maps
             .entry(pid)
             .or_insert_with(|| PerfMap::read(pid))
             .as_ref();
         let mut unnamed = false;
-        for i in jit {
+        for (i, anonymous) in candidates {
             let addr = addrs[i];
             match map.and_then(|m| m.find(addr).map(|name| (m, name))) {
                 Some((map, name)) => {
@@ -284,6 +289,7 @@ impl Symbolizer {
                         symbols: vec![jit_symbol(name)],
                     });
                 }
+                None if !anonymous => {} // not JIT code: blazesym's reason stands
                 None => {
                     unnamed = true;
                     resolved[i] = Resolved::Unknown {
@@ -488,6 +494,10 @@ impl Snapshot {
             .iter()
             .find(|m| (m.start..m.end).contains(&addr))
     }
+
+    fn in_anon_exec(&self, addr: u64) -> bool {
+        self.anon_exec.iter().any(|r| r.contains(&addr))
+    }
 }
 
 /// The function and its inlined callees, outermost first, each with its own source position at
@@ -633,10 +643,28 @@ fn start_code(pid: u32) -> Option<u64> {
     rest.split_ascii_whitespace().nth(23)?.parse().ok()
 }
 
-/// File-backed executable mappings of a process, with paths reachable from our mount namespace.
-fn read_mappings(pid: u32) -> Option<Vec<Mapping>> {
+/// File-backed executable mappings of a process, and its anonymous executable ranges.
+fn read_mappings(pid: u32) -> Option<(Vec<Mapping>, Vec<Range<u64>>)> {
     let text = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    Some(parse_maps(&text))
+    Some((parse_maps(&text), parse_anon_exec(&text)))
+}
+
+/// Executable mappings of `/proc/PID/maps` text that no file backs (JIT code); `[vdso]` and
+/// the like are left out.
+fn parse_anon_exec(text: &str) -> Vec<Range<u64>> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_ascii_whitespace();
+            let range = fields.next()?;
+            let perms = fields.next()?;
+            let path = fields.nth(3).unwrap_or("");
+            if !perms.contains('x') || path.starts_with('/') || path.starts_with('[') {
+                return None;
+            }
+            let (start, end) = range.split_once('-')?;
+            Some(u64::from_str_radix(start, 16).ok()?..u64::from_str_radix(end, 16).ok()?)
+        })
+        .collect()
 }
 
 /// Parses `/proc/PID/maps` text; lines that are not executable file mappings, or not
@@ -679,6 +707,8 @@ mod tests {
 7ffd1000-7ffd3000 r-xp 00000000 00:00 0 [vdso]
 7f1000000000-7f1000100000 r-xp 00028000 fd:01 456 /lib/x86_64-linux-gnu/libc.so.6
 ";
+        // Anonymous executable memory (JIT code) is kept apart; [vdso] is neither.
+        assert_eq!(parse_anon_exec(maps), vec![0x7f0000000000..0x7f0000001000]);
         let parsed = parse_maps(maps);
         assert_eq!(parsed.len(), 2);
         assert_eq!(parsed[0].start, 0x55d0c0a01000);

@@ -390,7 +390,7 @@ fn pipe() -> anyhow::Result<(i32, i32)> {
     Ok((fds[0], fds[1]))
 }
 
-fn which(program: &OsString) -> Option<std::path::PathBuf> {
+pub fn which(program: &std::ffi::OsStr) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(program))

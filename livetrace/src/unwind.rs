@@ -29,8 +29,11 @@ use framehop::{
     x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64},
 };
 use livetrace_common::{
-    stacks::{StackKey, stack_errno},
-    unwind::{HEADER_LEN, UnwindSampleHeader},
+    stacks::{STACK_KIND_USER, StackKey, stack_errno},
+    unwind::{
+        HEADER_LEN, MAX_STACK_COPY, RECORD_BLOCK_END, RECORD_BLOCK_START, RECORD_SAMPLE,
+        UnwindSampleHeader,
+    },
 };
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 
@@ -44,6 +47,94 @@ pub enum UnwindMode {
     Dwarf,
     /// `dwarf` when targets are given (-p, -t, a command), `fp` for the whole system.
     Auto,
+}
+
+/// The unwinding options `profile` and `offcpu` share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UnwindArgs {
+    /// How user stacks are walked: `fp` follows frame pointers in the kernel (cheap, but stops
+    /// early in code built without them); `dwarf` copies the top of the stack and unwinds it here
+    /// with the binaries' .eh_frame; `auto` is dwarf for -p/-t/a command, fp for the whole system.
+    #[arg(long = "unwind", value_enum, default_value_t = UnwindMode::Auto)]
+    pub unwind: UnwindMode,
+    /// With dwarf unwinding: bytes of user stack copied per sample (at most 16k; 4096, 8k...).
+    #[arg(long = "stack-copy-size", value_name = "BYTES", default_value = "16k",
+          value_parser = parse_stack_copy_size)]
+    pub stack_copy_size: u32,
+    /// With dwarf unwinding: size of the ring buffer carrying stack copies to user space
+    /// (rounded up to a power of two).
+    #[arg(long = "unwind-buffer-size", value_name = "BYTES", default_value = "8m",
+          value_parser = parse_buffer_size)]
+    pub unwind_buffer_size: u32,
+}
+
+impl UnwindArgs {
+    /// Whether user stacks are copied and unwound here (`auto`: when targets are given).
+    pub fn dwarf(&self, target: &crate::targets::Target, stack_kinds: u8) -> bool {
+        let wanted = match self.unwind {
+            UnwindMode::Fp => false,
+            UnwindMode::Dwarf => true,
+            UnwindMode::Auto => *target != crate::targets::Target::System,
+        };
+        wanted && stack_kinds & STACK_KIND_USER != 0
+    }
+
+    /// The footer's line on how user stacks were walked; `why`: what `auto` went by.
+    pub fn describe(&self, dwarf: bool, stack_kinds: u8, why: Option<&str>) -> String {
+        let flag = match why {
+            Some(why) => format!("--unwind auto: {why}"),
+            None if dwarf => "--unwind dwarf".into(),
+            None => "--unwind fp".into(),
+        };
+        if dwarf {
+            format!(
+                "unwound with DWARF CFI (.eh_frame) from {} KiB stack copies ({flag})",
+                self.stack_copy_size / 1024
+            )
+        } else if stack_kinds & STACK_KIND_USER != 0 {
+            format!(
+                "frame pointers, walked in the kernel ({flag}); code built without them shows \
+                 short stacks: try --unwind dwarf"
+            )
+        } else {
+            "not collected (-K)".into()
+        }
+    }
+}
+
+/// `16384`, `16k`: a multiple of 8 bytes from 512 to 16 KiB (a per-CPU map value's limit).
+fn parse_stack_copy_size(text: &str) -> Result<u32, String> {
+    let bytes = parse_bytes(text)?;
+    if !(512..=u64::from(MAX_STACK_COPY)).contains(&bytes) {
+        return Err(format!(
+            "{text} is out of range: the stack copy is 512 bytes to 16k"
+        ));
+    }
+    Ok((bytes / 8 * 8) as u32)
+}
+
+/// `8m`, `65536`: rounded up to a power of two, 64 KiB to 1 GiB.
+fn parse_buffer_size(text: &str) -> Result<u32, String> {
+    let bytes = parse_bytes(text)?;
+    if !(64 * 1024..=1 << 30).contains(&bytes) {
+        return Err(format!("{text} is out of range: 64k to 1g"));
+    }
+    Ok(bytes.next_power_of_two() as u32)
+}
+
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let lower = text.trim().to_ascii_lowercase();
+    let (digits, scale) = match lower.strip_suffix(['k', 'm', 'g']) {
+        Some(d) if lower.ends_with('k') => (d, 1 << 10),
+        Some(d) if lower.ends_with('m') => (d, 1 << 20),
+        Some(d) => (d, 1 << 30),
+        None => (lower.as_str(), 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{text} is not a size in bytes (e.g. 16k, 8m, 4096)"))
 }
 
 /// The deepest stack kept (as the kernel's default `perf_event_max_stack`).
@@ -74,11 +165,35 @@ struct SampleKey {
 #[derive(Clone, Default)]
 pub struct Unwound {
     counts: HashMap<SampleKey, u64>,
+    /// Off-CPU: each blocked thread's stack, by tid, with its switch-out time, until the block's
+    /// end brings its weight.
+    pending: HashMap<u32, (u64, SampleKey)>,
     /// Samples that could not be parsed (never expected: a layout mismatch).
     pub malformed: u64,
+    /// Off-CPU: blocks whose end came without their stack (its copy was lost to a full ring
+    /// buffer, counted there), and the nanoseconds they lasted.
+    pub unmatched_blocks: u64,
+    pub unmatched_block_ns: u64,
 }
 
 impl Unwound {
+    /// Adds the weight of the block that `tid` began at `start_ns` to the stack it blocked in;
+    /// `false` when that stack never arrived (its block is then counted as unmatched).
+    pub fn end_block(&mut self, tid: u32, start_ns: u64, weight: u64) -> bool {
+        match self.pending.get(&tid) {
+            Some((start, _)) if *start == start_ns => {
+                let (_, key) = self.pending.remove(&tid).expect("just looked up");
+                *self.counts.entry(key).or_default() += weight;
+                true
+            }
+            _ => {
+                self.unmatched_blocks += 1;
+                self.unmatched_block_ns += weight;
+                false
+            }
+        }
+    }
+
     /// The stack keys (with synthetic user stack ids), their counts, the synthetic traces (leaf
     /// first) and, by synthetic id, why a trace stops short.
     #[expect(clippy::type_complexity, reason = "three parallel outputs, used once")]
@@ -192,15 +307,22 @@ fn drain_loop(
         let mut out = shared.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(item) = ring.next() {
             drained += 1;
-            match unwinder.sample(&item, per_thread) {
-                Some(key) => {
-                    if !unwinder.noted.contains(&key.tgid) {
-                        unwinder.noted.insert(key.tgid);
-                        new_pids.push(key.tgid);
-                    }
-                    *out.counts.entry(key).or_default() += 1;
+            let Some((header, key)) = unwinder.record(&item, per_thread) else {
+                out.malformed += 1;
+                continue;
+            };
+            if unwinder.noted.insert(header.tgid) {
+                new_pids.push(header.tgid);
+            }
+            match (header.kind, key) {
+                (RECORD_SAMPLE, Some(key)) => *out.counts.entry(key).or_default() += header.weight,
+                (RECORD_BLOCK_START, Some(key)) => {
+                    out.pending.insert(header.tid, (header.start_ns, key));
                 }
-                None => out.malformed += 1,
+                (RECORD_BLOCK_END, _) => {
+                    out.end_block(header.tid, header.start_ns, header.weight);
+                }
+                _ => out.malformed += 1,
             }
         }
         drop(out);
@@ -449,18 +571,37 @@ pub struct DwarfUnwinder {
 }
 
 impl DwarfUnwinder {
-    /// Unwinds one ring buffer record; `None` if it is malformed.
-    fn sample(&mut self, record: &[u8], per_thread: bool) -> Option<SampleKey> {
+    /// Reads one ring buffer record, and unwinds its stack if it carries one; `None` if it is
+    /// malformed.
+    fn record(
+        &mut self,
+        record: &[u8],
+        per_thread: bool,
+    ) -> Option<(UnwindSampleHeader, Option<SampleKey>)> {
         let header_bytes = record.get(..HEADER_LEN)?;
         // SAFETY: `UnwindSampleHeader` is plain integers; read_unaligned copes with alignment.
         let header: UnwindSampleHeader =
             unsafe { std::ptr::read_unaligned(header_bytes.as_ptr().cast()) };
+        if header.kind == RECORD_BLOCK_END {
+            return Some((header, None));
+        }
+        let key = self.sample(&header, record, per_thread)?;
+        Some((header, Some(key)))
+    }
+
+    /// Unwinds the stack of a sample (or block start) record.
+    fn sample(
+        &mut self,
+        header: &UnwindSampleHeader,
+        record: &[u8],
+        per_thread: bool,
+    ) -> Option<SampleKey> {
         let stack = record.get(HEADER_LEN..HEADER_LEN + header.stack_len as usize)?;
         let user = if header.sp == 0 && header.ip == 0 {
             // No user context (a kernel thread): as bpf_get_stackid would say.
             (Err(-stack_errno::EFAULT), None)
         } else {
-            let (addrs, cut) = self.unwind(header.tgid, &header, stack);
+            let (addrs, cut) = self.unwind(header.tgid, header, stack);
             if addrs.is_empty() {
                 (Err(-stack_errno::EFAULT), None)
             } else {

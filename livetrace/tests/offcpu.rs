@@ -15,9 +15,16 @@ const SLACK: Duration = Duration::from_secs(20);
 /// Runs `livetrace offcpu -p FIXTURE -d 3 --per-thread -o out.folded EXTRA...` on a fresh
 /// fixture and returns the parsed folded stacks (weights in microseconds) and stderr.
 fn capture(extra: &[&str]) -> (Profile, String) {
+    capture_of(&fixture("offcpu"), extra)
+}
+
+/// [`capture`] of a build of the fixture given by its path.
+fn capture_of(program: &std::path::Path, extra: &[&str]) -> (Profile, String) {
     require_root();
     let _cpus = cpu_shared();
-    let fixture = start_fixture("offcpu", &["25"]);
+    let mut command = std::process::Command::new(program);
+    command.arg("25").stdin(std::process::Stdio::null());
+    let fixture = Process::spawn(command);
     // Let every thread reach its steady state (the reader must be blocked before we start).
     std::thread::sleep(Duration::from_millis(500));
     let dir = tempfile::tempdir().unwrap();
@@ -112,6 +119,143 @@ fn blocked_times_match_the_truth() {
     assert!(
         stderr.contains("already blocked when the capture began"),
         "{stderr}"
+    );
+}
+
+/// Built without frame pointers, the fixture's blocked threads still get complete user stacks
+/// with --unwind dwarf (the default with -p), from the thread's start through its function to
+/// the blocking call, and the same blocked times; frame-pointer mode, on the same build, loses
+/// the chain (so the fixture does test unwinding without frame pointers).
+#[test]
+fn dwarf_completes_blocked_stacks_without_frame_pointers() {
+    let program = build_fixture(
+        "offcpu_nofp",
+        &[
+            "cc",
+            "-O2",
+            "-g",
+            "-fomit-frame-pointer",
+            "-fno-optimize-sibling-calls",
+            "-fno-inline",
+            "@offcpu.c",
+        ],
+    );
+    let chains: [(&str, &[&str]); 2] = [
+        (
+            "napper",
+            &["start_thread", "napper", "nap_loop", "take_nap"],
+        ),
+        ("holder", &["start_thread", "holder", "hold_lock"]),
+    ];
+    let complete_share = |profile: &Profile, thread: &str, chain: &[&str]| {
+        let stacks = thread_stacks(profile, thread);
+        let total: u64 = stacks.iter().map(|s| s.count).sum();
+        let complete: u64 = stacks
+            .iter()
+            .filter(|s| s.contains_run(chain))
+            .map(|s| s.count)
+            .sum();
+        complete as f64 / total.max(1) as f64
+    };
+
+    let (dwarf, stderr) = capture_of(&program, &["--state", "S"]);
+    assert!(
+        stderr.contains("unwound with DWARF CFI"),
+        "-p defaults to dwarf unwinding, and the footer says so:\n{stderr}"
+    );
+    let napper = blocked_share(&dwarf, "napper");
+    assert!(
+        (0.9..=1.1).contains(&napper),
+        "napper blocked {napper:.3} of the window, expected ~1.0\n{}",
+        dwarf.summary()
+    );
+    for (thread, chain) in chains {
+        let share = complete_share(&dwarf, thread, chain);
+        assert!(
+            share >= 0.95,
+            "dwarf: only {share:.3} of {thread}'s blocked time has {chain:?}\n{}\n{stderr}",
+            dwarf.summary()
+        );
+    }
+    assert!(stderr.contains("lost: nothing"), "{stderr}");
+
+    let (fp, _) = capture_of(&program, &["--state", "S", "--unwind", "fp"]);
+    let (thread, chain) = chains[0];
+    let share = complete_share(&fp, thread, chain);
+    assert!(
+        share <= 0.10,
+        "frame pointers were expected to lose {chain:?} in this build, but {share:.3} of the \
+         time has it: the fixture no longer tests unwinding without frame pointers\n{}",
+        fp.summary()
+    );
+}
+
+/// A block that began during the capture and outlasts it (a command that sleeps longer than the
+/// capture runs) is only in the start map at the end: it is counted up to the end with both of
+/// its stacks, not as stacks missing from the map.
+#[test]
+fn a_block_that_outlasts_the_capture_keeps_its_stacks() {
+    require_root();
+    let _cpus = cpu_shared();
+    // Both ways the stacks are kept: ids in the kernel's map (fp), or a stack copy (dwarf).
+    for mode in ["fp", "dwarf"] {
+        outlasting_block(mode);
+    }
+}
+
+fn outlasting_block(mode: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.folded");
+    // sleep ends itself two seconds after the capture.
+    let run = run_livetrace(
+        [
+            "offcpu",
+            "-d",
+            "1.5",
+            "--unwind",
+            mode,
+            "-o",
+            path_arg(&out),
+            "--",
+            "sleep",
+            "3.5",
+        ],
+        Duration::from_secs(2) + SLACK,
+    );
+    run.assert_success();
+    let profile = Profile::read(&out);
+    let asleep: u64 = profile
+        .stacks
+        .iter()
+        .filter(|s| s.contains("do_nanosleep_[k]"))
+        .map(|s| s.count)
+        .sum();
+    assert!(
+        asleep >= 1_200_000,
+        "{mode}: sleep's block was counted for {asleep} us, expected ~1.5 s\n{}\n{}",
+        profile.summary(),
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("stack missing") && !profile.has_frame("[lost user stack]"),
+        "{mode}: {}",
+        run.stderr
+    );
+}
+
+/// `--unwind dwarf` and `--wakers` do not go together (waker stacks are frame-pointer only):
+/// a usage error that names both, before anything is loaded.
+#[test]
+fn dwarf_with_wakers_is_a_usage_error() {
+    let run = run_livetrace(
+        ["offcpu", "-p", "1", "--wakers", "--unwind", "dwarf"],
+        Duration::from_secs(10),
+    );
+    run.assert_failure();
+    assert!(
+        run.stderr.contains("--wakers") && run.stderr.contains("--unwind dwarf"),
+        "{}",
+        run.stderr
     );
 }
 

@@ -50,8 +50,8 @@ pub fn text(profile: &StackProfile) -> String {
         if q.unwind_ring_full > 0 {
             let _ = writeln!(
                 out,
-                "  lost: {} samples because the unwind ring buffer was full (raise \
-                 --unwind-buffer-size, or lower -F or --stack-copy-size)",
+                "  lost: {} stack records because the unwind ring buffer was full (raise \
+                 --unwind-buffer-size, or lower --stack-copy-size or the sampling rate)",
                 q.unwind_ring_full
             );
         }

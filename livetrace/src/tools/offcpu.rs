@@ -9,7 +9,7 @@ use std::{collections::HashMap, io::Write as _, path::PathBuf, time::Duration};
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData},
+    maps::{HashMap as BpfHashMap, MapData, RingBuf},
     programs::{BtfTracePoint, Program, TracePoint},
 };
 use clap::{Args as ClapArgs, ValueEnum};
@@ -18,9 +18,10 @@ use livetrace_common::{
         OFFCPU_START, OffcpuStart, STATE_INTERRUPTIBLE, STATE_PREEMPTED, STATE_UNINTERRUPTIBLE,
     },
     stacks::{
-        Counter, DEFAULT_STACK_STORAGE, STACK_ID_RECOVERED, STACK_KIND_KERNEL, STACK_KIND_USER,
-        StackKey,
+        Counter, DEFAULT_STACK_STORAGE, STACK_ID_RECOVERED, STACK_ID_UNWOUND, STACK_KIND_KERNEL,
+        STACK_KIND_USER, StackKey,
     },
+    unwind::UNWIND_SAMPLES,
 };
 
 use crate::{
@@ -28,6 +29,7 @@ use crate::{
     bpf::{self, OffcpuSettings, StackSettings},
     capture::{self, StopReason, Watch, monotonic_ns},
     duration::{parse_duration, parse_positive_duration},
+    frame_pointers,
     kernel_btf::KernelBtf,
     model::{DataQuality, StackProfile, WeightUnit},
     output::{self, OutputSpec, footer, offcpu_summary},
@@ -36,6 +38,7 @@ use crate::{
     symbolize::Symbolizer,
     targets::{HeldCommand, Target, TargetArgs},
     tracefs,
+    unwind::{self, UnwindArgs, UnwindMode},
 };
 
 const EXAMPLES: &str = "\
@@ -44,7 +47,8 @@ Examples:
   livetrace offcpu -p 1234 --state D         # uninterruptible sleep only (disk, kernel locks)
   livetrace offcpu -p 1234 --min-block 1ms -o blocked.svg -o blocked.folded
   livetrace offcpu -p 1234 --wakers -d 5     # who woke each blocked stack (blocked;--;waker)
-  livetrace offcpu -- ./server               # start ./server, follow its children";
+  livetrace offcpu -- ./server               # start ./server, follow its children
+  livetrace offcpu -p 1234 --unwind fp       # frame-pointer stacks: the cheapest per switch";
 
 #[derive(ClapArgs, Debug)]
 #[command(after_help = EXAMPLES)]
@@ -90,6 +94,8 @@ pub struct Args {
     /// tracefs if needed), or auto (tp_btf, falling back to the tracepoint).
     #[arg(long = "attach", value_enum, default_value_t = Attach::Auto)]
     pub attach: Attach,
+    #[command(flatten)]
+    pub unwind: UnwindArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -139,6 +145,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "--min-block ({min_block:?}) is longer than --max-block ({max_block:?})"
         )));
     }
+    if args.wakers && args.unwind.unwind == UnwindMode::Dwarf {
+        return Err(UsageError::error(
+            "--wakers records stacks with frame pointers only; drop --unwind dwarf (or --wakers)",
+        ));
+    }
     check_privileges(&args, &target)?;
     let mut outputs = args.outputs.clone();
     if outputs.is_empty() {
@@ -157,23 +168,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         _ => (Vec::new(), Vec::new()),
     };
     let mut notes = Vec::new();
+    let stack_kinds = match (args.user_only, args.kernel_only) {
+        (true, _) => STACK_KIND_USER,
+        (_, true) => STACK_KIND_KERNEL,
+        _ => STACK_KIND_USER | STACK_KIND_KERNEL,
+    };
+    let (dwarf, why) = choose_unwinding(&args, &target, stack_kinds);
     let base = StackSettings {
         filter: target != Target::System,
         tgids: tgids.clone(),
         tids: tids.clone(),
-        stack_kinds: match (args.user_only, args.kernel_only) {
-            (true, _) => STACK_KIND_USER,
-            (_, true) => STACK_KIND_KERNEL,
-            _ => STACK_KIND_USER | STACK_KIND_KERNEL,
-        },
+        stack_kinds,
         // Always per thread in the kernel: the summary reports by thread; outputs merge threads
         // unless --per-thread.
         per_thread: true,
         stack_storage: args.stack_storage,
-        // Off-CPU stacks are taken at every context switch, where copying 16 KiB of stack
-        // would cost more than the switch itself: frame pointers only.
-        stack_copy_bytes: 0,
-        unwind_buffer: 0,
+        // With dwarf, the user stack is copied at each switch-out and unwound here.
+        stack_copy_bytes: if dwarf {
+            args.unwind.stack_copy_size
+        } else {
+            0
+        },
+        unwind_buffer: args.unwind.unwind_buffer_size,
         offcpu: Some(OffcpuSettings {
             state_mask: args.state.mask(),
             min_block_ns: u64::try_from(min_block.as_nanos()).unwrap_or(u64::MAX),
@@ -183,7 +199,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ..OffcpuSettings::default()
         }),
     };
-    let (mut ebpf, hook) = load_and_attach(&args, base, &target, &mut notes)?;
+    let (mut ebpf, hook, collector) = load_and_attach(&args, base, &target, &mut notes)?;
+    let unwind_mode = args.unwind.describe(
+        collector.is_some(),
+        stack_kinds,
+        why.as_deref().filter(|_| collector.is_some() == dwarf),
+    );
 
     let mut symbolizer = Symbolizer::new();
     if let Target::Threads { pids, tids } = &target {
@@ -223,6 +244,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let runtime = capture::runtime()?;
     let mut context = BuildContext {
         title,
+        unwind_mode,
         notes,
         blocked_at_start,
         min_block,
@@ -236,6 +258,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if event == capture::Event::FastTick {
                 // Cheap and urgent: processes the BPF programs just announced.
                 stacks::note_new_processes(&mut new_processes, &mut symbolizer);
+                for pid in collector.iter().flat_map(unwind::Collector::take_seen) {
+                    symbolizer.note_process(pid);
+                }
                 return;
             }
             // A process the BPF programs could not announce (counted) is still noted here.
@@ -248,8 +273,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     &mut symbolizer,
                     &args,
                     &context,
-                    monotonic_ns(),
-                    None,
+                    (monotonic_ns(), None),
+                    collector.as_ref().map(unwind::Collector::snapshot),
                 )
                 .and_then(|(_, profile)| output::write_snapshot(&profile, &outputs));
                 if let Err(err) = result {
@@ -266,6 +291,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for pid in stacks::processes_seen(&ebpf) {
         symbolizer.note_process(pid);
     }
+    for pid in collector.iter().flat_map(unwind::Collector::take_seen) {
+        symbolizer.note_process(pid);
+    }
+    let unwound = collector.map(unwind::Collector::finish).transpose()?;
     for (_, program) in ebpf.programs_mut() {
         // Programs that were never loaded (the other hook) answer NotLoaded: nothing to do.
         let _ = match program {
@@ -280,7 +309,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("livetrace: {}", stop.describe());
     }
 
-    let (by_thread, profile) = build(&ebpf, &mut symbolizer, &args, &context, end_ns, Some(&stop))?;
+    let (by_thread, profile) = build(
+        &ebpf,
+        &mut symbolizer,
+        &args,
+        &context,
+        (end_ns, Some(&stop)),
+        unwound,
+    )?;
     drop(ebpf);
     output::write_stack_profile(&profile, &outputs)?;
     let mut summary = Vec::new();
@@ -309,6 +345,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// What [`build`] needs besides the maps and the arguments.
 struct BuildContext {
     title: String,
+    /// How user stacks were walked, for the footer.
+    unwind_mode: String,
     notes: Vec<String>,
     blocked_at_start: Vec<already_blocked::BlockedThread>,
     min_block: Duration,
@@ -319,24 +357,27 @@ struct BuildContext {
 
 /// Reads the maps in place and builds the profile by thread and the one to write: at the end
 /// (with why the capture stopped), or mid-capture for a SIGUSR1 snapshot, blocks still going on
-/// counted up to `end_ns`.
+/// counted up to `end_ns`. `unwound`: the stacks unwound here, with `--unwind dwarf`.
 fn build(
     ebpf: &Ebpf,
     symbolizer: &mut Symbolizer,
     args: &Args,
     context: &BuildContext,
-    end_ns: u64,
-    stop: Option<&StopReason>,
+    (end_ns, stop): (u64, Option<&StopReason>),
+    mut unwound: Option<unwind::Unwound>,
 ) -> anyhow::Result<(StackProfile, StackProfile)> {
     let (min_block, max_block) = (context.min_block, context.max_block);
     let blocked_at_start = &context.blocked_at_start;
     // The window is what blocks were measured against: from seeding the clocks to the end.
     let elapsed = Duration::from_nanos(end_ns.saturating_sub(context.start_ns));
     let counters = bpf::read_counters_in(ebpf)?;
-    let still_blocked = still_blocked(ebpf, end_ns, min_block, max_block)?;
-    let mut raw = stacks::drain(ebpf, args.wakers, None)?;
+    let still_blocked = still_blocked(ebpf, end_ns, min_block, max_block, unwound.as_mut())?;
+    let (unmatched_blocks, unmatched_ns) = unwound
+        .as_ref()
+        .map_or((0, 0), |u| (u.unmatched_blocks, u.unmatched_block_ns));
     let still_blocked_count = still_blocked.len();
-    raw.entries.extend(still_blocked);
+    // Their stacks may be in no finished block: drained with the rest, so they are fetched.
+    let mut raw = stacks::drain(ebpf, args.wakers, unwound, still_blocked)?;
     raw.recovered = blocked_at_start
         .iter()
         .map(|t| (t.tid, t.clone()))
@@ -349,6 +390,8 @@ fn build(
         recorded: counter(Counter::Recorded),
         not_target: counter(Counter::NotTarget) + counter(Counter::KernelThread),
         counts_map_full: counter(Counter::CountsMapFull) + counter(Counter::WakeCountsMapFull),
+        unwind_ring_full: counter(Counter::UnwindRingFull) + counter(Counter::UnwindScratchMissing),
+        unwind_mode: Some(context.unwind_mode.clone()),
         notes: context.notes.clone(),
         ..DataQuality::default()
     };
@@ -371,6 +414,16 @@ fn build(
         quality.notes.push(format!(
             "{still_blocked_count} blocks were still going on at the end; counted up to the end"
         ));
+    }
+    if unmatched_blocks > 0 {
+        // Their stack copies were lost to a full ring buffer (counted above): the time is too.
+        *quality
+            .stack_losses
+            .entry(format!(
+                "{unmatched_blocks} blocks whose stack copy was lost to the full unwind ring \
+                 buffer"
+            ))
+            .or_default() += unmatched_ns / 1000;
     }
     let unmatched = counter(Counter::UnmatchedSwitchIn);
     if unmatched > 0 {
@@ -422,6 +475,51 @@ fn build(
 
 /// Fails, naming them, without the capabilities the run needs; warns about the ones that only
 /// the recovery of threads already blocked at the start uses.
+/// Whether user stacks are copied and unwound here, and why when `auto` chose. Copying costs
+/// about twice as much per context switch as walking frame pointers, so `auto` copies only for
+/// targets whose code (the program, or a library it maps, libc included) lacks them; the whole
+/// system is walked with frame pointers.
+fn choose_unwinding(args: &Args, target: &Target, stack_kinds: u8) -> (bool, Option<String>) {
+    if stack_kinds & STACK_KIND_USER == 0 {
+        return (false, None);
+    }
+    match args.unwind.unwind {
+        UnwindMode::Fp => (false, None),
+        UnwindMode::Dwarf => (true, None),
+        UnwindMode::Auto if args.wakers => {
+            (false, Some("--wakers records frame-pointer stacks".into()))
+        }
+        UnwindMode::Auto => {
+            let missing = match target {
+                Target::System => return (false, Some("the whole system".into())),
+                Target::Threads { pids, tids } => pids
+                    .iter()
+                    .chain(tids)
+                    .filter_map(|&id| crate::targets::thread_group_of(id))
+                    .find_map(|pid| {
+                        frame_pointers::missing_in_process(pid)
+                            .map(|why| format!("pid {pid}: {why}"))
+                    }),
+                Target::Command(argv) => {
+                    let program = argv.first().map(std::path::PathBuf::from);
+                    let program = program.and_then(|p| {
+                        if p.components().count() > 1 {
+                            Some(p)
+                        } else {
+                            crate::targets::which(p.as_os_str())
+                        }
+                    });
+                    program.and_then(|p| frame_pointers::missing_in_command(&p))
+                }
+            };
+            match missing {
+                Some(why) => (true, Some(why)),
+                None => (false, Some("the target's code has frame pointers".into())),
+            }
+        }
+    }
+}
+
 fn check_privileges(args: &Args, target: &Target) -> anyhow::Result<()> {
     let mut needs = vec![privileges::BPF, privileges::PERFMON];
     let kernel_stacks = !args.user_only;
@@ -454,16 +552,17 @@ fn check_privileges(args: &Args, target: &Target) -> anyhow::Result<()> {
 }
 
 /// Loads the programs with the offsets their hook needs and attaches them: `tp_btf` where the
-/// kernel has BTF, else the classic tracepoint. Returns the hook's name.
+/// kernel has BTF, else the classic tracepoint. Returns the hook's name, and the unwinding
+/// thread when user stacks are copied (`tp_btf` only).
 fn load_and_attach(
     args: &Args,
     mut settings: StackSettings,
     target: &Target,
     notes: &mut Vec<String>,
-) -> anyhow::Result<(Ebpf, &'static str)> {
+) -> anyhow::Result<(Ebpf, &'static str, Option<unwind::Collector>)> {
     if args.attach != Attach::Tracepoint {
         match try_tp_btf(&mut settings, target) {
-            Ok(ebpf) => return Ok((ebpf, "tp_btf/sched_switch")),
+            Ok((ebpf, collector)) => return Ok((ebpf, "tp_btf/sched_switch", collector)),
             Err(err) if args.attach == Attach::Auto => {
                 let note = format!(
                     "tp_btf could not be used ({err:#}); falling back to the classic tracepoint"
@@ -501,6 +600,14 @@ fn load_and_attach(
     if let Some(o) = settings.offcpu.as_mut() {
         o.wakers = false;
     }
+    if settings.stack_copy_bytes != 0 {
+        notes.push(
+            "stack copies (--unwind dwarf) need tp_btf; user stacks were walked with frame \
+             pointers"
+                .into(),
+        );
+        settings.stack_copy_bytes = 0;
+    }
     let mut ebpf = bpf::load_stacks(&settings)?;
     let program: &mut TracePoint = ebpf
         .program_mut("offcpu_switch_tracepoint")
@@ -512,10 +619,13 @@ fn load_and_attach(
     program
         .attach("sched", "sched_switch")
         .map_err(|e| bpf::explain_program_error(e, "attach to sched:sched_switch"))?;
-    Ok((ebpf, "the sched:sched_switch tracepoint"))
+    Ok((ebpf, "the sched:sched_switch tracepoint", None))
 }
 
-fn try_tp_btf(settings: &mut StackSettings, target: &Target) -> anyhow::Result<Ebpf> {
+fn try_tp_btf(
+    settings: &mut StackSettings,
+    target: &Target,
+) -> anyhow::Result<(Ebpf, Option<unwind::Collector>)> {
     let kernel = KernelBtf::from_sys_fs()?;
     let offcpu = settings
         .offcpu
@@ -527,6 +637,13 @@ fn try_tp_btf(settings: &mut StackSettings, target: &Target) -> anyhow::Result<E
     let wakers = offcpu.wakers;
     let btf = crate::kernel_btf::aya_btf()?;
     let mut ebpf = bpf::load_stacks(settings)?;
+    // Drained from before the first switch, so that the ring buffer never fills at start.
+    let collector = if settings.stack_copy_bytes != 0 {
+        let ring = RingBuf::try_from(bpf::take_map(&mut ebpf, UNWIND_SAMPLES)?)?;
+        Some(unwind::Collector::start(ring, true).context("failed to start the unwinding thread")?)
+    } else {
+        None
+    };
     let mut hooks = vec![("offcpu_switch", "sched_switch")];
     if wakers {
         hooks.push(("offcpu_wakeup", "sched_wakeup"));
@@ -546,7 +663,7 @@ fn try_tp_btf(settings: &mut StackSettings, target: &Target) -> anyhow::Result<E
             .attach()
             .map_err(|e| bpf::explain_program_error(e, &format!("attach tp_btf/{tracepoint}")))?;
     }
-    Ok(ebpf)
+    Ok((ebpf, collector))
 }
 
 /// Starts the clocks of the threads found asleep, under keys whose stacks are the recovered
@@ -580,24 +697,33 @@ fn seed_blocked(
 }
 
 /// Blocks still going on at the end, counted up to the end, under the same --min-block and
-/// --max-block filters as the finished ones (applied to the time blocked so far).
+/// --max-block filters as the finished ones (applied to the time blocked so far). Those whose
+/// stack was copied for unwinding here are ended in `unwound` instead.
 fn still_blocked(
     ebpf: &Ebpf,
     end_ns: u64,
     min_block: Duration,
     max_block: Duration,
+    mut unwound: Option<&mut unwind::Unwound>,
 ) -> anyhow::Result<Vec<(StackKey, u64)>> {
     let starts: BpfHashMap<&MapData, u32, OffcpuStart> =
         BpfHashMap::try_from(bpf::map_ref(ebpf, OFFCPU_START)?)?;
     let mut merged: HashMap<StackKey, u64> = HashMap::new();
     for entry in starts.iter() {
-        let (_, start) = entry.context("failed to read the off-CPU start map")?;
+        let (tid, start) = entry.context("failed to read the off-CPU start map")?;
         if start.start_ns == 0 {
             continue; // that thread is running: its last block was already counted
         }
         let blocked = Duration::from_nanos(end_ns.saturating_sub(start.start_ns));
-        if (min_block..=max_block).contains(&blocked) {
-            *merged.entry(start.key).or_default() += blocked.as_nanos() as u64;
+        if !(min_block..=max_block).contains(&blocked) {
+            continue;
+        }
+        let blocked_ns = blocked.as_nanos() as u64;
+        match unwound.as_deref_mut() {
+            Some(unwound) if start.key.user_stack_id == STACK_ID_UNWOUND => {
+                unwound.end_block(tid, start.start_ns, blocked_ns);
+            }
+            _ => *merged.entry(start.key).or_default() += blocked_ns,
         }
     }
     Ok(merged.into_iter().collect())

@@ -17,7 +17,7 @@ use aya::{
 use clap::{Args as ClapArgs, ValueEnum};
 use livetrace_common::{
     stacks::{Counter, DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER},
-    unwind::{MAX_STACK_COPY, UNWIND_SAMPLES},
+    unwind::UNWIND_SAMPLES,
 };
 
 use crate::{
@@ -30,7 +30,7 @@ use crate::{
     stacks::{self, BuildOptions},
     symbolize::Symbolizer,
     targets::{HeldCommand, Target, TargetArgs},
-    unwind::{self, UnwindMode},
+    unwind::{self, UnwindArgs},
 };
 
 const EXAMPLES: &str = "\
@@ -75,55 +75,8 @@ pub struct Args {
     /// The event to sample on; `cycles` needs a hardware PMU and falls back to cpu-clock.
     #[arg(long = "event", value_enum, default_value_t = Event::CpuClock)]
     pub event: Event,
-    /// How user stacks are walked: `fp` follows frame pointers in the kernel (cheap, but stops
-    /// early in code built without them); `dwarf` copies the top of the stack and unwinds it here
-    /// with the binaries' .eh_frame; `auto` is dwarf for -p/-t/a command, fp for the whole system.
-    #[arg(long = "unwind", value_enum, default_value_t = UnwindMode::Auto)]
-    pub unwind: UnwindMode,
-    /// With dwarf unwinding: bytes of user stack copied per sample (at most 16k; 4096, 8k...).
-    #[arg(long = "stack-copy-size", value_name = "BYTES", default_value = "16k",
-          value_parser = parse_stack_copy_size)]
-    pub stack_copy_size: u32,
-    /// With dwarf unwinding: size of the ring buffer carrying stack copies to user space
-    /// (rounded up to a power of two).
-    #[arg(long = "unwind-buffer-size", value_name = "BYTES", default_value = "8m",
-          value_parser = parse_buffer_size)]
-    pub unwind_buffer_size: u32,
-}
-
-/// `16384`, `16k`: a multiple of 8 bytes from 512 to 16 KiB (a per-CPU map value's limit).
-fn parse_stack_copy_size(text: &str) -> Result<u32, String> {
-    let bytes = parse_bytes(text)?;
-    if !(512..=u64::from(MAX_STACK_COPY)).contains(&bytes) {
-        return Err(format!(
-            "{text} is out of range: the stack copy is 512 bytes to 16k"
-        ));
-    }
-    Ok((bytes / 8 * 8) as u32)
-}
-
-/// `8m`, `65536`: rounded up to a power of two, 64 KiB to 1 GiB.
-fn parse_buffer_size(text: &str) -> Result<u32, String> {
-    let bytes = parse_bytes(text)?;
-    if !(64 * 1024..=1 << 30).contains(&bytes) {
-        return Err(format!("{text} is out of range: 64k to 1g"));
-    }
-    Ok(bytes.next_power_of_two() as u32)
-}
-
-fn parse_bytes(text: &str) -> Result<u64, String> {
-    let lower = text.trim().to_ascii_lowercase();
-    let (digits, scale) = match lower.strip_suffix(['k', 'm', 'g']) {
-        Some(d) if lower.ends_with('k') => (d, 1 << 10),
-        Some(d) if lower.ends_with('m') => (d, 1 << 20),
-        Some(d) => (d, 1 << 30),
-        None => (lower.as_str(), 1),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(scale))
-        .ok_or_else(|| format!("{text} is not a size in bytes (e.g. 16k, 8m, 4096)"))
+    #[command(flatten)]
+    pub unwind: UnwindArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -165,11 +118,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (_, true) => STACK_KIND_KERNEL,
         _ => STACK_KIND_USER | STACK_KIND_KERNEL,
     };
-    let dwarf = match args.unwind {
-        UnwindMode::Fp => false,
-        UnwindMode::Dwarf => true,
-        UnwindMode::Auto => target != Target::System,
-    } && stack_kinds & STACK_KIND_USER != 0;
+    let dwarf = args.unwind.dwarf(&target, stack_kinds);
     let mut ebpf = bpf::load_stacks(&StackSettings {
         filter: matches!(target, Target::Threads { .. }),
         tgids,
@@ -178,8 +127,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         per_thread: args.per_thread,
         stack_storage: args.stack_storage,
         offcpu: None,
-        stack_copy_bytes: if dwarf { args.stack_copy_size } else { 0 },
-        unwind_buffer: args.unwind_buffer_size,
+        stack_copy_bytes: if dwarf {
+            args.unwind.stack_copy_size
+        } else {
+            0
+        },
+        unwind_buffer: args.unwind.unwind_buffer_size,
     })?;
     // Drained from before the first sample, so that the ring buffer never fills at start.
     let collector = if dwarf {
@@ -236,18 +189,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let mut context = BuildContext {
-        unwind_mode: if dwarf {
-            format!(
-                "unwound with DWARF CFI (.eh_frame) from {} KiB stack copies (--unwind dwarf)",
-                args.stack_copy_size / 1024
-            )
-        } else if stack_kinds & STACK_KIND_USER != 0 {
-            "frame pointers, walked in the kernel (--unwind fp); code built without them \
-             shows short stacks: try --unwind dwarf"
-                .into()
-        } else {
-            "not collected (-K)".into()
-        },
+        unwind_mode: args.unwind.describe(dwarf, stack_kinds, None),
         title,
         frequency,
         per_thread: args.per_thread,
@@ -384,7 +326,7 @@ fn build(
     unwound: Option<unwind::Unwound>,
 ) -> anyhow::Result<crate::model::StackProfile> {
     let counters = bpf::read_counters_in(ebpf)?;
-    let raw = stacks::drain(ebpf, false, unwound)?;
+    let raw = stacks::drain(ebpf, false, unwound, Vec::new())?;
     let started = std::time::SystemTime::now()
         .checked_sub(elapsed)
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
