@@ -42,6 +42,17 @@ pub struct Args {
     /// Print the results without writing the document.
     #[arg(long)]
     no_write: bool,
+    /// Run one section only (printed, not written to the document).
+    #[arg(long, value_enum)]
+    only: Option<Only>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Only {
+    Profile,
+    Unwind,
+    Offcpu,
+    Uprobe,
 }
 
 /// What every section's measurements share: where things are, and how hard to try.
@@ -224,24 +235,31 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     eprintln!("bench: {machine}");
     let load_before = load_average();
 
+    let wanted = |section: Only| args.only.is_none_or(|only| only == section);
     let mut sections = Vec::new();
-    sections.extend(profile::sections(&ctx)?);
+    if wanted(Only::Profile) {
+        sections.extend(profile::sections(&ctx)?);
+    }
     let livetrace = ctx.bin.join("livetrace");
-    if ctx.peers.perf.is_some() {
+    if ctx.peers.perf.is_some() && wanted(Only::Unwind) {
         sections.push(Section::from_markdown(
             "profile without frame pointers: --unwind fp vs dwarf vs perf --call-graph dwarf",
             unwind::run(&livetrace)?,
         ));
     }
     if ctx.peers.bpftrace.is_some() {
-        sections.push(Section::from_markdown(
-            "offcpu: cost per context switch",
-            offcpu::run(&livetrace, ctx.runs.min(5), 2.0)?,
-        ));
-        sections.push(Section::from_markdown(
-            "uprobe-hist: cost per traced call",
-            uprobe::run(&livetrace, ctx.runs.min(5))?,
-        ));
+        if wanted(Only::Offcpu) {
+            sections.push(Section::from_markdown(
+                "offcpu: cost per context switch",
+                offcpu::run(&livetrace, ctx.runs.min(5), 2.0)?,
+            ));
+        }
+        if wanted(Only::Uprobe) {
+            sections.push(Section::from_markdown(
+                "uprobe-hist: cost per traced call",
+                uprobe::run(&livetrace, ctx.runs.min(5))?,
+            ));
+        }
     } else {
         eprintln!("bench: bpftrace is missing: the offcpu and uprobe-hist sections are left out");
     }
@@ -264,7 +282,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         section.render(&mut report);
     }
     print!("{report}");
-    if !args.no_write {
+    if !args.no_write && args.only.is_none() {
         let doc = workspace_root().join(&args.doc);
         write_doc(&doc, &report)?;
         eprintln!("bench: wrote {}", doc.display());

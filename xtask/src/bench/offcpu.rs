@@ -1,8 +1,9 @@
 //! offcpu's cost per context switch, the number that decides whether it can run in production:
 //! sched_switch fires on every switch of the machine. Workload: two processes pinned to one CPU
 //! passing a byte over pipes (`xtask/bench/pingpong.c`), two switches per round trip. Compared in one
-//! run, alternating: no tracer; livetrace on the ping-pong only (`-- COMMAND`); livetrace on the
-//! whole system; and a bpftrace sched_switch script that also keeps kernel stacks.
+//! run, alternating: no tracer; livetrace on the ping-pong only (`-- COMMAND`) with each kind of
+//! stack and unwinding (`--unwind dwarf` copies the user stack at every switch-out); livetrace on
+//! the whole system; and a bpftrace sched_switch script that also keeps kernel stacks.
 
 use std::{
     path::{Path, PathBuf},
@@ -38,20 +39,24 @@ const BPFTRACE_EMPTY: &str = "tracepoint:sched:sched_switch { }";
 enum Config {
     None,
     BpftraceEmpty,
-    LivetraceUserOnly,
+    LivetraceUserFp,
+    LivetraceUserDwarf,
     LivetraceKernelOnly,
-    LivetraceCommand,
+    LivetraceBothFp,
+    LivetraceBothDwarf,
     LivetraceSystem,
     Bpftrace,
 }
 
 impl Config {
-    const ALL: [Config; 7] = [
+    const ALL: [Config; 9] = [
         Self::None,
         Self::BpftraceEmpty,
-        Self::LivetraceUserOnly,
+        Self::LivetraceUserFp,
+        Self::LivetraceUserDwarf,
         Self::LivetraceKernelOnly,
-        Self::LivetraceCommand,
+        Self::LivetraceBothFp,
+        Self::LivetraceBothDwarf,
         Self::LivetraceSystem,
         Self::Bpftrace,
     ];
@@ -60,13 +65,29 @@ impl Config {
         match self {
             Self::None => "no tracer",
             Self::BpftraceEmpty => "empty sched_switch program (bpftrace; the floor)",
-            Self::LivetraceUserOnly => "livetrace offcpu -U -- pingpong (user stacks)",
+            Self::LivetraceUserFp => "livetrace offcpu -U --unwind fp -- pingpong",
+            Self::LivetraceUserDwarf => "livetrace offcpu -U --unwind dwarf -- pingpong",
             Self::LivetraceKernelOnly => {
                 "livetrace offcpu -K -- pingpong (kernel stacks, as bpftrace)"
             }
-            Self::LivetraceCommand => "livetrace offcpu -- pingpong (user + kernel stacks)",
-            Self::LivetraceSystem => "livetrace offcpu, whole system (user + kernel stacks)",
+            Self::LivetraceBothFp => "livetrace offcpu --unwind fp -- pingpong (user + kernel)",
+            Self::LivetraceBothDwarf => {
+                "livetrace offcpu -- pingpong (user + kernel; auto: dwarf, libc has no frame pointers)"
+            }
+            Self::LivetraceSystem => "livetrace offcpu, whole system (user + kernel, fp)",
             Self::Bpftrace => "bpftrace sched_switch script keeping kstack",
+        }
+    }
+
+    /// livetrace's options for the configurations that trace the command only.
+    fn command_args(self) -> Option<&'static [&'static str]> {
+        match self {
+            Self::LivetraceUserFp => Some(&["-U", "--unwind", "fp"]),
+            Self::LivetraceUserDwarf => Some(&["-U", "--unwind", "dwarf"]),
+            Self::LivetraceKernelOnly => Some(&["-K"]),
+            Self::LivetraceBothFp => Some(&["--unwind", "fp"]),
+            Self::LivetraceBothDwarf => Some(&[]),
+            _ => None,
         }
     }
 }
@@ -126,55 +147,52 @@ fn measure(config: Config, livetrace: &Path, pingpong: &Path, seconds: f64) -> a
     let secs = seconds.to_string();
     let folded =
         std::env::temp_dir().join(format!("livetrace-bench-{}.folded", std::process::id()));
-    let output = match config {
-        Config::None => Command::new(pingpong).arg(&secs).output()?,
-        Config::LivetraceCommand | Config::LivetraceUserOnly | Config::LivetraceKernelOnly => {
-            let mut command = Command::new(livetrace);
-            command.args(["offcpu", "-d", "60"]);
-            match config {
-                Config::LivetraceUserOnly => command.arg("-U"),
-                Config::LivetraceKernelOnly => command.arg("-K"),
-                _ => &mut command,
-            };
-            let out = command
-                .arg("-o")
-                .arg(&folded)
-                .arg("--")
-                .arg(pingpong)
-                .arg(&secs)
-                .stderr(Stdio::null())
-                .output()?;
-            let _ = std::fs::remove_file(&folded);
-            out
-        }
-        Config::LivetraceSystem => {
-            let mut tracer = start_tracer(
-                "livetrace offcpu",
-                Command::new(livetrace).args(["offcpu", "-o"]).arg(&folded),
-                "livetrace: tracing",
-                READY_TIMEOUT,
-            )?;
-            let out = Command::new(pingpong).arg(&secs).output()?;
-            stop_tracer(&mut tracer, STOP_TIMEOUT)?;
-            let _ = std::fs::remove_file(&folded);
-            out
-        }
-        Config::Bpftrace | Config::BpftraceEmpty => {
-            ensure_tracefs()?;
-            let script = if config == Config::Bpftrace {
-                BPFTRACE_OFFCPU
-            } else {
-                BPFTRACE_EMPTY
-            };
-            let mut tracer = start_tracer(
-                "bpftrace",
-                Command::new("bpftrace").args(["-e", script]),
-                "Attaching",
-                READY_TIMEOUT,
-            )?;
-            let out = Command::new(pingpong).arg(&secs).output()?;
-            stop_tracer(&mut tracer, STOP_TIMEOUT)?;
-            out
+    let output = if let Some(args) = config.command_args() {
+        let out = Command::new(livetrace)
+            .args(["offcpu", "-d", "60"])
+            .args(args)
+            .arg("-o")
+            .arg(&folded)
+            .arg("--")
+            .arg(pingpong)
+            .arg(&secs)
+            .stderr(Stdio::null())
+            .output()?;
+        let _ = std::fs::remove_file(&folded);
+        out
+    } else {
+        match config {
+            Config::None => Command::new(pingpong).arg(&secs).output()?,
+            Config::LivetraceSystem => {
+                let mut tracer = start_tracer(
+                    "livetrace offcpu",
+                    Command::new(livetrace).args(["offcpu", "-o"]).arg(&folded),
+                    "livetrace: tracing",
+                    READY_TIMEOUT,
+                )?;
+                let out = Command::new(pingpong).arg(&secs).output()?;
+                stop_tracer(&mut tracer, STOP_TIMEOUT)?;
+                let _ = std::fs::remove_file(&folded);
+                out
+            }
+            Config::Bpftrace | Config::BpftraceEmpty => {
+                ensure_tracefs()?;
+                let script = if config == Config::Bpftrace {
+                    BPFTRACE_OFFCPU
+                } else {
+                    BPFTRACE_EMPTY
+                };
+                let mut tracer = start_tracer(
+                    "bpftrace",
+                    Command::new("bpftrace").args(["-e", script]),
+                    "Attaching",
+                    READY_TIMEOUT,
+                )?;
+                let out = Command::new(pingpong).arg(&secs).output()?;
+                stop_tracer(&mut tracer, STOP_TIMEOUT)?;
+                out
+            }
+            _ => anyhow::bail!("{} has no way to run", config.label()),
         }
     };
     let text = String::from_utf8_lossy(&output.stdout);
