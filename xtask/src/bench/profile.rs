@@ -34,6 +34,9 @@ use super::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Tracer {
     Livetrace,
+    /// livetrace in frame-pointer mode (`--unwind fp`): in the cost sections only, next to the
+    /// default (DWARF unwinding for `-p`), since the peers walk frame pointers too.
+    LivetraceFp,
     Bpftrace,
     Perf,
 }
@@ -47,6 +50,7 @@ impl Tracer {
     fn name(self) -> &'static str {
         match self {
             Self::Livetrace => "livetrace",
+            Self::LivetraceFp => "livetrace --unwind fp",
             Self::Bpftrace => "bpftrace",
             Self::Perf => "perf",
         }
@@ -54,7 +58,7 @@ impl Tracer {
 
     fn available(self, ctx: &Ctx) -> bool {
         match self {
-            Self::Livetrace => true,
+            Self::Livetrace | Self::LivetraceFp => true,
             Self::Bpftrace => ctx.peers.bpftrace.is_some(),
             Self::Perf => ctx.peers.perf.is_some(),
         }
@@ -64,6 +68,7 @@ impl Tracer {
     fn shown(self, hz: u32, secs: Option<u32>) -> String {
         match (self, secs) {
             (Self::Livetrace, None) => format!("`livetrace profile -p PID -F {hz}`"),
+            (Self::LivetraceFp, _) => format!("`livetrace profile -p PID -F {hz} --unwind fp`"),
             (Self::Livetrace, Some(s)) => {
                 format!("`livetrace profile -p PID -F {hz} -d {s} -o out.svg`")
             }
@@ -142,7 +147,7 @@ fn start(
 ) -> anyhow::Result<Running> {
     let (log_path, log) = scratch_file(ctx, &format!("{}.log", tracer.name()))?;
     let mut command = match tracer {
-        Tracer::Livetrace => {
+        Tracer::Livetrace | Tracer::LivetraceFp => {
             let mut c = Command::new(ctx.bin.join("livetrace"));
             c.args([
                 "profile",
@@ -156,6 +161,9 @@ fn start(
             ])
             .arg(ctx.scratch.join("long.folded"))
             .stderr(Stdio::piped());
+            if tracer == Tracer::LivetraceFp {
+                c.args(["--unwind", "fp"]);
+            }
             c
         }
         Tracer::Bpftrace => {
@@ -221,7 +229,7 @@ fn start(
 /// How each tracer's attachment to `pid` is recognised: for the peers, their steady-state count
 /// of perf_event descriptors, read from a run left alone for a few seconds (it also warms caches).
 fn readiness(ctx: &Ctx, tracer: Tracer, pid: u32) -> anyhow::Result<Readiness> {
-    if tracer == Tracer::Livetrace {
+    if matches!(tracer, Tracer::Livetrace | Tracer::LivetraceFp) {
         return Ok(Readiness::Message);
     }
     let running = start(ctx, tracer, pid, 99, Readiness::PerfFds(1))?;
@@ -289,10 +297,13 @@ pub fn sections(ctx: &Ctx) -> anyhow::Result<Vec<Section>> {
         sections.push(memory(ctx, &tracers, demo.pid)?);
         drop(demo.proc);
     }
+    // The cost sections also show livetrace's cheap mode.
+    let mut costed = tracers.clone();
+    costed.insert(1, Tracer::LivetraceFp);
     eprintln!("bench: profile: sampling overhead on the CPU-bound workload");
-    sections.push(overhead(ctx, &tracers)?);
+    sections.push(overhead(ctx, &costed)?);
     eprintln!("bench: profile: in-kernel cost per sample");
-    sections.push(in_kernel(ctx, &tracers)?);
+    sections.push(in_kernel(ctx, &costed)?);
     if let Some(first) = sections.first_mut() {
         first.notes.extend(notes_missing);
     }
@@ -449,11 +460,18 @@ fn capture(ctx: &Ctx, tracer: Tracer, pid: u32, secs: u32) -> anyhow::Result<Cap
         anyhow::anyhow!("{what} failed:\n{log}")
     };
     match tracer {
-        Tracer::Livetrace => {
+        Tracer::Livetrace | Tracer::LivetraceFp => {
+            let unwind = if tracer == Tracer::LivetraceFp {
+                "fp"
+            } else {
+                "auto"
+            };
             let mut proc = Proc::spawn(
                 "livetrace profile",
                 Command::new(ctx.bin.join("livetrace"))
-                    .args(["profile", "-p", &pid_s, "-d", &secs_s, "-o"])
+                    .args([
+                        "profile", "-p", &pid_s, "-d", &secs_s, "--unwind", unwind, "-o",
+                    ])
                     .arg(ctx.scratch.join("capture.svg"))
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
