@@ -54,10 +54,11 @@ pub enum UnwindMode {
 pub struct UnwindArgs {
     /// How user stacks are walked: `fp` follows frame pointers in the kernel (cheap, but stops
     /// early in code built without them); `dwarf` copies the top of the stack and unwinds it here
-    /// with the binaries' .eh_frame; `auto` is dwarf for -p/-t/a command, fp for the whole system.
+    /// with the binaries' .eh_frame; `auto`: fp for the whole system; for -p/-t/a command, dwarf in
+    /// profile, and in offcpu dwarf only if the target's code lacks frame pointers.
     #[arg(long = "unwind", value_enum, default_value_t = UnwindMode::Auto)]
     pub unwind: UnwindMode,
-    /// With dwarf unwinding: bytes of user stack copied per sample (at most 16k; 4096, 8k...).
+    /// With dwarf unwinding: bytes of user stack copied per sample or switch-out (at most 16k).
     #[arg(long = "stack-copy-size", value_name = "BYTES", default_value = "16k",
           value_parser = parse_stack_copy_size)]
     pub stack_copy_size: u32,
@@ -69,7 +70,8 @@ pub struct UnwindArgs {
 }
 
 impl UnwindArgs {
-    /// Whether user stacks are copied and unwound here (`auto`: when targets are given).
+    /// profile's rule: whether user stacks are copied and unwound here (`auto`: when targets are
+    /// given; offcpu's `auto` also looks for frame pointers).
     pub fn dwarf(&self, target: &crate::targets::Target, stack_kinds: u8) -> bool {
         let wanted = match self.unwind {
             UnwindMode::Fp => false,
