@@ -119,15 +119,20 @@ pub fn offcpu_wakeup(ctx: BtfTracePointContext) -> i32 {
 }
 
 /// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`, run by the
-/// parent: children of targets become targets (`-- COMMAND` and everything it starts).
+/// parent: children of targets become targets (`-- COMMAND` and everything it starts), and a
+/// new process is announced to user space at once (uprobe-hist probes it there). Shared by
+/// offcpu and uprobe-hist.
 #[btf_tracepoint(function = "sched_process_fork")]
-pub fn offcpu_fork(ctx: BtfTracePointContext) -> i32 {
+pub fn follow_fork(ctx: BtfTracePointContext) -> i32 {
     let child: *const u8 = ctx.arg(1);
     let pid_tgid = bpf_get_current_pid_tgid();
-    if is_target((pid_tgid >> 32) as u32, pid_tgid as u32)
+    let parent_tgid = (pid_tgid >> 32) as u32;
+    if is_target(parent_tgid, pid_tgid as u32)
         && let Some(child_tgid) = read_task_u32(child, TASK_TGID_OFFSET.load())
+        && child_tgid != parent_tgid
     {
         add_target_tgid(child_tgid);
+        announce_first_sight(child_tgid);
     }
     0
 }

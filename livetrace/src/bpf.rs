@@ -328,24 +328,47 @@ pub struct UprobeHistSettings {
     pub stack_storage: u32,
     /// Slow-call ring buffer size in bytes (a power of two, at least a page).
     pub slow_buffer: u32,
+    /// `-- COMMAND`: its pid, whose forks are followed and announced (`follow_fork`), and
+    /// `task_struct.tgid`'s offset, which that program reads.
+    pub follow: Option<(u32, u32)>,
 }
 
 /// Loads the object for `uprobe-hist`, its maps sized for it and the stack tools' maps shrunk
 /// to nothing (they are created with the object but unused here).
 pub fn load_uprobe_hist(settings: &UprobeHistSettings) -> anyhow::Result<Ebpf> {
     use livetrace_common::uprobe_hist;
-    EbpfLoader::new()
+    let (filter, tgid_offset) = settings.follow.map_or((0u8, 0), |(_, offset)| (1, offset));
+    let mut bpf = EbpfLoader::new()
         .override_global(uprobe_hist::SLOW_NS, &settings.slow_ns, true)
+        .override_global(stacks::FILTER_TARGETS, &filter, true)
+        .override_global(offcpu::TASK_TGID_OFFSET, &tgid_offset, true)
         .map_max_entries(uprobe_hist::THREADS, settings.max_threads)
         .map_max_entries(uprobe_hist::STACKS, settings.stack_storage)
         .map_max_entries(uprobe_hist::SLOW_CALLS, settings.slow_buffer)
         .map_max_entries(stacks::STACK_COUNTS, 1)
         .map_max_entries(stacks::STACK_TRACES, 1)
         .map_max_entries(unwind::UNWIND_SAMPLES, MIN_RING_BUFFER)
-        .map_max_entries(stacks::SEEN_PROCESSES, 1)
-        .map_max_entries(stacks::NEW_PROCESSES, 4096)
+        .map_max_entries(
+            stacks::SEEN_PROCESSES,
+            if settings.follow.is_some() {
+                stacks::MAX_TARGETS
+            } else {
+                1
+            },
+        )
+        .map_max_entries(offcpu::OFFCPU_START, 1)
+        .map_max_entries(offcpu::WAKERS, 1)
+        .map_max_entries(offcpu::WAKE_COUNTS, 1)
         .load(BPF_OBJECT)
-        .map_err(explain_load_error)
+        .map_err(explain_load_error)?;
+    if let Some((pid, _)) = settings.follow {
+        let mut targets: HashMap<_, u32, u8> =
+            HashMap::try_from(map_mut(&mut bpf, stacks::TARGET_TGIDS)?)?;
+        targets
+            .insert(pid, 1, 0)
+            .with_context(|| format!("failed to add {pid} to the BPF map of targets"))?;
+    }
+    Ok(bpf)
 }
 
 #[cfg(test)]

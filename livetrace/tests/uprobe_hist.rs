@@ -303,6 +303,41 @@ fn library_function_by_path_by_name_and_through_the_command() {
     assert!(report["sites"][0].as_str().unwrap().contains("libhist.so"));
 }
 
+/// `-- COMMAND` follows the processes the command forks (a pre-fork server's workers): each
+/// child is probed as its fork is seen, so the calls of the parent and of all four children are
+/// counted, exactly (the children start working 300 ms after their fork), and the footer says
+/// how many children were followed.
+#[test]
+fn command_children_are_followed() {
+    require_root();
+    let _cpus = cpu_shared();
+    let latency = fixture("latency");
+    let run = run_livetrace(
+        [
+            "uprobe-hist",
+            "timed_work",
+            "--json",
+            "--",
+            path_arg(&latency),
+            "children",
+            "4",
+        ],
+        SLACK,
+    );
+    run.assert_success();
+    let report = json(&run.stdout);
+    assert_eq!(
+        report["count"], 100,
+        "20 calls in the parent and in each of 4 children\n{:#}\n{}",
+        report["data_quality"], run.stderr
+    );
+    assert!(
+        run.stderr.contains("followed 4 child processes"),
+        "{}",
+        run.stderr
+    );
+}
+
 /// A Rust function is attached by its demangled path (the `::h<hash>` suffix left out).
 #[test]
 fn rust_function_by_demangled_path() {

@@ -649,7 +649,7 @@ fn try_tp_btf(
         hooks.push(("offcpu_wakeup", "sched_wakeup"));
     }
     if matches!(target, Target::Command(_)) {
-        hooks.push(("offcpu_fork", "sched_process_fork"));
+        hooks.push(("follow_fork", "sched_process_fork"));
     }
     for (name, tracepoint) in hooks {
         let program: &mut BtfTracePoint = ebpf

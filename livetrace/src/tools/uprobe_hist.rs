@@ -40,6 +40,7 @@ use crate::{
     histogram::{
         Histogram, Interval, LatencyQuality, LatencyReport, SlowCallView, SlowCalls, format_ns,
     },
+    kernel_btf::KernelBtf,
     model::{DataQuality, Frame, FrameKind, WeightUnit},
     output::{self, Format, OutputSpec, histogram_json, histogram_text},
     privileges,
@@ -256,9 +257,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         } else {
             4096
         },
+        follow: match &command {
+            Some(command) => Some((
+                command.pid,
+                KernelBtf::from_sys_fs()?.member_offset("task_struct", "tgid")?,
+            )),
+            None => None,
+        },
     })?;
     let command_pid = command.as_ref().map(|c| c.pid);
     attach(&mut ebpf, &sites, command_pid)?;
+    // The command's children: announced by `follow_fork`, probed here as they appear.
+    let mut children = match command_pid {
+        Some(_) => Some(Children {
+            ring: stacks::new_processes(&mut ebpf)?,
+            probed: Vec::new(),
+            failed: Vec::new(),
+        }),
+        None => None,
+    };
     let mut maps = Maps::take(&mut ebpf)?;
     maps.phase
         .set(0, PHASE_RUNNING, 0)
@@ -311,8 +328,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.duration,
         Watch::for_target(&target, command.as_mut()),
         |event| {
+            if let Some(children) = &mut children {
+                children.probe_new(&mut ebpf, &sites[0], &mut symbolizer);
+            }
             if event == capture::Event::FastTick {
-                return; // nothing here is that urgent
+                return; // nothing else here is that urgent
             }
             slow.drain(&mut maps.ring, &mut symbolizer);
             if event == capture::Event::Snapshot {
@@ -353,6 +373,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let total = maps.histogram()?;
     intervals.finish(&mut maps, &total, elapsed, &function, args.json)?;
     let mut quality = latency_quality(&maps, elapsed, &function)?;
+    if let Some(children) = &children {
+        quality.notes.extend(children.notes());
+    }
     quality.probe_cost_ns = cost_before.zip(cost_after).and_then(|(before, after)| {
         let runs = after.1.saturating_sub(before.1);
         // Each call runs two programs: entry and return.
@@ -726,6 +749,7 @@ fn maps_file(pid: u32, file: &Candidate) -> bool {
 const ENTRY: &str = "uprobe_hist_entry";
 const RETURN: &str = "uprobe_hist_return";
 const THREAD_EXIT: &str = "uprobe_hist_thread_exit";
+const FOLLOW_FORK: &str = "follow_fork";
 
 /// Loads the three programs and attaches them: the thread-exit tracepoint first, so no exit is
 /// missed, then the return probes, then the entry probes, so that no entry is recorded whose
@@ -751,30 +775,95 @@ fn attach(ebpf: &mut Ebpf, sites: &[Site], command_pid: Option<u32>) -> anyhow::
         program
             .load()
             .map_err(|e| bpf::explain_program_error(e, &format!("load the {name} BPF program")))?;
-        for site in sites {
-            let scope = match site.pid.or(command_pid) {
-                Some(pid) => UProbeScope::OneProcess(
-                    NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0 cannot be probed"))?,
-                ),
-                None => UProbeScope::AllProcesses,
-            };
-            program
-                .attach(site.symbol.file_offset, &site.file.path, scope)
-                .map_err(|e| {
-                    bpf::explain_program_error(
-                        e,
-                        &format!(
-                            "attach a {} to {} at file offset {:#x} in {}",
-                            if name == ENTRY { "uprobe" } else { "uretprobe" },
-                            site.symbol.demangled,
-                            site.symbol.file_offset,
-                            site.file.shown
-                        ),
-                    )
-                })?;
-        }
+    }
+    if command_pid.is_some() {
+        let fork: &mut BtfTracePoint = ebpf
+            .program_mut(FOLLOW_FORK)
+            .context("the BPF object has no follow_fork program; rebuild livetrace")?
+            .try_into()?;
+        fork.load("sched_process_fork", &btf)
+            .map_err(|e| bpf::explain_program_error(e, "load the fork-following BPF program"))?;
+        fork.attach().map_err(|e| {
+            bpf::explain_program_error(e, "attach to the sched_process_fork tracepoint")
+        })?;
+    }
+    for site in sites {
+        probe_site(ebpf, site, site.pid.or(command_pid))?;
     }
     Ok(())
+}
+
+/// Attaches the return probe, then the entry probe, to `site` in process `pid` (or in every
+/// process that runs its file).
+fn probe_site(ebpf: &mut Ebpf, site: &Site, pid: Option<u32>) -> anyhow::Result<()> {
+    let scope = match pid {
+        Some(pid) => UProbeScope::OneProcess(
+            NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0 cannot be probed"))?,
+        ),
+        None => UProbeScope::AllProcesses,
+    };
+    for name in [RETURN, ENTRY] {
+        let program: &mut UProbe = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the BPF object has no {name} program; rebuild livetrace"))?
+            .try_into()?;
+        program
+            .attach(site.symbol.file_offset, &site.file.path, scope)
+            .map_err(|e| {
+                bpf::explain_program_error(
+                    e,
+                    &format!(
+                        "attach a {} to {} at file offset {:#x} in {}",
+                        if name == ENTRY { "uprobe" } else { "uretprobe" },
+                        site.symbol.demangled,
+                        site.symbol.file_offset,
+                        site.file.shown
+                    ),
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// `-- COMMAND`'s child processes, probed as `follow_fork` announces them.
+struct Children {
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    probed: Vec<u32>,
+    /// Children that could not be probed, and why.
+    failed: Vec<(u32, String)>,
+}
+
+impl Children {
+    /// Probes the children announced since the last call (each within a tick of its fork).
+    fn probe_new(&mut self, ebpf: &mut Ebpf, site: &Site, symbolizer: &mut Symbolizer) {
+        while let Some(item) = self.ring.next() {
+            let Some(&[a, b, c, d]) = item.get(..4) else {
+                continue;
+            };
+            let pid = u32::from_ne_bytes([a, b, c, d]);
+            drop(item);
+            match probe_site(ebpf, site, Some(pid)) {
+                Ok(()) => self.probed.push(pid),
+                Err(err) => self.failed.push((pid, format!("{err:#}"))),
+            }
+            symbolizer.note_process(pid);
+        }
+    }
+
+    fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if !self.probed.is_empty() {
+            notes.push(format!(
+                "followed {} child processes of the command; each was probed from when its \
+                 fork was seen (within ~50 ms): calls in that first moment are not counted",
+                self.probed.len()
+            ));
+        }
+        for (pid, why) in &self.failed {
+            notes.push(format!("child process {pid} could not be probed: {why}"));
+        }
+        notes
+    }
 }
 
 /// Stops new calls from being timed first, gives calls in flight a moment to return, then
