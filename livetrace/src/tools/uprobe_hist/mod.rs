@@ -1,0 +1,604 @@
+//! `livetrace uprobe-hist`: what is the latency distribution, tail included, of one function?
+//! A uprobe and a uretprobe on the function pair each call's entry and return in the kernel (per
+//! thread, by stack pointer, so recursion pairs correctly) and add its duration to a log-linear
+//! histogram there; the loader prints the histogram, percentiles with their bounds, and, with
+//! `--slow`, the slowest calls with their callers. Needs kernel 5.8+, root or CAP_BPF +
+//! CAP_PERFMON + CAP_SYS_ADMIN (uprobes through perf_event_open). Go programs are refused: uretprobes corrupt Go's moving stacks.
+//!
+//! The pieces: [`sites`] finds the function in each target, [`probes`] attaches and follows,
+//! [`maps`] reads what the kernel counted, [`intervals`] prints `-i` histograms as they end, and
+//! [`slow`] keeps `--slow` calls and their callers.
+
+mod intervals;
+mod maps;
+mod probes;
+mod sites;
+mod slow;
+
+use std::{
+    collections::HashMap,
+    ffi::OsString,
+    io::Write as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::Args as ClapArgs;
+use livetrace_common::uprobe_hist::{
+    Counter, DEFAULT_MAX_THREADS, DEFAULT_SLOW_BUFFER, DEFAULT_STACK_STORAGE, PHASE_RUNNING,
+    PHASE_STOPPING,
+};
+
+use crate::{
+    bpf::{self, UprobeHistSettings},
+    capture::{self, StopReason, Watch, monotonic_ns},
+    duration::parse_positive_duration,
+    histogram::{Histogram, LatencyQuality, LatencyReport},
+    kernel_btf::KernelBtf,
+    output::{self, Format, OutputSpec, histogram_json, histogram_text},
+    privileges, stacks,
+    symbolize::Symbolizer,
+    targets::{HeldCommand, Target, TargetArgs},
+    uprobe_target::SymbolSpec,
+};
+
+use self::{
+    intervals::IntervalClock,
+    maps::Maps,
+    probes::{Children, attach, detach, probe_cost},
+    sites::{find_sites, wait_until_loaded},
+    slow::SlowCollector,
+};
+
+const EXAMPLES: &str = "\
+Examples:
+  livetrace uprobe-hist livetrace_demo::validate_subtitle_track -p 1234 -d 10
+                                  # a Rust function of pid 1234, by its demangled path
+  livetrace uprobe-hist libc:malloc -p 1234 -i 1   # malloc in pid 1234, a histogram a second
+  livetrace uprobe-hist parse_request --slow 5ms -o slow.svg -- ./server
+                                  # start ./server; calls over 5 ms with their callers
+  livetrace uprobe-hist /usr/lib/libssl.so.3:SSL_read -d 30 --json   # every process, JSON
+  livetrace uprobe-hist 'helper@0x1139' -p 1234    # one of several functions named helper
+
+TARGET is a path or a library name (libc, libc.so.6); without it the executable of -p (or of
+the command) is searched, then the libraries it has loaded (or links). SYMBOL is a C name, or
+a Rust or C++ function by its demangled path (a Rust ::h<hash> suffix is optional), or a
+mangled name. Go programs are refused: uretprobes corrupt Go stacks.";
+
+#[derive(ClapArgs, Debug)]
+#[command(after_help = EXAMPLES)]
+pub struct Args {
+    /// The function to time: [TARGET:]SYMBOL[@0xADDR].
+    #[arg(value_name = "[TARGET:]SYMBOL", value_parser = SymbolSpec::parse)]
+    pub symbol: SymbolSpec,
+    /// Time the calls of these processes (all their threads); comma-separated or repeated.
+    #[arg(short = 'p', long = "pid", value_name = "PID", value_delimiter = ',')]
+    pub pids: Vec<u32>,
+    /// How long to trace (30, 1.5s, 500ms); default: until Ctrl-C or the targets exit.
+    #[arg(short = 'd', long = "duration", value_name = "SECS", value_parser = parse_positive_duration)]
+    pub duration: Option<Duration>,
+    /// Also print a histogram every SECS (at least 1 s), then the total.
+    #[arg(short = 'i', long = "interval", value_name = "SECS", value_parser = parse_interval)]
+    pub interval: Option<Duration>,
+    /// Print one JSON object on stdout instead of the text report.
+    #[arg(long = "json")]
+    pub json: bool,
+    /// Record calls at least this long (5ms, 250us) with their caller's stack; list the slowest.
+    #[arg(long = "slow", value_name = "DUR", value_parser = parse_positive_duration)]
+    pub slow: Option<Duration>,
+    /// Write an output; the format follows the extension: .txt (the text report), .json, or
+    /// with --slow .svg / .folded (the slow calls' callers, weighted by their total time in us);
+    /// - is the text report on stdout. Repeatable.
+    #[arg(short = 'o', long = "output", value_name = "PATH", value_parser = HistOutput::parse)]
+    pub outputs: Vec<HistOutput>,
+    /// Threads that can be inside the function at the same time.
+    #[arg(long = "max-threads", value_name = "N", default_value_t = DEFAULT_MAX_THREADS,
+          value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
+    pub max_threads: u32,
+    /// Start this command and time the function in it until it exits.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+    /// Under sudo, run COMMAND as root instead of as the user who ran sudo (SUDO_UID).
+    #[arg(long = "as-root")]
+    pub as_root: bool,
+}
+
+/// Where one `-o` goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HistOutput {
+    /// The text report; `None` is stdout.
+    Text(Option<PathBuf>),
+    Json(PathBuf),
+    /// A flamegraph or folded stacks of the slow calls.
+    Stacks(OutputSpec),
+}
+
+impl HistOutput {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text == "-" {
+            return Ok(Self::Text(None));
+        }
+        let lower = text.to_ascii_lowercase();
+        if lower.ends_with(".txt") {
+            return Ok(Self::Text(Some(PathBuf::from(text))));
+        }
+        if lower.ends_with(".json") {
+            return Ok(Self::Json(PathBuf::from(text)));
+        }
+        OutputSpec::parse(text).map(Self::Stacks).map_err(|_| {
+            format!(
+                "cannot tell the format of '{text}' from its extension: use .txt (the \
+                     histogram), .json, .svg or .folded (slow calls' stacks, with --slow), or - \
+                     (the histogram on stdout)"
+            )
+        })
+    }
+
+    fn path(&self) -> Option<&PathBuf> {
+        match self {
+            Self::Text(path) => path.as_ref(),
+            Self::Json(path) => Some(path),
+            Self::Stacks(spec) => spec.path.as_ref(),
+        }
+    }
+}
+
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let interval = parse_positive_duration(text)?;
+    if interval < Duration::from_secs(1) {
+        return Err(format!(
+            "'{text}' is shorter than a second: -i takes 1 s or more"
+        ));
+    }
+    Ok(interval)
+}
+
+/// Reports a usage error the way clap does (exit status 2) before anything has started.
+fn usage_error(message: &str) -> ! {
+    clap::Error::raw(
+        clap::error::ErrorKind::ArgumentConflict,
+        format!("{message}\n"),
+    )
+    .exit()
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    // Usage first, then targets and the function, then outputs: all before the kernel is touched.
+    if !args.pids.is_empty() && !args.command.is_empty() {
+        usage_error("give either -p or a COMMAND after --, not both");
+    }
+    let wants_stacks = args
+        .outputs
+        .iter()
+        .any(|o| matches!(o, HistOutput::Stacks(_)));
+    if wants_stacks && args.slow.is_none() {
+        usage_error(
+            "-o .svg/.folded draws the stacks of slow calls: add --slow DUR (e.g. --slow 5ms)",
+        );
+    }
+    if args.json && args.outputs.contains(&HistOutput::Text(None)) {
+        usage_error("--json and -o - both write to stdout: pick one");
+    }
+    if !matches!(std::env::consts::ARCH, "x86_64" | "aarch64") {
+        bail!(
+            "uprobe-hist pairs calls by stack pointer, which livetrace only knows how to read on \
+             x86_64 and aarch64 (this is {})",
+            std::env::consts::ARCH
+        );
+    }
+    let target = TargetArgs {
+        pids: args.pids.clone(),
+        tids: vec![],
+        command: args.command.clone(),
+        as_root: args.as_root,
+    }
+    .resolve()?;
+    let mut needs = vec![
+        privileges::BPF,
+        privileges::PERFMON,
+        privileges::UPROBE_ADMIN,
+    ];
+    needs.extend(privileges::ptrace_need(&args.pids));
+    privileges::require("uprobe-hist", &needs)?;
+    let sites = find_sites(&args.symbol, &target)?;
+    let function = sites[0].symbol.demangled.clone();
+
+    let mut outputs = args.outputs.clone();
+    if outputs.is_empty() && !args.json {
+        outputs.push(HistOutput::Text(Some(default_output_path(&function))));
+    }
+    // The preflight only looks at paths; the format tag is irrelevant there.
+    let paths: Vec<OutputSpec> = outputs
+        .iter()
+        .filter_map(HistOutput::path)
+        .map(|path| OutputSpec {
+            path: Some(path.clone()),
+            format: Format::Folded,
+        })
+        .collect();
+    output::preflight(&paths)?;
+
+    let mut command = match &target {
+        Target::Command(argv) => Some(HeldCommand::spawn(argv, args.as_root)?),
+        _ => None,
+    };
+    let slow_ns = args
+        .slow
+        .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64);
+    let mut ebpf = bpf::load_uprobe_hist(&UprobeHistSettings {
+        slow_ns,
+        max_threads: args.max_threads,
+        stack_storage: if slow_ns > 0 {
+            DEFAULT_STACK_STORAGE
+        } else {
+            1
+        },
+        slow_buffer: if slow_ns > 0 {
+            DEFAULT_SLOW_BUFFER
+        } else {
+            4096
+        },
+        follow: match &command {
+            Some(command) => Some((
+                command.pid,
+                KernelBtf::from_sys_fs()?.member_offset("task_struct", "tgid")?,
+            )),
+            None => None,
+        },
+    })?;
+    let command_pid = command.as_ref().map(|c| c.pid);
+    attach(&mut ebpf, &sites, command_pid)?;
+    // The command's children: announced by `follow_fork`, probed here as they appear.
+    let mut children = match command_pid {
+        Some(_) => Some(Children::new(stacks::new_processes(&mut ebpf)?)),
+        None => None,
+    };
+    let mut maps = Maps::take(&mut ebpf)?;
+    maps.phase
+        .set(0, PHASE_RUNNING, 0)
+        .context("failed to tell the BPF programs that the capture runs")?;
+
+    let mut symbolizer = Symbolizer::new();
+    for site in &sites {
+        if let Some(pid) = site.pid {
+            symbolizer.note_process(pid);
+        }
+    }
+    if let Some(command) = &mut command {
+        command.release()?;
+        if slow_ns > 0 {
+            // A short command may exit before the first tick: snapshot its memory map as soon
+            // as the loader has mapped its libraries, for symbolising slow calls' callers.
+            wait_until_loaded(command.pid, &sites[0].file.path);
+            symbolizer.note_process(command.pid);
+        }
+    }
+    let title = match (&target, command_pid) {
+        (Target::Command(_), Some(pid)) => format!("{} (pid {pid})", target.describe()),
+        _ => target.describe(),
+    };
+    let site_names: Vec<String> = sites.iter().map(|s| s.describe(command_pid)).collect();
+    eprintln!(
+        "livetrace: timing {function} in {}{}",
+        site_names.join(", "),
+        capture::how_it_ends(args.duration)
+    );
+
+    let snapshot_base = LatencyReport {
+        function: function.clone(),
+        sites: site_names.clone(),
+        title: title.clone(),
+        total: Histogram::default(),
+        intervals: Vec::new(),
+        slow: None,
+        quality: LatencyQuality::default(),
+        max_threads: args.max_threads,
+    };
+    let start = Instant::now();
+    let start_mono_ns = monotonic_ns();
+    let cost_before = probe_cost(&ebpf);
+    let mut slow = SlowCollector::new(slow_ns);
+    let mut intervals = IntervalClock::new(args.interval);
+    let mut tick_error: Option<anyhow::Error> = None;
+    let runtime = capture::runtime()?;
+    let (stop, elapsed) = runtime.block_on(capture::run(
+        args.duration,
+        Watch::for_target(&target, command.as_mut()),
+        |event| {
+            if let Some(children) = &mut children {
+                children.probe_new(&mut ebpf, &sites[0], &mut symbolizer);
+            }
+            if event == capture::Event::FastTick {
+                return; // nothing else here is that urgent
+            }
+            slow.drain(&mut maps.ring, &mut symbolizer);
+            if event == capture::Event::Snapshot {
+                if let Err(err) = write_snapshot(
+                    &maps,
+                    &slow,
+                    &mut symbolizer,
+                    &snapshot_base,
+                    &outputs,
+                    start.elapsed(),
+                    start_mono_ns,
+                    args.json,
+                ) {
+                    eprintln!("livetrace: snapshot failed: {err:#}");
+                }
+                return;
+            }
+            if tick_error.is_none()
+                && let Err(err) = intervals.tick(&mut maps, start.elapsed(), &function, args.json)
+            {
+                tick_error = Some(err);
+            }
+        },
+    ))?;
+    if let Some(err) = tick_error {
+        return Err(err.context("reading the histogram during the capture failed"));
+    }
+    let cost_after = probe_cost(&ebpf);
+    maps.phase
+        .set(0, PHASE_STOPPING, 0)
+        .context("failed to tell the BPF programs that the capture is stopping")?;
+    detach(&mut ebpf)?;
+    if stop != StopReason::DurationElapsed {
+        eprintln!("livetrace: {}", stop.describe());
+    }
+
+    slow.drain(&mut maps.ring, &mut symbolizer);
+    let total = maps.histogram()?;
+    intervals.finish(&mut maps, &total, elapsed, &function, args.json)?;
+    let mut quality = latency_quality(&maps, elapsed, &function)?;
+    if let Some(children) = &children {
+        quality.notes.extend(children.notes());
+    }
+    quality.probe_cost_ns = cost_before.zip(cost_after).and_then(|(before, after)| {
+        let runs = after.1.saturating_sub(before.1);
+        // Each call runs two programs: entry and return.
+        (runs > 0).then(|| 2.0 * (after.0 - before.0) as f64 / runs as f64)
+    });
+    if !matches!(stop, StopReason::DurationElapsed) {
+        quality
+            .notes
+            .push(format!("capture ended early: {}", stop.describe()));
+    }
+
+    let traces = if slow_ns > 0 {
+        maps.stack_traces(&slow)?
+    } else {
+        HashMap::new()
+    };
+    let slow_report = (slow_ns > 0).then(|| slow.report(&traces, &mut symbolizer, start_mono_ns));
+    if symbolizer.interrupted() {
+        quality.notes.push(stacks::INTERRUPTED_NOTE.into());
+    }
+    let report = LatencyReport {
+        function: function.clone(),
+        sites: site_names,
+        title: title.clone(),
+        total,
+        intervals: intervals.done,
+        slow: slow_report,
+        quality,
+        max_threads: args.max_threads,
+    };
+    drop(ebpf);
+
+    let stack_outputs: Vec<OutputSpec> = outputs
+        .iter()
+        .filter_map(|o| match o {
+            HistOutput::Stacks(spec) => Some(spec.clone()),
+            _ => None,
+        })
+        .collect();
+    if !stack_outputs.is_empty() {
+        let profile = slow.profile(&traces, &mut symbolizer, &report, &title);
+        output::write_stack_profile(&profile, &stack_outputs)?;
+    }
+    for output in &outputs {
+        match output {
+            HistOutput::Text(Some(path)) => {
+                output::write_atomically(path, |out| histogram_text::write(&report, out))?;
+            }
+            // Stdout gets the text report anyway (below).
+            HistOutput::Text(None) => {}
+            HistOutput::Json(path) => {
+                output::write_atomically(path, |out| histogram_json::write(&report, out))?;
+            }
+            HistOutput::Stacks(_) => {}
+        }
+    }
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        histogram_json::write(&report, &mut stdout).context("failed to write to stdout")?;
+    } else {
+        stdout
+            .write_all(histogram_text::report_text(&report).as_bytes())
+            .and_then(|()| stdout.flush())
+            .context("failed to write to stdout")?;
+    }
+    drop(stdout);
+    eprint!("{}", histogram_text::footer(&report));
+    for output in &outputs {
+        if let Some(path) = output.path() {
+            eprintln!("livetrace: wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// The data-quality record from the counters, read in place (also mid-capture).
+fn latency_quality(
+    maps: &Maps,
+    elapsed: Duration,
+    function: &str,
+) -> anyhow::Result<LatencyQuality> {
+    let counters = maps.counters()?;
+    let counter = |c: Counter| counters[c as usize];
+    let mut quality = LatencyQuality {
+        duration: elapsed,
+        entries: counter(Counter::Entries),
+        returns: counter(Counter::Returns),
+        recorded: counter(Counter::Recorded),
+        thread_map_full: counter(Counter::ThreadMapFull),
+        too_deep: counter(Counter::TooDeep),
+        abandoned: counter(Counter::Abandoned),
+        exited_inside: counter(Counter::ExitedInside),
+        still_open: maps.still_open()?,
+        return_without_entry: counter(Counter::ReturnWithoutEntry),
+        return_unmatched: counter(Counter::ReturnUnmatched),
+        slow_recorded: counter(Counter::SlowRecorded),
+        slow_ring_full: counter(Counter::SlowRingFull),
+        slow_stack_lost: counter(Counter::SlowStackLost),
+        helper_failed: counter(Counter::HelperFailed),
+        returns_outside: counter(Counter::ReturnOutsideCapture),
+        probe_cost_ns: None,
+        notes: Vec::new(),
+    };
+    if quality.entries == 0 {
+        quality.notes.push(format!(
+            "{function} was not called during the capture: check that the target calls it \
+             (it may be inlined at its call sites, and then never runs as its own function)"
+        ));
+    }
+
+    Ok(quality)
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the run loop's state, borrowed piece by piece inside its callback"
+)]
+/// SIGUSR1: the report so far, written to every file output and printed on stdout (as JSON
+/// with --json); the maps are read, not cleared, and the capture goes on.
+fn write_snapshot(
+    maps: &Maps,
+    slow: &SlowCollector,
+    symbolizer: &mut Symbolizer,
+    base: &LatencyReport,
+    outputs: &[HistOutput],
+    elapsed: Duration,
+    start_mono_ns: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut quality = latency_quality(maps, elapsed, &base.function)?;
+    quality
+        .notes
+        .push("snapshot (SIGUSR1) taken while the capture goes on".into());
+    let traces = if slow.threshold_ns > 0 {
+        maps.stack_traces(slow)?
+    } else {
+        HashMap::new()
+    };
+    let report = LatencyReport {
+        function: base.function.clone(),
+        sites: base.sites.clone(),
+        title: base.title.clone(),
+        total: maps.histogram()?,
+        intervals: Vec::new(),
+        slow: (slow.threshold_ns > 0).then(|| slow.report(&traces, symbolizer, start_mono_ns)),
+        quality,
+        max_threads: base.max_threads,
+    };
+    let mut written = Vec::new();
+    for output in outputs {
+        match output {
+            HistOutput::Text(Some(path)) => {
+                output::write_atomically(path, |out| histogram_text::write(&report, out))?;
+            }
+            HistOutput::Json(path) => {
+                output::write_atomically(path, |out| histogram_json::write(&report, out))?;
+            }
+            HistOutput::Stacks(spec) => {
+                let profile = slow.profile(&traces, symbolizer, &report, &report.title);
+                output::write_stack_profile(&profile, std::slice::from_ref(spec))?;
+            }
+            HistOutput::Text(None) => continue,
+        }
+        if let Some(path) = output.path() {
+            written.push(path.display().to_string());
+        }
+    }
+    let mut stdout = std::io::stdout().lock();
+    if json {
+        histogram_json::write(&report, &mut stdout).context("failed to write to stdout")?;
+    } else {
+        stdout
+            .write_all(histogram_text::report_text(&report).as_bytes())
+            .context("failed to write to stdout")?;
+    }
+    stdout.flush().context("failed to write to stdout")?;
+    drop(stdout);
+    eprintln!(
+        "livetrace: snapshot (SIGUSR1): {} calls so far{}; the capture goes on",
+        report.total.count(),
+        if written.is_empty() {
+            String::new()
+        } else {
+            format!(", written to {}", written.join(", "))
+        }
+    );
+    Ok(())
+}
+
+/// `livetrace-uprobe-hist-<function>-<UTC time>.txt` in the current directory.
+fn default_output_path(function: &str) -> PathBuf {
+    let short: String = function
+        .rsplit("::")
+        .next()
+        .unwrap_or(function)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(48)
+        .collect();
+    PathBuf::from(format!(
+        "livetrace-uprobe-hist-{short}-{}.txt",
+        crate::timestamp()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Output formats come from extensions; stack formats need --slow (checked in run), and an
+    /// unknown extension names the supported ones.
+    #[test]
+    fn picks_output_format_from_extension() {
+        assert_eq!(HistOutput::parse("-").unwrap(), HistOutput::Text(None));
+        assert!(matches!(
+            HistOutput::parse("h.TXT").unwrap(),
+            HistOutput::Text(Some(_))
+        ));
+        assert!(matches!(
+            HistOutput::parse("h.json").unwrap(),
+            HistOutput::Json(_)
+        ));
+        assert!(matches!(
+            HistOutput::parse("s.svg").unwrap(),
+            HistOutput::Stacks(_)
+        ));
+        assert!(matches!(
+            HistOutput::parse("s.folded").unwrap(),
+            HistOutput::Stacks(_)
+        ));
+        let err = HistOutput::parse("h.png").unwrap_err();
+        assert!(err.contains("'h.png'") && err.contains(".txt"), "{err}");
+    }
+
+    /// -i below a second is refused with a message naming the value.
+    #[test]
+    fn interval_must_be_at_least_a_second() {
+        assert!(parse_interval("1").is_ok());
+        assert!(parse_interval("2.5s").is_ok());
+        assert!(parse_interval("500ms").unwrap_err().contains("'500ms'"));
+    }
+}

@@ -1,0 +1,195 @@
+//! Attaching the probes (and following `-- COMMAND`'s children), detaching them, and what they
+//! cost in the kernel.
+
+use std::{
+    num::NonZeroU32,
+    os::fd::{AsFd as _, AsRawFd as _},
+    time::Duration,
+};
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf,
+    maps::{MapData, RingBuf},
+    programs::{BtfTracePoint, UProbe, uprobe::UProbeScope},
+};
+
+use crate::{bpf, symbolize::Symbolizer};
+
+use super::sites::Site;
+
+const ENTRY: &str = "uprobe_hist_entry";
+const RETURN: &str = "uprobe_hist_return";
+const THREAD_EXIT: &str = "uprobe_hist_thread_exit";
+const FOLLOW_FORK: &str = "follow_fork";
+
+/// Loads the programs and attaches them: the thread-exit tracepoint first, so no exit is missed,
+/// then (for a command) the fork follower, then each site's return probe before its entry probe,
+/// so that no entry is recorded whose return could not be seen.
+pub(super) fn attach(
+    ebpf: &mut Ebpf,
+    sites: &[Site],
+    command_pid: Option<u32>,
+) -> anyhow::Result<()> {
+    let btf = crate::kernel_btf::aya_btf().context(
+        "uprobe-hist needs the kernel's BTF to notice threads that exit inside the function",
+    )?;
+    let exit: &mut BtfTracePoint = ebpf
+        .program_mut(THREAD_EXIT)
+        .context("the BPF object has no uprobe_hist_thread_exit program; rebuild livetrace")?
+        .try_into()?;
+    exit.load("sched_process_exit", &btf)
+        .map_err(|e| bpf::explain_program_error(e, "load the thread-exit BPF program"))?;
+    exit.attach().map_err(|e| {
+        bpf::explain_program_error(e, "attach to the sched_process_exit tracepoint")
+    })?;
+    for name in [RETURN, ENTRY] {
+        let program: &mut UProbe = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the BPF object has no {name} program; rebuild livetrace"))?
+            .try_into()?;
+        program
+            .load()
+            .map_err(|e| bpf::explain_program_error(e, &format!("load the {name} BPF program")))?;
+    }
+    if command_pid.is_some() {
+        let fork: &mut BtfTracePoint = ebpf
+            .program_mut(FOLLOW_FORK)
+            .context("the BPF object has no follow_fork program; rebuild livetrace")?
+            .try_into()?;
+        fork.load("sched_process_fork", &btf)
+            .map_err(|e| bpf::explain_program_error(e, "load the fork-following BPF program"))?;
+        fork.attach().map_err(|e| {
+            bpf::explain_program_error(e, "attach to the sched_process_fork tracepoint")
+        })?;
+    }
+    for site in sites {
+        probe_site(ebpf, site, site.pid.or(command_pid))?;
+    }
+    Ok(())
+}
+
+/// Attaches the return probe, then the entry probe, to `site` in process `pid` (or in every
+/// process that runs its file).
+fn probe_site(ebpf: &mut Ebpf, site: &Site, pid: Option<u32>) -> anyhow::Result<()> {
+    let scope = match pid {
+        Some(pid) => UProbeScope::OneProcess(
+            NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0 cannot be probed"))?,
+        ),
+        None => UProbeScope::AllProcesses,
+    };
+    for name in [RETURN, ENTRY] {
+        let program: &mut UProbe = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the BPF object has no {name} program; rebuild livetrace"))?
+            .try_into()?;
+        program
+            .attach(site.symbol.file_offset, &site.file.path, scope)
+            .map_err(|e| {
+                bpf::explain_program_error(
+                    e,
+                    &format!(
+                        "attach a {} to {} at file offset {:#x} in {}",
+                        if name == ENTRY { "uprobe" } else { "uretprobe" },
+                        site.symbol.demangled,
+                        site.symbol.file_offset,
+                        site.file.shown
+                    ),
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// `-- COMMAND`'s child processes, probed as `follow_fork` announces them.
+pub(super) struct Children {
+    ring: RingBuf<MapData>,
+    probed: Vec<u32>,
+    /// Children that could not be probed, and why.
+    failed: Vec<(u32, String)>,
+}
+
+impl Children {
+    pub(super) fn new(ring: RingBuf<MapData>) -> Self {
+        Self {
+            ring,
+            probed: Vec::new(),
+            failed: Vec::new(),
+        }
+    }
+
+    /// Probes the children announced since the last call (each within a tick of its fork).
+    pub(super) fn probe_new(&mut self, ebpf: &mut Ebpf, site: &Site, symbolizer: &mut Symbolizer) {
+        while let Some(item) = self.ring.next() {
+            let Some(&[a, b, c, d]) = item.get(..4) else {
+                continue;
+            };
+            let pid = u32::from_ne_bytes([a, b, c, d]);
+            drop(item);
+            match probe_site(ebpf, site, Some(pid)) {
+                Ok(()) => self.probed.push(pid),
+                Err(err) => self.failed.push((pid, format!("{err:#}"))),
+            }
+            symbolizer.note_process(pid);
+        }
+    }
+
+    pub(super) fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if !self.probed.is_empty() {
+            notes.push(format!(
+                "followed {} child processes of the command; each was probed from when its \
+                 fork was seen (within ~50 ms): calls in that first moment are not counted",
+                self.probed.len()
+            ));
+        }
+        for (pid, why) in &self.failed {
+            notes.push(format!("child process {pid} could not be probed: {why}"));
+        }
+        notes
+    }
+}
+
+/// Stops new calls from being timed first, gives calls in flight a moment to return, then
+/// detaches the rest; what is still open after that is counted from the thread map.
+pub(super) fn detach(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    for name in [ENTRY, RETURN] {
+        let program: &mut UProbe = ebpf
+            .program_mut(name)
+            .with_context(|| format!("{name} vanished"))?
+            .try_into()?;
+        program
+            .unload()
+            .with_context(|| format!("failed to detach the {name} probes"))?;
+        if name == ENTRY {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let exit: &mut BtfTracePoint = ebpf
+        .program_mut(THREAD_EXIT)
+        .context("uprobe_hist_thread_exit vanished")?
+        .try_into()?;
+    exit.unload()
+        .context("failed to detach the thread-exit tracepoint")?;
+    Ok(())
+}
+
+/// The kernel's own accounting of the probes' run time (`kernel.bpf_stats_enabled=1`):
+/// (run_time_ns, run_cnt) summed over the entry and return programs.
+pub(super) fn probe_cost(ebpf: &Ebpf) -> Option<(u64, u64)> {
+    let mut total = (0, 0);
+    for name in [ENTRY, RETURN] {
+        let program: &UProbe = ebpf.program(name)?.try_into().ok()?;
+        let fd = program.fd().ok()?.as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        let field = |key: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        total.0 += field("run_time_ns:")?;
+        total.1 += field("run_cnt:")?;
+    }
+    // Both zero: the statistics are off.
+    (total.1 > 0 || total.0 > 0).then_some(total)
+}
