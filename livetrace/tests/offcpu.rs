@@ -27,23 +27,11 @@ fn capture_of(program: &std::path::Path, extra: &[&str]) -> (Profile, String) {
     let fixture = Process::spawn(command);
     // Let every thread reach its steady state (the reader must be blocked before we start).
     std::thread::sleep(Duration::from_millis(500));
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.folded");
     let pid = fixture.pid().to_string();
-    let mut args = vec![
-        "offcpu",
-        "-p",
-        &pid,
-        "-d",
-        "3",
-        "--per-thread",
-        "-o",
-        path_arg(&out),
-    ];
+    let mut args = vec!["offcpu", "-p", &pid, "-d", "3", "--per-thread"];
     args.extend_from_slice(extra);
-    let run = run_livetrace(&args, Duration::from_secs(3) + SLACK);
-    run.assert_success();
-    (Profile::read(&out), run.stderr)
+    let (profile, run) = run_folded(&args, Duration::from_secs(3) + SLACK);
+    (profile, run.stderr)
 }
 
 /// Share of the window the thread named `name` (thread frame `name-TID`) spent blocked.

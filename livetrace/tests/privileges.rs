@@ -199,16 +199,8 @@ fn offcpu_with_documented_capabilities() {
     run.assert_success();
     let profile = Profile::read(&out);
     assert!(profile.has_frame("nap_loop"), "{}", profile.summary());
-    assert!(
-        run.stderr.contains("warning: without CAP_SYS_ADMIN"),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        run.stderr.contains("warning: without CAP_SYS_PTRACE"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_has("warning: without CAP_SYS_ADMIN");
+    run.assert_stderr_has("warning: without CAP_SYS_PTRACE");
 }
 
 /// Mounts tracefs if nobody has (as root, which the tests are).
@@ -414,11 +406,7 @@ fn second_sigint_writes_raw_addresses_promptly() {
     run.signal(libc::SIGINT);
     let run = run.finish(Duration::from_secs(15));
     run.assert_success();
-    assert!(
-        run.stderr.contains("symbolisation was interrupted"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_has("symbolisation was interrupted");
     let profile = Profile::read(&out);
     let raw = profile
         .stacks

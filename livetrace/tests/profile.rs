@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     Livetrace, Profile, Stack, assert_well_formed_svg, cpu_exclusive, cpu_shared, fixture,
-    is_kernel_frame, path_arg, require_root, run_livetrace, start_fixture, unused_pid,
+    is_kernel_frame, path_arg, require_root, run_folded, run_livetrace, start_fixture, unused_pid,
 };
 
 /// The chain fixture's hot leaves and the share of its CPU time each one burns.
@@ -206,24 +206,11 @@ fn duration_accepts_fractions_and_units() {
 fn command_mode_ends_when_the_command_exits() {
     require_root();
     let _cpus = cpu_shared();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.folded");
     let chain = fixture("chain");
-
-    let run = run_livetrace(
-        [
-            "profile",
-            "-d",
-            "10",
-            "-o",
-            path_arg(&out),
-            "--",
-            path_arg(&chain),
-            "2",
-        ],
+    let (profile, run) = run_folded(
+        &["profile", "-d", "10", "--", path_arg(&chain), "2"],
         Duration::from_secs(10) + SLACK,
     );
-    run.assert_success();
     // The command runs for 2 s; 8 s is far below the 10 s of -d even on a loaded machine.
     assert!(
         run.elapsed < Duration::from_secs(8),
@@ -231,7 +218,6 @@ fn command_mode_ends_when_the_command_exits() {
         run.elapsed,
         run.stderr
     );
-    let profile = Profile::read(&out);
     assert!(profile.total() > 0, "no samples; stderr:\n{}", run.stderr);
     assert!(
         profile.has_frame("hot_60"),
@@ -245,32 +231,18 @@ fn command_mode_ends_when_the_command_exits() {
 fn command_mode_follows_forked_children() {
     require_root();
     let _cpus = cpu_shared();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.folded");
     let forker = fixture("forker");
-
     // forker burns in parent_burn for 1 s, then its child burns in child_burn for 2 s.
-    let run = run_livetrace(
-        [
-            "profile",
-            "-d",
-            "10",
-            "-o",
-            path_arg(&out),
-            "--",
-            path_arg(&forker),
-            "3",
-        ],
+    let (profile, run) = run_folded(
+        &["profile", "-d", "10", "--", path_arg(&forker), "3"],
         Duration::from_secs(10) + SLACK,
     );
-    run.assert_success();
     assert!(
         run.elapsed < Duration::from_secs(9),
         "livetrace ran for {:?}: it did not stop when the command exited; stderr:\n{}",
         run.elapsed,
         run.stderr
     );
-    let profile = Profile::read(&out);
     assert!(
         profile.has_frame("parent_burn"),
         "no parent_burn\n{}",
@@ -421,17 +393,11 @@ fn user_only_has_no_kernel_frames() {
     require_root();
     let _cpus = cpu_shared();
     let mixed = start_fixture("mixed", &["15"]);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.folded");
-
     let pid = mixed.pid().to_string();
-    let run = run_livetrace(
-        ["profile", "-p", &pid, "-U", "-d", "2", "-o", path_arg(&out)],
+    let (profile, _) = run_folded(
+        &["profile", "-p", &pid, "-U", "-d", "2"],
         Duration::from_secs(2) + SLACK,
     );
-    run.assert_success();
-
-    let profile = Profile::read(&out);
     assert!(
         profile.has_frame("user_burn"),
         "no user_burn\n{}",
@@ -453,17 +419,11 @@ fn kernel_only_has_only_kernel_frames() {
     let _cpus = cpu_shared();
     // mixed spends about half its time in read(2) from /dev/zero, so -K has plenty to record.
     let mixed = start_fixture("mixed", &["15"]);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.folded");
-
     let pid = mixed.pid().to_string();
-    let run = run_livetrace(
-        ["profile", "-p", &pid, "-K", "-d", "2", "-o", path_arg(&out)],
+    let (profile, _) = run_folded(
+        &["profile", "-p", &pid, "-K", "-d", "2"],
         Duration::from_secs(2) + SLACK,
     );
-    run.assert_success();
-
-    let profile = Profile::read(&out);
     for stack in &profile.stacks {
         assert!(
             stack
@@ -488,17 +448,11 @@ fn kernel_frames_follow_user_frames() {
     require_root();
     let _cpus = cpu_shared();
     let mixed = start_fixture("mixed", &["15"]);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.folded");
-
     let pid = mixed.pid().to_string();
-    let run = run_livetrace(
-        ["profile", "-p", &pid, "-d", "2", "-o", path_arg(&out)],
+    let (profile, _) = run_folded(
+        &["profile", "-p", &pid, "-d", "2"],
         Duration::from_secs(2) + SLACK,
     );
-    run.assert_success();
-
-    let profile = Profile::read(&out);
     for stack in &profile.stacks {
         let first_kernel = stack.frames.iter().position(|frame| is_kernel_frame(frame));
         if let Some(first_kernel) = first_kernel {

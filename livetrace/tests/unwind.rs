@@ -11,9 +11,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::Duration;
 
-use common::{
-    Process, Profile, Stack, build_fixture, cpu_exclusive, path_arg, require_root, run_livetrace,
-};
+use common::{Process, Profile, Stack, build_fixture, cpu_exclusive, require_root, run_folded};
 
 /// The chain fixture's hot leaves and the share of its CPU time each one burns.
 const HOT_LEAVES: [(&str, f64); 3] = [("hot_60", 0.60), ("hot_30", 0.30), ("hot_10", 0.10)];
@@ -48,14 +46,10 @@ fn chain_without_frame_pointers() -> PathBuf {
 }
 
 fn profile(args: &[&str], seconds: u64) -> (Profile, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.folded");
     let mut full = vec!["profile"];
     full.extend_from_slice(args);
-    full.extend(["-o", path_arg(&out)]);
-    let run = run_livetrace(&full, Duration::from_secs(seconds) + SLACK);
-    run.assert_success();
-    (Profile::read(&out), run.stderr)
+    let (profile, run) = run_folded(&full, Duration::from_secs(seconds) + SLACK);
+    (profile, run.stderr)
 }
 
 /// Without frame pointers, dwarf mode gives complete main;a;b;c stacks at the 6:3:1 shares, and

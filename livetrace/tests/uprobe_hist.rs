@@ -331,11 +331,7 @@ fn command_children_are_followed() {
         "20 calls in the parent and in each of 4 children\n{:#}\n{}",
         report["data_quality"], run.stderr
     );
-    assert!(
-        run.stderr.contains("followed 4 child processes"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_has("followed 4 child processes");
 }
 
 /// A Rust function is attached by its demangled path (the `::h<hash>` suffix left out).
@@ -387,16 +383,8 @@ fn missing_symbol_lists_close_names() {
         SLACK,
     );
     assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
-    assert!(
-        run.stderr.contains("'timed_wrok' not found"),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        run.stderr.contains("closest names: timed_work"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_has("'timed_wrok' not found");
+    run.assert_stderr_has("closest names: timed_work");
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
 }
 
@@ -453,11 +441,7 @@ fn ambiguous_symbol_lists_candidates_and_an_address_picks_one() {
     );
     // An ambiguous name is a command-line mistake: the command line must say which.
     assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
-    assert!(
-        run.stderr.contains("'helper' matches 2 functions"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_has("'helper' matches 2 functions");
     let addresses: Vec<&str> = run
         .stderr
         .lines()
@@ -677,11 +661,7 @@ fn absent_file_lists_paths_and_usage_errors_exit_2() {
         SLACK,
     );
     assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
-    assert!(
-        run.stderr.contains("tried:\n  /nonexistent/libfoo.so"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_has("tried:\n  /nonexistent/libfoo.so");
     let run = run_livetrace(
         [
             "uprobe-hist",

@@ -365,6 +365,20 @@ where
     Livetrace::start(args).finish(timeout)
 }
 
+/// Runs `livetrace ARGS... -o OUT.folded` (the output goes before any `-- COMMAND`) to
+/// completion, asserts that it succeeded, and returns the folded stacks with the run.
+pub fn run_folded(args: &[&str], timeout: Duration) -> (Profile, Finished) {
+    let dir = tempfile::tempdir().expect("cannot create a temporary directory");
+    let out = dir.path().join("out.folded");
+    let at = args.iter().position(|&a| a == "--").unwrap_or(args.len());
+    let mut full: Vec<&str> = args[..at].to_vec();
+    full.extend(["-o", path_arg(&out)]);
+    full.extend(&args[at..]);
+    let run = run_livetrace(&full, timeout);
+    run.assert_success();
+    (Profile::read(&out), run)
+}
+
 fn read_all(file: &mut File) -> String {
     let mut bytes = Vec::new();
     file.seek(SeekFrom::Start(0))
@@ -381,6 +395,15 @@ impl Finished {
             "livetrace failed ({}) after {:?}; stderr:\n{}",
             self.status,
             self.elapsed,
+            self.stderr
+        );
+    }
+
+    /// Panics, showing stderr whole, unless it contains `needle`.
+    pub fn assert_stderr_has(&self, needle: &str) {
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}:\n{}",
             self.stderr
         );
     }
