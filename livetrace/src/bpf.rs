@@ -115,6 +115,27 @@ pub fn load_stacks(settings: &StackSettings) -> anyhow::Result<Ebpf> {
     Ok(bpf)
 }
 
+/// Loads the `tp_btf` program `name` for the kernel tracepoint `tracepoint` and attaches it,
+/// with errors that say which.
+pub fn attach_btf_tracepoint(
+    bpf: &mut Ebpf,
+    name: &str,
+    tracepoint: &str,
+    btf: &aya::Btf,
+) -> anyhow::Result<()> {
+    let program: &mut aya::programs::BtfTracePoint = bpf
+        .program_mut(name)
+        .with_context(|| format!("the BPF object has no {name} program; rebuild livetrace"))?
+        .try_into()?;
+    program
+        .load(tracepoint, btf)
+        .map_err(|e| explain_program_error(e, &format!("load tp_btf/{tracepoint}")))?;
+    program
+        .attach()
+        .map_err(|e| explain_program_error(e, &format!("attach tp_btf/{tracepoint}")))?;
+    Ok(())
+}
+
 /// livetrace's own cost in the kernel, as the kernel counts it (only while
 /// `kernel.bpf_stats_enabled=1`, which livetrace does not switch on by itself: it slows every BPF
 /// program on the machine a little). Read before the programs are unloaded.

@@ -195,6 +195,14 @@ pub fn write_stack_profile(profile: &StackProfile, outputs: &[OutputSpec]) -> an
 
 /// Writes a mid-capture snapshot (SIGUSR1) to every file output, atomically, and says so on
 /// stderr. Standard output is left alone: a reader of `-o -` expects one profile, at the end.
+/// The end of a stack tool's run on stderr: the data-quality footer, then each file written.
+pub fn report_footer_and_files(profile: &StackProfile, outputs: &[OutputSpec]) {
+    eprint!("{}", footer::text(profile));
+    for output in outputs.iter().filter(|o| o.path.is_some()) {
+        eprintln!("livetrace: wrote {}", output.describe());
+    }
+}
+
 pub fn write_snapshot(profile: &StackProfile, outputs: &[OutputSpec]) -> anyhow::Result<()> {
     let files: Vec<OutputSpec> = outputs
         .iter()

@@ -10,7 +10,7 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, RingBuf},
-    programs::{BtfTracePoint, Program, TracePoint},
+    programs::{Program, TracePoint},
 };
 use clap::{Args as ClapArgs, ValueEnum};
 use livetrace_common::{
@@ -32,7 +32,7 @@ use crate::{
     frame_pointers,
     kernel_btf::KernelBtf,
     model::{DataQuality, StackProfile, WeightUnit},
-    output::{self, OutputSpec, footer, offcpu_summary},
+    output::{self, OutputSpec, offcpu_summary},
     privileges,
     stacks::{self, BuildOptions, RECOVERED_MARKER},
     symbolize::Symbolizer,
@@ -333,12 +333,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
              in the selected states. If it is busy, try `livetrace profile` with the same target."
         );
     }
-    eprint!("{}", footer::text(&profile));
-    for output in &outputs {
-        if output.path.is_some() {
-            eprintln!("livetrace: wrote {}", output.describe());
-        }
-    }
+    output::report_footer_and_files(&profile, &outputs);
     Ok(())
 }
 
@@ -652,16 +647,7 @@ fn try_tp_btf(
         hooks.push(("follow_fork", "sched_process_fork"));
     }
     for (name, tracepoint) in hooks {
-        let program: &mut BtfTracePoint = ebpf
-            .program_mut(name)
-            .with_context(|| format!("the BPF object has no {name} program; rebuild livetrace"))?
-            .try_into()?;
-        program
-            .load(tracepoint, &btf)
-            .map_err(|e| bpf::explain_program_error(e, &format!("load tp_btf/{tracepoint}")))?;
-        program
-            .attach()
-            .map_err(|e| bpf::explain_program_error(e, &format!("attach tp_btf/{tracepoint}")))?;
+        bpf::attach_btf_tracepoint(&mut ebpf, name, tracepoint, &btf)?;
     }
     Ok((ebpf, collector))
 }

@@ -25,7 +25,7 @@ use crate::{
     capture::{self, StopReason, Watch},
     duration::parse_positive_duration,
     model::{DataQuality, WeightUnit},
-    output::{self, OutputSpec, footer, summary},
+    output::{self, OutputSpec, summary},
     privileges,
     stacks::{self, BuildOptions},
     symbolize::Symbolizer,
@@ -293,12 +293,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
              same target."
         );
     }
-    eprint!("{}", footer::text(&profile));
-    for output in &outputs {
-        if output.path.is_some() {
-            eprintln!("livetrace: wrote {}", output.describe());
-        }
-    }
+    output::report_footer_and_files(&profile, &outputs);
     Ok(())
 }
 

@@ -34,15 +34,7 @@ pub(super) fn attach(
     let btf = crate::kernel_btf::aya_btf().context(
         "uprobe-hist needs the kernel's BTF to notice threads that exit inside the function",
     )?;
-    let exit: &mut BtfTracePoint = ebpf
-        .program_mut(THREAD_EXIT)
-        .context("the BPF object has no uprobe_hist_thread_exit program; rebuild livetrace")?
-        .try_into()?;
-    exit.load("sched_process_exit", &btf)
-        .map_err(|e| bpf::explain_program_error(e, "load the thread-exit BPF program"))?;
-    exit.attach().map_err(|e| {
-        bpf::explain_program_error(e, "attach to the sched_process_exit tracepoint")
-    })?;
+    bpf::attach_btf_tracepoint(ebpf, THREAD_EXIT, "sched_process_exit", &btf)?;
     for name in [RETURN, ENTRY] {
         let program: &mut UProbe = ebpf
             .program_mut(name)
@@ -53,15 +45,7 @@ pub(super) fn attach(
             .map_err(|e| bpf::explain_program_error(e, &format!("load the {name} BPF program")))?;
     }
     if command_pid.is_some() {
-        let fork: &mut BtfTracePoint = ebpf
-            .program_mut(FOLLOW_FORK)
-            .context("the BPF object has no follow_fork program; rebuild livetrace")?
-            .try_into()?;
-        fork.load("sched_process_fork", &btf)
-            .map_err(|e| bpf::explain_program_error(e, "load the fork-following BPF program"))?;
-        fork.attach().map_err(|e| {
-            bpf::explain_program_error(e, "attach to the sched_process_fork tracepoint")
-        })?;
+        bpf::attach_btf_tracepoint(ebpf, FOLLOW_FORK, "sched_process_fork", &btf)?;
     }
     for site in sites {
         probe_site(ebpf, site, site.pid.or(command_pid))?;
