@@ -3,10 +3,14 @@
 //! them at start and recovers their stacks without pausing them:
 //! - the kernel stack from `/proc/PID/task/TID/stack` (root only);
 //! - the user stack from the registers in `/proc/PID/task/TID/syscall` (sp, pc of a thread in a
-//!   system call) and the stack memory, read with `process_vm_readv`: the first code address
-//!   above sp is the caller of the system-call wrapper, then the frame-pointer chain above it.
+//!   system call) and the stack memory, read with `process_vm_readv`, unwound with the
+//!   binaries' CFI (as `--unwind dwarf` does) where that reaches the root; otherwise the first
+//!   code address above sp is taken as the caller of the system-call wrapper, then the
+//!   frame-pointer chain above it, whichever is longer.
 
 use std::fs;
+
+use crate::unwind::DwarfUnwinder;
 
 /// A thread found sleeping at the start of a capture, with what could be recovered.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +32,7 @@ const MAX_FRAMES: usize = 127;
 
 /// The sleeping threads of the given processes and threads.
 pub fn scan(tgids: &[u32], tids: &[u32]) -> Vec<BlockedThread> {
+    let mut unwinder = DwarfUnwinder::default();
     let mut threads: Vec<(u32, u32)> = Vec::new();
     for &tgid in tgids {
         let Ok(entries) = fs::read_dir(format!("/proc/{tgid}/task")) else {
@@ -49,11 +54,11 @@ pub fn scan(tgids: &[u32], tids: &[u32]) -> Vec<BlockedThread> {
     threads.dedup();
     threads
         .into_iter()
-        .filter_map(|(tgid, tid)| recover(tgid, tid))
+        .filter_map(|(tgid, tid)| recover(tgid, tid, &mut unwinder))
         .collect()
 }
 
-fn recover(tgid: u32, tid: u32) -> Option<BlockedThread> {
+fn recover(tgid: u32, tid: u32, unwinder: &mut DwarfUnwinder) -> Option<BlockedThread> {
     let dir = format!("/proc/{tgid}/task/{tid}");
     let stat = fs::read_to_string(format!("{dir}/stat")).ok()?;
     let (comm_part, rest) = stat.rsplit_once(')')?;
@@ -68,7 +73,7 @@ fn recover(tgid: u32, tid: u32) -> Option<BlockedThread> {
     let user_addrs = fs::read_to_string(format!("{dir}/syscall"))
         .ok()
         .and_then(|text| parse_syscall_registers(&text))
-        .map(|(sp, pc)| walk_user_stack(tgid, sp, pc))
+        .map(|(sp, pc)| walk_user_stack(tgid, sp, pc, unwinder))
         .unwrap_or_default();
     Some(BlockedThread {
         tgid,
@@ -111,7 +116,7 @@ fn parse_syscall_registers(text: &str) -> Option<(u64, u64)> {
 /// keep no frame pointer, so the frame chain skips the function that called them; its return
 /// address is the first word above sp that points into executable code, and the chain starts at
 /// the first saved-frame-pointer/return-address pair above that.
-fn walk_user_stack(pid: u32, sp: u64, pc: u64) -> Vec<u64> {
+fn walk_user_stack(pid: u32, sp: u64, pc: u64, unwinder: &mut DwarfUnwinder) -> Vec<u64> {
     let code = executable_ranges(pid);
     let is_code = |addr: u64| code.iter().any(|&(lo, hi)| (lo..hi).contains(&addr));
     let mut addrs = vec![pc];
@@ -140,10 +145,17 @@ fn walk_user_stack(pid: u32, sp: u64, pc: u64) -> Vec<u64> {
         }
         at += 8;
     }
+    // The innermost frame record is where a frame-pointer function's rbp points; the libc
+    // frames below it usually leave rbp alone, so it is the register's likely value.
+    let bp_guess = if is_frame(at) { at } else { 0 };
     // Follow the frame-pointer chain.
     while at + 16 <= stack_end && addrs.len() < MAX_FRAMES && is_frame(at) {
         addrs.push(word(at + 8).unwrap_or_default());
         at = word(at).unwrap_or_default();
+    }
+    let (unwound, complete) = unwinder.unwind_copy(pid, (pc, sp, bp_guess), &stack);
+    if complete || unwound.len() > addrs.len() {
+        return unwound;
     }
     addrs
 }

@@ -573,6 +573,26 @@ pub struct DwarfUnwinder {
 }
 
 impl DwarfUnwinder {
+    /// Unwinds a stack copied from a thread that is not running (a thread found blocked at the
+    /// start of a capture): its user addresses, leaf first, and whether the walk reached the
+    /// root. `bp` may be a guess; it only matters where a frame's CFA is rbp-based.
+    pub fn unwind_copy(
+        &mut self,
+        pid: u32,
+        (ip, sp, bp): (u64, u64, u64),
+        stack: &[u8],
+    ) -> (Vec<u64>, bool) {
+        let regs = UnwindSampleHeader {
+            tgid: pid,
+            ip,
+            sp,
+            bp,
+            ..UnwindSampleHeader::default()
+        };
+        let (addrs, cut_short) = self.unwind(pid, &regs, stack);
+        (addrs, cut_short.is_none())
+    }
+
     /// Reads one ring buffer record, and unwinds its stack if it carries one; `None` if it is
     /// malformed.
     fn record(

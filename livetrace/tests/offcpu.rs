@@ -112,8 +112,9 @@ fn blocked_times_match_the_truth() {
 
 /// Built without frame pointers, the fixture's blocked threads still get complete user stacks
 /// with --unwind dwarf (the default with -p), from the thread's start through its function to
-/// the blocking call, and the same blocked times; frame-pointer mode, on the same build, loses
-/// the chain (so the fixture does test unwinding without frame pointers).
+/// the blocking call, and the same blocked times, and so does the thread blocked since before
+/// the capture; frame-pointer mode, on the same build, loses the chain (so the fixture does test
+/// unwinding without frame pointers).
 #[test]
 fn dwarf_completes_blocked_stacks_without_frame_pointers() {
     let program = build_fixture(
@@ -166,6 +167,16 @@ fn dwarf_completes_blocked_stacks_without_frame_pointers() {
         );
     }
     assert!(stderr.contains("lost: nothing"), "{stderr}");
+    // The reader has been blocked since before the capture: its stack is recovered from /proc
+    // and the stack memory, and unwound with CFI too, complete from the thread's start.
+    let reader = thread_stacks(&dwarf, "reader");
+    assert!(
+        reader.iter().any(|s| {
+            s.contains("[blocked since before the capture]")
+                && s.contains_run(&["start_thread", "reader", "read_forever"])
+        }),
+        "the reader's recovered stack is incomplete: {reader:?}"
+    );
 
     let (fp, _) = capture_of(&program, &["--state", "S", "--unwind", "fp"]);
     let (thread, chain) = chains[0];
