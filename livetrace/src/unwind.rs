@@ -518,11 +518,7 @@ impl ElfUnwindInfo {
 
     /// The module for a mapping of this file at `start..end` from file offset `offset`.
     fn module(&self, name: &str, start: u64, end: u64, offset: u64) -> Option<Module<Bytes>> {
-        let &(vaddr, seg_offset, _) = self
-            .segments
-            .iter()
-            .find(|&&(_, off, size)| (off..off + size.max(1)).contains(&offset))?;
-        let bias = start.wrapping_sub(vaddr + (offset - seg_offset));
+        let bias = load_bias(&self.segments, start, end, offset)?;
         let mut info = ExplicitModuleSectionInfo::<Bytes> {
             base_svma: 0,
             text_svma: None,
@@ -849,6 +845,33 @@ impl ProcessUnwinder {
     }
 }
 
+/// What to add to an address in the ELF file's address space to get the address where a mapping
+/// of it (`start..end`, from file offset `offset`) put it. The mapping is of the segment that
+/// starts in its first page: a segment's file offset need not be page-aligned (lld and ld's
+/// `-z separate-code` put the code segment at 0x18d10 of the file and 0x19d10 in memory, mapped
+/// from offset 0x18000), so the segment is not simply the one whose file range holds `offset`
+/// (that one is the read-only segment before it, 0x1000 off).
+fn load_bias(segments: &[(u64, u64, u64)], start: u64, end: u64, offset: u64) -> Option<u64> {
+    let len = end.saturating_sub(start);
+    let (vaddr, seg_offset) = segments
+        .iter()
+        .filter(|&&(_, off, _)| off >= offset && off - offset < len)
+        .min_by_key(|&&(_, off, _)| off)
+        .map(|&(vaddr, off, _)| (vaddr, off))
+        .or_else(|| {
+            // A mapping that starts inside a segment (a partial mapping): the segment holding it.
+            segments
+                .iter()
+                .find(|&&(_, off, size)| (off..off + size.max(1)).contains(&offset))
+                .map(|&(vaddr, off, _)| (vaddr, off))
+        })?;
+    // The mapping's start corresponds to file offset `offset`, i.e. to `vaddr - (seg_offset -
+    // offset)` in the file's address space (for a segment found the second way, plus the
+    // distance into it).
+    let mapped_vaddr = vaddr.wrapping_add(offset).wrapping_sub(seg_offset);
+    Some(start.wrapping_sub(mapped_vaddr))
+}
+
 fn perf_map_exists(pid: u32) -> bool {
     Path::new(&format!("/tmp/perf-{pid}.map")).exists()
 }
@@ -914,6 +937,26 @@ mod trampoline_tests {
     use super::*;
 
     /// The synthesized CFI steps over a CPython trampoline frame: CFA = rsp + 16.
+    /// The demo binary's layout (lld / `-z separate-code`): the code segment's file offset is not
+    /// page-aligned and differs from its address by 0x1000. A mapping of it from offset 0x18000
+    /// has the bias that puts 0x19d10 at start + 0xd10, not the read-only segment's.
+    #[test]
+    fn load_bias_follows_the_segment_the_mapping_starts() {
+        let segments = [
+            (0x0, 0x0, 0x18d10),
+            (0x19d10, 0x18d10, 0x4beb0),
+            (0x66bc0, 0x64bc0, 0x32e8),
+        ];
+        let start = 0x5555_0000_0000;
+        let bias = load_bias(&segments, start, start + 0x4d000, 0x18000).unwrap();
+        assert_eq!(bias, start - 0x19000);
+        // Page-aligned segments (most of Debian's): the bias is the mapping's start less the
+        // segment's address.
+        let libc = [(0x0, 0x0, 0x26000), (0x26000, 0x26000, 0x156000)];
+        let bias = load_bias(&libc, start, start + 0x156000, 0x26000).unwrap();
+        assert_eq!(bias, start - 0x26000);
+    }
+
     #[test]
     fn synthetic_cfi_steps_over_a_trampoline() {
         let range = 0x10_0000..0x10_1000;

@@ -103,6 +103,45 @@ fn dwarf_completes_stacks_that_frame_pointers_cannot() {
     );
 }
 
+/// The same chain in Rust without frame pointers: rustc links with lld, which puts the code
+/// segment at a file offset one page off its address. Stacks are complete only if each mapping
+/// is matched with the segment it maps (with the neighbouring segment, every CFI lookup was a
+/// page off and the walk stopped or went astray after the leaf).
+#[test]
+fn dwarf_completes_rust_stacks_linked_by_lld() {
+    require_root();
+    let _cpus = cpu_exclusive();
+    let program = build_fixture(
+        "chain_rust",
+        &[
+            "rustc",
+            "-O",
+            "-C",
+            "force-frame-pointers=no",
+            "@rust/chain.rs",
+        ],
+    );
+    let mut command = Command::new(program);
+    command.arg("12").stdin(Stdio::null()).stdout(Stdio::null());
+    let chain = Process::spawn(command);
+    let pid = chain.pid().to_string();
+
+    let (dwarf, stderr) = profile(&["-p", &pid, "-U", "--unwind", "dwarf", "-d", "3"], 3);
+    let run = ["chain::a", "chain::b", "chain::c"];
+    let complete = dwarf.share_where(|stack| {
+        stack.contains_run(&run) && stack.user_frames().first() == Some(&"_start")
+    });
+    assert!(
+        complete >= 0.95,
+        "only {complete:.3} of samples have _start … chain::a;chain::b;chain::c\n{}\n{stderr}",
+        dwarf.summary()
+    );
+    assert!(
+        !stderr.contains("[unknown]") && stderr.contains("unresolved frames: none"),
+        "{stderr}"
+    );
+}
+
 /// CPython 3.12 with `-X perf`: the hot Python function is named (py::parse_subtitle_track,
 /// under py::serve_request) and the native frames beneath run complete down to _start through
 /// libpython, which has no frame pointers.
