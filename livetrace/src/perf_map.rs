@@ -38,6 +38,9 @@ pub struct PerfMap {
     pub malformed: usize,
     /// Whether the file was longer than [`MAX_BYTES`] and its end was not read.
     pub truncated: bool,
+    /// Size and modification time when read: a runtime appends (Node) or rewrites (jcmd) its
+    /// map while it runs, and a changed file is read again.
+    stamp: Option<(u64, std::time::SystemTime)>,
 }
 
 impl PerfMap {
@@ -75,6 +78,7 @@ impl PerfMap {
         let mut map = Self {
             path,
             truncated: meta.len() > MAX_BYTES,
+            stamp: meta.modified().ok().map(|t| (meta.len(), t)),
             ..Self::default()
         };
         let mut line = Vec::new();
@@ -118,6 +122,14 @@ impl PerfMap {
             }
         }
         self.entries = kept;
+    }
+
+    /// Whether the file is still as it was read.
+    pub fn is_current(&self) -> bool {
+        let now = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .and_then(|m| Some((m.len(), m.modified().ok()?)));
+        now.is_some() && now == self.stamp
     }
 
     /// The name of the code at `addr`.
@@ -214,6 +226,26 @@ mod tests {
         assert_eq!(map.find(0x1010), Some("new"));
         assert_eq!(map.find(0x1090), None);
         assert_eq!(map.find(0x2000), Some("other"));
+    }
+
+    /// This process's own map, read through the trusted path: found, and no longer current once
+    /// the runtime appends to it.
+    #[test]
+    fn reads_a_processs_map_and_notices_it_grow() {
+        let path = format!("/tmp/perf-{}.map", std::process::id());
+        std::fs::write(&path, "7f0000001000 10 first\n").unwrap();
+        let map = PerfMap::read(std::process::id()).expect("our own map is trusted");
+        assert_eq!(map.find(0x7f0000001004), Some("first"));
+        assert!(map.is_current());
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut file, b"7f0000002000 10 second\n").unwrap();
+        assert!(!map.is_current());
+        let map = PerfMap::read(std::process::id()).unwrap();
+        assert_eq!(map.find(0x7f0000002004), Some("second"));
+        std::fs::remove_file(&path).unwrap();
     }
 
     /// Sizes that overflow the address space are refused rather than wrapped.

@@ -314,12 +314,21 @@ pub fn build_profile(
         .keys()
         .any(|reason| !reason.starts_with("JIT"));
     if native_unknowns {
-        quality.advice.push(
+        let dwarf = quality
+            .unwind_mode
+            .as_deref()
+            .is_some_and(|m| m.contains("DWARF"));
+        quality.advice.push(if dwarf {
+            // The stacks were unwound with CFI: what is missing is names, not frames.
+            "unresolved frames are code whose binary has no symbols: install its debug symbols \
+             (Debian: the -dbgsym package) or profile an unstripped build"
+                .into()
+        } else {
             "unresolved frames usually mean stripped binaries or code built without frame \
              pointers: install debug symbols, or build with -fno-omit-frame-pointer \
-             (Rust: -C force-frame-pointers=yes)"
-                .into(),
-        );
+             (Rust: -C force-frame-pointers=yes), or try --unwind dwarf"
+                .into()
+        });
     }
     quality.advice.extend(symbolizer.jit_advice());
     quality.notes.extend(symbolizer.perf_map_notes());

@@ -273,11 +273,12 @@ impl Symbolizer {
         if candidates.is_empty() {
             return;
         }
-        let map = self
-            .perf_maps
-            .entry(pid)
-            .or_insert_with(|| PerfMap::read(pid))
-            .as_ref();
+        // Read again if the runtime wrote one since, or more (Node appends, jcmd rewrites).
+        if !matches!(self.perf_maps.get(&pid), Some(Some(map)) if map.is_current()) {
+            let map = PerfMap::read(pid);
+            self.perf_maps.insert(pid, map);
+        }
+        let map = self.perf_maps.get(&pid).and_then(Option::as_ref);
         let mut unnamed = false;
         for (i, anonymous) in candidates {
             let addr = addrs[i];
