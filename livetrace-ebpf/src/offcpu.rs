@@ -154,8 +154,11 @@ fn switch_out<C: StackIdContext>(
     }
     count(Counter::Events);
     if prev_state & TASK_DEAD != 0 {
-        // Its last switch: nothing will switch it back in, so its entry goes with it.
+        // Its last switch: nothing will switch it back in, so its entries go with it.
         let _ = OFFCPU_START.remove(tid);
+        if copy_stack {
+            unwind::forget_thread(tid);
+        }
         return;
     }
     if kernel_thread && INCLUDE_KERNEL_THREADS.load() == 0 {

@@ -12,7 +12,7 @@ use aya_ebpf::{
         generated::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs},
     },
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
     programs::{PerfEventContext, tracing::StackIdContext},
 };
 use livetrace_common::{
@@ -29,6 +29,9 @@ use crate::stacks::{count, kernel_stack_id};
 static UNWIND_SAMPLES: RingBuf = RingBuf::with_byte_size(DEFAULT_UNWIND_BUFFER, 0);
 #[map]
 static UNWIND_SCRATCH: PerCpuArray<UnwindScratch> = PerCpuArray::with_max_entries(1, 0);
+/// Sized by the loader (offcpu with stack copies only).
+#[map]
+static COPY_LIMITS: HashMap<u32, u32> = HashMap::with_max_entries(1, 0);
 
 #[unsafe(no_mangle)]
 static STACK_COPY_BYTES: Global<u32> = Global::new(0);
@@ -53,7 +56,7 @@ pub fn submit(ctx: &PerfEventContext, tgid: u32, tid: u32, in_kernel: bool) {
         comm: ctx.command().unwrap_or_default(),
         ..UnwindSampleHeader::default()
     };
-    if send_with_stack(header, regs) {
+    if send_with_stack(header, regs, u32::MAX) {
         count(Counter::Recorded);
     }
 }
@@ -77,7 +80,15 @@ pub fn submit_block_start<C: StackIdContext>(
         comm: ctx.command().unwrap_or_default(),
         ..UnwindSampleHeader::default()
     };
-    send_with_stack(header, task_user_registers())
+    // SAFETY: a plain u32 value, copied out at once.
+    let limit = unsafe { COPY_LIMITS.get(tid) }.copied().unwrap_or(u32::MAX);
+    send_with_stack(header, task_user_registers(), limit)
+}
+
+/// Off-CPU: forgets a thread's learnt copy size at its last switch-out.
+#[inline(always)]
+pub fn forget_thread(tid: u32) {
+    let _ = COPY_LIMITS.remove(tid);
 }
 
 /// Off-CPU: the block of `tid` that began at `start_ns` lasted `blocked_ns`.
@@ -97,9 +108,14 @@ pub fn submit_block_end(tgid: u32, tid: u32, start_ns: u64, blocked_ns: u64) {
     }
 }
 
-/// Completes `header` with the user registers and a copy of the stack above `sp`, and sends it.
+/// Completes `header` with the user registers and a copy of at most `limit` bytes of the stack
+/// above `sp`, and sends it.
 #[inline(always)]
-fn send_with_stack(mut header: UnwindSampleHeader, (ip, sp, bp): (u64, u64, u64)) -> bool {
+fn send_with_stack(
+    mut header: UnwindSampleHeader,
+    (ip, sp, bp): (u64, u64, u64),
+    limit: u32,
+) -> bool {
     let Some(scratch) = UNWIND_SCRATCH.get_ptr_mut(0) else {
         count(Counter::UnwindScratchMissing);
         return false;
@@ -109,7 +125,7 @@ fn send_with_stack(mut header: UnwindSampleHeader, (ip, sp, bp): (u64, u64, u64)
     header.stack_len = if sp == 0 {
         0 // a kernel thread: no user stack
     } else {
-        copy_stack(&mut scratch.stack, sp)
+        copy_stack(&mut scratch.stack, sp, limit)
     };
     (header.ip, header.sp, header.bp) = (ip, sp, bp);
     let len = HEADER_LEN + header.stack_len as usize;
@@ -157,11 +173,12 @@ fn task_user_registers() -> (u64, u64, u64) {
     }
 }
 
-/// Copies up to `STACK_COPY_BYTES` of the stack above `sp`, a page at a time, stopping at the
-/// first page that cannot be read (the top of the stack). Returns the bytes copied.
+/// Copies up to `STACK_COPY_BYTES` (and `limit`) of the stack above `sp`, a page at a time,
+/// stopping at the first page that cannot be read (the top of the stack). Returns the bytes
+/// copied.
 #[inline(always)]
-fn copy_stack(dst: &mut [u8; (MAX_STACK_COPY + STACK_CHUNK) as usize], sp: u64) -> u32 {
-    let limit = STACK_COPY_BYTES.load().min(MAX_STACK_COPY);
+fn copy_stack(dst: &mut [u8; (MAX_STACK_COPY + STACK_CHUNK) as usize], sp: u64, limit: u32) -> u32 {
+    let limit = STACK_COPY_BYTES.load().min(MAX_STACK_COPY).min(limit);
     let mut copied: u32 = 0;
     // The first read ends at the page boundary above sp; each further read is one page.
     let mut want = STACK_CHUNK - (sp as u32 & (STACK_CHUNK - 1));

@@ -98,6 +98,14 @@ pub fn load_stacks(settings: &StackSettings) -> anyhow::Result<Ebpf> {
         .override_global(offcpu::MAX_BLOCK_NS, &off.max_block_ns, true)
         .override_global(offcpu::INCLUDE_KERNEL_THREADS, &include_kthreads, true)
         .override_global(offcpu::RECORD_WAKERS, &wakers, true)
+        .map_max_entries(
+            unwind::COPY_LIMITS,
+            if settings.offcpu.is_some() && settings.stack_copy_bytes != 0 {
+                MAX_THREADS
+            } else {
+                1
+            },
+        )
         .map_max_entries(offcpu::OFFCPU_START, start_size)
         .map_max_entries(offcpu::WAKERS, wakers_size)
         .map_max_entries(offcpu::WAKE_COUNTS, wake_counts_size);

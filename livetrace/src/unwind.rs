@@ -240,6 +240,62 @@ impl Unwound {
     }
 }
 
+/// Why a stack is cut short when its copy was the stack copy's full size.
+const COPY_TOO_SMALL: &str = "stack copy too small (raise --stack-copy-size)";
+/// Why it is cut short when the copy was sized from the thread's earlier stacks.
+const COPY_SIZED_TOO_SMALL: &str =
+    "stack deeper than this thread's earlier ones (its next copies are whole)";
+/// Headroom above the deepest stack a thread has needed so far.
+const COPY_MARGIN: u32 = 1024;
+
+/// offcpu `--unwind dwarf`: how much stack to copy at each thread's next switch-out. Most
+/// blocked stacks need a few hundred bytes of the up to 16 KiB a whole copy takes (everything up
+/// to the stack's top: the environment, a thread's TLS), and the copy is most of the cost per
+/// switch. A thread's first copy is whole; after each complete unwind its size is the deepest
+/// stack it has needed plus [`COPY_MARGIN`], never shrinking; a stack cut short by that size is
+/// counted as such, and the thread's copies are whole again once that is seen here (the blocks
+/// it starts within the few milliseconds before are cut short too, and counted alike).
+pub struct CopyLimits {
+    map: aya::maps::HashMap<MapData, u32, u32>,
+    whole: u32,
+    set: HashMap<u32, u32>,
+}
+
+impl CopyLimits {
+    pub fn new(map: aya::maps::HashMap<MapData, u32, u32>, whole: u32) -> Self {
+        Self {
+            map,
+            whole,
+            set: HashMap::new(),
+        }
+    }
+
+    fn learn(&mut self, header: &UnwindSampleHeader, key: &mut SampleKey, used: usize) {
+        let current = self.set.get(&header.tid).copied();
+        let new = match key.cut_short.as_deref() {
+            Some(COPY_TOO_SMALL) if header.stack_len < self.whole && current.is_some() => {
+                key.cut_short = Some(COPY_SIZED_TOO_SMALL.into());
+                self.whole
+            }
+            None => {
+                let needed = u32::try_from(used).unwrap_or(u32::MAX);
+                needed
+                    .saturating_add(COPY_MARGIN)
+                    .next_multiple_of(256)
+                    .min(self.whole)
+            }
+            Some(_) => return,
+        };
+        if current.is_some_and(|c| c >= new) {
+            return;
+        }
+        // A full map leaves the thread's copies whole: nothing is lost, only time.
+        if self.map.insert(header.tid, new, 0).is_ok() {
+            self.set.insert(header.tid, new);
+        }
+    }
+}
+
 /// The drain-and-unwind thread of a capture.
 pub struct Collector {
     stop: Arc<AtomicBool>,
@@ -250,14 +306,19 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// Starts draining `ring`. `per_thread` keeps thread ids in the keys.
-    pub fn start(ring: RingBuf<MapData>, per_thread: bool) -> std::io::Result<Self> {
+    /// Starts draining `ring`. `per_thread` keeps thread ids in the keys. `limits`: offcpu's
+    /// per-thread copy sizes, learnt here from the stacks unwound.
+    pub fn start(
+        ring: RingBuf<MapData>,
+        per_thread: bool,
+        limits: Option<CopyLimits>,
+    ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(HashSet::new()));
         let unwound = Arc::new(Mutex::new(Unwound::default()));
         let thread = std::thread::Builder::new().name("unwind".into()).spawn({
             let (stop, seen, unwound) = (stop.clone(), seen.clone(), unwound.clone());
-            move || drain_loop(ring, per_thread, &stop, &seen, &unwound)
+            move || drain_loop(ring, per_thread, limits, &stop, &seen, &unwound)
         })?;
         Ok(Self {
             stop,
@@ -296,6 +357,7 @@ impl Collector {
 fn drain_loop(
     mut ring: RingBuf<MapData>,
     per_thread: bool,
+    mut limits: Option<CopyLimits>,
     stop: &AtomicBool,
     seen: &Mutex<HashSet<u32>>,
     shared: &Mutex<Unwound>,
@@ -318,7 +380,10 @@ fn drain_loop(
             }
             match (header.kind, key) {
                 (RECORD_SAMPLE, Some(key)) => *out.counts.entry(key).or_default() += header.weight,
-                (RECORD_BLOCK_START, Some(key)) => {
+                (RECORD_BLOCK_START, Some(mut key)) => {
+                    if let Some(limits) = &mut limits {
+                        limits.learn(&header, &mut key, unwinder.stack_used);
+                    }
                     out.pending.insert(header.tid, (header.start_ns, key));
                 }
                 (RECORD_BLOCK_END, _) => {
@@ -566,6 +631,8 @@ pub struct DwarfUnwinder {
     processes: HashMap<u32, ProcessUnwinder>,
     cache: CacheX86_64,
     noted: HashSet<u32>,
+    /// Bytes above sp the last walk read: how much of its copy the stack needed.
+    stack_used: usize,
 }
 
 impl DwarfUnwinder {
@@ -683,9 +750,11 @@ impl DwarfUnwinder {
         }
         let process = &self.processes[&pid];
         let sp = regs.sp;
+        let used = std::cell::Cell::new(0usize);
         let mut read_stack = |addr: u64| -> Result<u64, ()> {
             let at = addr.checked_sub(sp).ok_or(())? as usize;
             let word = stack.get(at..at + 8).ok_or(())?;
+            used.set(used.get().max(at + 8));
             Ok(u64::from_le_bytes(word.try_into().map_err(|_| ())?))
         };
         let mut frames = process.unwinder.iter_frames(
@@ -695,18 +764,20 @@ impl DwarfUnwinder {
             &mut read_stack,
         );
         let mut addrs = Vec::new();
-        loop {
+        let error = loop {
             match frames.next() {
                 Ok(Some(frame)) => {
                     addrs.push(frame.address());
                     if addrs.len() >= MAX_FRAMES {
-                        return (addrs, None);
+                        break None;
                     }
                 }
-                Ok(None) => return (addrs, None),
-                Err(err) => return (addrs, Some(err)),
+                Ok(None) => break None,
+                Err(err) => break Some(err),
             }
-        }
+        };
+        self.stack_used = used.get();
+        (addrs, error)
     }
 
     /// Names the cause of an unwind that stopped short, after the frame at `addrs.last()`.
@@ -738,7 +809,7 @@ impl DwarfUnwinder {
                 if addr >= regs.sp + stack.len() as u64
                     && addr < regs.sp + stack.len() as u64 + (1 << 20) =>
             {
-                "stack copy too small (raise --stack-copy-size)".into()
+                COPY_TOO_SMALL.into()
             }
             framehop::Error::CouldNotReadStack(_) => {
                 "unwinding read outside the copied stack (bad unwind info or frame pointer)".into()

@@ -242,6 +242,68 @@ fn outlasting_block(mode: &str) {
     );
 }
 
+/// Stack copies are sized from each thread's earlier stacks (most need a fraction of a whole
+/// copy). A thread that then blocks 60 frames deeper has that first deeper stack cut short, and
+/// counted as such, and its copies are whole from then on: its later deep blocks are complete.
+#[test]
+fn copies_sized_from_earlier_stacks_grow_when_a_stack_deepens() {
+    require_root();
+    let _cpus = cpu_shared();
+    let program = fixture("deepening");
+    let (profile, run) = run_folded(
+        &[
+            "offcpu",
+            "-d",
+            "20",
+            "--unwind",
+            "dwarf",
+            "--",
+            path_arg(&program),
+        ],
+        Duration::from_secs(5) + SLACK,
+    );
+    let weight = |f: &dyn Fn(&Stack) -> bool| -> u64 {
+        profile
+            .stacks
+            .iter()
+            .filter(|s| f(s))
+            .map(|s| s.count)
+            .sum()
+    };
+    let deep = weight(&|s| s.contains("deep_nap"));
+    let deep_complete = weight(&|s| {
+        s.contains("deep_nap")
+            && s.contains("main")
+            && s.frames.iter().filter(|f| *f == "deep").count() == 61
+    });
+    let cut = weight(&|s| s.contains("[stack cut short]"));
+    assert!(
+        deep >= 50_000,
+        "the deep naps (50 of 2 ms) are missing: {deep} us\n{}\n{}",
+        profile.summary(),
+        run.stderr
+    );
+    assert!(
+        deep_complete as f64 >= 0.9 * deep as f64,
+        "only {deep_complete} of {deep} us of deep naps have all 61 deep frames under main\n{}",
+        run.stderr
+    );
+    assert!(
+        cut <= deep / 10,
+        "{cut} us cut short: more than the first deeper block\n{}",
+        run.stderr
+    );
+    // The copies were sized (the first deep blocks needed more) and the footer says why.
+    assert!(
+        cut > 0
+            && run
+                .stderr
+                .contains("deeper than this thread's earlier ones"),
+        "{}",
+        run.stderr
+    );
+}
+
 /// `--unwind dwarf` and `--wakers` do not go together (waker stacks are frame-pointer only):
 /// a usage error that names both, before anything is loaded.
 #[test]

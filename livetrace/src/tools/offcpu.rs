@@ -21,7 +21,7 @@ use livetrace_common::{
         Counter, DEFAULT_STACK_STORAGE, STACK_ID_RECOVERED, STACK_ID_UNWOUND, STACK_KIND_KERNEL,
         STACK_KIND_USER, StackKey,
     },
-    unwind::UNWIND_SAMPLES,
+    unwind::{COPY_LIMITS, UNWIND_SAMPLES},
 };
 
 use crate::{
@@ -635,7 +635,14 @@ fn try_tp_btf(
     // Drained from before the first switch, so that the ring buffer never fills at start.
     let collector = if settings.stack_copy_bytes != 0 {
         let ring = RingBuf::try_from(bpf::take_map(&mut ebpf, UNWIND_SAMPLES)?)?;
-        Some(unwind::Collector::start(ring, true).context("failed to start the unwinding thread")?)
+        let limits = unwind::CopyLimits::new(
+            BpfHashMap::try_from(bpf::take_map(&mut ebpf, COPY_LIMITS)?)?,
+            settings.stack_copy_bytes,
+        );
+        Some(
+            unwind::Collector::start(ring, true, Some(limits))
+                .context("failed to start the unwinding thread")?,
+        )
     } else {
         None
     };

@@ -138,7 +138,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let collector = if dwarf {
         let ring = RingBuf::try_from(bpf::take_map(&mut ebpf, UNWIND_SAMPLES)?)?;
         Some(
-            unwind::Collector::start(ring, args.per_thread)
+            unwind::Collector::start(ring, args.per_thread, None)
                 .context("failed to start the unwinding thread")?,
         )
     } else {
