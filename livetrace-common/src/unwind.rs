@@ -19,8 +19,8 @@ pub const UNWIND_SCRATCH: &str = "UNWIND_SCRATCH";
 /// (the kernel walks the stack with `bpf_get_stackid`).
 pub const STACK_COPY_BYTES: &str = "STACK_COPY_BYTES";
 
-/// offcpu `--unwind dwarf`: tid -> bytes of stack to copy at its next switch-out, learnt by user
-/// space from how deep its earlier stacks went (absent: the whole `STACK_COPY_BYTES`).
+/// `--unwind dwarf`: tid -> bytes of stack to copy at its next sample or switch-out, learnt by
+/// user space from how deep its earlier stacks went (absent: the whole `STACK_COPY_BYTES`).
 pub const COPY_LIMITS: &str = "COPY_LIMITS";
 
 /// Most stack bytes one sample can carry. A per-CPU array value is limited to 32 KiB.

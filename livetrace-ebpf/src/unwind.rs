@@ -29,7 +29,7 @@ use crate::stacks::{count, kernel_stack_id};
 static UNWIND_SAMPLES: RingBuf = RingBuf::with_byte_size(DEFAULT_UNWIND_BUFFER, 0);
 #[map]
 static UNWIND_SCRATCH: PerCpuArray<UnwindScratch> = PerCpuArray::with_max_entries(1, 0);
-/// Sized by the loader (offcpu with stack copies only).
+/// Sized by the loader (for stack copies only).
 #[map]
 static COPY_LIMITS: HashMap<u32, u32> = HashMap::with_max_entries(1, 0);
 
@@ -56,7 +56,7 @@ pub fn submit(ctx: &PerfEventContext, tgid: u32, tid: u32, in_kernel: bool) {
         comm: ctx.command().unwrap_or_default(),
         ..UnwindSampleHeader::default()
     };
-    if send_with_stack(header, regs, u32::MAX) {
+    if send_with_stack(header, regs, copy_limit(tid)) {
         count(Counter::Recorded);
     }
 }
@@ -80,9 +80,15 @@ pub fn submit_block_start<C: StackIdContext>(
         comm: ctx.command().unwrap_or_default(),
         ..UnwindSampleHeader::default()
     };
+    send_with_stack(header, task_user_registers(), copy_limit(tid))
+}
+
+/// How much of this thread's stack to copy: what user space learnt from its earlier stacks, or
+/// all of `STACK_COPY_BYTES` until it has.
+#[inline(always)]
+fn copy_limit(tid: u32) -> u32 {
     // SAFETY: a plain u32 value, copied out at once.
-    let limit = unsafe { COPY_LIMITS.get(tid) }.copied().unwrap_or(u32::MAX);
-    send_with_stack(header, task_user_registers(), limit)
+    unsafe { COPY_LIMITS.get(tid) }.copied().unwrap_or(u32::MAX)
 }
 
 /// Off-CPU: forgets a thread's learnt copy size at its last switch-out.

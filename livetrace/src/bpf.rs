@@ -100,7 +100,7 @@ pub fn load_stacks(settings: &StackSettings) -> anyhow::Result<Ebpf> {
         .override_global(offcpu::RECORD_WAKERS, &wakers, true)
         .map_max_entries(
             unwind::COPY_LIMITS,
-            if settings.offcpu.is_some() && settings.stack_copy_bytes != 0 {
+            if settings.stack_copy_bytes != 0 {
                 MAX_THREADS
             } else {
                 1

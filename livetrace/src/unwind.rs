@@ -248,10 +248,10 @@ const COPY_SIZED_TOO_SMALL: &str =
 /// Headroom above the deepest stack a thread has needed so far.
 const COPY_MARGIN: u32 = 1024;
 
-/// offcpu `--unwind dwarf`: how much stack to copy at each thread's next switch-out. Most
-/// blocked stacks need a few hundred bytes of the up to 16 KiB a whole copy takes (everything up
-/// to the stack's top: the environment, a thread's TLS), and the copy is most of the cost per
-/// switch. A thread's first copy is whole; after each complete unwind its size is the deepest
+/// `--unwind dwarf`: how much stack to copy at each thread's next sample or switch-out. Most
+/// stacks need a few hundred bytes to a few KiB of the up to 16 KiB a whole copy takes
+/// (everything up to the stack's top: the environment, a thread's TLS), and the copy is most of
+/// the cost of a sample or switch. A thread's first copy is whole; after each complete unwind its size is the deepest
 /// stack it has needed plus [`COPY_MARGIN`], never shrinking; a stack cut short by that size is
 /// counted as such, and the thread's copies are whole again once that is seen here (the blocks
 /// it starts within the few milliseconds before are cut short too, and counted alike).
@@ -306,7 +306,7 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// Starts draining `ring`. `per_thread` keeps thread ids in the keys. `limits`: offcpu's
+    /// Starts draining `ring`. `per_thread` keeps thread ids in the keys. `limits`: the
     /// per-thread copy sizes, learnt here from the stacks unwound.
     pub fn start(
         ring: RingBuf<MapData>,
@@ -379,7 +379,12 @@ fn drain_loop(
                 new_pids.push(header.tgid);
             }
             match (header.kind, key) {
-                (RECORD_SAMPLE, Some(key)) => *out.counts.entry(key).or_default() += header.weight,
+                (RECORD_SAMPLE, Some(mut key)) => {
+                    if let Some(limits) = &mut limits {
+                        limits.learn(&header, &mut key, unwinder.stack_used);
+                    }
+                    *out.counts.entry(key).or_default() += header.weight;
+                }
                 (RECORD_BLOCK_START, Some(mut key)) => {
                     if let Some(limits) = &mut limits {
                         limits.learn(&header, &mut key, unwinder.stack_used);

@@ -17,7 +17,7 @@ use aya::{
 use clap::{Args as ClapArgs, ValueEnum};
 use livetrace_common::{
     stacks::{Counter, DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER},
-    unwind::UNWIND_SAMPLES,
+    unwind::{COPY_LIMITS, UNWIND_SAMPLES},
 };
 
 use crate::{
@@ -137,8 +137,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Drained from before the first sample, so that the ring buffer never fills at start.
     let collector = if dwarf {
         let ring = RingBuf::try_from(bpf::take_map(&mut ebpf, UNWIND_SAMPLES)?)?;
+        let limits = unwind::CopyLimits::new(
+            aya::maps::HashMap::try_from(bpf::take_map(&mut ebpf, COPY_LIMITS)?)?,
+            args.unwind.stack_copy_size,
+        );
         Some(
-            unwind::Collector::start(ring, args.per_thread, None)
+            unwind::Collector::start(ring, args.per_thread, Some(limits))
                 .context("failed to start the unwinding thread")?,
         )
     } else {
