@@ -36,10 +36,7 @@ pub(super) fn attach(
     )?;
     bpf::attach_btf_tracepoint(ebpf, THREAD_EXIT, "sched_process_exit", &btf)?;
     for name in [RETURN, ENTRY] {
-        let program: &mut UProbe = ebpf
-            .program_mut(name)
-            .with_context(|| format!("the BPF object has no {name} program; rebuild livetrace"))?
-            .try_into()?;
+        let program = uprobe(ebpf, name)?;
         program
             .load()
             .map_err(|e| bpf::explain_program_error(e, &format!("load the {name} BPF program")))?;
@@ -53,6 +50,14 @@ pub(super) fn attach(
     Ok(())
 }
 
+/// The entry or return probe program of the object.
+fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> {
+    Ok(ebpf
+        .program_mut(name)
+        .with_context(|| format!("the BPF object has no {name} program; rebuild livetrace"))?
+        .try_into()?)
+}
+
 /// Attaches the return probe, then the entry probe, to `site` in process `pid` (or in every
 /// process that runs its file).
 fn probe_site(ebpf: &mut Ebpf, site: &Site, pid: Option<u32>) -> anyhow::Result<()> {
@@ -63,10 +68,7 @@ fn probe_site(ebpf: &mut Ebpf, site: &Site, pid: Option<u32>) -> anyhow::Result<
         None => UProbeScope::AllProcesses,
     };
     for name in [RETURN, ENTRY] {
-        let program: &mut UProbe = ebpf
-            .program_mut(name)
-            .with_context(|| format!("the BPF object has no {name} program; rebuild livetrace"))?
-            .try_into()?;
+        let program = uprobe(ebpf, name)?;
         program
             .attach(site.symbol.file_offset, &site.file.path, scope)
             .map_err(|e| {
@@ -138,10 +140,7 @@ impl Children {
 /// detaches the rest; what is still open after that is counted from the thread map.
 pub(super) fn detach(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     for name in [ENTRY, RETURN] {
-        let program: &mut UProbe = ebpf
-            .program_mut(name)
-            .with_context(|| format!("{name} vanished"))?
-            .try_into()?;
+        let program = uprobe(ebpf, name)?;
         program
             .unload()
             .with_context(|| format!("failed to detach the {name} probes"))?;
