@@ -419,6 +419,16 @@ struct Bytes {
     range: Range<usize>,
 }
 
+/// Empty; only there so that framehop's section info can be built with `..Default::default()`.
+impl Default for Bytes {
+    fn default() -> Self {
+        Self {
+            data: Arc::new(Vec::new()),
+            range: 0..0,
+        }
+    }
+}
+
 impl Deref for Bytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
@@ -440,23 +450,12 @@ const CPYTHON_TRAMPOLINE: [u8; 11] = [
 fn eh_frame_only(eh_frame: Vec<u8>) -> ExplicitModuleSectionInfo<Bytes> {
     let len = eh_frame.len();
     ExplicitModuleSectionInfo::<Bytes> {
-        base_svma: 0,
-        text_svma: None,
-        text: None,
-        stubs_svma: None,
-        stub_helper_svma: None,
-        got_svma: None,
-        unwind_info: None,
         eh_frame_svma: Some(0..len as u64),
         eh_frame: Some(Bytes {
             data: Arc::new(eh_frame),
             range: 0..len,
         }),
-        eh_frame_hdr_svma: None,
-        eh_frame_hdr: None,
-        debug_frame: None,
-        text_segment_svma: None,
-        text_segment: None,
+        ..ExplicitModuleSectionInfo::default()
     }
 }
 
@@ -590,20 +589,8 @@ impl ElfUnwindInfo {
     fn module(&self, name: &str, start: u64, end: u64, offset: u64) -> Option<Module<Bytes>> {
         let bias = load_bias(&self.segments, start, end, offset)?;
         let mut info = ExplicitModuleSectionInfo::<Bytes> {
-            base_svma: 0,
-            text_svma: None,
-            text: None,
-            stubs_svma: None,
-            stub_helper_svma: None,
-            got_svma: None,
-            unwind_info: None,
-            eh_frame_svma: None,
-            eh_frame: None,
-            eh_frame_hdr_svma: None,
-            eh_frame_hdr: None,
             debug_frame: self.debug_frame.as_ref().map(|r| self.bytes(r)),
-            text_segment_svma: None,
-            text_segment: None,
+            ..ExplicitModuleSectionInfo::default()
         };
         for (name, addr, file) in &self.sections {
             let (svma, data) = (Some(addr.clone()), Some(self.bytes(file)));
