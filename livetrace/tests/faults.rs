@@ -14,8 +14,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    Livetrace, Process, Profile, cpu_shared, fixture, path_arg, require_root, run_livetrace,
-    start_fixture, unused_pid,
+    Livetrace, Process, Profile, cpu_shared, fixture, path_arg, require_root, run_folded,
+    run_livetrace, start_fixture, unused_pid,
 };
 
 /// Bound on a run's wall time beyond its capture: start-up, symbolisation, detaching, writing.
@@ -575,22 +575,11 @@ fn profile_names_functions_of_a_process_in_other_namespaces() {
                 "the binary is visible outside its mount namespace"
             );
         }
-        let out = tempfile::NamedTempFile::with_suffix(".folded").unwrap();
-        let run = run_livetrace(
-            [
-                "profile",
-                "-p",
-                &pid.to_string(),
-                "-d",
-                "1.5",
-                "-U",
-                "-o",
-                path_arg(out.path()),
-            ],
+        let pid = pid.to_string();
+        let (profile, run) = run_folded(
+            &["profile", "-p", &pid, "-d", "1.5", "-U"],
             Duration::from_secs(2) + SLACK,
         );
-        run.assert_success();
-        let profile = Profile::read(out.path());
         for name in ["hot_60", "c"] {
             assert!(
                 profile.has_frame(name),
@@ -684,22 +673,12 @@ impl Drop for PerfMap {
 
 /// Profiles `pid` for a second and returns the folded stacks.
 fn profile_user_stacks(pid: u32) -> Profile {
-    let out = tempfile::NamedTempFile::with_suffix(".folded").unwrap();
-    let run = run_livetrace(
-        [
-            "profile",
-            "-p",
-            &pid.to_string(),
-            "-d",
-            "1",
-            "-U",
-            "-o",
-            path_arg(out.path()),
-        ],
+    let pid = pid.to_string();
+    let (profile, _) = run_folded(
+        &["profile", "-p", &pid, "-d", "1", "-U"],
         Duration::from_secs(1) + SLACK,
     );
-    run.assert_success();
-    Profile::read(out.path())
+    profile
 }
 
 /// /tmp/perf-PID.map names JIT code only when the target's user or root owns it: a map owned by
