@@ -28,7 +28,7 @@ use anyhow::{Context as _, bail};
 
 use super::{
     Ctx, Section, Table, median, mib, min_max, ms_summary,
-    process::{self, Proc},
+    process::{self, Exit, Proc},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -455,9 +455,23 @@ fn capture(ctx: &Ctx, tracer: Tracer, pid: u32, secs: u32) -> anyhow::Result<Cap
     let limit = Duration::from_secs(u64::from(secs) + 60);
     let pid_s = pid.to_string();
     let secs_s = secs.to_string();
-    let fail = |what: &str| {
-        let log = fs::read_to_string(&log_path).unwrap_or_default();
-        anyhow::anyhow!("{what} failed:\n{log}")
+    // Runs one process of the capture to its end; its log is shown if it fails.
+    let run = |what: &str, command: &mut Command| -> anyhow::Result<(Instant, Exit)> {
+        let mut proc = Proc::spawn(what, command)?;
+        let exit = proc.wait(limit)?;
+        if !exit.success() {
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            bail!("{what} failed:\n{log}");
+        }
+        Ok((proc.started, exit))
+    };
+    // livetrace and bpftrace capture and report in one process.
+    let one_process = |(started, exit): (Instant, Exit)| CaptureRun {
+        wall: exit.at - started,
+        cpu: exit.cpu,
+        max_rss: exit.max_rss,
+        report_rss: None,
+        report_cpu: None,
     };
     match tracer {
         Tracer::Livetrace | Tracer::LivetraceFp => {
@@ -466,7 +480,7 @@ fn capture(ctx: &Ctx, tracer: Tracer, pid: u32, secs: u32) -> anyhow::Result<Cap
             } else {
                 "auto"
             };
-            let mut proc = Proc::spawn(
+            let ran = run(
                 "livetrace profile",
                 Command::new(ctx.bin.join("livetrace"))
                     .args([
@@ -477,21 +491,11 @@ fn capture(ctx: &Ctx, tracer: Tracer, pid: u32, secs: u32) -> anyhow::Result<Cap
                     .stdout(Stdio::null())
                     .stderr(log),
             )?;
-            let exit = proc.wait(limit)?;
-            if !exit.success() {
-                return Err(fail("livetrace profile"));
-            }
-            Ok(CaptureRun {
-                wall: exit.at - proc.started,
-                cpu: exit.cpu,
-                max_rss: exit.max_rss,
-                report_rss: None,
-                report_cpu: None,
-            })
+            Ok(one_process(ran))
         }
         Tracer::Bpftrace => {
             let (_, out) = scratch_file(ctx, "bpftrace-capture.txt")?;
-            let mut proc = Proc::spawn(
+            let ran = run(
                 "bpftrace",
                 Command::new("bpftrace")
                     .args(["-e", &bpftrace_program(99, &pid_s, Some(secs))])
@@ -499,21 +503,11 @@ fn capture(ctx: &Ctx, tracer: Tracer, pid: u32, secs: u32) -> anyhow::Result<Cap
                     .stdout(out)
                     .stderr(log),
             )?;
-            let exit = proc.wait(limit)?;
-            if !exit.success() {
-                return Err(fail("bpftrace"));
-            }
-            Ok(CaptureRun {
-                wall: exit.at - proc.started,
-                cpu: exit.cpu,
-                max_rss: exit.max_rss,
-                report_rss: None,
-                report_cpu: None,
-            })
+            Ok(one_process(ran))
         }
         Tracer::Perf => {
             let data = ctx.scratch.join("capture.perf.data");
-            let mut record = Proc::spawn(
+            let (started, recorded) = run(
                 "perf record",
                 Command::new("perf")
                     .args([
@@ -534,12 +528,8 @@ fn capture(ctx: &Ctx, tracer: Tracer, pid: u32, secs: u32) -> anyhow::Result<Cap
                     .stdout(Stdio::null())
                     .stderr(log.try_clone()?),
             )?;
-            let recorded = record.wait(limit)?;
-            if !recorded.success() {
-                return Err(fail("perf record"));
-            }
             let (_, out) = scratch_file(ctx, "perf-report.txt")?;
-            let mut report = Proc::spawn(
+            let (_, reported) = run(
                 "perf report",
                 Command::new("perf")
                     .args(["report", "--stdio", "-i"])
@@ -548,12 +538,8 @@ fn capture(ctx: &Ctx, tracer: Tracer, pid: u32, secs: u32) -> anyhow::Result<Cap
                     .stdout(out)
                     .stderr(log),
             )?;
-            let reported = report.wait(limit)?;
-            if !reported.success() {
-                return Err(fail("perf report"));
-            }
             Ok(CaptureRun {
-                wall: reported.at - record.started,
+                wall: reported.at - started,
                 cpu: recorded.cpu + reported.cpu,
                 max_rss: recorded.max_rss,
                 report_rss: Some(reported.max_rss),
