@@ -179,14 +179,13 @@ fn switch_out<C: StackIdContext>(
             tid,
             user_stack_id: STACK_ID_UNWOUND,
             kernel_stack_id: kernel_stack_id(ctx, true),
-            comm: [0; 16],
+            comm: ctx.command().unwrap_or_default(),
         };
-        if !unwind::submit_block_start(ctx, tgid, tid, key.kernel_stack_id, now) {
+        if !unwind::submit_block_start(&key, now) {
             // The copy could not be sent (counted): the block keeps its time and kernel stack,
             // under a user stack marked lost.
             key.user_stack_id = -stack_errno::ENOSPC;
         }
-        key.comm = ctx.command().unwrap_or_default();
         key
     } else {
         current_key(ctx, tgid, tid, true)

@@ -13,10 +13,10 @@ use aya_ebpf::{
     },
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
-    programs::{PerfEventContext, tracing::StackIdContext},
+    programs::PerfEventContext,
 };
 use livetrace_common::{
-    stacks::Counter,
+    stacks::{Counter, StackKey},
     unwind::{
         DEFAULT_UNWIND_BUFFER, HEADER_LEN, MAX_STACK_COPY, RECORD_BLOCK_END, RECORD_BLOCK_START,
         RECORD_SAMPLE, STACK_CHUNK, UnwindSampleHeader, UnwindScratch,
@@ -64,23 +64,17 @@ pub fn submit(ctx: &PerfEventContext, tgid: u32, tid: u32, in_kernel: bool) {
 /// Off-CPU: the current thread is switching out at `start_ns`; sends its user stack (frozen
 /// until it runs again). Returns whether it was sent.
 #[inline(always)]
-pub fn submit_block_start<C: StackIdContext>(
-    ctx: &C,
-    tgid: u32,
-    tid: u32,
-    kernel_stack_id: i32,
-    start_ns: u64,
-) -> bool {
+pub fn submit_block_start(key: &StackKey, start_ns: u64) -> bool {
     let header = UnwindSampleHeader {
-        tgid,
-        tid,
-        kernel_stack_id,
+        tgid: key.tgid,
+        tid: key.tid,
+        kernel_stack_id: key.kernel_stack_id,
         kind: RECORD_BLOCK_START,
         start_ns,
-        comm: ctx.command().unwrap_or_default(),
+        comm: key.comm,
         ..UnwindSampleHeader::default()
     };
-    send_with_stack(header, task_user_registers(), copy_limit(tid))
+    send_with_stack(header, task_user_registers(), copy_limit(key.tid))
 }
 
 /// How much of this thread's stack to copy: what user space learnt from its earlier stacks, or
