@@ -47,15 +47,16 @@ impl PerfMap {
     /// The perf map of process `pid`, if it wrote one that can be trusted. Inside a container
     /// the file is in the container's /tmp and named after the PID the process sees itself as.
     pub fn read(pid: u32) -> Option<Self> {
-        let own_pid = namespace_pid(pid).unwrap_or(pid);
-        let candidates = [
-            PathBuf::from(format!("/proc/{pid}/root/tmp/perf-{own_pid}.map")),
-            PathBuf::from(format!("/tmp/perf-{pid}.map")),
-        ];
         let owner = std::fs::metadata(format!("/proc/{pid}")).ok()?.uid();
-        candidates
+        candidates(pid)
             .into_iter()
             .find_map(|path| Self::read_trusted(path, owner))
+    }
+
+    /// Whether process `pid` has a perf map, wherever it is looked for (not whether it is
+    /// trusted: that is for [`PerfMap::read`]).
+    pub fn exists(pid: u32) -> bool {
+        candidates(pid).iter().any(|path| path.exists())
     }
 
     /// Opens without following symlinks and without blocking on a FIFO, then checks what was
@@ -146,6 +147,16 @@ impl PerfMap {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// Where process `pid`'s perf map may be: in its own /tmp (a container's), named after the PID it
+/// sees itself as, then in ours.
+fn candidates(pid: u32) -> [PathBuf; 2] {
+    let own_pid = namespace_pid(pid).unwrap_or(pid);
+    [
+        PathBuf::from(format!("/proc/{pid}/root/tmp/perf-{own_pid}.map")),
+        PathBuf::from(format!("/tmp/perf-{pid}.map")),
+    ]
 }
 
 /// `START SIZE name`, both numbers hex with or without `0x`; the name is the rest of the line

@@ -371,24 +371,19 @@ fn drain_loop(
         let mut out = shared.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(item) = ring.next() {
             drained += 1;
-            let Some((header, key)) = unwinder.record(&item, per_thread) else {
+            let Some((header, mut key)) = unwinder.record(&item, per_thread) else {
                 out.malformed += 1;
                 continue;
             };
+            if let (Some(limits), Some(key)) = (&mut limits, &mut key) {
+                limits.learn(&header, key, unwinder.stack_used);
+            }
             if unwinder.noted.insert(header.tgid) {
                 new_pids.push(header.tgid);
             }
             match (header.kind, key) {
-                (RECORD_SAMPLE, Some(mut key)) => {
-                    if let Some(limits) = &mut limits {
-                        limits.learn(&header, &mut key, unwinder.stack_used);
-                    }
-                    *out.counts.entry(key).or_default() += header.weight;
-                }
-                (RECORD_BLOCK_START, Some(mut key)) => {
-                    if let Some(limits) = &mut limits {
-                        limits.learn(&header, &mut key, unwinder.stack_used);
-                    }
+                (RECORD_SAMPLE, Some(key)) => *out.counts.entry(key).or_default() += header.weight,
+                (RECORD_BLOCK_START, Some(key)) => {
                     out.pending.insert(header.tid, (header.start_ns, key));
                 }
                 (RECORD_BLOCK_END, _) => {
@@ -787,7 +782,7 @@ impl DwarfUnwinder {
             .get(&pid)
             .map_or(Place::Unmapped, |p| p.place(last));
         match place {
-            Place::Anonymous if !perf_map_exists(pid) => {
+            Place::Anonymous if !crate::perf_map::PerfMap::exists(pid) => {
                 return "JIT or anonymous code without a perf map".into();
             }
             Place::Anonymous => {
@@ -933,10 +928,6 @@ fn load_bias(segments: &[(u64, u64, u64)], start: u64, end: u64, offset: u64) ->
     // distance into it).
     let mapped_vaddr = vaddr.wrapping_add(offset).wrapping_sub(seg_offset);
     Some(start.wrapping_sub(mapped_vaddr))
-}
-
-fn perf_map_exists(pid: u32) -> bool {
-    Path::new(&format!("/tmp/perf-{pid}.map")).exists()
 }
 
 #[cfg(test)]
