@@ -5,20 +5,18 @@
 //! that are still settling), and on SIGUSR1 (to write a snapshot). The observed process never
 //! waits on any of this: the BPF programs aggregate in the kernel.
 //!
-//! Once the loop has ended, a second SIGINT, SIGTERM or SIGHUP sets an abort flag that
-//! symbolisation checks between batches: the outputs are then written with raw addresses,
-//! promptly, instead of the user having to kill livetrace and lose the capture.
+//! Once the loop has ended, a second SIGINT, SIGTERM or SIGHUP asks to hurry: symbolisation
+//! checks between batches, and the outputs are then written with raw addresses, promptly,
+//! instead of the user having to kill livetrace and lose the capture. The signals are caught
+//! from the start of the process (`signals`), so one sent before the loop runs is not lost.
 
-use std::{
-    sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     model::DataQuality,
+    signals,
     targets::{self, HeldCommand, Target},
 };
 
@@ -71,32 +69,9 @@ pub enum Event {
     Snapshot,
 }
 
-/// Set by a signal that arrives after the capture loop has ended.
-static ABORT: AtomicBool = AtomicBool::new(false);
-
 /// Whether a second stop signal asked to skip the rest of the work (symbolisation).
 pub fn aborted() -> bool {
-    ABORT.load(Ordering::Relaxed)
-}
-
-extern "C" fn on_abort_signal(_: libc::c_int) {
-    // An atomic store is async-signal-safe.
-    ABORT.store(true, Ordering::Relaxed);
-}
-
-/// From now on, SIGINT, SIGTERM and SIGHUP set the abort flag instead of being queued for the
-/// (finished) run loop.
-fn arm_abort() {
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: a zeroed sigaction with a handler that only stores to an atomic.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_abort_signal as extern "C" fn(libc::c_int) as usize;
-            action.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(signal, &action, std::ptr::null_mut());
-        }
-    }
+    signals::aborted()
 }
 
 /// A test hook: `LIVETRACE_TEST_SLOW_SYMBOLIZE=MS` makes each symbolisation batch take MS
@@ -131,12 +106,8 @@ pub async fn run(
     mut on_event: impl FnMut(Event),
 ) -> anyhow::Result<(StopReason, Duration)> {
     let start = Instant::now();
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut snapshot =
-        signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    let signals = signals::Waiter::new().context("cannot watch for signals")?;
+    let mut snapshots_taken = 0;
     let deadline = async {
         match duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -152,11 +123,19 @@ pub async fn run(
     let reason = loop {
         tokio::select! {
             () = &mut deadline => break StopReason::DurationElapsed,
-            _ = interrupt.recv() => break StopReason::Signal("SIGINT (Ctrl-C)"),
-            _ = terminate.recv() => break StopReason::Signal("SIGTERM"),
-            _ = hangup.recv() => break StopReason::Signal("SIGHUP"),
+            woken = signals.wait() => {
+                woken.context("cannot watch for signals")?;
+                if let Some(name) = signals::stop_requested() {
+                    break StopReason::Signal(name);
+                }
+                // Several SIGUSR1s before the snapshot could be taken make one snapshot.
+                let asked = signals::snapshots_requested();
+                if asked != snapshots_taken {
+                    snapshots_taken = asked;
+                    on_event(Event::Snapshot);
+                }
+            }
             status = command_exit(&mut watch) => break StopReason::CommandExited(status),
-            _ = snapshot.recv() => on_event(Event::Snapshot),
             _ = tick.tick() => on_event(Event::Tick),
             _ = fast_tick.tick() => on_event(Event::FastTick),
             _ = liveness.tick() => {
@@ -168,7 +147,7 @@ pub async fn run(
             }
         }
     };
-    arm_abort();
+    signals::capture_ended();
     if let StopReason::Signal(name) = reason {
         eprintln!(
             "livetrace: {name} received: writing the outputs (send it again to skip naming the \

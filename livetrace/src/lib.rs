@@ -15,6 +15,7 @@ pub mod model;
 pub mod output;
 pub mod perf_map;
 pub mod privileges;
+pub mod signals;
 pub mod stacks;
 pub mod symbolize;
 pub mod targets;

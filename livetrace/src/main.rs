@@ -58,6 +58,11 @@ fn main() -> ExitCode {
         // `livetrace __livetrace-hold-exec -- COMMAND...`: see targets::HeldCommand.
         return targets::hold_shim_main(&args[2..]);
     }
+    // Before anything else: a stop signal sent as soon as livetrace runs must not kill it.
+    if let Err(err) = livetrace::signals::install() {
+        eprintln!("livetrace: error: cannot install the signal handlers: {err}");
+        return ExitCode::from(1);
+    }
     let cli = Cli::parse_from(args);
     let level = match cli.verbose {
         0 => log::LevelFilter::Warn,
