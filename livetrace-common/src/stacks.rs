@@ -31,6 +31,17 @@ pub const MAX_SEEN_PROCESSES: u32 = 16 * 1024;
 /// Size of [`NEW_PROCESSES`] in bytes (a power-of-two multiple of the page size).
 pub const NEW_PROCESSES_BYTES: u32 = 64 * 1024;
 
+/// Load-time global (`u32`): the pid of a command livetrace started held (`-- COMMAND`), 0 if
+/// none. Until that process execs the command, it is livetrace's own waiting shim, and nothing
+/// of it is recorded; from its exec on ([`HELD_COMMAND_STARTED`]) it is a target like any other.
+pub const HELD_COMMAND: &str = "HELD_COMMAND";
+/// One-slot `u32` array: 1 once the held command has exec'd (set by the exec program, or by
+/// user space where that program cannot be attached).
+pub const HELD_COMMAND_STARTED: &str = "HELD_COMMAND_STARTED";
+/// The program that watches execs (`sched_process_exec`, tp_btf): the held command starts there,
+/// and `--unwind dwarf` learns that a process's memory map changed.
+pub const FOLLOW_EXEC: &str = "follow_exec";
+
 /// Load-time global (`u8`): nonzero means sample only the threads in [`TARGET_TGIDS`] or
 /// [`TARGET_TIDS`]; zero means every thread the attached perf events see.
 pub const FILTER_TARGETS: &str = "FILTER_TARGETS";

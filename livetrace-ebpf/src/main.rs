@@ -8,6 +8,7 @@
     reason = "atomic_xadd: core's atomics lack fetch_add on BPF"
 )]
 
+mod exec;
 mod offcpu;
 mod profile;
 mod stacks;

@@ -26,6 +26,8 @@ static CONTROL: Array<u32> = Array::with_max_entries(1, 0);
 static TARGET_TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TARGETS, 0);
 #[map]
 static TARGET_TIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TARGETS, 0);
+#[map]
+static HELD_COMMAND_STARTED: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map]
 static SEEN_PROCESSES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_SEEN_PROCESSES, 0);
@@ -38,6 +40,8 @@ static FILTER_TARGETS: Global<u8> = Global::new(0);
 static STACK_KINDS: Global<u8> = Global::new(STACK_KIND_USER | STACK_KIND_KERNEL);
 #[unsafe(no_mangle)]
 static PER_THREAD: Global<u8> = Global::new(0);
+#[unsafe(no_mangle)]
+static HELD_COMMAND: Global<u32> = Global::new(0);
 
 #[inline(always)]
 pub fn count(counter: Counter) {
@@ -55,13 +59,38 @@ pub fn capture_stopped() -> bool {
         .is_some_and(|&state| state == CAPTURE_STOPPED)
 }
 
-/// Whether the thread is one we were asked to watch.
+/// Whether the thread is one we were asked to watch. A held command is not, until it has
+/// exec'd: before that, it is livetrace's own shim waiting to be released.
 #[inline(always)]
 pub fn is_target(tgid: u32, tid: u32) -> bool {
+    let held = HELD_COMMAND.load();
+    if held != 0 && tgid == held && !held_command_started() {
+        return false;
+    }
     if FILTER_TARGETS.load() == 0 {
         return true;
     }
     unsafe { TARGET_TGIDS.get(tgid).is_some() || TARGET_TIDS.get(tid).is_some() }
+}
+
+#[inline(always)]
+fn held_command_started() -> bool {
+    HELD_COMMAND_STARTED
+        .get(0)
+        .is_some_and(|&started| started != 0)
+}
+
+/// At an exec by `tgid`: if it is the held command, it has become the command, and from now on
+/// it is a target.
+#[inline(always)]
+pub fn note_exec(tgid: u32) {
+    let held = HELD_COMMAND.load();
+    if held != 0
+        && tgid == held
+        && let Some(started) = HELD_COMMAND_STARTED.get_ptr_mut(0)
+    {
+        unsafe { *started = 1 };
+    }
 }
 
 /// Makes a process a target (a child of one, when following forks).

@@ -19,7 +19,7 @@ use livetrace_common::{
     stacks::{Counter, StackKey},
     unwind::{
         DEFAULT_UNWIND_BUFFER, HEADER_LEN, MAX_STACK_COPY, RECORD_BLOCK_END, RECORD_BLOCK_START,
-        RECORD_SAMPLE, STACK_CHUNK, UnwindSampleHeader, UnwindScratch,
+        RECORD_EXEC, RECORD_SAMPLE, STACK_CHUNK, UnwindSampleHeader, UnwindScratch,
     },
 };
 
@@ -105,6 +105,27 @@ pub fn submit_block_end(tgid: u32, tid: u32, start_ns: u64, blocked_ns: u64) {
     match UNWIND_SAMPLES.output::<UnwindSampleHeader>(&header, u64::from(BPF_RB_NO_WAKEUP)) {
         Ok(()) => count(Counter::Recorded),
         Err(_) => count(Counter::UnwindRingFull),
+    }
+}
+
+/// The process `tgid` has exec'd (`tid` is the thread that did): user space drops what it knew
+/// of its memory map, and the thread's learnt copy size (its stack is a new one). A record lost
+/// to a full ring buffer is counted; user space then finds the new map when addresses stop
+/// making sense in the old one.
+#[inline(always)]
+pub fn submit_exec(tgid: u32, tid: u32) {
+    forget_thread(tid);
+    let header = UnwindSampleHeader {
+        tgid,
+        tid,
+        kind: RECORD_EXEC,
+        ..UnwindSampleHeader::default()
+    };
+    if UNWIND_SAMPLES
+        .output::<UnwindSampleHeader>(&header, u64::from(BPF_RB_NO_WAKEUP))
+        .is_err()
+    {
+        count(Counter::UnwindRingFull);
     }
 }
 

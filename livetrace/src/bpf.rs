@@ -33,6 +33,9 @@ pub struct StackSettings {
     pub stack_copy_bytes: u32,
     /// Size of the ring buffer that carries stack copies to user space (a power of two).
     pub unwind_buffer: u32,
+    /// The pid of a command started held (`-- COMMAND`): recorded only from its exec on (see
+    /// [`follow_exec`]).
+    pub held_command: Option<u32>,
 }
 
 /// The smallest ring buffer the kernel accepts: one page. Tools that do not copy stacks
@@ -59,11 +62,13 @@ pub struct OffcpuSettings {
 pub fn load_stacks(settings: &StackSettings) -> anyhow::Result<Ebpf> {
     let filter = u8::from(settings.filter);
     let per_thread = u8::from(settings.per_thread);
+    let held_command = settings.held_command.unwrap_or(0);
     let mut loader = EbpfLoader::new();
     loader
         .override_global(stacks::FILTER_TARGETS, &filter, true)
         .override_global(stacks::STACK_KINDS, &settings.stack_kinds, true)
         .override_global(stacks::PER_THREAD, &per_thread, true)
+        .override_global(stacks::HELD_COMMAND, &held_command, true)
         .map_max_entries(stacks::STACK_COUNTS, settings.stack_storage)
         .map_max_entries(stacks::STACK_TRACES, settings.stack_storage)
         .override_global(unwind::STACK_COPY_BYTES, &settings.stack_copy_bytes, true)
@@ -142,6 +147,31 @@ pub fn attach_btf_tracepoint(
         .attach()
         .map_err(|e| explain_program_error(e, &format!("attach tp_btf/{tracepoint}")))?;
     Ok(())
+}
+
+/// Attaches the exec watcher (`sched_process_exec`, tp_btf): a held command is recorded from its
+/// exec on, and the unwinding thread learns of every target's exec in order with its stacks.
+/// Where it cannot be attached (no BTF), a held command is recorded from now on instead, as if
+/// it had exec'd already, and the unwinding thread finds a new memory map by itself, later; the
+/// returned note says so.
+pub fn follow_exec(bpf: &mut Ebpf, btf: Option<&aya::Btf>) -> anyhow::Result<Option<String>> {
+    let attached = match btf {
+        Some(btf) => attach_btf_tracepoint(bpf, stacks::FOLLOW_EXEC, "sched_process_exec", btf),
+        None => crate::kernel_btf::aya_btf().and_then(|btf| {
+            attach_btf_tracepoint(bpf, stacks::FOLLOW_EXEC, "sched_process_exec", &btf)
+        }),
+    };
+    let Err(err) = attached else {
+        return Ok(None);
+    };
+    let mut started: Array<_, u32> = Array::try_from(map_mut(bpf, stacks::HELD_COMMAND_STARTED)?)?;
+    started
+        .set(0, 1, 0)
+        .context("failed to mark the command as started")?;
+    Ok(Some(format!(
+        "execs are not followed ({err:#}): the command is recorded from before its exec, and a \
+         process that execs may have stacks cut short for half a second after"
+    )))
 }
 
 /// livetrace's own cost in the kernel, as the kernel counts it (only while

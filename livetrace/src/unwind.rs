@@ -31,8 +31,8 @@ use framehop::{
 use livetrace_common::{
     stacks::{STACK_KIND_USER, StackKey, stack_errno},
     unwind::{
-        HEADER_LEN, MAX_STACK_COPY, RECORD_BLOCK_END, RECORD_BLOCK_START, RECORD_SAMPLE,
-        UnwindSampleHeader,
+        HEADER_LEN, MAX_STACK_COPY, RECORD_BLOCK_END, RECORD_BLOCK_START, RECORD_EXEC,
+        RECORD_SAMPLE, UnwindSampleHeader,
     },
 };
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
@@ -389,6 +389,8 @@ fn drain_loop(
                 (RECORD_BLOCK_END, _) => {
                     out.end_block(header.tid, header.start_ns, header.weight);
                 }
+                // What follows runs another program: forget the old one's memory map.
+                (RECORD_EXEC, _) => unwinder.forget_process(header.tgid),
                 _ => out.malformed += 1,
             }
         }
@@ -643,6 +645,12 @@ impl DwarfUnwinder {
         (addrs, cut_short.is_none())
     }
 
+    /// Drops what is known of `pid`'s memory map: it has exec'd, and its next stack is read
+    /// against its new mappings.
+    fn forget_process(&mut self, pid: u32) {
+        self.processes.remove(&pid);
+    }
+
     /// Reads one ring buffer record, and unwinds its stack if it carries one; `None` if it is
     /// malformed.
     fn record(
@@ -654,7 +662,7 @@ impl DwarfUnwinder {
         // SAFETY: `UnwindSampleHeader` is plain integers; read_unaligned copes with alignment.
         let header: UnwindSampleHeader =
             unsafe { std::ptr::read_unaligned(header_bytes.as_ptr().cast()) };
-        if header.kind == RECORD_BLOCK_END {
+        if matches!(header.kind, RECORD_BLOCK_END | RECORD_EXEC) {
             return Some((header, None));
         }
         let key = self.sample(&header, record, per_thread)?;

@@ -190,6 +190,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             0
         },
         unwind_buffer: args.unwind.unwind_buffer_size,
+        held_command: command.as_ref().map(|c| c.pid),
         offcpu: Some(OffcpuSettings {
             state_mask: args.state.mask(),
             min_block_ns: u64::try_from(min_block.as_nanos()).unwrap_or(u64::MAX),
@@ -556,7 +557,7 @@ fn load_and_attach(
     notes: &mut Vec<String>,
 ) -> anyhow::Result<(Ebpf, &'static str, Option<unwind::Collector>)> {
     if args.attach != Attach::Tracepoint {
-        match try_tp_btf(&mut settings, target) {
+        match try_tp_btf(&mut settings, target, notes) {
             Ok((ebpf, collector)) => return Ok((ebpf, "tp_btf/sched_switch", collector)),
             Err(err) if args.attach == Attach::Auto => {
                 let note = format!(
@@ -614,12 +615,16 @@ fn load_and_attach(
     program
         .attach("sched", "sched_switch")
         .map_err(|e| bpf::explain_program_error(e, "attach to sched:sched_switch"))?;
+    if matches!(target, Target::Command(_)) {
+        notes.extend(bpf::follow_exec(&mut ebpf, None)?);
+    }
     Ok((ebpf, "the sched:sched_switch tracepoint", None))
 }
 
 fn try_tp_btf(
     settings: &mut StackSettings,
     target: &Target,
+    notes: &mut Vec<String>,
 ) -> anyhow::Result<(Ebpf, Option<unwind::Collector>)> {
     let kernel = KernelBtf::from_sys_fs()?;
     let offcpu = settings
@@ -655,6 +660,11 @@ fn try_tp_btf(
     }
     for (name, tracepoint) in hooks {
         bpf::attach_btf_tracepoint(&mut ebpf, name, tracepoint, &btf)?;
+    }
+    // A held command is traced from its exec on; copied stacks are unwound against the memory
+    // map of the program that made them.
+    if matches!(target, Target::Command(_)) || collector.is_some() {
+        notes.extend(bpf::follow_exec(&mut ebpf, Some(&btf))?);
     }
     Ok((ebpf, collector))
 }

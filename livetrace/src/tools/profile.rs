@@ -133,6 +133,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             0
         },
         unwind_buffer: args.unwind.unwind_buffer_size,
+        held_command: command.as_ref().map(|c| c.pid),
     })?;
     // Drained from before the first sample, so that the ring buffer never fills at start.
     let collector = if dwarf {
@@ -163,6 +164,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         command.as_ref(),
         &mut notes,
     )?;
+
+    // The held command is sampled from its exec on, not while it is livetrace's waiting shim.
+    if command.is_some()
+        && let Some(note) = bpf::follow_exec(&mut ebpf, None)?
+    {
+        eprintln!("livetrace: {note}");
+        notes.push(note);
+    }
 
     let mut symbolizer = Symbolizer::new();
     match &target {
