@@ -193,6 +193,24 @@ impl Symbolizer {
         self.snapshots.insert(pid, snapshot);
     }
 
+    /// Takes the executable mappings someone else read of `pid` more recently (the unwinding
+    /// thread, as it unwound its stacks): if the process exits before its frames are named, they
+    /// are named with these, libraries it loaded late included.
+    pub fn learn_mappings(&mut self, pid: u32, mappings: Vec<Mapping>, anon_exec: Vec<Range<u64>>) {
+        if mappings.is_empty() {
+            return;
+        }
+        let snapshot = self.snapshots.entry(pid).or_insert_with(|| Snapshot {
+            name: crate::targets::process_name(pid),
+            exe: fs::read_link(format!("/proc/{pid}/exe")).ok(),
+            start_code: start_code(pid),
+            first_seen: Some(std::time::Instant::now()),
+            ..Snapshot::default()
+        });
+        snapshot.mappings = mappings;
+        snapshot.anon_exec = anon_exec;
+    }
+
     /// The name recorded for a process, if it was seen alive.
     pub fn process_name(&self, pid: u32) -> Option<&str> {
         self.snapshots.get(&pid)?.name.as_deref()

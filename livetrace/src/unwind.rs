@@ -37,6 +37,8 @@ use livetrace_common::{
 };
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 
+use crate::symbolize::{Mapping, Symbolizer};
+
 /// How user stacks are walked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum UnwindMode {
@@ -143,8 +145,13 @@ fn parse_bytes(text: &str) -> Result<u64, String> {
 const MAX_FRAMES: usize = 127;
 /// How long the drain thread sleeps when the ring buffer is empty.
 const POLL: Duration = Duration::from_millis(5);
-/// A process's mappings are re-read at most this often when addresses fall outside them.
-const REFRESH: Duration = Duration::from_millis(500);
+/// A process's mappings are re-read when a walk reaches an address outside them: a library
+/// mapped since they were read (a `dlopen`, or ld.so still at work when the first stack of a
+/// new process came in). The first time at once, then, while re-reading finds nothing new (a
+/// walk gone astray keeps producing such addresses), less and less often: the wait doubles from
+/// `MIN_REFRESH` up to `MAX_REFRESH`, and starts over when a re-read finds the address.
+const MIN_REFRESH: Duration = Duration::from_millis(5);
+const MAX_REFRESH: Duration = Duration::from_millis(500);
 /// Synthetic user stack ids start here, far above any id `bpf_get_stackid` hands out.
 pub const FIRST_SYNTHETIC_ID: u32 = 0x4000_0000;
 
@@ -296,10 +303,28 @@ impl CopyLimits {
     }
 }
 
+/// A process's executable mappings, as the unwinding thread read them.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessMaps {
+    pub files: Vec<Mapping>,
+    pub anonymous: Vec<Range<u64>>,
+}
+
+/// What the unwinding thread learnt of processes since it was last asked.
+#[derive(Default)]
+struct Sightings {
+    /// Processes sampled (to snapshot their maps for symbolisation).
+    pids: HashSet<u32>,
+    /// The memory maps it read, newest for each process: a process that has exited since is
+    /// still named with the map its stacks were unwound against (libraries it loaded late
+    /// included).
+    maps: HashMap<u32, ProcessMaps>,
+}
+
 /// The drain-and-unwind thread of a capture.
 pub struct Collector {
     stop: Arc<AtomicBool>,
-    seen: Arc<Mutex<HashSet<u32>>>,
+    seen: Arc<Mutex<Sightings>>,
     /// Updated by the thread after each batch, so a snapshot can be read mid-capture.
     unwound: Arc<Mutex<Unwound>>,
     thread: JoinHandle<()>,
@@ -314,7 +339,7 @@ impl Collector {
         limits: Option<CopyLimits>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(HashSet::new()));
+        let seen = Arc::new(Mutex::new(Sightings::default()));
         let unwound = Arc::new(Mutex::new(Unwound::default()));
         let thread = std::thread::Builder::new().name("unwind".into()).spawn({
             let (stop, seen, unwound) = (stop.clone(), seen.clone(), unwound.clone());
@@ -336,21 +361,33 @@ impl Collector {
             .clone()
     }
 
-    /// Processes sampled since the last call (to snapshot their maps for symbolisation).
-    pub fn take_seen(&self) -> HashSet<u32> {
-        std::mem::take(&mut *self.seen.lock().unwrap_or_else(PoisonError::into_inner))
+    /// Tells the symbolizer what was learnt since the last call: the processes sampled (it
+    /// snapshots their maps while they live) and the maps read here.
+    pub fn tell(&self, symbolizer: &mut Symbolizer) {
+        tell(&self.seen, symbolizer);
     }
 
-    /// Drains what is left and returns the aggregated stacks. Call after the BPF program has
-    /// stopped recording.
-    pub fn finish(self) -> anyhow::Result<Unwound> {
+    /// Drains what is left, tells the symbolizer what that taught, and returns the aggregated
+    /// stacks. Call after the BPF program has stopped recording.
+    pub fn finish(self, symbolizer: &mut Symbolizer) -> anyhow::Result<Unwound> {
         self.stop.store(true, Ordering::Release);
         self.thread
             .join()
             .map_err(|_| anyhow::anyhow!("the unwinding thread panicked"))?;
+        tell(&self.seen, symbolizer);
         Ok(std::mem::take(
             &mut *self.unwound.lock().unwrap_or_else(PoisonError::into_inner),
         ))
+    }
+}
+
+fn tell(seen: &Mutex<Sightings>, symbolizer: &mut Symbolizer) {
+    let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(PoisonError::into_inner));
+    for pid in seen.pids {
+        symbolizer.note_process(pid);
+    }
+    for (pid, maps) in seen.maps {
+        symbolizer.learn_mappings(pid, maps.files, maps.anonymous);
     }
 }
 
@@ -359,7 +396,7 @@ fn drain_loop(
     per_thread: bool,
     mut limits: Option<CopyLimits>,
     stop: &AtomicBool,
-    seen: &Mutex<HashSet<u32>>,
+    seen: &Mutex<Sightings>,
     shared: &Mutex<Unwound>,
 ) {
     let mut unwinder = DwarfUnwinder::default();
@@ -395,10 +432,10 @@ fn drain_loop(
             }
         }
         drop(out);
-        if !new_pids.is_empty() {
-            seen.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .extend(new_pids);
+        if !new_pids.is_empty() || !unwinder.fresh_maps.is_empty() {
+            let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+            seen.pids.extend(new_pids);
+            seen.maps.extend(unwinder.fresh_maps.drain());
         }
         if stopping {
             return;
@@ -606,11 +643,15 @@ impl ElfUnwindInfo {
 /// One process's view: its unwinder and what lies where.
 struct ProcessUnwinder {
     unwinder: UnwinderX86_64<Bytes>,
+    /// The executable file mappings as read, for the symbolizer.
+    mappings: Vec<Mapping>,
     /// Executable file mappings: range and the file's name, and whether it has CFI.
     files: Vec<(Range<u64>, Arc<str>, bool)>,
     /// Executable anonymous mappings (JIT code).
     anonymous: Vec<Range<u64>>,
     read_at: Instant,
+    /// How long after `read_at` an address outside the mappings makes them be read again.
+    refresh_after: Duration,
 }
 
 #[derive(Default)]
@@ -618,6 +659,8 @@ pub struct DwarfUnwinder {
     /// By path (as reachable from here); `None`: unreadable, with why.
     elves: HashMap<PathBuf, Result<Arc<ElfUnwindInfo>, String>>,
     processes: HashMap<u32, ProcessUnwinder>,
+    /// Memory maps read since the symbolizer last took them (see [`Sightings::maps`]).
+    fresh_maps: HashMap<u32, ProcessMaps>,
     cache: CacheX86_64,
     noted: HashSet<u32>,
     /// Bytes above sp the last walk read: how much of its copy the stack needed.
@@ -713,22 +756,36 @@ impl DwarfUnwinder {
             regs.bp,
             stack.len()
         );
+        // An address outside every known mapping, where the walk stopped or where the
+        // frame-pointer fallback stepped through, may be in a library mapped since the mappings
+        // were read: read them again (see MIN_REFRESH) and walk again.
+        let stopped_at = error
+            .is_some()
+            .then(|| addrs.last().copied().unwrap_or(regs.ip));
+        let outside = self.processes.get(&pid).and_then(|p| {
+            stopped_at
+                .into_iter()
+                .chain(addrs.iter().copied())
+                .find(|&addr| p.place(addr) == Place::Unmapped)
+                .filter(|_| p.read_at.elapsed() >= p.refresh_after)
+                .map(|addr| (addr, p.refresh_after))
+        });
+        let (addrs, error) = match outside {
+            Some((addr, waited)) => {
+                let mut fresh = self.read_process(pid);
+                fresh.refresh_after = if fresh.place(addr) == Place::Unmapped {
+                    (waited * 2).min(MAX_REFRESH)
+                } else {
+                    MIN_REFRESH
+                };
+                self.processes.insert(pid, fresh);
+                self.walk(pid, regs, stack)
+            }
+            None => (addrs, error),
+        };
         let Some(error) = error else {
             return (addrs, None);
         };
-        // Where the walk stopped: an address outside every known mapping may be a library
-        // loaded since the process was first seen; look again (rate-limited) and retry.
-        let last = addrs.last().copied().unwrap_or(regs.ip);
-        let stale = self
-            .processes
-            .get(&pid)
-            .is_some_and(|p| p.read_at.elapsed() >= REFRESH && p.place(last) == Place::Unmapped);
-        if stale {
-            self.processes.remove(&pid);
-            let (addrs, error) = self.walk(pid, regs, stack);
-            let cause = error.map(|e| self.cause(pid, &addrs, regs, stack, e));
-            return (addrs, cause);
-        }
         let cause = self.cause(pid, &addrs, regs, stack, error);
         (addrs, Some(cause))
     }
@@ -815,15 +872,34 @@ impl DwarfUnwinder {
     }
 
     fn read_process(&mut self, pid: u32) -> ProcessUnwinder {
-        let mut process = ProcessUnwinder {
+        let process = ProcessUnwinder {
             unwinder: UnwinderX86_64::new(),
+            mappings: Vec::new(),
             files: Vec::new(),
             anonymous: Vec::new(),
             read_at: Instant::now(),
+            refresh_after: MIN_REFRESH,
         };
         let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
             return process;
         };
+        let process = self.parse_process(pid, &maps, process);
+        self.fresh_maps.insert(
+            pid,
+            ProcessMaps {
+                files: process.mappings.clone(),
+                anonymous: process.anonymous.clone(),
+            },
+        );
+        process
+    }
+
+    fn parse_process(
+        &mut self,
+        pid: u32,
+        maps: &str,
+        mut process: ProcessUnwinder,
+    ) -> ProcessUnwinder {
         for line in maps.lines() {
             let mut fields = line.split_ascii_whitespace();
             let (Some(range), Some(perms), Some(offset)) =
@@ -874,6 +950,12 @@ impl DwarfUnwinder {
                     ElfUnwindInfo::open(file).map(Arc::new)
                 })
                 .clone();
+            process.mappings.push(Mapping {
+                start,
+                end,
+                offset,
+                path: PathBuf::from(&path),
+            });
             match elf {
                 Ok(elf) => {
                     let has_cfi = elf.has_cfi();

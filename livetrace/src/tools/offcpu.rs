@@ -259,8 +259,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if event == capture::Event::FastTick {
                 // Cheap and urgent: processes the BPF programs just announced.
                 stacks::note_new_processes(&mut new_processes, &mut symbolizer);
-                for pid in collector.iter().flat_map(unwind::Collector::take_seen) {
-                    symbolizer.note_process(pid);
+                if let Some(collector) = &collector {
+                    collector.tell(&mut symbolizer);
                 }
                 return;
             }
@@ -292,10 +292,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for pid in stacks::processes_seen(&ebpf) {
         symbolizer.note_process(pid);
     }
-    for pid in collector.iter().flat_map(unwind::Collector::take_seen) {
-        symbolizer.note_process(pid);
+    if let Some(collector) = &collector {
+        collector.tell(&mut symbolizer);
     }
-    let unwound = collector.map(unwind::Collector::finish).transpose()?;
+    let unwound = collector.map(|c| c.finish(&mut symbolizer)).transpose()?;
     for (_, program) in ebpf.programs_mut() {
         // Programs that were never loaded (the other hook) answer NotLoaded: nothing to do.
         let _ = match program {

@@ -227,8 +227,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             for pid in stacks::processes_seen(&ebpf) {
                 symbolizer.note_process(pid);
             }
-            for pid in collector.iter().flat_map(unwind::Collector::take_seen) {
-                symbolizer.note_process(pid);
+            if let Some(collector) = &collector {
+                collector.tell(&mut symbolizer);
             }
             if event == capture::Event::Snapshot {
                 let unwound = collector.as_ref().map(unwind::Collector::snapshot);
@@ -252,8 +252,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for pid in stacks::processes_seen(&ebpf) {
         symbolizer.note_process(pid);
     }
-    for pid in collector.iter().flat_map(unwind::Collector::take_seen) {
-        symbolizer.note_process(pid);
+    if let Some(collector) = &collector {
+        collector.tell(&mut symbolizer);
     }
     context.notes.push(bpf::in_kernel_cost(&ebpf));
     let program: &mut PerfEvent = ebpf
@@ -267,7 +267,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("livetrace: {}", stop.describe());
     }
     // The program is detached: what is in the ring buffer now is all there will be.
-    let unwound = collector.map(unwind::Collector::finish).transpose()?;
+    let unwound = collector.map(|c| c.finish(&mut symbolizer)).transpose()?;
     if let Some(unwound) = &unwound
         && unwound.malformed > 0
     {
