@@ -1,14 +1,14 @@
 //! Integration tests of `livetrace diff`: two real captures of the shift fixture, whose CPU
-//! split is known on both sides, must show the change with the right sign and size, for the
-//! moved leaf and for its callers; and bad inputs fail naming the file.
+//! split is known on both sides (it measures it itself), must show the change with the right sign
+//! and size, for the moved leaf and for its callers; and bad inputs fail naming the file.
 
 mod common;
 
 use std::{fs, path::Path, time::Duration};
 
 use common::{
-    Livetrace, Profile, assert_well_formed_svg, cpu_exclusive, path_arg, require_root,
-    run_livetrace, start_fixture,
+    Livetrace, MeasuredFixture, Profile, Truth, assert_well_formed_svg, cpu_exclusive, path_arg,
+    require_root, run_livetrace,
 };
 
 const SLACK: Duration = Duration::from_secs(8);
@@ -39,6 +39,18 @@ fn delta_of(rows: &[(String, f64, f64, f64)], name: &str) -> f64 {
     rows.iter().find(|r| r.0 == name).map_or(0.0, |r| r.3)
 }
 
+/// How far the change of a share from `p1` (`n1` samples) to `p2` (`n2` samples) may stray from
+/// the fixtures' measured change, in points: the reasoning of `common::share_tolerance`, for a
+/// difference of two independent shares.
+fn delta_tolerance(p1: f64, n1: u64, p2: f64, n2: u64) -> f64 {
+    assert!(
+        n1.min(n2) >= 60,
+        "only {n1} and {n2} samples: the fixtures hardly ran; is the machine overloaded?"
+    );
+    let variance = p1 * (1.0 - p1) / n1 as f64 + p2 * (1.0 - p2) / n2 as f64;
+    100.0 * (4.0 * variance.sqrt() + 0.02)
+}
+
 /// Runs `livetrace diff` and returns its table, panicking with stderr on failure.
 fn diff(before: &Path, after: &Path, svg: &Path) -> String {
     let run = run_livetrace(
@@ -55,9 +67,10 @@ fn diff(before: &Path, after: &Path, svg: &Path) -> String {
     run.stdout
 }
 
-/// hot_60 drops from 60% to 20% and 40% moves under a new caller d: the table shows -40 points
-/// for hot_60 and for its caller c, +40 for d, nothing for b; the SVG's frames say the same;
-/// and pprof and folded inputs of the same captures give the same table.
+/// hot_60 drops from 60% to 20% and 40% moves under a new caller d: the table shows about -40
+/// points for hot_60 and for its caller c, +40 for d, nothing for b (each exactly as the two
+/// fixtures measured their own split); the SVG's frames say the same; and pprof and folded
+/// inputs of the same captures give the same table.
 #[test]
 fn diff_shows_a_moved_hot_function_in_leaves_and_callers() {
     require_root();
@@ -66,8 +79,8 @@ fn diff_shows_a_moved_hot_function_in_leaves_and_callers() {
     let dir = tempfile::tempdir().unwrap();
     let out = |name: &str| dir.path().join(name);
     let secs = CAPTURE_SECS.to_string();
-    let before_fixture = start_fixture("shift", &["15", "6", "3", "1", "0"]);
-    let after_fixture = start_fixture("shift", &["15", "2", "3", "1", "4"]);
+    let before_fixture = MeasuredFixture::start("shift", &["15", "6", "3", "1", "0"]);
+    let after_fixture = MeasuredFixture::start("shift", &["15", "2", "3", "1", "4"]);
     let capture = |pid: u32, name: &str| {
         Livetrace::start([
             "profile".to_owned(),
@@ -86,40 +99,49 @@ fn diff_shows_a_moved_hot_function_in_leaves_and_callers() {
     let timeout = Duration::from_secs(CAPTURE_SECS) + SLACK;
     before_run.finish(timeout).assert_success();
     after_run.finish(timeout).assert_success();
-    drop((before_fixture, after_fixture));
+    let (before, after) = (before_fixture.stop(), after_fixture.stop());
 
     let svg = out("diff.svg");
     let table = diff(&out("before.pb.gz"), &out("after.folded"), &svg);
     let inclusive = table_section(&table, "inclusive");
     let self_rows = table_section(&table, "self");
-    // A share's standard error is at most sqrt(0.25/n), a difference's sqrt(0.25/n1 + 0.25/n2):
-    // 0.035 for 400 samples a side. Three of them, in points, and never below 10.
-    let samples = |name: &str| Profile::read(&out(name)).total() as f64;
+    let samples = |name: &str| Profile::read(&out(name)).total();
     let (n1, n2) = (samples("before.folded"), samples("after.folded"));
-    assert!(
-        n1.min(n2) >= 60.0,
-        "only {n1} and {n2} samples: the fixtures hardly ran; is the machine overloaded?"
-    );
-    let tolerance = (300.0 * (0.25 / n1 + 0.25 / n2).sqrt()).max(10.0);
-    for (what, value, expected) in [
-        ("hot_60's self delta", delta_of(&self_rows, "hot_60"), -40.0),
+    // The change of each frame's share, in points, as the fixtures measured it (hot_30 counts its
+    // calls under c and under d; b holds c and d).
+    let truth_delta = |share: &dyn Fn(&Truth) -> f64| {
+        let (p1, p2) = (share(&before), share(&after));
+        (100.0 * (p2 - p1), delta_tolerance(p1, n1, p2, n2))
+    };
+    let expected = |name: &str| match name {
+        "b" => truth_delta(&|t: &Truth| t.share("c") + t.share("d")),
+        _ => truth_delta(&|t: &Truth| t.share(name)),
+    };
+    for (what, value, frame) in [
+        (
+            "hot_60's self delta",
+            delta_of(&self_rows, "hot_60"),
+            "hot_60",
+        ),
         (
             "hot_60's inclusive delta",
             delta_of(&inclusive, "hot_60"),
-            -40.0,
+            "hot_60",
         ),
-        ("c's inclusive delta", delta_of(&inclusive, "c"), -40.0),
-        ("d's inclusive delta", delta_of(&inclusive, "d"), 40.0),
+        ("c's inclusive delta", delta_of(&inclusive, "c"), "c"),
+        ("d's inclusive delta", delta_of(&inclusive, "d"), "d"),
         (
             "hot_30's inclusive delta",
             delta_of(&inclusive, "hot_30"),
-            40.0,
+            "hot_30",
         ),
-        ("b's inclusive delta", delta_of(&inclusive, "b"), 0.0),
+        ("b's inclusive delta", delta_of(&inclusive, "b"), "b"),
     ] {
+        let (expected, tolerance) = expected(frame);
         assert!(
             (value - expected).abs() <= tolerance,
-            "{what} is {value:+.1} points, expected {expected:+.1} ± {tolerance}\n{table}"
+            "{what} is {value:+.1} points, the fixtures measured {expected:+.1} \
+             (± {tolerance:.1})\n{table}"
         );
     }
 
@@ -135,11 +157,13 @@ fn diff_shows_a_moved_hot_function_in_leaves_and_callers() {
         let inside = title.split('(').nth(1).unwrap();
         inside.split(' ').next().unwrap().parse().unwrap()
     };
-    for (name, expected) in [("c", -40.0), ("d", 40.0), ("b", 0.0)] {
+    for name in ["c", "d", "b"] {
         let value = frame_delta(name);
+        let (expected, tolerance) = expected(name);
         assert!(
             (value - expected).abs() <= tolerance,
-            "the SVG's {name} frame changes by {value:+.1} points, expected {expected:+.1}"
+            "the SVG's {name} frame changes by {value:+.1} points, the fixtures measured \
+             {expected:+.1} (± {tolerance:.1})"
         );
     }
 

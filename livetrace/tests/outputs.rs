@@ -1,7 +1,7 @@
 //! Integration tests of the ecosystem outputs (`.pb.gz`, `.speedscope.json`, `.json`): each file
 //! is read back by a real third-party reader (`go tool pprof`; speedscope's own importer; the
 //! ajv JSON Schema validator against speedscope's and our published schemas) and the chain
-//! fixture's known 6:3:1 split must come out of it. `scripts/setup.sh` installs the readers.
+//! fixture's split, as it measured it itself, must come out of it. `scripts/setup.sh` installs the readers.
 
 mod common;
 
@@ -13,29 +13,13 @@ use std::{
     time::Duration,
 };
 
-use common::{Profile, cpu_shared, path_arg, require_root, run_livetrace, start_fixture};
+use common::{
+    MeasuredFixture, Profile, Truth, assert_share, cpu_shared, path_arg, require_root,
+    run_livetrace, start_fixture, wait_for_offcpu_fixture,
+};
 
-/// The chain fixture's hot leaves, their share, and the tolerance used in tests/profile.rs for
-/// about 400 samples (three standard errors). With fewer samples (a busy machine gives the
-/// fixture less CPU), see [`tolerance`].
-const HOT_LEAVES: [(&str, f64, f64); 3] = [
-    ("hot_60", 0.60, 0.07),
-    ("hot_30", 0.30, 0.07),
-    ("hot_10", 0.10, 0.05),
-];
-
-/// Below this many samples a share says too little to test.
-const MIN_SAMPLES: f64 = 60.0;
-
-/// The tolerance for a share `p` measured from `n` samples: three standard errors
-/// (sqrt(p(1-p)/n)), and never less than `floor`.
-fn tolerance(p: f64, n: f64, floor: f64) -> f64 {
-    assert!(
-        n >= MIN_SAMPLES,
-        "only {n} samples: the fixture hardly ran; is the machine overloaded?"
-    );
-    (3.0 * (p * (1.0 - p) / n).sqrt()).max(floor)
-}
+/// The chain fixture's hot leaves (about 6:3:1 of its CPU time; it measures the split itself).
+const HOT_LEAVES: [&str; 3] = ["hot_60", "hot_30", "hot_10"];
 
 const SLACK: Duration = Duration::from_secs(8);
 const CAPTURE_SECS: u64 = 3;
@@ -108,9 +92,10 @@ fn pprof_flat_shares(top: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
-/// Profiles a fresh chain fixture for CAPTURE_SECS with `extra` arguments and these outputs.
-fn capture_chain(outputs: &[&Path], extra: &[&str]) -> String {
-    let chain = start_fixture("chain", &["15"]);
+/// Profiles a fresh chain fixture for CAPTURE_SECS with `extra` arguments and these outputs;
+/// returns what the fixture measured of its own CPU time.
+fn capture_chain(outputs: &[&Path], extra: &[&str]) -> Truth {
+    let chain = MeasuredFixture::start("chain", &["15"]);
     let pid = chain.pid().to_string();
     let secs = CAPTURE_SECS.to_string();
     let mut args = vec!["profile", "-p", &pid, "-d", &secs];
@@ -120,17 +105,10 @@ fn capture_chain(outputs: &[&Path], extra: &[&str]) -> String {
     }
     let run = run_livetrace(&args, Duration::from_secs(CAPTURE_SECS) + SLACK);
     run.assert_success();
-    run.stderr
+    chain.stop()
 }
 
-fn assert_near(what: &str, value: f64, expected: f64, tolerance: f64, context: &str) {
-    assert!(
-        (value - expected).abs() <= tolerance,
-        "{what} is {value:.3}, expected {expected:.2} ± {tolerance:.2}\n{context}"
-    );
-}
-
-/// `go tool pprof -top` reads the .pb.gz and shows the 6:3:1 split; the fixture's mapping
+/// `go tool pprof -top` reads the .pb.gz and shows the fixture's split; the fixture's mapping
 /// carries its build ID and the footer is in the comments.
 #[test]
 fn pprof_is_read_by_go_tool_pprof() {
@@ -139,21 +117,21 @@ fn pprof_is_read_by_go_tool_pprof() {
     let dir = tempfile::tempdir().unwrap();
     let pb = dir.path().join("cpu.pb.gz");
     let folded = dir.path().join("cpu.folded");
-    capture_chain(&[&pb, &folded], &[]);
-    let n = Profile::read(&folded).total() as f64;
+    let truth = capture_chain(&[&pb, &folded], &[]);
+    let n = Profile::read(&folded).total();
 
     let top = go_pprof(&["-top", "-nodecount=20"], &pb, dir.path());
     let shares = pprof_flat_shares(&top);
-    for (leaf, expected, floor) in HOT_LEAVES {
+    for leaf in HOT_LEAVES {
         let share = shares
             .get(leaf)
             .copied()
             .unwrap_or_else(|| panic!("go tool pprof -top does not list {leaf}:\n{top}"));
-        assert_near(
+        assert_share(
             &format!("pprof's flat% of {leaf}"),
             share,
-            expected,
-            tolerance(expected, n, floor),
+            n,
+            truth.share(leaf),
             &top,
         );
     }
@@ -175,14 +153,14 @@ fn pprof_is_read_by_go_tool_pprof() {
 }
 
 /// speedscope's own importer reads the .speedscope.json, which also validates against
-/// speedscope's published schema, and finds the 6:3:1 split in sample counts.
+/// speedscope's published schema, and finds the fixture's split in sample counts.
 #[test]
 fn speedscope_importer_reads_the_profile() {
     require_root();
     let _cpus = cpu_shared();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cpu.speedscope.json");
-    capture_chain(&[&file], &[]);
+    let truth = capture_chain(&[&file], &[]);
     let node = node_dir();
 
     let schema = node.join("node_modules/speedscope/dist/release/file-format-schema.json");
@@ -206,7 +184,7 @@ fn speedscope_importer_reads_the_profile() {
     assert_eq!(profile["unit"], "none", "sample counts have no unit");
     let total = profile["total"].as_f64().unwrap();
     assert!(total > 0.0, "{imported}");
-    for (leaf, expected, floor) in HOT_LEAVES {
+    for leaf in HOT_LEAVES {
         let frame = profile["frames"]
             .as_array()
             .unwrap()
@@ -214,19 +192,19 @@ fn speedscope_importer_reads_the_profile() {
             .find(|f| f["name"] == leaf)
             .unwrap_or_else(|| panic!("speedscope has no frame {leaf}:\n{imported}"));
         let share = frame["self"].as_f64().unwrap() / total;
-        assert_near(
+        assert_share(
             &format!("speedscope's self share of {leaf}"),
             share,
-            expected,
-            tolerance(expected, total, floor),
+            total as u64,
+            truth.share(leaf),
             &imported,
         );
     }
 }
 
 /// The .json summary validates against docs/profile-summary.schema.json and reports the
-/// fixture's truth: hot_60 first by self weight at ~60%, totals that agree with the folded
-/// stacks of the same run, and why the capture stopped.
+/// fixture's truth: hot_60 first by self weight at the share the fixture measured, totals that
+/// agree with the folded stacks of the same run, and why the capture stopped.
 #[test]
 fn json_summary_matches_its_schema_and_the_truth() {
     require_root();
@@ -234,7 +212,7 @@ fn json_summary_matches_its_schema_and_the_truth() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("summary.json");
     let folded = dir.path().join("cpu.folded");
-    capture_chain(&[&json, &folded], &[]);
+    let truth = capture_chain(&[&json, &folded], &[]);
 
     let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/profile-summary.schema.json");
     run_tool(
@@ -258,11 +236,11 @@ fn json_summary_matches_its_schema_and_the_truth() {
     assert_eq!(summary["total_nanoseconds"].as_u64(), Some(total * period));
     let top = &summary["top_self"][0];
     assert_eq!(top["name"], "hot_60", "{text}");
-    assert_near(
+    assert_share(
         "hot_60's self_share",
         top["self_share"].as_f64().unwrap(),
-        0.6,
-        tolerance(0.6, total as f64, 0.07),
+        total,
+        truth.share("hot_60"),
         &text,
     );
     let c = summary["top_total"]
@@ -358,7 +336,7 @@ fn offcpu_pprof_is_read_by_go_tool_pprof() {
     require_root();
     let _cpus = cpu_shared();
     let fixture = start_fixture("offcpu", &["20"]);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_offcpu_fixture(fixture.pid());
     let dir = tempfile::tempdir().unwrap();
     let (pprof, folded) = (dir.path().join("x.pb.gz"), dir.path().join("x.folded"));
     let pid = fixture.pid().to_string();

@@ -180,7 +180,7 @@ fn offcpu_with_documented_capabilities() {
     let _cpus = cpu_shared();
     let dir = NobodyDir::new(&["offcpu"]);
     let fixture = start_root_fixture(&dir, "offcpu", &["20"]);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_offcpu_fixture(fixture.pid());
     let out = dir.path("out.folded");
     let pid = fixture.pid().to_string();
     let run = dir.run(
@@ -334,20 +334,24 @@ fn command_runs_as_the_sudo_user_unless_as_root() {
 }
 
 /// SIGTERM and SIGHUP end an offcpu and an uprobe-hist capture without -d, and every output is
-/// written with exit status 0 (profile's SIGTERM test is in profile.rs).
+/// written with exit status 0 (profile's SIGTERM test is in profile.rs). The signal comes right
+/// after the start line: livetrace catches it from its first instant.
 #[test]
 fn stop_signals_write_every_output() {
     require_root();
     let _cpus = cpu_shared();
+    // The offcpu fixture's reader is blocked throughout: there is always blocked time to write.
+    let blocked = start_fixture("offcpu", &["30"]);
+    wait_for_offcpu_fixture(blocked.pid());
     let latency = start_fixture("latency", &["loop", "30"]);
-    let pid = latency.pid().to_string();
+    let (blocked_pid, latency_pid) = (blocked.pid().to_string(), latency.pid().to_string());
     let dir = tempfile::tempdir().unwrap();
     for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGHUP, "SIGHUP")] {
         let folded = dir.path().join(format!("{name}.folded"));
         let text = dir.path().join(format!("{name}.txt"));
         let runs = [
             (
-                vec!["offcpu", "-p", &pid, "-o", path_arg(&folded)],
+                vec!["offcpu", "-p", &blocked_pid, "-o", path_arg(&folded)],
                 folded.clone(),
                 "livetrace: tracing",
             ),
@@ -356,7 +360,7 @@ fn stop_signals_write_every_output() {
                     "uprobe-hist",
                     "timed_work",
                     "-p",
-                    &pid,
+                    &latency_pid,
                     "-o",
                     path_arg(&text),
                 ],
@@ -367,7 +371,6 @@ fn stop_signals_write_every_output() {
         for (args, path, started) in runs {
             let mut run = Livetrace::start(&args);
             run.wait_for_stderr(started, Duration::from_secs(10));
-            std::thread::sleep(Duration::from_millis(800));
             run.signal(signal);
             let run = run.finish(SLACK);
             run.assert_success();
@@ -398,11 +401,12 @@ fn second_sigint_writes_raw_addresses_promptly() {
         ],
         &[("LIVETRACE_TEST_SLOW_SYMBOLIZE", "20000")],
     );
-    run.wait_for_stderr("livetrace: profiling", Duration::from_secs(10));
-    std::thread::sleep(Duration::from_secs(1));
+    let chain_pid = run.wait_for_command_pid(Duration::from_secs(10));
+    // Samples to name: the command has run a while under the capture.
+    wait_for_cpu(chain_pid, 0.3);
     run.signal(libc::SIGINT);
+    // Printed once the capture loop has ended: the next stop signal asks to hurry.
     run.wait_for_stderr("send it again", Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(300));
     run.signal(libc::SIGINT);
     let run = run.finish(Duration::from_secs(15));
     run.assert_success();
@@ -417,7 +421,7 @@ fn second_sigint_writes_raw_addresses_promptly() {
 }
 
 /// SIGUSR1 writes a snapshot of the profile so far to the output path and the capture goes on;
-/// the final profile, written at the end, has more samples.
+/// the final profile, written at the end (SIGINT), has more samples.
 #[test]
 fn sigusr1_writes_a_snapshot_and_the_capture_goes_on() {
     require_root();
@@ -426,13 +430,16 @@ fn sigusr1_writes_a_snapshot_and_the_capture_goes_on() {
     let out = dir.path().join("out.folded");
     let chain = start_fixture("chain", &["20"]);
     let pid = chain.pid().to_string();
-    let mut run = Livetrace::start(["profile", "-p", &pid, "-d", "4", "-o", path_arg(&out)]);
+    let mut run = Livetrace::start(["profile", "-p", &pid, "-o", path_arg(&out)]);
     run.wait_for_stderr("livetrace: profiling", Duration::from_secs(10));
-    std::thread::sleep(Duration::from_secs(1));
+    wait_for_cpu(chain.pid(), 0.3);
     run.signal(libc::SIGUSR1);
     run.wait_for_stderr("snapshot (SIGUSR1)", Duration::from_secs(10));
     let snapshot = Profile::read(&out);
     assert!(snapshot.has_frame("hot_60"), "{}", snapshot.summary());
+    // More samples after the snapshot, then the end.
+    wait_for_cpu(chain.pid(), 0.3);
+    run.signal(libc::SIGINT);
     let run = run.finish(SLACK);
     run.assert_success();
     let last = Profile::read(&out);
@@ -459,16 +466,16 @@ fn sigusr1_prints_the_histogram_so_far() {
         "timed_work",
         "-p",
         &pid,
-        "-d",
-        "3",
         "-o",
         path_arg(&text),
     ]);
     run.wait_for_stderr("livetrace: timing", Duration::from_secs(10));
-    std::thread::sleep(Duration::from_secs(1));
+    // Calls to count: the fixture has run a while under the probes.
+    wait_for_cpu(latency.pid(), 0.2);
     run.signal(libc::SIGUSR1);
     run.wait_for_stderr("snapshot (SIGUSR1)", Duration::from_secs(10));
     assert!(fs::read_to_string(&text).unwrap().contains("p99"));
+    run.signal(libc::SIGINT);
     let run = run.finish(SLACK);
     run.assert_success();
     assert_eq!(run.stdout.matches("p99.9").count(), 2, "{}", run.stdout);

@@ -13,12 +13,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    Livetrace, Profile, Stack, assert_well_formed_svg, cpu_exclusive, cpu_shared, fixture,
-    is_kernel_frame, path_arg, require_root, run_folded, run_livetrace, start_fixture, unused_pid,
+    Livetrace, MeasuredFixture, Profile, Stack, assert_share, assert_well_formed_svg,
+    cpu_exclusive, cpu_seconds, cpu_shared, fixture, is_kernel_frame, path_arg, require_root,
+    run_folded, run_livetrace, start_fixture, unused_pid, wait_for_cpu,
 };
 
-/// The chain fixture's hot leaves and the share of its CPU time each one burns.
-const HOT_LEAVES: [(&str, f64); 3] = [("hot_60", 0.60), ("hot_30", 0.30), ("hot_10", 0.10)];
+/// The chain fixture's hot leaves (about 6:3:1 of its CPU time; it measures the split itself).
+const HOT_LEAVES: [&str; 3] = ["hot_60", "hot_30", "hot_10"];
 
 /// The chain fixture's call chain above the hot leaves.
 const CHAIN: [&str; 4] = ["main", "a", "b", "c"];
@@ -29,26 +30,6 @@ const DEFAULT_HZ: u32 = 99;
 /// Generous bound on a run's wall time beyond its capture (start-up, symbolization and writing
 /// by a debug build on a busy machine); only reached when livetrace hangs.
 const SLACK: Duration = Duration::from_secs(8);
-
-/// Asserts that `value` lies in `expected ± tolerance`, naming `what` and showing the profile.
-fn assert_near(what: &str, value: f64, expected: f64, tolerance: f64, profile: &Profile) {
-    assert!(
-        (value - expected).abs() <= tolerance,
-        "{what} is {value:.3}, expected {expected:.2} ± {tolerance:.2}\n{}",
-        profile.summary()
-    );
-}
-
-/// CPU time (user + system) a process has used so far, from /proc/PID/stat.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("fixture's stat");
-    let rest = stat.rsplit_once(')').expect("stat has a comm").1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the comm.
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
 
 /// Profiles the single-threaded fixture `pid` at `hz` for `seconds` and checks the sample count
 /// against the truth: the CPU time the fixture actually got meanwhile, times `hz` (a sample is
@@ -90,12 +71,13 @@ fn profile_and_check_count(pid: u32, hz: u32, seconds: u32, out: &std::path::Pat
     profile
 }
 
-/// `-p PID` gets the right sample count, complete main;a;b;c stacks and the 6:3:1 leaf shares.
+/// `-p PID` gets the right sample count, complete main;a;b;c stacks and the leaf shares that the
+/// fixture measured of itself (about 6:3:1).
 #[test]
 fn pid_profile_has_complete_stacks_and_right_shares() {
     require_root();
     let _cpus = cpu_exclusive();
-    let chain = start_fixture("chain", &["15"]);
+    let chain = MeasuredFixture::start("chain", &["15"]);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.folded");
 
@@ -122,7 +104,7 @@ fn pid_profile_has_complete_stacks_and_right_shares() {
     let in_hot_leaf = |stack: &Stack| {
         HOT_LEAVES
             .iter()
-            .any(|(leaf, _)| stack.user_leaf() == Some(leaf))
+            .any(|leaf| stack.user_leaf() == Some(leaf))
     };
     let under_chain = |stack: &Stack| {
         let user = stack.user_frames();
@@ -137,21 +119,14 @@ fn pid_profile_has_complete_stacks_and_right_shares() {
         profile.summary()
     );
 
-    // The standard error of a share p over n samples is sqrt(p(1-p)/n): 0.025 for 0.6 at the
-    // ~400 samples of an idle machine. The tolerance is 3.5 standard errors for the samples
-    // actually taken (fewer when the machine is busy), and never below 0.05 for 0.6/0.3 and 0.04
-    // for 0.1; the fixture's own split is 6:3:1 to within 1% (all leaves run the same loop).
-    let n = profile.total() as f64;
-    let tolerances = HOT_LEAVES
-        .map(|(_, p)| (3.5 * (p * (1.0 - p) / n).sqrt()).max(if p > 0.2 { 0.05 } else { 0.04 }));
-    for ((leaf, expected), tolerance) in HOT_LEAVES.into_iter().zip(tolerances) {
-        let share = profile.share_with_leaf(leaf);
-        assert_near(
+    let truth = chain.stop();
+    for leaf in HOT_LEAVES {
+        assert_share(
             &format!("the share of {leaf}"),
-            share,
-            expected,
-            tolerance,
-            &profile,
+            profile.share_with_leaf(leaf),
+            profile.total(),
+            truth.share(leaf),
+            &profile.summary(),
         );
     }
 }
@@ -300,7 +275,7 @@ fn sigterm_ends_the_capture_and_writes_every_output() {
     let svg = dir.path().join("out.svg");
 
     let pid = chain.pid().to_string();
-    let livetrace = Livetrace::start([
+    let mut livetrace = Livetrace::start([
         "profile",
         "-p",
         &pid,
@@ -309,7 +284,9 @@ fn sigterm_ends_the_capture_and_writes_every_output() {
         "-o",
         path_arg(&svg),
     ]);
-    thread::sleep(Duration::from_secs(2));
+    livetrace.wait_for_stderr("livetrace: profiling", SLACK);
+    // Samples to write: the fixture has run a while under the capture.
+    wait_for_cpu(chain.pid(), 0.3);
     livetrace.signal(libc::SIGTERM);
     let run = livetrace.finish(Duration::from_secs(2) + SLACK);
     run.assert_success();

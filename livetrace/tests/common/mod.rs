@@ -5,10 +5,12 @@
 // Each test binary uses its own subset of these helpers.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read as _;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -173,6 +175,129 @@ pub fn start_fixture(name: &str, args: &[&str]) -> Process {
     Process::spawn(command)
 }
 
+/// A fixture that measures where its CPU time goes (`tests/fixtures/work.h`) and says so when it
+/// stops. It is killed when dropped, like a [`Process`].
+pub struct MeasuredFixture {
+    process: Process,
+}
+
+impl MeasuredFixture {
+    /// Starts the fixture `name` (one that includes work.h) with its stdout piped.
+    pub fn start(name: &str, args: &[&str]) -> MeasuredFixture {
+        Self::start_path(&fixture(name), args)
+    }
+
+    /// The same for a fixture built elsewhere (e.g. by [`build_fixture`]).
+    pub fn start_path(program: &Path, args: &[&str]) -> MeasuredFixture {
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        MeasuredFixture {
+            process: Process::spawn(command),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Stops the fixture (SIGTERM) and returns what it measured of itself.
+    pub fn stop(mut self) -> Truth {
+        self.process.signal(libc::SIGTERM);
+        let status = self.process.wait_timeout(Duration::from_secs(10));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "the fixture did not end cleanly on SIGTERM: {status:?}"
+        );
+        let mut out = String::new();
+        self.process
+            .child
+            .stdout
+            .take()
+            .expect("the fixture's stdout is piped")
+            .read_to_string(&mut out)
+            .expect("cannot read the fixture's stdout");
+        Truth::parse(&out)
+    }
+}
+
+/// What a fixture measured of itself with its thread CPU clock: each timed function's share of
+/// its CPU time, from its `truth cpu=SECONDS NAME=SHARE...` line.
+#[derive(Debug, Clone)]
+pub struct Truth {
+    pub cpu_seconds: f64,
+    shares: BTreeMap<String, f64>,
+}
+
+impl Truth {
+    pub fn parse(text: &str) -> Truth {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("truth "))
+            .unwrap_or_else(|| panic!("the fixture printed no truth line: {text:?}"));
+        let mut values: BTreeMap<String, f64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|field| {
+                let (name, value) = field
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("bad truth field {field:?} in {line:?}"));
+                let value = value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad truth value {field:?} in {line:?}"));
+                (name.to_owned(), value)
+            })
+            .collect();
+        let cpu_seconds = values
+            .remove("cpu")
+            .unwrap_or_else(|| panic!("no cpu= in {line:?}"));
+        Truth {
+            cpu_seconds,
+            shares: values,
+        }
+    }
+
+    /// The share of the fixture's CPU time that `function` used.
+    pub fn share(&self, function: &str) -> f64 {
+        *self
+            .shares
+            .get(function)
+            .unwrap_or_else(|| panic!("the fixture did not time {function}: {self:?}"))
+    }
+}
+
+/// How far a share measured from `samples` samples may stray from the fixture's measured truth
+/// `p`: four binomial standard errors, sqrt(p(1-p)/n), plus 0.02.
+///
+/// The standard errors cover sampling: a sample lands in a function with probability p, and at
+/// 99 Hz against a ~1 ms round the samples fall at unrelated points of the round, so they behave
+/// as independent draws. Four of them make a false alarm about 1 in 15,000 per assertion if that
+/// held exactly; 0.02 covers what does not: the truth is measured over the fixture's whole life
+/// and the profile over the capture window, and samples in the clock reads themselves count for
+/// neither. Checked on 46 captures of the chain fixture (3 s at 99 Hz, three at once, or two
+/// beside a niced CPU loop): they spread 0.8 times as wide as independent draws would, and the
+/// worst was 2.5 standard errors.
+pub fn share_tolerance(p: f64, samples: u64) -> f64 {
+    assert!(
+        samples >= 60,
+        "only {samples} samples: the fixture hardly ran; is the machine overloaded?"
+    );
+    4.0 * (p * (1.0 - p) / samples as f64).sqrt() + 0.02
+}
+
+/// Asserts that `what`, measured as `share` from `samples` samples, is the fixture's measured
+/// `truth` within [`share_tolerance`]; `context` is shown on failure.
+pub fn assert_share(what: &str, share: f64, samples: u64, truth: f64, context: &str) {
+    let tolerance = share_tolerance(truth, samples);
+    assert!(
+        (share - truth).abs() <= tolerance,
+        "{what} is {share:.3} of {samples} samples; the fixture measured {truth:.3} of its CPU \
+         time (± {tolerance:.3})\n{context}"
+    );
+}
+
 /// A path as a command-line argument (temporary paths are always UTF-8 here).
 pub fn path_arg(path: &Path) -> &str {
     path.to_str()
@@ -253,6 +378,79 @@ impl Drop for Process {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Waiting for conditions, not for time: a fixed sleep is a race on a loaded machine
+
+/// Polls `condition` until it holds; panics naming `what` if it does not within `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        thread::sleep(POLL);
+    }
+}
+
+/// CPU time (user + system) a process has used so far, from /proc/PID/stat.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/stat: {e}"));
+    let rest = stat.rsplit_once(')').expect("stat has a comm").1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the comm.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Waits until process `pid` has used `seconds` more CPU time than now: a capture of it then
+/// has something in it, however busy the machine.
+pub fn wait_for_cpu(pid: u32, seconds: f64) {
+    let start = cpu_seconds(pid);
+    wait_until(
+        &format!("pid {pid} has run for {seconds} s more"),
+        Duration::from_secs(30),
+        || cpu_seconds(pid) - start >= seconds,
+    );
+}
+
+/// The id of `pid`'s thread named `name`, if it has one.
+pub fn thread_named(pid: u32, name: &str) -> Option<u32> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|tid| {
+            fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == name)
+        })
+}
+
+/// The system call a thread is blocked in (the first field of /proc/PID/task/TID/syscall), or
+/// `None` while it runs or cannot be read.
+pub fn blocked_syscall(pid: u32, tid: u32) -> Option<i64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Waits until the offcpu fixture (`tests/fixtures/offcpu.c`) has started its five threads and
+/// its reader is blocked in read(2), where it stays.
+pub fn wait_for_offcpu_fixture(pid: u32) {
+    wait_until(
+        &format!("the offcpu fixture (pid {pid}) has its threads, its reader blocked in read"),
+        Duration::from_secs(10),
+        || {
+            ["napper", "spinner", "holder", "waiter"]
+                .iter()
+                .all(|name| thread_named(pid, name).is_some())
+                && thread_named(pid, "reader")
+                    .and_then(|tid| blocked_syscall(pid, tid))
+                    .is_some_and(|nr| nr == libc::SYS_read)
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Running livetrace
 
 /// A running livetrace, its standard output and error going to anonymous temporary files (a pipe
@@ -321,17 +519,43 @@ impl Livetrace {
     /// Waits until livetrace's standard error contains `needle` (e.g. its line saying that the
     /// probes are attached); panics with what it printed if that takes longer than `timeout`.
     pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) {
+        self.wait_for(&format!("it prints {needle:?}"), timeout, |_, stderr| {
+            stderr.contains(needle)
+        });
+    }
+
+    /// Waits until `condition(stdout, stderr)` holds of everything livetrace has printed so
+    /// far; panics with what it printed if that takes longer than `timeout` or it exits first.
+    /// Returns its standard error so far.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        condition: impl Fn(&str, &str) -> bool,
+    ) -> String {
         let deadline = Instant::now() + timeout;
         loop {
-            let stderr = read_all(&mut self.stderr);
-            if stderr.contains(needle) {
-                return;
+            let stderr = read_all(&self.stderr);
+            if condition(&read_all(&self.stdout), &stderr) {
+                return stderr;
             }
             if Instant::now() >= deadline || self.process.wait_timeout(Duration::ZERO).is_some() {
-                panic!("livetrace never printed {needle:?}; stderr:\n{stderr}");
+                panic!("livetrace never got to where {what}; stderr:\n{stderr}");
             }
             thread::sleep(POLL);
         }
+    }
+
+    /// The pid of the command livetrace started (`-- COMMAND`), from its start line
+    /// ("... (pid N) ..."), once it has printed it.
+    pub fn wait_for_command_pid(&mut self, timeout: Duration) -> u32 {
+        let stderr = self.wait_for("it names the command's pid", timeout, |_, stderr| {
+            stderr.contains("(pid ")
+        });
+        let after = stderr.split("(pid ").nth(1).expect("checked just above");
+        after[..after.find(')').expect("the pid is in parentheses")]
+            .parse()
+            .expect("a pid is a number")
     }
 
     /// Waits for livetrace to exit. Panics, showing what it printed so far, if it has not exited
@@ -340,8 +564,8 @@ impl Livetrace {
         let remaining = timeout.saturating_sub(self.started.elapsed());
         let status = self.process.wait_timeout(remaining);
         let elapsed = self.started.elapsed();
-        let stdout = read_all(&mut self.stdout);
-        let stderr = read_all(&mut self.stderr);
+        let stdout = read_all(&self.stdout);
+        let stderr = read_all(&self.stderr);
         let Some(status) = status else {
             panic!(
                 "livetrace was still running {timeout:?} after it started; stderr so far:\n{stderr}"
@@ -379,11 +603,21 @@ pub fn run_folded(args: &[&str], timeout: Duration) -> (Profile, Finished) {
     (Profile::read(&out), run)
 }
 
-fn read_all(file: &mut File) -> String {
+/// Everything written to `file` so far. Read with `pread`, at explicit offsets: the file
+/// description (and its offset) is shared with livetrace's stdout or stderr, so seeking it would
+/// move where livetrace writes next, and a line written while we read could overwrite another.
+fn read_all(file: &File) -> String {
     let mut bytes = Vec::new();
-    file.seek(SeekFrom::Start(0))
-        .and_then(|_| file.read_to_end(&mut bytes))
-        .expect("cannot read livetrace's output back");
+    let mut chunk = [0u8; 8192];
+    loop {
+        let read = file
+            .read_at(&mut chunk, bytes.len() as u64)
+            .expect("cannot read livetrace's output back");
+        if read == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&chunk[..read]);
+    }
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
