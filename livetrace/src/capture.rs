@@ -148,8 +148,14 @@ pub async fn run(
         }
     };
     signals::capture_ended();
+    // A command that outlives the capture was started for it: stop it.
+    if let Watch::Command(command) = &mut watch
+        && !matches!(reason, StopReason::CommandExited(_))
+    {
+        command.stop().await;
+    }
     if let StopReason::Signal(name) = reason {
-        eprintln!(
+        crate::say!(
             "livetrace: {name} received: writing the outputs (send it again to skip naming the \
              frames and write raw addresses)"
         );

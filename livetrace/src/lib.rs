@@ -1,10 +1,13 @@
 //! livetrace as a library: every tool, output format and parser, so that the binary stays a thin
 //! command line over it and the parsers can be reached by fuzz targets (`fuzz/`) and tests.
 //! The modules are the binary's; nothing here is a stable API for other crates.
+// Standard output and error go through `console`, whose writes never panic.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod already_blocked;
 pub mod bpf;
 pub mod capture;
+pub mod console;
 pub mod duration;
 pub mod frame_pointers;
 #[cfg(test)]
@@ -12,6 +15,7 @@ mod fuzz_smoke;
 pub mod histogram;
 pub mod kernel_btf;
 pub mod model;
+pub mod names;
 pub mod output;
 pub mod perf_map;
 pub mod privileges;

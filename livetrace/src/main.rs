@@ -5,6 +5,8 @@
 //! Exit codes: 0 when the outputs were written (whatever ended the capture), 1 for runtime errors,
 //! 2 for usage errors.
 
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -58,9 +60,11 @@ fn main() -> ExitCode {
         // `livetrace __livetrace-hold-exec -- COMMAND...`: see targets::HeldCommand.
         return targets::hold_shim_main(&args[2..]);
     }
-    // Before anything else: a stop signal sent as soon as livetrace runs must not kill it.
+    // Before anything else: a closed standard stream must not be handed to the next file
+    // opened, and a stop signal sent as soon as livetrace runs must not kill it.
+    livetrace::console::guard_standard_streams();
     if let Err(err) = livetrace::signals::install() {
-        eprintln!("livetrace: error: cannot install the signal handlers: {err}");
+        livetrace::say!("livetrace: error: cannot install the signal handlers: {err}");
         return ExitCode::from(1);
     }
     let cli = Cli::parse_from(args);
@@ -80,10 +84,15 @@ fn main() -> ExitCode {
         Command::Diff(args) => tools::diff::run(args),
         Command::UprobeHist(args) => tools::uprobe_hist::run(args),
     };
+    let result = result.and_then(|()| match livetrace::console::stdout_failure() {
+        // The files are written; the results on standard output are not.
+        Some(err) => Err(anyhow::anyhow!("cannot write to standard output: {err}")),
+        None => Ok(()),
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("livetrace: error: {err:#}");
+            livetrace::say!("livetrace: error: {err:#}");
             if err.downcast_ref::<UsageError>().is_some() {
                 ExitCode::from(2)
             } else {

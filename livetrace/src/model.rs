@@ -68,9 +68,16 @@ pub struct Frame {
 }
 
 impl Frame {
+    /// A frame named `name`, sanitised (see [`crate::names`]): frames are read from processes
+    /// and from files of other tools.
     pub fn new(kind: FrameKind, name: impl Into<String>) -> Self {
+        let name = name.into();
+        let name = match crate::names::sanitize(&name) {
+            std::borrow::Cow::Borrowed(_) => name,
+            std::borrow::Cow::Owned(clean) => clean,
+        };
         Self {
-            name: name.into(),
+            name,
             kind,
             module: None,
             address: None,

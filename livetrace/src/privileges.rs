@@ -143,7 +143,7 @@ pub fn require(subcommand: &str, needs: &[Need]) -> anyhow::Result<()> {
 pub fn warn_missing(wanted: &[Need]) {
     let Some(eff) = effective() else { return };
     for need in wanted.iter().filter(|n| !has(eff, n.cap)) {
-        eprintln!(
+        crate::say!(
             "livetrace: warning: without {}, livetrace cannot {}",
             need.cap.name(),
             need.why

@@ -496,5 +496,5 @@ fn is_tracer_frame(name: &str) -> bool {
 
 pub fn comm(bytes: &[u8; 16]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
+    crate::names::sanitized(&String::from_utf8_lossy(&bytes[..end]))
 }

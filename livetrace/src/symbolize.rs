@@ -484,12 +484,8 @@ impl Symbolizer {
                     .snapshots
                     .get(&pid)
                     .and_then(|s| s.find(addr))
-                    .map(|m| Arc::from(m.path.to_string_lossy().as_ref()))
-                    .or_else(|| {
-                        sym.module
-                            .as_ref()
-                            .map(|m| Arc::from(m.to_string_lossy().as_ref()))
-                    });
+                    .map(|m| path_name(&m.path))
+                    .or_else(|| sym.module.as_ref().map(|m| path_name(Path::new(m))));
                 Resolved::Frames(Located {
                     module,
                     address: sym.addr + sym.offset as u64,
@@ -530,7 +526,7 @@ fn symbols_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<Symbol> {
             Some(dir) if !dir.as_os_str().is_empty() => dir.join(&info.file),
             _ => PathBuf::from(&*info.file),
         };
-        (Some(Arc::from(file.to_string_lossy().as_ref())), info.line)
+        (Some(path_name(&file)), info.line)
     };
     let (file, line) = position(sym.code_info.as_deref());
     let name = demangle(&sym.name);
@@ -546,20 +542,26 @@ fn symbols_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<Symbol> {
     symbols
 }
 
-/// A perf-map name as a frame: CPython's split into function and file, others as written.
+/// A perf-map name as a frame: CPython's split into function and file, others as written
+/// (sanitised: the process wrote them).
 fn jit_symbol(name: &str) -> Symbol {
     match python_perf_map_name(name) {
         Some((function, file)) => Symbol {
-            name: function.to_owned(),
-            file: Some(Arc::from(file)),
+            name: crate::names::sanitized(function),
+            file: Some(Arc::from(crate::names::sanitize(file).as_ref())),
             line: None,
         },
         None => Symbol {
-            name: name.to_owned(),
+            name: crate::names::sanitized(name),
             file: None,
             line: None,
         },
     }
+}
+
+/// A file path as frames and formats carry it (sanitised: a process names its own files).
+fn path_name(path: &Path) -> Arc<str> {
+    Arc::from(crate::names::sanitize(&path.to_string_lossy()).as_ref())
 }
 
 /// CPython's `-X perf` trampolines are named `py::FUNCTION:/path/to/file.py` in its perf map:
@@ -604,9 +606,14 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Rust (legacy and v0) and C++ names made readable; anything that is not a mangled name is
-/// left alone (a C function called `a` stays `a`). Rust hashes are dropped.
+/// Rust (legacy and v0) and C++ names made readable, then sanitised (symbols are the traced
+/// program's to choose); anything that is not a mangled name is left alone (a C function
+/// called `a` stays `a`). Rust hashes are dropped.
 pub fn demangle(name: &str) -> String {
+    crate::names::sanitized(&demangle_raw(name))
+}
+
+fn demangle_raw(name: &str) -> String {
     if (name.starts_with("_ZN") || name.starts_with("_R"))
         && let Ok(demangled) = rustc_demangle::try_demangle(name)
     {
@@ -639,7 +646,11 @@ pub fn module_offset(mapping: &Mapping, addr: u64) -> String {
         || mapping.path.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     );
-    format!("[{module}+{:#x}]", mapping.file_offset(addr))
+    format!(
+        "[{}+{:#x}]",
+        crate::names::sanitize(&module),
+        mapping.file_offset(addr)
+    )
 }
 
 fn describe(reason: Reason) -> &'static str {

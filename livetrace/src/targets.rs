@@ -105,11 +105,12 @@ pub fn is_alive(id: u32) -> bool {
     thread_group_of(id).is_some()
 }
 
-/// The process's `comm`, e.g. "nginx".
+/// The process's `comm`, e.g. "nginx" (sanitised: the process chose it).
 pub fn process_name(pid: u32) -> Option<String> {
-    fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|s| s.trim_end().to_owned())
+    fs::read(format!("/proc/{pid}/comm")).ok().map(|bytes| {
+        let name = String::from_utf8_lossy(&bytes);
+        crate::names::sanitized(name.strip_suffix('\n').unwrap_or(&name))
+    })
 }
 
 impl Target {
@@ -162,6 +163,9 @@ impl Target {
 /// `std`'s spawn returns only once the child has exec'd, so the child cannot simply wait in a
 /// `pre_exec` hook. Instead livetrace starts itself as a small shim ([`HOLD_SHIM`]) that waits
 /// for a byte on fd 3 and then execs the command in place: same PID, probes already attached.
+/// If that exec fails (a file that is not a program, a permission), the shim says why on fd 4,
+/// a close-on-exec pipe that a successful exec closes silently, and [`HeldCommand::release`]
+/// fails with that reason.
 ///
 /// Under sudo the command runs as the invoking user (`SUDO_UID`, `SUDO_GID`, that user's
 /// groups, `HOME`, `USER`, `LOGNAME`), as it would have without sudo: a tracer's privileges are
@@ -169,6 +173,13 @@ impl Target {
 pub struct HeldCommand {
     pub pid: u32,
     go: Option<std::fs::File>,
+    /// End-of-file once the command has exec'd; the reason it could not, otherwise.
+    status: Option<std::fs::File>,
+    /// A pidfd of the command (kernel 5.3+): signals through it can never reach another
+    /// process that reused the pid.
+    pidfd: Option<std::os::fd::OwnedFd>,
+    /// How livetrace ended the command, if it did (for the footer).
+    pub stopped: Option<String>,
     /// Receives the exit status once the command has been reaped.
     pub exited: tokio::sync::oneshot::Receiver<std::io::Result<std::process::ExitStatus>>,
 }
@@ -177,6 +188,10 @@ pub struct HeldCommand {
 pub const HOLD_SHIM: &str = "__livetrace-hold-exec";
 /// The descriptor on which the shim waits for its go byte.
 const HOLD_FD: i32 = 3;
+/// The descriptor on which the shim reports a failed exec.
+const STATUS_FD: i32 = 4;
+/// How long a command has to end after SIGTERM (and after SIGKILL) when livetrace stops it.
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl HeldCommand {
     pub fn spawn(argv: &[OsString], as_root: bool) -> anyhow::Result<Self> {
@@ -190,6 +205,7 @@ impl HeldCommand {
             bail!("command '{}' not found in PATH", program.to_string_lossy());
         }
         let (go_read, go_write) = pipe()?;
+        let (status_read, status_write) = pipe()?;
         let mut command = std::process::Command::new("/proc/self/exe");
         command.arg(HOLD_SHIM);
         if let Some((uid, gid)) = sudo_user(as_root)? {
@@ -199,27 +215,35 @@ impl HeldCommand {
                 .arg(format!("--gid={gid}"));
         }
         command.arg("--").args(argv);
-        // SAFETY: dup2 and fcntl are async-signal-safe. They hand the read end to the shim as
-        // fd 3 without close-on-exec (dup2 clears it on the copy; if the pipe already is fd 3,
-        // dup2 would do nothing, so clear the flag directly).
+        // SAFETY: fcntl, dup2 and close are async-signal-safe. They hand the go pipe's read end
+        // to the shim as fd 3 and the status pipe's write end as fd 4, both without
+        // close-on-exec: first copied above fd 10 (so that neither dup2 overwrites the other
+        // end), then into place, and the copies closed.
         unsafe {
             use std::os::unix::process::CommandExt as _;
             command.pre_exec(move || {
-                let status = if go_read == HOLD_FD {
-                    libc::fcntl(HOLD_FD, libc::F_SETFD, 0)
-                } else {
-                    libc::dup2(go_read, HOLD_FD)
-                };
-                if status < 0 {
+                let go = libc::fcntl(go_read, libc::F_DUPFD, 10);
+                let status = libc::fcntl(status_write, libc::F_DUPFD, 10);
+                if go < 0
+                    || status < 0
+                    || libc::dup2(go, HOLD_FD) < 0
+                    || libc::dup2(status, STATUS_FD) < 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
+                libc::close(go);
+                libc::close(status);
                 Ok(())
             });
         }
         let spawned = command.spawn();
-        // SAFETY: both ends are ours; the child has its own copy of the read end now.
-        unsafe { libc::close(go_read) };
+        // SAFETY: all four ends are ours; the child has its own copies of the ends it needs.
+        unsafe {
+            libc::close(go_read);
+            libc::close(status_write);
+        }
         let go = unsafe { std::fs::File::from_raw_fd(go_write) };
+        let status = unsafe { std::fs::File::from_raw_fd(status_read) };
         let mut child = spawned.context("failed to start the command")?;
         let pid = child.id();
         let (exited_tx, exited) = tokio::sync::oneshot::channel();
@@ -229,19 +253,88 @@ impl HeldCommand {
                 let _ = exited_tx.send(child.wait());
             })
             .context("failed to start a thread to wait for the command")?;
+        // SAFETY: pidfd_open on our own child, which cannot have exited (it is held).
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let pidfd = (pidfd >= 0).then(|| {
+            // SAFETY: a new descriptor that nothing else owns.
+            unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) }
+        });
         Ok(Self {
             pid,
             go: Some(go),
+            status: Some(status),
+            pidfd,
+            stopped: None,
             exited,
         })
     }
 
-    /// Lets the command run.
+    /// The capture is over and the command still runs: it was started for the capture, so it
+    /// is stopped, as `timeout` would: SIGTERM, then SIGKILL after [`STOP_GRACE`]. Says so on
+    /// stderr and in [`Self::stopped`]. Nothing happens if it has exited already.
+    pub async fn stop(&mut self) {
+        use tokio::sync::oneshot::error::TryRecvError;
+        match self.exited.try_recv() {
+            Err(TryRecvError::Empty) => {}
+            _ => return,
+        }
+        let mut how = "SIGTERM";
+        self.signal(libc::SIGTERM);
+        if tokio::time::timeout(STOP_GRACE, &mut self.exited)
+            .await
+            .is_err()
+        {
+            how = "SIGTERM, then SIGKILL";
+            self.signal(libc::SIGKILL);
+            let _ = tokio::time::timeout(STOP_GRACE, &mut self.exited).await;
+        }
+        let note = format!(
+            "the command (pid {}) was still running when the capture ended; livetrace, which \
+             started it, stopped it ({how})",
+            self.pid
+        );
+        crate::say!("livetrace: {note}");
+        self.stopped = Some(note);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: signalling our own child, by pidfd where there is one; before it is reaped
+        // (the waiter thread reaps it only once it has exited), its pid is still its own.
+        unsafe {
+            match &self.pidfd {
+                Some(fd) => {
+                    use std::os::fd::AsRawFd as _;
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        fd.as_raw_fd(),
+                        signal,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    );
+                }
+                None => {
+                    libc::kill(self.pid as libc::pid_t, signal);
+                }
+            }
+        }
+    }
+
+    /// Lets the command run, and waits until it has (its exec succeeded); fails with the
+    /// reason if it could not be started.
     pub fn release(&mut self) -> anyhow::Result<()> {
-        use std::io::Write as _;
+        use std::io::{Read as _, Write as _};
         if let Some(mut go) = self.go.take() {
             go.write_all(&[1])
                 .context("failed to release the command")?;
+        }
+        if let Some(mut status) = self.status.take() {
+            let mut why = String::new();
+            status
+                .read_to_string(&mut why)
+                .context("failed to hear whether the command started")?;
+            if !why.is_empty() {
+                bail!("{why}");
+            }
         }
         Ok(())
     }
@@ -351,8 +444,16 @@ pub fn hold_shim_main(args: &[OsString]) -> std::process::ExitCode {
         }
     }
     let argv = rest;
-    // SAFETY: fd 3 was set up by HeldCommand::spawn and nothing else owns it.
+    // SAFETY: fds 3 and 4 were set up by HeldCommand::spawn and nothing else owns them. The
+    // status pipe closes by itself when the exec succeeds.
     let mut go = unsafe { std::fs::File::from_raw_fd(HOLD_FD) };
+    let mut status = unsafe { std::fs::File::from_raw_fd(STATUS_FD) };
+    unsafe { libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let mut fail = |why: String, code: u8| {
+        use std::io::Write as _;
+        let _ = status.write_all(why.as_bytes());
+        std::process::ExitCode::from(code)
+    };
     let mut byte = [0u8];
     if go.read_exact(&mut byte).is_err() {
         return std::process::ExitCode::from(127);
@@ -366,19 +467,20 @@ pub fn hold_shim_main(args: &[OsString]) -> std::process::ExitCode {
     if let (Some(uid), Some(gid)) = user
         && let Err(err) = drop_to(uid, gid, &mut command)
     {
-        eprintln!(
-            "livetrace: cannot run '{}' as uid {uid}, gid {gid}: {err}; not running it \
-             (pass --as-root to run it as root)",
-            program.to_string_lossy()
+        return fail(
+            format!(
+                "cannot run '{}' as uid {uid}, gid {gid}: {err}; not running it (pass \
+                 --as-root to run it as root)",
+                program.to_string_lossy()
+            ),
+            126,
         );
-        return std::process::ExitCode::from(126);
     }
     let err = command.exec();
-    eprintln!(
-        "livetrace: cannot run '{}': {err}",
-        program.to_string_lossy()
-    );
-    std::process::ExitCode::from(127)
+    fail(
+        format!("cannot run '{}': {err}", program.to_string_lossy()),
+        127,
+    )
 }
 
 fn pipe() -> anyhow::Result<(i32, i32)> {

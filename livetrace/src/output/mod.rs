@@ -1,6 +1,9 @@
 //! Output files: the format is picked from the path's extension, every path is checked before the
 //! capture starts, and files are written to a temporary sibling and renamed into place, so an
 //! interrupted write never leaves a truncated file and a planted symlink is replaced, not followed.
+//! The temporary name is a fresh random one, created exclusively (tempfile), so a file planted at
+//! a guessable name can neither be written through nor make the write fail. Every output is
+//! attempted even when another one fails ([`Written`]), and each failure is reported by path.
 
 pub mod flamegraph;
 pub mod folded;
@@ -16,9 +19,10 @@ pub mod speedscope;
 pub mod summary;
 
 use std::{
-    fs::{self, OpenOptions},
+    ffi::OsString,
+    fs,
     io::{self, BufWriter, Write},
-    os::unix::fs::OpenOptionsExt as _,
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
 };
 
@@ -99,40 +103,58 @@ impl OutputSpec {
 }
 
 /// Makes sure every output can be written, before anything is captured: the directory exists and
-/// accepts a new file, and the path is not a directory. Also refuses two `-o` naming one file.
+/// accepts a new file, and the path is not a directory. Also refuses two `-o` naming one file
+/// (however spelt) and `-o -` twice: each would be written twice.
 pub fn preflight(outputs: &[OutputSpec]) -> anyhow::Result<()> {
-    let mut seen = Vec::new();
+    let mut seen: Vec<(PathBuf, &OutputSpec)> = Vec::new();
+    let mut stdout = false;
     for output in outputs {
-        let Some(path) = &output.path else { continue };
-        if seen.contains(&path) {
+        let Some(path) = &output.path else {
+            if stdout {
+                return Err(crate::UsageError::error(
+                    "-o - is given twice: standard output takes one profile",
+                ));
+            }
+            stdout = true;
+            continue;
+        };
+        let (dir, _) = dir_and_name(path)?;
+        let same = canonical(path);
+        if let Some((_, first)) = seen.iter().find(|(p, _)| *p == same) {
             return Err(crate::UsageError::error(format!(
-                "'{}' is given twice with -o",
-                path.display()
+                "'{}' and '{}' are one file, given twice with -o",
+                first.describe(),
+                output.describe()
             )));
         }
-        seen.push(path);
+        seen.push((same, output));
         if path.is_dir() {
             return Err(crate::UsageError::error(format!(
                 "output path '{}' is a directory; name a file",
                 path.display()
             )));
         }
-        let probe = temp_sibling(path)?;
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&probe)
-            .with_context(|| {
-                format!(
-                    "cannot write output '{}' (tried creating {}); check that the directory exists \
-                     and is writable",
-                    path.display(),
-                    probe.display()
-                )
-            })?;
-        let _ = fs::remove_file(&probe);
+        temp_file(dir, path).with_context(|| {
+            format!(
+                "cannot write output '{}' (no new file can be made in {}); check that the \
+                 directory exists and is writable",
+                path.display(),
+                dir.display()
+            )
+        })?;
     }
     Ok(())
+}
+
+/// The path as the file system resolves it: its directory canonicalised (symlinks, `..`, a
+/// relative spelling), its name kept. The path itself where the directory does not resolve.
+fn canonical(path: &Path) -> PathBuf {
+    match (dir_and_name(path), path.file_name()) {
+        (Ok((dir, _)), Some(name)) => fs::canonicalize(dir)
+            .map(|dir| dir.join(name))
+            .unwrap_or_else(|_| path.to_path_buf()),
+        _ => path.to_path_buf(),
+    }
 }
 
 /// Writes through `render` into a temporary file beside `path`, then renames it over `path`.
@@ -140,27 +162,37 @@ pub fn write_atomically(
     path: &Path,
     render: impl FnOnce(&mut dyn Write) -> io::Result<()>,
 ) -> anyhow::Result<()> {
-    let temp = temp_sibling(path)?;
     let result = (|| {
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(0o644)
-            .open(&temp)?;
-        let mut writer = BufWriter::new(file);
+        let (dir, _) = dir_and_name(path)?;
+        let mut temp = temp_file(dir, path)?;
+        let mut writer = BufWriter::new(temp.as_file_mut());
         render(&mut writer)?;
-        writer.into_inner().map_err(io::Error::other)?.sync_all()?;
-        fs::rename(&temp, path)
+        writer.flush()?;
+        drop(writer);
+        temp.as_file().sync_all()?;
+        // rename(2): a symlink at `path` is replaced, not followed. On failure the temporary
+        // file is removed when `temp` drops.
+        temp.persist(path).map_err(|e| e.error)?;
+        anyhow::Ok(())
     })();
-    if let Err(err) = result {
-        let _ = fs::remove_file(&temp);
-        return Err(err).with_context(|| format!("failed to write '{}'", path.display()));
-    }
-    Ok(())
+    result.with_context(|| format!("failed to write '{}'", path.display()))
 }
 
-fn temp_sibling(path: &Path) -> anyhow::Result<PathBuf> {
+/// A new file with a fresh random name beside `path` (`.NAME.XXXXXX.livetrace.tmp`), created
+/// exclusively; removed when dropped unless persisted.
+fn temp_file(dir: &Path, path: &Path) -> io::Result<tempfile::NamedTempFile> {
+    let mut prefix = OsString::from(".");
+    prefix.push(path.file_name().unwrap_or_default());
+    prefix.push(".");
+    tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".livetrace.tmp")
+        .permissions(fs::Permissions::from_mode(0o644))
+        .tempfile_in(dir)
+}
+
+/// The directory an output goes to (`.` for a bare name) and its file name.
+fn dir_and_name(path: &Path) -> anyhow::Result<(&Path, &std::ffi::OsStr)> {
     let name = path
         .file_name()
         .with_context(|| format!("output path '{}' has no file name", path.display()))?;
@@ -168,15 +200,54 @@ fn temp_sibling(path: &Path) -> anyhow::Result<PathBuf> {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    Ok(dir.join(format!(
-        ".{}.livetrace-{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    )))
+    Ok((dir, name))
 }
 
-/// Writes a stack profile to every requested output.
-pub fn write_stack_profile(profile: &StackProfile, outputs: &[OutputSpec]) -> anyhow::Result<()> {
+/// Which outputs of a run were written, and why the others were not. Every output is attempted;
+/// a failure does not stop the next one.
+#[derive(Default)]
+pub struct Written {
+    written: Vec<String>,
+    failed: Vec<String>,
+}
+
+impl Written {
+    /// Records the outcome of writing `what` (a path, or standard output).
+    pub fn attempt(&mut self, what: String, result: anyhow::Result<()>) {
+        match result {
+            Ok(()) => self.written.push(what),
+            Err(err) => self.failed.push(format!("{err:#}")),
+        }
+    }
+
+    /// `livetrace: wrote PATH` on stderr for each file written.
+    pub fn report(&self) {
+        for path in &self.written {
+            crate::say!("livetrace: wrote {path}");
+        }
+    }
+
+    /// The paths written.
+    pub fn paths(&self) -> &[String] {
+        &self.written
+    }
+
+    /// An error naming each output that could not be written, if any could not.
+    pub fn finish(self) -> anyhow::Result<()> {
+        match self.failed.len() {
+            0 => Ok(()),
+            1 => Err(anyhow::anyhow!("{}", self.failed[0])),
+            n => Err(anyhow::anyhow!(
+                "{n} outputs could not be written:\n  {}",
+                self.failed.join("\n  ")
+            )),
+        }
+    }
+}
+
+/// Writes a stack profile to every requested output, each whatever happened to the others.
+pub fn write_stack_profile(profile: &StackProfile, outputs: &[OutputSpec]) -> Written {
+    let mut written = Written::default();
     for output in outputs {
         let render = |out: &mut dyn Write| match output.format {
             Format::Svg => flamegraph::write(profile, out),
@@ -186,42 +257,48 @@ pub fn write_stack_profile(profile: &StackProfile, outputs: &[OutputSpec]) -> an
             Format::Speedscope => speedscope::write(profile, out),
         };
         match &output.path {
-            Some(path) => write_atomically(path, render)?,
-            None => render(&mut io::stdout().lock()).context("failed to write to stdout")?,
+            Some(path) => written.attempt(output.describe(), write_atomically(path, render)),
+            None => {
+                let mut buf = Vec::new();
+                match render(&mut buf) {
+                    Ok(()) => crate::console::stdout(&buf),
+                    Err(err) => written.attempt(
+                        output.describe(),
+                        Err(anyhow::Error::from(err).context("failed to render standard output")),
+                    ),
+                }
+            }
         }
     }
-    Ok(())
+    written
+}
+
+/// The end of a stack tool's run on stderr: the data-quality footer, then each file written.
+pub fn report_footer_and_files(profile: &StackProfile, written: &Written) {
+    crate::say_raw!("{}", footer::text(profile));
+    written.report();
 }
 
 /// Writes a mid-capture snapshot (SIGUSR1) to every file output, atomically, and says so on
 /// stderr. Standard output is left alone: a reader of `-o -` expects one profile, at the end.
-/// The end of a stack tool's run on stderr: the data-quality footer, then each file written.
-pub fn report_footer_and_files(profile: &StackProfile, outputs: &[OutputSpec]) {
-    eprint!("{}", footer::text(profile));
-    for output in outputs.iter().filter(|o| o.path.is_some()) {
-        eprintln!("livetrace: wrote {}", output.describe());
-    }
-}
-
 pub fn write_snapshot(profile: &StackProfile, outputs: &[OutputSpec]) -> anyhow::Result<()> {
     let files: Vec<OutputSpec> = outputs
         .iter()
         .filter(|o| o.path.is_some())
         .cloned()
         .collect();
-    write_stack_profile(profile, &files)?;
-    let names: Vec<String> = files.iter().map(OutputSpec::describe).collect();
-    eprintln!(
+    let written = write_stack_profile(profile, &files);
+    crate::say!(
         "livetrace: snapshot (SIGUSR1): {} {} so far written to {}; the capture goes on",
         profile.total_weight(),
         profile.unit.short_name(),
-        if names.is_empty() {
+        if written.paths().is_empty() {
             "no file (standard output gets the final profile only)".to_owned()
         } else {
-            names.join(", ")
+            written.paths().join(", ")
         }
     );
-    Ok(())
+    written.finish()
 }
 
 #[cfg(test)]
@@ -301,18 +378,66 @@ mod tests {
         assert_eq!(names, ["out.svg"], "temporary file left behind");
     }
 
-    /// A symlink planted at the temporary name itself is not followed either: the write fails
-    /// (the name is taken) rather than writing through it, and the victim is untouched.
+    /// Files planted where a temporary name could be guessed (a symlink to a victim, a hard
+    /// link to it) neither make the write fail nor are written through: the temporary name is a
+    /// fresh random one, and the victim and the planted files are untouched.
     #[test]
-    fn planted_temporary_symlink_is_not_followed() {
+    fn planted_temporary_files_are_neither_followed_nor_in_the_way() {
         let dir = tempfile::tempdir().unwrap();
         let victim = dir.path().join("victim");
         fs::write(&victim, "keep").unwrap();
         let out = dir.path().join("out.folded");
-        std::os::unix::fs::symlink(&victim, temp_sibling(&out).unwrap()).unwrap();
-        assert!(write_atomically(&out, |w| w.write_all(b"new")).is_err());
+        let pid = std::process::id();
+        let symlink = dir.path().join(format!(".out.folded.livetrace-{pid}.tmp"));
+        let hard_link = dir.path().join(".out.folded.tmp");
+        std::os::unix::fs::symlink(&victim, &symlink).unwrap();
+        fs::hard_link(&victim, &hard_link).unwrap();
+        write_atomically(&out, |w| w.write_all(b"new")).unwrap();
+        assert_eq!(fs::read_to_string(&out).unwrap(), "new");
         assert_eq!(fs::read_to_string(&victim).unwrap(), "keep");
-        assert!(!out.exists());
+        assert!(
+            fs::symlink_metadata(&symlink)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(fs::read_to_string(&hard_link).unwrap(), "keep");
+    }
+
+    /// One output that cannot be written does not stop the others: each is attempted, and
+    /// the failure names its path.
+    #[test]
+    fn a_failing_output_does_not_lose_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = StackProfile {
+            title: "test".into(),
+            unit: crate::model::WeightUnit::Samples,
+            period_ns: None,
+            stacks: Vec::new(),
+            quality: crate::model::DataQuality::default(),
+            build_ids: Default::default(),
+        };
+        let good = OutputSpec::parse(dir.path().join("a.folded").to_str().unwrap()).unwrap();
+        let bad = OutputSpec::parse("/nonexistent-livetrace-dir/b.folded").unwrap();
+        let also_good = OutputSpec::parse(dir.path().join("c.svg").to_str().unwrap()).unwrap();
+        let written = write_stack_profile(&profile, &[good, bad, also_good]);
+        assert_eq!(written.paths().len(), 2, "{:?}", written.paths());
+        let err = format!("{:#}", written.finish().unwrap_err());
+        assert!(err.contains("/nonexistent-livetrace-dir/b.folded"), "{err}");
+        assert!(dir.path().join("a.folded").exists() && dir.path().join("c.svg").exists());
+    }
+
+    /// `-o -` twice, and one file named twice in different spellings, are refused.
+    #[test]
+    fn preflight_refuses_one_output_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let stdout = OutputSpec::parse("-").unwrap();
+        assert!(preflight(&[stdout.clone(), stdout]).is_err());
+        let absolute = dir.path().join("a.svg");
+        let roundabout = dir.path().join(".").join("a.svg");
+        let specs = [absolute, roundabout].map(|p| OutputSpec::parse(p.to_str().unwrap()).unwrap());
+        let err = format!("{:#}", preflight(&specs).unwrap_err());
+        assert!(err.contains("one file"), "{err}");
     }
 
     /// Writing replaces a planted symlink instead of writing through it.

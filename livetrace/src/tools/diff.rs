@@ -89,10 +89,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     output::write_atomically(path, |out| write_svg(&diff, &names, out))?;
     let mut table = Vec::new();
     write_table(&diff, &names, args.top, &mut table)?;
-    let mut stdout = io::stdout().lock();
-    stdout.write_all(&table)?;
-    stdout.flush()?;
-    eprintln!("livetrace: wrote {}", output.describe());
+    crate::console::stdout(&table);
+    crate::say!("livetrace: wrote {}", output.describe());
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //! scan of /proc and their stacks recovered without pausing them.
 //! Needs kernel BTF for `tp_btf` (5.5+), or tracefs for the classic-tracepoint fallback.
 
-use std::{collections::HashMap, io::Write as _, path::PathBuf, time::Duration};
+use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -236,7 +236,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         _ => target.describe(),
     };
-    eprintln!(
+    crate::say!(
         "livetrace: tracing off-CPU time of {title} on {hook}{}",
         capture::how_it_ends(args.duration)
     );
@@ -279,11 +279,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 )
                 .and_then(|(_, profile)| output::write_snapshot(&profile, &outputs));
                 if let Err(err) = result {
-                    eprintln!("livetrace: snapshot failed: {err:#}");
+                    crate::say!("livetrace: snapshot failed: {err:#}");
                 }
             }
         },
     ))?;
+    context
+        .notes
+        .extend(command.as_ref().and_then(|c| c.stopped.clone()));
     stacks::note_new_processes(&mut new_processes, &mut symbolizer);
     // Stop recording at once; detaching can take seconds (RCU) and must not count.
     bpf::stop_capture(&mut ebpf)?;
@@ -307,7 +310,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The window is what blocks were measured against: from seeding the clocks to the end.
     let elapsed = Duration::from_nanos(end_ns.saturating_sub(start_ns));
     if stop != StopReason::DurationElapsed {
-        eprintln!("livetrace: {}", stop.describe());
+        crate::say!("livetrace: {}", stop.describe());
     }
 
     let (by_thread, profile) = build(
@@ -319,23 +322,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         unwound,
     )?;
     drop(ebpf);
-    output::write_stack_profile(&profile, &outputs)?;
+    let written = output::write_stack_profile(&profile, &outputs);
     let mut summary = Vec::new();
     offcpu_summary::write(&by_thread, elapsed, &mut summary)?;
     if outputs.iter().any(|o| o.path.is_none()) {
-        std::io::stderr().write_all(&summary)?;
+        crate::say_raw!("{}", String::from_utf8_lossy(&summary));
     } else {
-        std::io::stdout().write_all(&summary)?;
-        std::io::stdout().flush()?;
+        crate::console::stdout(&summary);
     }
     if profile.total_weight() == 0 {
-        eprintln!(
+        crate::say!(
             "livetrace: no samples: no blocked time was recorded; the target's threads did not leave the CPU \
              in the selected states. If it is busy, try `livetrace profile` with the same target."
         );
     }
-    output::report_footer_and_files(&profile, &outputs);
-    Ok(())
+    output::report_footer_and_files(&profile, &written);
+    written.finish()
 }
 
 /// What [`build`] needs besides the maps and the arguments.
@@ -563,7 +565,7 @@ fn load_and_attach(
                 let note = format!(
                     "tp_btf could not be used ({err:#}); falling back to the classic tracepoint"
                 );
-                eprintln!("livetrace: {note}");
+                crate::say!("livetrace: {note}");
                 notes.push(note);
             }
             Err(err) => return Err(err),

@@ -4,7 +4,7 @@
 //! Needs kernel 4.9+ (BPF perf_event programs), root or CAP_BPF + CAP_PERFMON (+ CAP_SYSLOG for
 //! kernel frame names where /proc/kallsyms hides them).
 
-use std::{io::Write as _, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use aya::{
@@ -169,7 +169,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if command.is_some()
         && let Some(note) = bpf::follow_exec(&mut ebpf, None)?
     {
-        eprintln!("livetrace: {note}");
+        crate::say!("livetrace: {note}");
         notes.push(note);
     }
 
@@ -196,7 +196,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         _ => target.describe(),
     };
-    eprintln!(
+    crate::say!(
         "livetrace: profiling {title} at {frequency} Hz on {event_name}{}",
         capture::how_it_ends(args.duration)
     );
@@ -242,11 +242,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 )
                 .and_then(|profile| output::write_snapshot(&profile, &outputs));
                 if let Err(err) = result {
-                    eprintln!("livetrace: snapshot failed: {err:#}");
+                    crate::say!("livetrace: snapshot failed: {err:#}");
                 }
             }
         },
     ))?;
+    context
+        .notes
+        .extend(command.as_ref().and_then(|c| c.stopped.clone()));
     stacks::note_new_processes(&mut new_processes, &mut symbolizer);
     // Stop sampling before reading, so the counters and the maps agree.
     for pid in stacks::processes_seen(&ebpf) {
@@ -264,7 +267,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .unload()
         .context("failed to detach the perf events")?;
     if stop != StopReason::DurationElapsed {
-        eprintln!("livetrace: {}", stop.describe());
+        crate::say!("livetrace: {}", stop.describe());
     }
     // The program is detached: what is in the ring buffer now is all there will be.
     let unwound = collector.map(|c| c.finish(&mut symbolizer)).transpose()?;
@@ -286,7 +289,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     )?;
     drop(ebpf);
 
-    output::write_stack_profile(&profile, &outputs)?;
+    let written = output::write_stack_profile(&profile, &outputs);
     let to_stdout = outputs.iter().any(|o| o.path.is_none());
     let summary_text = {
         let mut buf = Vec::new();
@@ -294,20 +297,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         String::from_utf8_lossy(&buf).into_owned()
     };
     if to_stdout {
-        eprint!("{summary_text}");
+        crate::say_raw!("{summary_text}");
     } else {
-        print!("{summary_text}");
-        std::io::stdout().flush()?;
+        crate::console::stdout(summary_text.as_bytes());
     }
     if profile.total_weight() == 0 {
-        eprintln!(
+        crate::say!(
             "livetrace: no samples were recorded: the target did not run on a CPU during the \
              capture. If it is slow while idle, it is waiting: try `livetrace offcpu` with the \
              same target."
         );
     }
-    output::report_footer_and_files(&profile, &outputs);
-    Ok(())
+    output::report_footer_and_files(&profile, &written);
+    written.finish()
 }
 
 /// What [`build`] needs besides the maps.
@@ -430,7 +432,7 @@ fn attach(
                     "the cycles hardware event is not available here ({err}); sampling on the \
                      cpu-clock software event instead"
                 );
-                eprintln!("livetrace: {note}");
+                crate::say!("livetrace: {note}");
                 notes.push(note);
                 config = PerfEventConfig::Software(SoftwareEvent::CpuClock);
                 name = "cpu-clock";
@@ -462,7 +464,7 @@ fn clamp_frequency(requested: u64, notes: &mut Vec<String>) -> u64 {
                 "-F {requested} is above the kernel's limit (kernel.perf_event_max_sample_rate = \
                  {max}); sampling at {max} Hz"
             );
-            eprintln!("livetrace: warning: {note}");
+            crate::say!("livetrace: warning: {note}");
             notes.push(note);
             max
         }

@@ -516,6 +516,10 @@ impl Livetrace {
         self.process.signal(signal);
     }
 
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// Waits until livetrace's standard error contains `needle` (e.g. its line saying that the
     /// probes are attached); panics with what it printed if that takes longer than `timeout`.
     pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) {

@@ -1,8 +1,6 @@
 //! `-i`: a histogram for every interval, printed (or kept for JSON) as it ends.
 
-use std::{io::Write as _, time::Duration};
-
-use anyhow::Context as _;
+use std::time::Duration;
 
 use crate::{
     histogram::{Histogram, Interval},
@@ -80,14 +78,7 @@ impl IntervalClock {
             histogram: total.since(&self.last, min, max),
         };
         if !json {
-            let mut stdout = std::io::stdout().lock();
-            writeln!(
-                stdout,
-                "{}",
-                histogram_text::interval_text(function, &interval)
-            )
-            .and_then(|()| stdout.flush())
-            .context("failed to write to stdout")?;
+            crate::out!("{}\n", histogram_text::interval_text(function, &interval));
         }
         self.last = total.clone();
         self.last_end = now;

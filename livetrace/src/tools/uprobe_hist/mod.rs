@@ -18,7 +18,6 @@ mod slow;
 use std::{
     collections::HashMap,
     ffi::OsString,
-    io::Write as _,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -279,7 +278,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         _ => target.describe(),
     };
     let site_names: Vec<String> = sites.iter().map(|s| s.describe(command_pid)).collect();
-    eprintln!(
+    crate::say!(
         "livetrace: timing {function} in {}{}",
         site_names.join(", "),
         capture::how_it_ends(args.duration)
@@ -324,7 +323,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     start_mono_ns,
                     args.json,
                 ) {
-                    eprintln!("livetrace: snapshot failed: {err:#}");
+                    crate::say!("livetrace: snapshot failed: {err:#}");
                 }
                 return;
             }
@@ -344,7 +343,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .context("failed to tell the BPF programs that the capture is stopping")?;
     detach(&mut ebpf)?;
     if stop != StopReason::DurationElapsed {
-        eprintln!("livetrace: {}", stop.describe());
+        crate::say!("livetrace: {}", stop.describe());
     }
 
     slow.drain(&mut maps.ring, &mut symbolizer);
@@ -354,6 +353,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(children) = &children {
         quality.notes.extend(children.notes());
     }
+    quality
+        .notes
+        .extend(command.as_ref().and_then(|c| c.stopped.clone()));
     quality.probe_cost_ns = cost_before.zip(cost_after).and_then(|(before, after)| {
         let runs = after.1.saturating_sub(before.1);
         // Each call runs two programs: entry and return.
@@ -386,47 +388,44 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     drop(ebpf);
 
-    let stack_outputs: Vec<OutputSpec> = outputs
+    let stacks = outputs
         .iter()
-        .filter_map(|o| match o {
-            HistOutput::Stacks(spec) => Some(spec.clone()),
-            _ => None,
-        })
-        .collect();
-    if !stack_outputs.is_empty() {
-        let profile = slow.profile(&traces, &mut symbolizer, &report, &title);
-        output::write_stack_profile(&profile, &stack_outputs)?;
-    }
-    for output in &outputs {
-        match output {
-            HistOutput::Text(Some(path)) => {
-                output::write_atomically(path, |out| histogram_text::write(&report, out))?;
+        .any(|o| matches!(o, HistOutput::Stacks(_)))
+        .then(|| slow.profile(&traces, &mut symbolizer, &report, &title));
+    let written = write_files(&outputs, &report, stacks.as_ref());
+    write_report_to_stdout(&report, args.json)?;
+    crate::say_raw!("{}", histogram_text::footer(&report));
+    written.report();
+    written.finish()
+}
+
+/// Writes every file output of a report, each whatever happened to the others; `stacks`: the
+/// slow calls' profile, if a stack output asks for it. Standard output is written apart.
+fn write_files(
+    outputs: &[HistOutput],
+    report: &LatencyReport,
+    stacks: Option<&crate::model::StackProfile>,
+) -> output::Written {
+    let mut written = output::Written::default();
+    for output in outputs {
+        match (output, stacks) {
+            (HistOutput::Text(Some(path)), _) => written.attempt(
+                path.display().to_string(),
+                output::write_atomically(path, |out| histogram_text::write(report, out)),
+            ),
+            (HistOutput::Json(path), _) => written.attempt(
+                path.display().to_string(),
+                output::write_atomically(path, |out| histogram_json::write(report, out)),
+            ),
+            (HistOutput::Stacks(spec), Some(profile)) => {
+                let one = output::write_stack_profile(profile, std::slice::from_ref(spec));
+                written.attempt(spec.describe(), one.finish());
             }
-            // Stdout gets the text report anyway (below).
-            HistOutput::Text(None) => {}
-            HistOutput::Json(path) => {
-                output::write_atomically(path, |out| histogram_json::write(&report, out))?;
-            }
-            HistOutput::Stacks(_) => {}
+            // Standard output gets the text report anyway.
+            (HistOutput::Text(None) | HistOutput::Stacks(_), _) => {}
         }
     }
-    let mut stdout = std::io::stdout().lock();
-    if args.json {
-        histogram_json::write(&report, &mut stdout).context("failed to write to stdout")?;
-    } else {
-        stdout
-            .write_all(histogram_text::report_text(&report).as_bytes())
-            .and_then(|()| stdout.flush())
-            .context("failed to write to stdout")?;
-    }
-    drop(stdout);
-    eprint!("{}", histogram_text::footer(&report));
-    for output in &outputs {
-        if let Some(path) = output.path() {
-            eprintln!("livetrace: wrote {}", path.display());
-        }
-    }
-    Ok(())
+    written
 }
 
 /// The data-quality record from the counters, read in place (also mid-capture).
@@ -502,45 +501,22 @@ fn write_snapshot(
         quality,
         max_threads: base.max_threads,
     };
-    let mut written = Vec::new();
-    for output in outputs {
-        match output {
-            HistOutput::Text(Some(path)) => {
-                output::write_atomically(path, |out| histogram_text::write(&report, out))?;
-            }
-            HistOutput::Json(path) => {
-                output::write_atomically(path, |out| histogram_json::write(&report, out))?;
-            }
-            HistOutput::Stacks(spec) => {
-                let profile = slow.profile(&traces, symbolizer, &report, &report.title);
-                output::write_stack_profile(&profile, std::slice::from_ref(spec))?;
-            }
-            HistOutput::Text(None) => continue,
-        }
-        if let Some(path) = output.path() {
-            written.push(path.display().to_string());
-        }
-    }
-    let mut stdout = std::io::stdout().lock();
-    if json {
-        histogram_json::write(&report, &mut stdout).context("failed to write to stdout")?;
-    } else {
-        stdout
-            .write_all(histogram_text::report_text(&report).as_bytes())
-            .context("failed to write to stdout")?;
-    }
-    stdout.flush().context("failed to write to stdout")?;
-    drop(stdout);
-    eprintln!(
+    let stacks = outputs
+        .iter()
+        .any(|o| matches!(o, HistOutput::Stacks(_)))
+        .then(|| slow.profile(&traces, symbolizer, &report, &report.title));
+    let written = write_files(outputs, &report, stacks.as_ref());
+    write_report_to_stdout(&report, json)?;
+    crate::say!(
         "livetrace: snapshot (SIGUSR1): {} calls so far{}; the capture goes on",
         report.total.count(),
-        if written.is_empty() {
+        if written.paths().is_empty() {
             String::new()
         } else {
-            format!(", written to {}", written.join(", "))
+            format!(", written to {}", written.paths().join(", "))
         }
     );
-    Ok(())
+    written.finish()
 }
 
 /// `livetrace-uprobe-hist-<function>-<UTC time>.txt` in the current directory.
@@ -563,6 +539,18 @@ fn default_output_path(function: &str) -> PathBuf {
         "livetrace-uprobe-hist-{short}-{}.txt",
         crate::timestamp()
     ))
+}
+
+/// The histogram (or, with --json, the JSON object) on standard output.
+fn write_report_to_stdout(report: &LatencyReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        let mut buf = Vec::new();
+        histogram_json::write(report, &mut buf).context("failed to render the JSON report")?;
+        crate::console::stdout(&buf);
+    } else {
+        crate::console::stdout(histogram_text::report_text(report).as_bytes());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -73,7 +73,7 @@ fn find_site(spec: &SymbolSpec, scope: &Scope<'_>, pid: Option<u32>) -> anyhow::
         && t.contains('/')
         && !maps_file(*pid, &search.files[0])
     {
-        eprintln!(
+        crate::say!(
             "livetrace: warning: pid {pid} does not map {} now: the probe fires only once it \
              loads that file",
             search.files[0].shown
