@@ -63,9 +63,14 @@ pub const fn state_bit(prev_state: u32) -> u32 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OffcpuStart {
     pub key: StackKey,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at switch-out.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at switch-out; 0 while the thread runs;
+    /// [`START_FILTERED`] while it is off-CPU in a state that `--state` leaves out.
     pub start_ns: u64,
 }
+
+/// [`OffcpuStart::start_ns`] of a block that `--state` leaves out: its switch-in is expected,
+/// and is neither timed nor counted as a switch-in without a switch-out.
+pub const START_FILTERED: u64 = u64::MAX;
 
 /// A blocked stack joined with the stack of its waker.
 #[repr(C)]

@@ -129,14 +129,19 @@ pub enum Counter {
     WakeCountsMapFull = 10,
     /// Outcome: a kernel thread, left out unless asked for (not recorded).
     KernelThread = 11,
-    /// `--unwind dwarf`: the sample ring buffer was full; the sample is lost.
+    /// `--unwind dwarf`: the ring buffer was full and a record without a stack (a block's end, an
+    /// exec) is lost.
     UnwindRingFull = 12,
-    /// `--unwind dwarf`: the per-CPU scratch buffer was missing (never expected); sample lost.
+    /// Not an outcome: `--unwind dwarf`'s per-CPU scratch buffer was missing (never expected);
+    /// the sample or block is kept under a user stack marked lost, as for [`Self::StackCopyLost`].
     UnwindScratchMissing = 13,
     /// Not an outcome: a process seen for the first time could not be announced to user space
     /// ([`SEEN_PROCESSES`] or [`NEW_PROCESSES`] full); its memory map is read at the next
     /// once-a-second scan instead, which a short-lived process may not live to see.
     NewProcessNotAnnounced = 14,
+    /// Not an outcome: `--unwind dwarf` could not send a stack copy (the ring buffer was full);
+    /// its sample or block is kept, under a user stack marked lost (`-ENOSPC`).
+    StackCopyLost = 15,
 }
 
 /// Number of [`Counter`] slots.

@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
 };
 use livetrace_common::{
-    offcpu::{MAX_THREADS, OffcpuStart, PF_KTHREAD, TASK_DEAD, WakeKey, state_bit},
+    offcpu::{MAX_THREADS, OffcpuStart, PF_KTHREAD, START_FILTERED, TASK_DEAD, WakeKey, state_bit},
     stacks::{Counter, STACK_ID_UNWOUND, StackKey, stack_errno},
 };
 
@@ -107,7 +107,9 @@ pub fn offcpu_wakeup(ctx: BtfTracePointContext) -> i32 {
         return 0;
     };
     // Only a target that is blocked now (its entry not yet consumed by a switch-in).
-    if !unsafe { OFFCPU_START.get(tid) }.is_some_and(|start| start.start_ns != 0) {
+    if !unsafe { OFFCPU_START.get(tid) }
+        .is_some_and(|start| start.start_ns != 0 && start.start_ns != START_FILTERED)
+    {
         return 0;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -171,6 +173,20 @@ fn switch_out<C: StackIdContext>(
     }
     if state_bit(prev_state) & STATE_MASK.load() == 0 {
         count(Counter::StateFiltered);
+        // Its switch-in is then known to end a block that was left out, not one missed.
+        write_start(
+            tid,
+            OffcpuStart {
+                key: StackKey {
+                    tgid,
+                    tid,
+                    user_stack_id: STACK_ID_UNWOUND,
+                    kernel_stack_id: STACK_ID_UNWOUND,
+                    comm: [0; 16],
+                },
+                start_ns: START_FILTERED,
+            },
+        );
         return;
     }
     let key = if copy_stack && wants_user_stacks() {
@@ -190,9 +206,13 @@ fn switch_out<C: StackIdContext>(
     } else {
         current_key(ctx, tgid, tid, true)
     };
-    let start = OffcpuStart { key, start_ns: now };
-    // A thread's entry is written in place after its first block: a lookup is much cheaper
-    // than a hash-map update (and the delete it would need at switch-in).
+    write_start(tid, OffcpuStart { key, start_ns: now });
+}
+
+/// Writes a thread's entry: in place after its first block (a lookup is much cheaper than a
+/// hash-map update, and than the delete it would need at switch-in); a full map is counted.
+#[inline(always)]
+fn write_start(tid: u32, start: OffcpuStart) {
     match OFFCPU_START.get_ptr_mut(tid) {
         Some(slot) => unsafe { *slot = start },
         None => {
@@ -218,6 +238,11 @@ fn switch_in(next_tid: u32, now: u64, next_tgid: impl FnOnce() -> Option<u32>) {
     };
     if let Some(slot) = slot {
         unsafe { (*slot).start_ns = 0 };
+    }
+    if start.start_ns == START_FILTERED {
+        // A block --state left out (counted at its switch-out).
+        let _ = WAKERS.remove(next_tid);
+        return;
     }
     let blocked_ns = now.saturating_sub(start.start_ns);
     if blocked_ns < MIN_BLOCK_NS.load() || blocked_ns > MAX_BLOCK_NS.load() {

@@ -27,7 +27,10 @@ pub fn profile_cpu(ctx: PerfEventContext) -> u32 {
     }
     let in_kernel = interrupted_kernel_mode(&ctx);
     if unwind::enabled() && wants_user_stacks() {
-        unwind::submit(&ctx, tgid, tid, in_kernel);
+        // A copy that could not be sent keeps its sample, under a user stack marked lost.
+        if let Some(key) = unwind::submit(&ctx, tgid, tid, in_kernel) {
+            add_weight(&key, 1);
+        }
         return 0;
     }
     let key = current_key(&ctx, tgid, tid, in_kernel);

@@ -112,7 +112,7 @@ pub fn current_key<C: StackIdContext>(ctx: &C, tgid: u32, tid: u32, in_kernel: b
     let kernel_stack_id = kernel_stack_id(ctx, in_kernel);
     StackKey {
         tgid,
-        tid: if PER_THREAD.load() != 0 { tid } else { 0 },
+        tid: if per_thread() { tid } else { 0 },
         user_stack_id,
         kernel_stack_id,
         comm: ctx.command().unwrap_or_default(),
@@ -128,6 +128,12 @@ pub fn kernel_stack_id<C: StackIdContext>(ctx: &C, in_kernel: bool) -> i32 {
     } else {
         STACK_ID_NOT_COLLECTED
     }
+}
+
+/// Whether keys keep the thread id (per-thread output).
+#[inline(always)]
+pub fn per_thread() -> bool {
+    PER_THREAD.load() != 0
 }
 
 /// Whether user stacks were asked for.

@@ -16,14 +16,14 @@ use aya_ebpf::{
     programs::PerfEventContext,
 };
 use livetrace_common::{
-    stacks::{Counter, StackKey},
+    stacks::{Counter, StackKey, stack_errno},
     unwind::{
         DEFAULT_UNWIND_BUFFER, HEADER_LEN, MAX_STACK_COPY, RECORD_BLOCK_END, RECORD_BLOCK_START,
         RECORD_EXEC, RECORD_SAMPLE, STACK_CHUNK, UnwindSampleHeader, UnwindScratch,
     },
 };
 
-use crate::stacks::{count, kernel_stack_id};
+use crate::stacks::{count, kernel_stack_id, per_thread};
 
 #[map]
 static UNWIND_SAMPLES: RingBuf = RingBuf::with_byte_size(DEFAULT_UNWIND_BUFFER, 0);
@@ -42,10 +42,11 @@ pub fn enabled() -> bool {
     STACK_COPY_BYTES.load() != 0
 }
 
-/// Sends one profile sample (registers, stack copy, kernel stack id) to user space; a full
-/// ring buffer is counted.
+/// Sends one profile sample (registers, stack copy, kernel stack id) to user space. If it cannot
+/// be sent (a full ring buffer, counted), returns the key to count it under instead: its user
+/// stack marked lost, its kernel stack kept.
 #[inline(always)]
-pub fn submit(ctx: &PerfEventContext, tgid: u32, tid: u32, in_kernel: bool) {
+pub fn submit(ctx: &PerfEventContext, tgid: u32, tid: u32, in_kernel: bool) -> Option<StackKey> {
     let regs = user_registers(ctx, in_kernel);
     let header = UnwindSampleHeader {
         tgid,
@@ -58,7 +59,15 @@ pub fn submit(ctx: &PerfEventContext, tgid: u32, tid: u32, in_kernel: bool) {
     };
     if send_with_stack(header, regs, copy_limit(tid)) {
         count(Counter::Recorded);
+        return None;
     }
+    Some(StackKey {
+        tgid,
+        tid: if per_thread() { tid } else { 0 },
+        user_stack_id: -stack_errno::ENOSPC,
+        kernel_stack_id: header.kernel_stack_id,
+        comm: header.comm,
+    })
 }
 
 /// Off-CPU: the current thread is switching out at `start_ns`; sends its user stack (frozen
@@ -161,7 +170,7 @@ fn send_with_stack(
     match UNWIND_SAMPLES.output::<[u8]>(bytes, u64::from(BPF_RB_NO_WAKEUP)) {
         Ok(()) => true,
         Err(_) => {
-            count(Counter::UnwindRingFull);
+            count(Counter::StackCopyLost);
             false
         }
     }

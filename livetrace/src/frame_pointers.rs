@@ -4,6 +4,10 @@
 //! whichever compiler built it. Without them, `%rbp` is an ordinary register and is never
 //! loaded from `%rsp`. offcpu's `--unwind auto` uses this to copy stacks (which costs
 //! about twice as much per context switch) only for programs that need it.
+//!
+//! Go is judged by its toolchain instead: on x86-64 it has kept frame pointers since Go 1.7, but
+//! its functions open with a stack-growth check and set `%rbp` after it (`sub $N,%rsp; mov
+//! %rbp,N-8(%rsp); lea N-8(%rsp),%rbp`), and it ships no `.eh_frame` for CFI unwinding at all.
 
 use std::{
     fs::File,
@@ -40,6 +44,9 @@ pub fn judge(elf: &[u8]) -> Option<bool> {
     if file.architecture() != object::Architecture::X86_64 {
         return None;
     }
+    if is_go(&file) {
+        return Some(true);
+    }
     let text = file.section_by_name(".text")?;
     let data = text.data().ok()?;
     let base = text.address();
@@ -70,6 +77,12 @@ pub fn judge(elf: &[u8]) -> Option<bool> {
         }
     }
     (functions >= MIN_FUNCTIONS).then_some(with_frame * 2 >= functions)
+}
+
+/// Whether the Go toolchain built the file: its build-info section (Go 1.13+) or its PC-line
+/// table, which every Go binary carries.
+fn is_go(file: &object::File<'_>) -> bool {
+    file.section_by_name(".go.buildinfo").is_some() || file.section_by_name(".gopclntab").is_some()
 }
 
 /// Why a process's stacks need copying for unwinding: the first of its program and mapped

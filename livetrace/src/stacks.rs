@@ -27,6 +27,18 @@ use crate::{
     symbolize::{Resolved, Symbolizer},
 };
 
+/// Why a stack is missing when its copy could not be sent to the unwinding thread.
+const RING_FULL: &str = "stack copy lost to the full unwind ring buffer";
+
+/// The most frames `bpf_get_stackid` records (`PERF_MAX_STACK_DEPTH`, the size of a stack-trace
+/// map's value): a walk that fills them stopped at the limit, not at the stack's root.
+const KERNEL_MAX_DEPTH: usize = 127;
+
+/// Whether a stack id is one the unwinding thread gave out (`--unwind dwarf`), not the kernel.
+fn is_synthetic(id: i32) -> bool {
+    u32::try_from(id).is_ok_and(|id| id >= crate::unwind::FIRST_SYNTHETIC_ID)
+}
+
 /// The maps' contents, copied out of the kernel.
 #[derive(Default)]
 pub struct RawStacks {
@@ -302,6 +314,13 @@ pub fn build_profile(
         record(frames, findings, weight);
     }
 
+    if quality.stack_losses.keys().any(|k| k.contains(RING_FULL)) {
+        quality.advice.push(
+            "stack copies were dropped because the unwind ring buffer was full: raise \
+             --unwind-buffer-size (default 8m), or lower the sampling rate, or use --unwind fp"
+                .into(),
+        );
+    }
     let collisions = quality.stack_losses.keys().any(|k| k.contains("collision"));
     if map_full || collisions || quality.counts_map_full > 0 {
         quality.advice.push(format!(
@@ -422,7 +441,7 @@ fn key_frames(
                     "stack map full"
                 }
                 stack_errno::EFAULT => "walk failed (EFAULT)",
-                stack_errno::ENOSPC => "stack copy lost to the full unwind ring buffer",
+                stack_errno::ENOSPC => RING_FULL,
                 _ if stack_id == STACK_ID_RECOVERED => "not recoverable from /proc",
                 _ if stack_id >= 0 => "evicted from the stack map",
                 _ => "walk failed",
@@ -431,14 +450,38 @@ fn key_frames(
             findings.losses.push(format!("{side} stack: {cause}"));
             continue;
         };
-        if kind == FrameKind::User
-            && let Some(cause) = u32::try_from(stack_id)
+        let cause = match kind {
+            FrameKind::User => u32::try_from(stack_id)
                 .ok()
                 .and_then(|id| raw.cut_short.get(&id))
-        {
-            // The frames that could not be unwound would sit here, under the process.
-            frames.push(Frame::new(FrameKind::Lost, "[stack cut short]"));
-            findings.cut_short.push(cause.clone());
+                .cloned(),
+            _ => None,
+        };
+        // A walk in the kernel that stopped at its depth limit gives the leaf end of the stack.
+        let cause = cause.or_else(|| {
+            (stack_id >= 0 && trace.len() >= KERNEL_MAX_DEPTH && !is_synthetic(stack_id)).then(|| {
+                format!(
+                    "{} stack deeper than {KERNEL_MAX_DEPTH} frames, the most the kernel's walk \
+                     records: its outermost frames are missing{}",
+                    if kind == FrameKind::User { "user" } else { "kernel" },
+                    if kind == FrameKind::User {
+                        " (--unwind dwarf unwinds up to 512)"
+                    } else {
+                        ""
+                    }
+                )
+            })
+        });
+        if let Some(cause) = cause {
+            // The frames that could not be unwound would sit here, under the process (or
+            // between the user and the kernel frames).
+            let marker = if kind == FrameKind::User {
+                "[stack cut short]"
+            } else {
+                "[kernel stack cut short]"
+            };
+            frames.push(Frame::new(FrameKind::Lost, marker));
+            findings.cut_short.push(cause);
         }
         let first_frame = frames.len();
         // BPF gives the leaf first; profiles read root first.

@@ -100,6 +100,11 @@ impl UnwindArgs {
                 "frame pointers, walked in the kernel ({flag}); code built without them shows \
                  short stacks: try --unwind dwarf"
             )
+        } else if stack_kinds & STACK_KIND_USER != 0 {
+            format!(
+                "frame pointers, walked in the kernel ({flag}); code built without them shows \
+                 short stacks"
+            )
         } else {
             "not collected (-K)".into()
         }
@@ -141,8 +146,11 @@ fn parse_bytes(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text} is not a size in bytes (e.g. 16k, 8m, 4096)"))
 }
 
-/// The deepest stack kept (as the kernel's default `perf_event_max_stack`).
-const MAX_FRAMES: usize = 127;
+/// The deepest stack unwound here. Deeper than the kernel's frame-pointer walks (127 frames):
+/// a 16 KiB copy holds a few hundred frames of ordinary code.
+const MAX_FRAMES: usize = 512;
+/// Why a stack is cut short at [`MAX_FRAMES`].
+const TOO_DEEP: &str = "deeper than 512 frames, the most unwound: its outermost frames are missing";
 /// How long the drain thread sleeps when the ring buffer is empty.
 const POLL: Duration = Duration::from_millis(5);
 /// A process's mappings are re-read when a walk reaches an address outside them: a library
@@ -249,6 +257,9 @@ impl Unwound {
 
 /// Why a stack is cut short when its copy was the stack copy's full size.
 const COPY_TOO_SMALL: &str = "stack copy too small (raise --stack-copy-size)";
+/// The same when that size is the largest there is: nothing to raise.
+const DEEPER_THAN_ANY_COPY: &str = "stack deeper than the largest stack copy (16 KiB): its \
+     outermost frames are missing";
 /// Why it is cut short when the copy was sized from the thread's earlier stacks.
 const COPY_SIZED_TOO_SMALL: &str =
     "stack deeper than this thread's earlier ones (its next copies are whole)";
@@ -283,6 +294,10 @@ impl CopyLimits {
             Some(COPY_TOO_SMALL) if header.stack_len < self.whole && current.is_some() => {
                 key.cut_short = Some(COPY_SIZED_TOO_SMALL.into());
                 self.whole
+            }
+            Some(COPY_TOO_SMALL) if self.whole >= MAX_STACK_COPY => {
+                key.cut_short = Some(DEEPER_THAN_ANY_COPY.into());
+                return;
             }
             None => {
                 let needed = u32::try_from(used).unwrap_or(u32::MAX);
@@ -784,7 +799,8 @@ impl DwarfUnwinder {
             None => (addrs, error),
         };
         let Some(error) = error else {
-            return (addrs, None);
+            let deep = (addrs.len() >= MAX_FRAMES).then(|| TOO_DEEP.to_owned());
+            return (addrs, deep);
         };
         let cause = self.cause(pid, &addrs, regs, stack, error);
         (addrs, Some(cause))

@@ -336,6 +336,31 @@ fn state_filter_excludes_interruptible_sleep() {
         );
     }
     assert!(stderr.contains("left out by --state"), "{stderr}");
+    // The napper's thousands of naps, left out by --state, are not switch-ins "without a
+    // switch-out": at most each of the fixture's 6 threads switches in once unmatched (the
+    // first time, if it was already off-CPU when the capture began).
+    let unmatched: u64 = stderr
+        .split(" switch-ins had no recorded switch-out")
+        .next()
+        .filter(|before| before.len() < stderr.len())
+        .and_then(|before| before.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        unmatched <= 6,
+        "{unmatched} unmatched switch-ins:\n{stderr}"
+    );
+}
+
+/// A filter that leaves out every block says so, and says which, instead of claiming the
+/// threads never left the CPU.
+#[test]
+fn an_empty_result_names_the_filter_that_emptied_it() {
+    let (profile, stderr) = capture(&["--min-block", "3ms", "--max-block", "3ms"]);
+    assert_eq!(profile.total(), 0, "{}", profile.summary());
+    assert!(
+        stderr.contains("left out by --min-block") && !stderr.contains("did not leave the CPU"),
+        "{stderr}"
+    );
 }
 
 /// `--min-block 500ms` drops the napper's 1 ms naps but keeps the reader's one long block. (A nap
@@ -490,4 +515,112 @@ fn kernel_threads_only_when_asked() {
         shares[1] > 0.0,
         "no kernel thread with --include-kernel-threads"
     );
+}
+
+/// No thread is blocked for longer than the window, however long the scan for threads blocked
+/// since before the capture takes (500 of them here) and however often a thread blocks during
+/// it: the window starts when the programs start timing blocks. It used to start after the
+/// scan, and threads that blocked during it were counted from before the window (113% here).
+#[test]
+fn no_thread_is_blocked_longer_than_the_window() {
+    require_root();
+    let _cpus = cpu_shared();
+    let mut command = std::process::Command::new(fixture("crowd"));
+    command
+        .args(["500", "30"])
+        .stdin(std::process::Stdio::null());
+    let crowd = Process::spawn(command);
+    wait_until("crowd has started its 501 threads", SLACK, || {
+        thread_named(crowd.pid(), "napper").is_some()
+    });
+    let pid = crowd.pid().to_string();
+    let (profile, run) = run_folded(
+        &["offcpu", "-p", &pid, "-d", "2", "--per-thread"],
+        Duration::from_secs(2) + SLACK,
+    );
+    // "data quality: 2.35 s, ...": the window, to 10 ms.
+    let window_us: f64 = run
+        .stderr
+        .split("data quality: ")
+        .nth(1)
+        .and_then(|rest| rest.split(" s,").next())
+        .and_then(|secs| secs.parse::<f64>().ok())
+        .map(|secs| secs * 1e6)
+        .unwrap_or_else(|| panic!("no window in the footer:\n{}", run.stderr));
+    let mut by_thread: std::collections::BTreeMap<&str, u64> = Default::default();
+    for stack in &profile.stacks {
+        *by_thread.entry(stack.frames[1].as_str()).or_default() += stack.count;
+    }
+    let napper = by_thread
+        .iter()
+        .find(|(thread, _)| thread.starts_with("napper-"))
+        .map(|(_, &us)| us)
+        .unwrap_or_else(|| panic!("no napper in:\n{}", profile.summary()));
+    assert!(
+        napper as f64 >= 0.9 * window_us,
+        "the napper was blocked {napper} us of {window_us} us"
+    );
+    for (thread, &us) in &by_thread {
+        assert!(
+            us as f64 <= window_us + 5_000.0,
+            "{thread} was blocked {us} us, longer than the {window_us} us window\n{}",
+            run.stderr
+        );
+    }
+}
+
+/// Builds tests/fixtures/go/sleeper.go with the machine's Go (scripts/setup.sh installs it),
+/// offline, into the fixtures folder.
+fn go_sleeper() -> std::path::PathBuf {
+    let dir = fixture("offcpu").parent().unwrap().to_path_buf();
+    let out = dir.join("go_sleeper");
+    let home = dir.join("go-home");
+    let source = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/go/sleeper.go"
+    );
+    let partial = dir.join(format!("go_sleeper.{}.partial", std::process::id()));
+    let built = std::process::Command::new("go")
+        .args(["build", "-o"])
+        .arg(&partial)
+        .arg(source)
+        .env("HOME", &home)
+        .env("GOCACHE", home.join("cache"))
+        .env("GOPATH", home.join("go"))
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOPROXY", "off")
+        .output()
+        .expect("go runs (scripts/setup.sh installs golang-go)");
+    assert!(built.status.success(), "go build failed: {built:?}");
+    std::fs::rename(&partial, &out).unwrap();
+    out
+}
+
+/// A Go program: `--unwind auto` walks its frame pointers (Go keeps them on x86-64; it has no
+/// .eh_frame for CFI), and the nap's stack is complete down to the goroutine's start. It used to
+/// be judged "without frame pointers" and copied, and 60% of its blocked time was cut short.
+#[test]
+fn go_programs_are_walked_by_their_frame_pointers() {
+    require_root();
+    let _cpus = cpu_shared();
+    let mut command = std::process::Command::new(go_sleeper());
+    command.arg("20").stdin(std::process::Stdio::null());
+    let go = Process::spawn(command);
+    wait_for_cpu(go.pid(), 0.01);
+    let pid = go.pid().to_string();
+    let (profile, run) = run_folded(
+        &["offcpu", "-p", &pid, "-d", "2"],
+        Duration::from_secs(2) + SLACK,
+    );
+    run.assert_stderr_has("frame pointers, walked in the kernel (--unwind auto");
+    let nap = profile.share_where(|s| s.contains("main.nap"));
+    let complete = profile.share_where(|s| {
+        s.contains_run(&["runtime.main", "main.main", "main.napLoop", "main.nap"])
+    });
+    assert!(
+        nap > 0.0 && complete >= 0.95 * nap,
+        "{complete:.3} of {nap:.3} reach the goroutine's start\n{}",
+        profile.summary()
+    );
+    assert!(!run.stderr.contains("cut short"), "{}", run.stderr);
 }

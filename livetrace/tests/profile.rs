@@ -540,3 +540,86 @@ fn bad_duration_is_a_usage_error() {
         out.display()
     );
 }
+
+/// A stack deeper than either unwinding mode walks (2000 frames) is marked `[stack cut short]`
+/// at its root end and counted in the footer with the reason, in frame-pointer and in DWARF
+/// mode: its outermost frames (main, _start) are missing, and it must not pass for complete.
+#[test]
+fn a_stack_deeper_than_any_walk_is_marked_and_counted() {
+    require_root();
+    let _cpus = cpu_shared();
+    let deep = start_fixture("deep", &["2000", "20"]);
+    let pid = deep.pid().to_string();
+    for (mode, reason) in [("fp", "deeper than 127 frames"), ("dwarf", "16 KiB")] {
+        let (profile, run) = run_folded(
+            &["profile", "-p", &pid, "-U", "--unwind", mode, "-d", "1"],
+            Duration::from_secs(1) + SLACK,
+        );
+        let bottom = profile.share_containing("spin_at_bottom");
+        let marked = profile.share_where(|s| {
+            s.contains("spin_at_bottom")
+                && s.below_root().first().map(String::as_str) == Some("[stack cut short]")
+        });
+        assert!(
+            bottom > 0.5 && (marked - bottom).abs() < 1e-9,
+            "{mode}: {marked:.3} of {bottom:.3} marked\n{}",
+            profile.summary()
+        );
+        assert!(!profile.has_frame("main"), "{mode}: {}", profile.summary());
+        assert!(
+            run.stderr.contains("stack cut short") && run.stderr.contains(reason),
+            "{mode}: {}",
+            run.stderr
+        );
+        // The copy is already the largest there is: no advice to raise it.
+        assert!(
+            !run.stderr.contains("raise --stack-copy-size"),
+            "{}",
+            run.stderr
+        );
+    }
+}
+
+/// At a sampling rate the unwinding thread cannot keep up with (20 kHz, the smallest ring
+/// buffer), stack copies are dropped, but no sample is: each stays in the profile under
+/// `[lost user stack]`, the footer counts them by cause, and the hint names the ring buffer.
+/// They used to vanish (a quarter of the samples at high -F) with a hint at the wrong knob.
+#[test]
+fn samples_whose_stack_copy_is_dropped_stay_in_the_profile() {
+    require_root();
+    let _cpus = cpu_shared();
+    let chain = start_fixture("chain", &["20"]);
+    let pid = chain.pid().to_string();
+    let (profile, run) = run_folded(
+        &[
+            "profile",
+            "-p",
+            &pid,
+            "-F",
+            "20000",
+            "--unwind-buffer-size",
+            "64k",
+            "-d",
+            "1",
+        ],
+        Duration::from_secs(1) + SLACK,
+    );
+    // "data quality: 1.00 s, 39990 events seen, 19921 recorded"
+    let recorded: u64 = run
+        .stderr
+        .split(" recorded")
+        .next()
+        .and_then(|before| before.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no recorded count:\n{}", run.stderr));
+    assert_eq!(profile.total(), recorded, "{}", run.stderr);
+    assert!(
+        profile.has_frame("[lost user stack]")
+            && run
+                .stderr
+                .contains("stack copy lost to the full unwind ring buffer")
+            && run.stderr.contains("raise --unwind-buffer-size"),
+        "{}\n{}",
+        profile.summary(),
+        run.stderr
+    );
+}

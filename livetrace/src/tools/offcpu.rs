@@ -15,7 +15,8 @@ use aya::{
 use clap::{Args as ClapArgs, ValueEnum};
 use livetrace_common::{
     offcpu::{
-        OFFCPU_START, OffcpuStart, STATE_INTERRUPTIBLE, STATE_PREEMPTED, STATE_UNINTERRUPTIBLE,
+        MAX_THREADS, OFFCPU_START, OffcpuStart, START_FILTERED, STATE_INTERRUPTIBLE,
+        STATE_PREEMPTED, STATE_UNINTERRUPTIBLE,
     },
     stacks::{
         Counter, DEFAULT_STACK_STORAGE, STACK_ID_RECOVERED, STACK_ID_UNWOUND, STACK_KIND_KERNEL,
@@ -201,6 +202,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }),
     };
     let (mut ebpf, hook, collector) = load_and_attach(&args, base, &target, &mut notes)?;
+    // The window starts when the programs start recording: every block they time starts in it.
+    let start_ns = monotonic_ns();
     let unwind_mode = args.unwind.describe(
         collector.is_some(),
         stack_kinds,
@@ -216,16 +219,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     // Threads asleep now will not pass through sched_switch until they wake: find them, recover
-    // their stacks, and start their clocks now.
-    let blocked_at_start = match &target {
+    // their stacks, and start their clocks at the window's start. One the programs have no
+    // entry for was asleep since before they were attached (one that blocked since has one).
+    // Those in a state --state leaves out are marked so, as if their switch-out had been seen.
+    let (blocked_at_start, left_out): (Vec<_>, Vec<_>) = match &target {
         Target::Threads { pids, tids } => already_blocked::scan(pids, tids)
             .into_iter()
-            .filter(|t| args.state.selects(t.state))
-            .collect(),
-        _ => Vec::new(),
+            .partition(|t| args.state.selects(t.state)),
+        _ => Default::default(),
     };
-    let start_ns = monotonic_ns();
-    seed_blocked(&mut ebpf, &blocked_at_start, start_ns)?;
+    let unseeded = seed_blocked(&mut ebpf, &blocked_at_start, start_ns)?
+        + seed_blocked(&mut ebpf, &left_out, START_FILTERED)?;
+    if unseeded > 0 {
+        notes.push(format!(
+            "{unseeded} threads found blocked at the start could not be timed: the off-CPU \
+             start map is full (it holds {MAX_THREADS} threads)"
+        ));
+    }
     if let Some(command) = &mut command {
         command.release()?;
         symbolizer.note_process(command.pid);
@@ -321,6 +331,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (end_ns, Some(&stop)),
         unwound,
     )?;
+    let counters = bpf::read_counters_in(&ebpf)?;
     drop(ebpf);
     let written = output::write_stack_profile(&profile, &outputs);
     let mut summary = Vec::new();
@@ -331,10 +342,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         crate::console::stdout(&summary);
     }
     if profile.total_weight() == 0 {
-        crate::say!(
-            "livetrace: no samples: no blocked time was recorded; the target's threads did not leave the CPU \
-             in the selected states. If it is busy, try `livetrace profile` with the same target."
-        );
+        crate::say!("livetrace: {}", why_nothing(&args, &counters));
     }
     output::report_footer_and_files(&profile, &written);
     written.finish()
@@ -388,7 +396,8 @@ fn build(
         recorded: counter(Counter::Recorded),
         not_target: counter(Counter::NotTarget) + counter(Counter::KernelThread),
         counts_map_full: counter(Counter::CountsMapFull) + counter(Counter::WakeCountsMapFull),
-        unwind_ring_full: counter(Counter::UnwindRingFull) + counter(Counter::UnwindScratchMissing),
+        // Records lost whole; a block whose stack copy was lost is kept (a stack loss).
+        unwind_ring_full: counter(Counter::UnwindRingFull),
         unwind_mode: Some(context.unwind_mode.clone()),
         notes: context.notes.clone(),
         ..DataQuality::default()
@@ -469,6 +478,38 @@ fn build(
         by_thread.without_threads()
     };
     Ok((by_thread, profile))
+}
+
+/// Why a capture recorded no blocked time, from what the programs counted, and what to try.
+fn why_nothing(
+    args: &Args,
+    counters: &[u64; livetrace_common::stacks::COUNTER_SLOTS as usize],
+) -> String {
+    let count = |c: Counter| bpf::counter(counters, c);
+    let (by_length, by_state) = (count(Counter::BlockFiltered), count(Counter::StateFiltered));
+    if by_length > 0 {
+        let bound = |d: Option<Duration>| d.map_or("any".into(), |d| format!("{d:?}"));
+        return format!(
+            "no blocked time was kept: all {by_length} blocks were left out by --min-block \
+             ({}) and --max-block ({}); widen them",
+            bound(args.min_block),
+            bound(args.max_block)
+        );
+    }
+    if by_state > 0 {
+        return format!(
+            "no blocked time was kept: all {by_state} blocks were in states --state {} leaves \
+             out; try --state any",
+            match args.state {
+                State::Any => "any",
+                State::Uninterruptible => "D",
+                State::Interruptible => "S",
+            }
+        );
+    }
+    "no samples: no blocked time was recorded; the target's threads did not leave the CPU. If \
+     it is busy, try `livetrace profile` with the same target."
+        .into()
 }
 
 /// Fails, naming them, without the capabilities the run needs; warns about the ones that only
@@ -671,15 +712,21 @@ fn try_tp_btf(
     Ok((ebpf, collector))
 }
 
-/// Starts the clocks of the threads found asleep, under keys whose stacks are the recovered
-/// ones. A thread that switched out by itself in the meantime keeps its own entry.
+/// `BPF_NOEXIST`: the update fails (EEXIST) if the key is there.
+const BPF_NOEXIST: u64 = 1;
+
+/// Starts the clocks of the threads found asleep at `start_ns`, under keys whose stacks are the
+/// recovered ones (or, with [`START_FILTERED`], marks them left out by --state). A thread that
+/// switched out by itself in the meantime keeps its own entry. Returns how many could not be
+/// started (a full map).
 fn seed_blocked(
     ebpf: &mut Ebpf,
     threads: &[already_blocked::BlockedThread],
     start_ns: u64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<usize> {
     let mut starts: BpfHashMap<_, u32, OffcpuStart> =
         BpfHashMap::try_from(bpf::map_mut(ebpf, OFFCPU_START)?)?;
+    let mut unseeded = 0;
     for thread in threads {
         let mut comm = [0u8; 16];
         for (dst, src) in comm.iter_mut().zip(thread.comm.bytes().take(15)) {
@@ -695,10 +742,16 @@ fn seed_blocked(
             },
             start_ns,
         };
-        // BPF_NOEXIST: never replace an entry the kernel made.
-        let _ = starts.insert(thread.tid, start, 1);
+        // BPF_NOEXIST: never replace an entry the kernel made (the thread blocked again
+        // since the scan); a full map is counted.
+        match starts.insert(thread.tid, start, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::SyscallError(err))
+                if err.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(_) => unseeded += 1,
+        }
     }
-    Ok(())
+    Ok(unseeded)
 }
 
 /// Blocks still going on at the end, counted up to the end, under the same --min-block and
@@ -716,8 +769,9 @@ fn still_blocked(
     let mut merged: HashMap<StackKey, u64> = HashMap::new();
     for entry in starts.iter() {
         let (tid, start) = entry.context("failed to read the off-CPU start map")?;
-        if start.start_ns == 0 {
-            continue; // that thread is running: its last block was already counted
+        if start.start_ns == 0 || start.start_ns == START_FILTERED {
+            // Running (its last block was counted), or off-CPU in a state --state leaves out.
+            continue;
         }
         let blocked = Duration::from_nanos(end_ns.saturating_sub(start.start_ns));
         if !(min_block..=max_block).contains(&blocked) {

@@ -349,8 +349,8 @@ fn build(
         idle: bpf::counter(&counters, Counter::Idle),
         not_target: bpf::counter(&counters, Counter::NotTarget),
         counts_map_full: bpf::counter(&counters, Counter::CountsMapFull),
-        unwind_ring_full: bpf::counter(&counters, Counter::UnwindRingFull)
-            + bpf::counter(&counters, Counter::UnwindScratchMissing),
+        // Records lost whole; a sample whose stack copy was lost is kept (a stack loss).
+        unwind_ring_full: bpf::counter(&counters, Counter::UnwindRingFull),
         unwind_mode: Some(context.unwind_mode.clone()),
         // Only the whole system has a known expectation: every CPU, every tick.
         expected: context.whole_system.then(|| {
