@@ -7,6 +7,16 @@ use std::time::Duration;
 /// garbage and values too large to represent, with a message that names the input.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
+    // Values that start with '-' reach here (so that -d -1 is not taken for an option).
+    if let Some(rest) = trimmed.strip_prefix('-') {
+        return Err(
+            if rest.starts_with(|c: char| c.is_ascii_digit() || c == '.') {
+                format!("'{text}' is negative: give a duration of zero or more (30, 1.5s, 250ms)")
+            } else {
+                format!("'{text}' is not a duration: give one before it (30, 1.5s, 250ms)")
+            },
+        );
+    }
     let split = trimmed
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(trimmed.len());

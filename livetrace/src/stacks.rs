@@ -187,6 +187,9 @@ pub struct BuildOptions {
     pub weight_divisor: u64,
     /// For sampled profiles, the time one sample stands for (1e9 / Hz).
     pub period_ns: Option<u64>,
+    /// Whether `--unwind dwarf` may be suggested for short stacks (offcpu --wakers cannot use
+    /// it).
+    pub dwarf_possible: bool,
 }
 
 /// Every address but the leaf is a return address: look up the call instruction before it, or a
@@ -343,10 +346,16 @@ pub fn build_profile(
              (Debian: the -dbgsym package) or profile an unstripped build"
                 .into()
         } else {
-            "unresolved frames usually mean stripped binaries or code built without frame \
-             pointers: install debug symbols, or build with -fno-omit-frame-pointer \
-             (Rust: -C force-frame-pointers=yes), or try --unwind dwarf"
-                .into()
+            format!(
+                "unresolved frames usually mean stripped binaries or code built without frame \
+                 pointers: install debug symbols, or build with -fno-omit-frame-pointer \
+                 (Rust: -C force-frame-pointers=yes){}",
+                if options.dwarf_possible {
+                    ", or try --unwind dwarf"
+                } else {
+                    ""
+                }
+            )
         });
     }
     quality.advice.extend(symbolizer.jit_advice());

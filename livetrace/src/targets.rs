@@ -41,6 +41,12 @@ impl TargetArgs {
     /// Checks that every PID and TID names a live process or thread, and that the command is
     /// not combined with ids.
     pub fn resolve(&self) -> anyhow::Result<Target> {
+        self.resolve_for(true)
+    }
+
+    /// [`Self::resolve`] for a tool that takes `-t` (`threads`) or does not (uprobe-hist: a
+    /// probe sees every thread of the process), so that its advice names only flags it has.
+    pub fn resolve_for(&self, threads: bool) -> anyhow::Result<Target> {
         if !self.command.is_empty() {
             if !self.pids.is_empty() || !self.tids.is_empty() {
                 return Err(UsageError::error(
@@ -55,12 +61,22 @@ impl TargetArgs {
         for &pid in &self.pids {
             match thread_group_of(pid) {
                 Some(tgid) if tgid == pid => {}
-                Some(tgid) => {
+                Some(tgid) if threads => {
                     return Err(UsageError::error(format!(
                         "{pid} is a thread of process {tgid}, not a process: use -t {pid} for \
                          the thread alone, or -p {tgid} for the whole process"
                     )));
                 }
+                Some(tgid) => {
+                    return Err(UsageError::error(format!(
+                        "{pid} is a thread of process {tgid}, not a process: use -p {tgid} \
+                         (the probe sees every thread of the process)"
+                    )));
+                }
+                None if is_zombie(pid) => bail!(
+                    "process {pid} has exited: it is a zombie, waiting for its parent to reap \
+                     it, and runs no code to trace"
+                ),
                 None => bail!("no process with PID {pid} exists (is it still running?)"),
             }
         }
@@ -81,6 +97,14 @@ fn dedup(ids: &[u32]) -> Vec<u32> {
     ids.sort_unstable();
     ids.dedup();
     ids
+}
+
+/// Whether the task exists as a zombie: exited, not yet reaped.
+pub fn is_zombie(id: u32) -> bool {
+    fs::read_to_string(format!("/proc/{id}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
 }
 
 /// The process (tgid) a task belongs to, if the task exists and is not a zombie.

@@ -83,8 +83,15 @@ impl UnwindArgs {
         wanted && stack_kinds & STACK_KIND_USER != 0
     }
 
-    /// The footer's line on how user stacks were walked; `why`: what `auto` went by.
-    pub fn describe(&self, dwarf: bool, stack_kinds: u8, why: Option<&str>) -> String {
+    /// The footer's line on how user stacks were walked; `why`: what `auto` went by;
+    /// `dwarf_possible`: whether to suggest `--unwind dwarf` (offcpu --wakers cannot use it).
+    pub fn describe(
+        &self,
+        dwarf: bool,
+        stack_kinds: u8,
+        why: Option<&str>,
+        dwarf_possible: bool,
+    ) -> String {
         let flag = match why {
             Some(why) => format!("--unwind auto: {why}"),
             None if dwarf => "--unwind dwarf".into(),
@@ -95,7 +102,7 @@ impl UnwindArgs {
                 "unwound with DWARF CFI (.eh_frame) from {} KiB stack copies ({flag})",
                 self.stack_copy_size / 1024
             )
-        } else if stack_kinds & STACK_KIND_USER != 0 {
+        } else if stack_kinds & STACK_KIND_USER != 0 && dwarf_possible {
             format!(
                 "frame pointers, walked in the kernel ({flag}); code built without them shows \
                  short stacks: try --unwind dwarf"

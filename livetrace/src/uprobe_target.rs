@@ -574,12 +574,35 @@ pub fn function_symbols(path: &Path) -> anyhow::Result<Vec<FunctionSymbol>> {
     Ok(symbols.into_values().collect())
 }
 
+/// The address of a data symbol (a variable) named `name` in the ELF file, if it has one: a
+/// name the user took for a function.
+pub fn variable_named(path: &Path, name: &str) -> Option<u64> {
+    let inspector = Inspector::new();
+    let mut source = Elf::new(path);
+    source.debug_syms = false;
+    let mut found = None;
+    inspector
+        .for_each(&source.into(), |sym| {
+            if sym.sym_type == SymType::Variable
+                && (sym.name == name || demangle(&sym.name) == name)
+            {
+                found = Some(sym.addr);
+                return std::ops::ControlFlow::Break(());
+            }
+            std::ops::ControlFlow::Continue(())
+        })
+        .ok()?;
+    found
+}
+
 /// The outcome of looking a function up in one file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Lookup {
     Found(FunctionSymbol),
     /// Several functions at different addresses answer to the name.
     Ambiguous(Vec<FunctionSymbol>),
+    /// `SYMBOL@0xADDR`: functions answer to the name, but none at that address.
+    NotAt(u64, Vec<FunctionSymbol>),
     Missing,
 }
 
@@ -595,7 +618,7 @@ pub fn find_symbol(symbols: &[FunctionSymbol], spec: &SymbolSpec) -> Lookup {
         return match by_addr.remove(&address) {
             Some(sym) => Lookup::Found(sym),
             None if by_addr.is_empty() => Lookup::Missing,
-            None => Lookup::Ambiguous(by_addr.into_values().collect()),
+            None => Lookup::NotAt(address, by_addr.into_values().collect()),
         };
     }
     let mut found: Vec<FunctionSymbol> = by_addr.into_values().collect();

@@ -31,12 +31,13 @@ Examples:
   livetrace profile -p 1234 -d 30 -o before.pb.gz     # capture, change something, capture again
   livetrace profile -p 1234 -d 30 -o after.pb.gz
   livetrace diff before.pb.gz after.pb.gz -o diff.svg # red grew, blue shrank
-  livetrace diff old.folded new.folded --top 30        # just the table";
+  livetrace diff old.folded new.folded --top 30        # a longer table (and the SVG)";
 
 #[derive(ClapArgs, Debug)]
 #[command(after_help = EXAMPLES)]
 pub struct Args {
-    /// The earlier capture: folded stacks or pprof (.pb.gz).
+    /// The earlier capture: folded stacks or pprof (.pb.gz). Both must be on-CPU (samples) or
+    /// both off-CPU (blocked time).
     #[arg(value_name = "BEFORE")]
     pub before: PathBuf,
     /// The later capture: folded stacks or pprof (.pb.gz).
@@ -94,6 +95,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether folded stacks are, by their look, an off-CPU profile: nearly all their weight ends
+/// in the scheduler's switch (`__schedule`), where every blocked stack ends and few sampled
+/// ones do. Folded stacks do not say their unit; this is how a mix-up is still caught.
+fn blocked_time_profile(profile: &StackProfile) -> bool {
+    let total = profile.total_weight();
+    let blocked: u64 = profile
+        .stacks
+        .iter()
+        .filter(|s| {
+            s.frames
+                .last()
+                .is_some_and(|f| f.kind == FrameKind::Kernel && f.name.ends_with("schedule"))
+        })
+        .map(|s| s.weight)
+        .sum();
+    total > 0 && blocked * 10 >= total * 9
+}
+
 /// One input, and whether its unit is known (pprof says; folded stacks do not).
 pub struct Capture {
     pub profile: StackProfile,
@@ -125,8 +144,13 @@ pub fn read_capture(path: &Path) -> anyhow::Result<Capture> {
         let profile = parse_folded(text)
             .with_context(|| format!("'{}' is not valid folded stacks", path.display()))?;
         Capture {
+            // Folded stacks do not say their unit: judged by their look.
+            known_unit: Some(if blocked_time_profile(&profile) {
+                WeightUnit::Microseconds
+            } else {
+                WeightUnit::Samples
+            }),
             profile,
-            known_unit: None,
         }
     };
     // Folded stacks do not say which frames are the process and thread; pprof does. Compare

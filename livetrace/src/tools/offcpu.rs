@@ -57,7 +57,8 @@ pub struct Args {
     #[command(flatten)]
     pub target: TargetArgs,
     /// How long to watch (10, 1.5s, 500ms); default: until Ctrl-C or the target exits.
-    #[arg(short = 'd', long = "duration", value_name = "SECS", value_parser = parse_positive_duration)]
+    #[arg(short = 'd', long = "duration", value_name = "SECS", value_parser = parse_positive_duration,
+          allow_hyphen_values = true)]
     pub duration: Option<Duration>,
     /// User stacks only (cheaper: no kernel stack walk per switch).
     #[arg(short = 'U', long = "user-only", conflicts_with = "kernel_only")]
@@ -70,12 +71,15 @@ pub struct Args {
     #[arg(long = "state", value_enum, default_value_t = State::Any)]
     pub state: State,
     /// Leave out blocks shorter than this (250us, 10ms).
-    #[arg(long = "min-block", value_name = "DUR", value_parser = parse_duration)]
+    #[arg(long = "min-block", value_name = "DUR", value_parser = parse_duration,
+          allow_hyphen_values = true)]
     pub min_block: Option<Duration>,
     /// Leave out blocks longer than this.
-    #[arg(long = "max-block", value_name = "DUR", value_parser = parse_duration)]
+    #[arg(long = "max-block", value_name = "DUR", value_parser = parse_duration,
+          allow_hyphen_values = true)]
     pub max_block: Option<Duration>,
-    /// Write an output; the format follows the extension: .svg, .folded, or - (folded, stdout).
+    /// Write an output; the format follows the extension: .svg (flamegraph), .folded, .pb.gz
+    /// (pprof), .speedscope.json, .json (summary), or - (folded stacks on stdout).
     #[arg(short = 'o', long = "output", value_name = "PATH", value_parser = OutputSpec::parse)]
     pub outputs: Vec<OutputSpec>,
     /// Put the thread (name-tid) under the process in every stack.
@@ -204,10 +208,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (mut ebpf, hook, collector) = load_and_attach(&args, base, &target, &mut notes)?;
     // The window starts when the programs start recording: every block they time starts in it.
     let start_ns = monotonic_ns();
+    // --wakers walks frame pointers only: no advice to try what it refuses.
     let unwind_mode = args.unwind.describe(
         collector.is_some(),
         stack_kinds,
         why.as_deref().filter(|_| collector.is_some() == dwarf),
+        !args.wakers,
     );
 
     let mut symbolizer = Symbolizer::new();
@@ -469,6 +475,7 @@ fn build(
             stack_storage: args.stack_storage,
             weight_divisor: 1000,
             period_ns: None,
+            dwarf_possible: !args.wakers,
         },
         quality,
     );

@@ -41,7 +41,7 @@ Examples:
   livetrace profile -F 999 -U -- ./server    # start ./server, user stacks only, 999 Hz
   livetrace profile -t 1240 -o - | grep parse  # one thread, folded stacks on stdout
   livetrace profile --unwind fp -d 10        # the whole system, frame pointers (the default there)
-  livetrace profile -p 1234 --unwind dwarf --stack-copy-size 32k   # deep stacks, no frame pointers";
+  livetrace profile -p 1234 --unwind dwarf --stack-copy-size 4k   # shallow stacks: cheaper copies";
 
 #[derive(ClapArgs, Debug)]
 #[command(after_help = EXAMPLES)]
@@ -50,10 +50,11 @@ pub struct Args {
     pub target: TargetArgs,
     /// Samples per second on each CPU (or thread of a spawned command).
     #[arg(short = 'F', long = "frequency", value_name = "HZ", default_value_t = 99,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = parse_frequency, allow_negative_numbers = true)]
     pub frequency: u64,
     /// How long to sample (30, 1.5s, 500ms); default: until Ctrl-C or the target exits.
-    #[arg(short = 'd', long = "duration", value_name = "SECS", value_parser = parse_positive_duration)]
+    #[arg(short = 'd', long = "duration", value_name = "SECS", value_parser = parse_positive_duration,
+          allow_hyphen_values = true)]
     pub duration: Option<Duration>,
     /// User stacks only.
     #[arg(short = 'U', long = "user-only", conflicts_with = "kernel_only")]
@@ -61,7 +62,8 @@ pub struct Args {
     /// Kernel stacks only.
     #[arg(short = 'K', long = "kernel-only")]
     pub kernel_only: bool,
-    /// Write an output; the format follows the extension: .svg, .folded, or - (folded, stdout).
+    /// Write an output; the format follows the extension: .svg (flamegraph), .folded, .pb.gz
+    /// (pprof), .speedscope.json, .json (summary), or - (folded stacks on stdout).
     /// Repeat for several formats from the same samples.
     #[arg(short = 'o', long = "output", value_name = "PATH", value_parser = OutputSpec::parse)]
     pub outputs: Vec<OutputSpec>,
@@ -202,7 +204,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let mut context = BuildContext {
-        unwind_mode: args.unwind.describe(dwarf, stack_kinds, None),
+        unwind_mode: args.unwind.describe(dwarf, stack_kinds, None, true),
         title,
         frequency,
         per_thread: args.per_thread,
@@ -372,6 +374,7 @@ fn build(
             unit: WeightUnit::Samples,
             // Sampling is by frequency, so a sample stands for 1/Hz of CPU time on average.
             period_ns: Some(1_000_000_000 / frequency),
+            dwarf_possible: true,
             per_thread: context.per_thread,
             stack_storage: context.stack_storage,
             weight_divisor: 1,
@@ -450,6 +453,17 @@ fn attach(
                 ));
             }
         }
+    }
+}
+
+/// `-F`: samples per second, 1 or more.
+fn parse_frequency(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<u64>() {
+        Ok(hz) if hz >= 1 => Ok(hz),
+        _ => Err(format!(
+            "'{text}' is not a sampling rate: give samples per second, 1 or more (99 is the \
+             default; 999 for a finer profile)"
+        )),
     }
 }
 

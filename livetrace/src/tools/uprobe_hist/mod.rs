@@ -75,20 +75,23 @@ pub struct Args {
     #[arg(short = 'p', long = "pid", value_name = "PID", value_delimiter = ',')]
     pub pids: Vec<u32>,
     /// How long to trace (30, 1.5s, 500ms); default: until Ctrl-C or the targets exit.
-    #[arg(short = 'd', long = "duration", value_name = "SECS", value_parser = parse_positive_duration)]
+    #[arg(short = 'd', long = "duration", value_name = "SECS", value_parser = parse_positive_duration,
+          allow_hyphen_values = true)]
     pub duration: Option<Duration>,
     /// Also print a histogram every SECS (at least 1 s), then the total.
-    #[arg(short = 'i', long = "interval", value_name = "SECS", value_parser = parse_interval)]
+    #[arg(short = 'i', long = "interval", value_name = "SECS", value_parser = parse_interval,
+          allow_hyphen_values = true)]
     pub interval: Option<Duration>,
     /// Print one JSON object on stdout instead of the text report.
     #[arg(long = "json")]
     pub json: bool,
     /// Record calls at least this long (5ms, 250us) with their caller's stack; list the slowest.
-    #[arg(long = "slow", value_name = "DUR", value_parser = parse_positive_duration)]
+    #[arg(long = "slow", value_name = "DUR", value_parser = parse_positive_duration,
+          allow_hyphen_values = true)]
     pub slow: Option<Duration>,
     /// Write an output; the format follows the extension: .txt (the text report), .json, or
-    /// with --slow .svg / .folded (the slow calls' callers, weighted by their total time in us);
-    /// - is the text report on stdout. Repeatable.
+    /// with --slow the slow calls' callers, weighted by their total time in us: .svg, .folded,
+    /// .pb.gz (pprof) or .speedscope.json; - is the text report on stdout. Repeatable.
     #[arg(short = 'o', long = "output", value_name = "PATH", value_parser = HistOutput::parse)]
     pub outputs: Vec<HistOutput>,
     /// Threads that can be inside the function at the same time.
@@ -128,8 +131,8 @@ impl HistOutput {
         OutputSpec::parse(text).map(Self::Stacks).map_err(|_| {
             format!(
                 "cannot tell the format of '{text}' from its extension: use .txt (the \
-                     histogram), .json, .svg or .folded (slow calls' stacks, with --slow), or - \
-                     (the histogram on stdout)"
+                     histogram), .json, .svg, .folded, .pb.gz or .speedscope.json (slow calls' \
+                     stacks, with --slow), or - (the histogram on stdout)"
             )
         })
     }
@@ -192,7 +195,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         command: args.command.clone(),
         as_root: args.as_root,
     }
-    .resolve()?;
+    .resolve_for(false)?;
     let mut needs = vec![
         privileges::BPF,
         privileges::PERFMON,

@@ -11,7 +11,7 @@ use crate::{
     targets::{self, Target},
     uprobe_target::{
         self, Candidate, ElfInfo, FunctionSymbol, Lookup, Scope, SymbolSpec, close_names,
-        describe_ambiguity, find_symbol, function_symbols,
+        describe_ambiguity, find_symbol, function_symbols, variable_named,
     },
 };
 
@@ -117,6 +117,21 @@ fn find_site(spec: &SymbolSpec, scope: &Scope<'_>, pid: Option<u32>) -> anyhow::
                     &candidates,
                 )));
             }
+            Lookup::NotAt(address, candidates) => {
+                let at: Vec<String> = candidates
+                    .iter()
+                    .map(|c| format!("{:#x}", c.addr))
+                    .collect();
+                return Err(crate::UsageError::error(format!(
+                    "no function '{}' starts at {address:#x} in {}: it is at {}; pick one of \
+                     those, e.g. {}@{}",
+                    spec.symbol,
+                    file.shown,
+                    at.join(", "),
+                    spec.symbol,
+                    at[0]
+                )));
+            }
             Lookup::Missing => {
                 if primary && !info.has_symtab {
                     stripped.push((file.shown.clone(), symbols.len()));
@@ -155,6 +170,18 @@ fn find_site(spec: &SymbolSpec, scope: &Scope<'_>, pid: Option<u32>) -> anyhow::
                 }
             )
         };
+        if let Some((file, address)) = search
+            .files
+            .iter()
+            .find_map(|f| variable_named(&f.path, &spec.symbol).map(|a| (f, a)))
+        {
+            bail!(
+                "'{}' in {} is a variable (data at {address:#x}), not a function: uprobe-hist \
+                 times the calls of a function",
+                spec.symbol,
+                file.shown
+            );
+        }
         let mut message = format!(
             "function '{}' not found in {searched} ({place})",
             spec.symbol

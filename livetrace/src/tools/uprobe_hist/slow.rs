@@ -173,6 +173,7 @@ impl SlowCollector {
                 stack_storage: DEFAULT_STACK_STORAGE,
                 weight_divisor: 1,
                 period_ns: None,
+                dwarf_possible: true,
             },
             quality,
         );
