@@ -42,6 +42,9 @@ pub const RECORD_BLOCK_END: u32 = 2;
 /// The process `tgid` has exec'd (no stack follows): every record after this one comes from
 /// its new program, whose memory map is a new one.
 pub const RECORD_EXEC: u32 = 3;
+/// The process `tgid` was forked by the process in `weight` (no stack follows): until it
+/// execs, its memory map is its parent's.
+pub const RECORD_FORK: u32 = 4;
 
 /// The registers framehop needs on x86-64, who was running, and what the record counts.
 #[repr(C)]
@@ -53,7 +56,8 @@ pub struct UnwindSampleHeader {
     pub kernel_stack_id: i32,
     /// Bytes of stack that follow the header.
     pub stack_len: u32,
-    /// [`RECORD_SAMPLE`], [`RECORD_BLOCK_START`], [`RECORD_BLOCK_END`] or [`RECORD_EXEC`].
+    /// [`RECORD_SAMPLE`], [`RECORD_BLOCK_START`], [`RECORD_BLOCK_END`], [`RECORD_EXEC`] or
+    /// [`RECORD_FORK`].
     pub kind: u32,
     pub _reserved: u32,
     /// User-mode instruction pointer, stack pointer and frame pointer at the sample.

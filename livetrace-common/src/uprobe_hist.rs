@@ -135,6 +135,9 @@ pub enum Counter {
     /// A return that matched no entry while the entry probe was being attached or detached:
     /// the call began outside the capture. Not a loss.
     ReturnOutsideCapture = 13,
+    /// The probe fired in a process that is not a target (a probe on a whole file, filtered to
+    /// the command's processes in the kernel). Not a loss; not in Entries or Returns.
+    NotTarget = 14,
 }
 
 /// Number of [`Counter`] slots.

@@ -135,6 +135,9 @@ pub fn follow_fork(ctx: BtfTracePointContext) -> i32 {
     {
         add_target_tgid(child_tgid);
         announce_first_sight(child_tgid);
+        if unwind::enabled() {
+            unwind::submit_fork(child_tgid, parent_tgid);
+        }
     }
     0
 }

@@ -19,7 +19,7 @@ use livetrace_common::{
     stacks::{Counter, StackKey, stack_errno},
     unwind::{
         DEFAULT_UNWIND_BUFFER, HEADER_LEN, MAX_STACK_COPY, RECORD_BLOCK_END, RECORD_BLOCK_START,
-        RECORD_EXEC, RECORD_SAMPLE, STACK_CHUNK, UnwindSampleHeader, UnwindScratch,
+        RECORD_EXEC, RECORD_FORK, RECORD_SAMPLE, STACK_CHUNK, UnwindSampleHeader, UnwindScratch,
     },
 };
 
@@ -128,6 +128,25 @@ pub fn submit_exec(tgid: u32, tid: u32) {
         tgid,
         tid,
         kind: RECORD_EXEC,
+        ..UnwindSampleHeader::default()
+    };
+    if UNWIND_SAMPLES
+        .output::<UnwindSampleHeader>(&header, u64::from(BPF_RB_NO_WAKEUP))
+        .is_err()
+    {
+        count(Counter::UnwindRingFull);
+    }
+}
+
+/// The process `child` was forked by `parent`: user space unwinds it with its parent's memory
+/// map until it execs (it may not live to be looked at). A lost record is counted.
+#[inline(always)]
+pub fn submit_fork(child: u32, parent: u32) {
+    let header = UnwindSampleHeader {
+        tgid: child,
+        tid: child,
+        kind: RECORD_FORK,
+        weight: u64::from(parent),
         ..UnwindSampleHeader::default()
     };
     if UNWIND_SAMPLES

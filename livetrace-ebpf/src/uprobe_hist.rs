@@ -24,7 +24,7 @@ use livetrace_common::{
     },
 };
 
-use crate::stacks::atomic_add;
+use crate::stacks::{atomic_add, is_target};
 
 #[map]
 static UPROBE_HIST: PerCpuArray<LatencyHistogram> = PerCpuArray::with_max_entries(1, 0);
@@ -59,8 +59,13 @@ const RETURN_SP_OFFSET: u64 = 0;
 
 #[uprobe]
 pub fn uprobe_hist_entry(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if !is_target(tgid, tid) {
+        add(Counter::NotTarget, 1);
+        return 0;
+    }
     add(Counter::Entries, 1);
-    let tid = bpf_get_current_pid_tgid() as u32;
     let sp = stack_pointer(ctx.regs);
     let Some(calls) = thread_calls(tid) else {
         return 0;
@@ -99,9 +104,13 @@ pub fn uprobe_hist_entry(ctx: ProbeContext) -> u32 {
 pub fn uprobe_hist_return(ctx: RetProbeContext) -> u32 {
     // Read first, so the probe's own cost after the function returned is left out.
     let now = unsafe { bpf_ktime_get_ns() };
-    add(Counter::Returns, 1);
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if !is_target(tgid, tid) {
+        add(Counter::NotTarget, 1);
+        return 0;
+    }
+    add(Counter::Returns, 1);
     let entry_sp = stack_pointer(ctx.regs).wrapping_sub(RETURN_SP_OFFSET);
     let Some(calls) = UPROBE_THREADS.get_ptr_mut(tid) else {
         add(unmatched(Counter::ReturnWithoutEntry), 1);

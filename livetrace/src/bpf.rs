@@ -36,6 +36,9 @@ pub struct StackSettings {
     /// The pid of a command started held (`-- COMMAND`): recorded only from its exec on (see
     /// [`follow_exec`]).
     pub held_command: Option<u32>,
+    /// `task_struct.tgid`'s offset, for `follow_fork` to make targets of a target's children
+    /// (profile's command mode; offcpu passes it with its own settings).
+    pub fork_tgid_offset: Option<u32>,
 }
 
 /// The smallest ring buffer the kernel accepts: one page. Tools that do not copy stacks
@@ -80,7 +83,10 @@ pub fn load_stacks(settings: &StackSettings) -> anyhow::Result<Ebpf> {
                 settings.unwind_buffer
             },
         );
-    let off = settings.offcpu.clone().unwrap_or_default();
+    let mut off = settings.offcpu.clone().unwrap_or_default();
+    if let Some(offset) = settings.fork_tgid_offset {
+        off.task_tgid_offset = offset;
+    }
     let (include_kthreads, wakers) = (u8::from(off.include_kernel_threads), u8::from(off.wakers));
     // Hash maps are preallocated: size the ones a tool does not use down to one entry.
     let (start_size, wakers_size, wake_counts_size) = match &settings.offcpu {
@@ -238,6 +244,15 @@ pub fn read_counters<T: std::borrow::Borrow<MapData>>(
         *total = values.iter().sum();
     }
     Ok(totals)
+}
+
+/// One counter's value on each CPU (indexed by CPU number), read in place.
+pub fn per_cpu_counter(bpf: &Ebpf, counter: Counter) -> anyhow::Result<Vec<u64>> {
+    let map: PerCpuArray<_, u64> = PerCpuArray::try_from(map_ref(bpf, stacks::COUNTERS)?)?;
+    let values = map
+        .get(&(counter as u32), 0)
+        .context("failed to read the BPF counters")?;
+    Ok(values.iter().copied().collect())
 }
 
 pub fn counter(totals: &[u64; COUNTER_SLOTS as usize], counter: Counter) -> u64 {

@@ -296,6 +296,9 @@ pub struct LatencyQuality {
     pub returns_outside: u64,
     /// The probe's own cost per call measured by the kernel (`kernel.bpf_stats_enabled`).
     pub probe_cost_ns: Option<f64>,
+    /// How much of each measured call is the probes' own doing, for a function that begins
+    /// like the probed one (`uprobe_hist::calibrate`), and that beginning.
+    pub probe_overhead: Option<(u64, &'static str)>,
     pub notes: Vec<String>,
 }
 

@@ -8,6 +8,7 @@ pub mod already_blocked;
 pub mod bpf;
 pub mod capture;
 pub mod console;
+pub mod cpu_times;
 pub mod duration;
 pub mod frame_pointers;
 #[cfg(test)]

@@ -331,33 +331,16 @@ pub fn build_profile(
             options.stack_storage
         ));
     }
-    let native_unknowns = quality
-        .unknown_frames
-        .keys()
-        .any(|reason| !reason.starts_with("JIT"));
-    if native_unknowns {
-        let dwarf = quality
-            .unwind_mode
-            .as_deref()
-            .is_some_and(|m| m.contains("DWARF"));
-        quality.advice.push(if dwarf {
-            // The stacks were unwound with CFI: what is missing is names, not frames.
-            "unresolved frames are code whose binary has no symbols: install its debug symbols \
-             (Debian: the -dbgsym package) or profile an unstripped build"
-                .into()
-        } else {
-            format!(
-                "unresolved frames usually mean stripped binaries or code built without frame \
-                 pointers: install debug symbols, or build with -fno-omit-frame-pointer \
-                 (Rust: -C force-frame-pointers=yes){}",
-                if options.dwarf_possible {
-                    ", or try --unwind dwarf"
-                } else {
-                    ""
-                }
-            )
-        });
-    }
+    let dwarf = quality
+        .unwind_mode
+        .as_deref()
+        .is_some_and(|m| m.contains("DWARF"));
+    let advice = unknown_frame_advice(
+        quality.unknown_frames.keys().map(String::as_str),
+        dwarf,
+        options.dwarf_possible,
+    );
+    quality.advice.extend(advice);
     quality.advice.extend(symbolizer.jit_advice());
     quality.notes.extend(symbolizer.perf_map_notes());
     let mut build_ids = BTreeMap::new();
@@ -539,6 +522,49 @@ fn key_frames(
     frames
 }
 
+/// What to do about frames left unnamed, by why they were (`unknown_frames`' reasons); JIT
+/// frames get their runtime's own advice elsewhere.
+fn unknown_frame_advice<'a>(
+    reasons: impl Iterator<Item = &'a str> + Clone,
+    dwarf: bool,
+    dwarf_possible: bool,
+) -> Vec<String> {
+    let exited = |reason: &str| reason.contains("exited");
+    let mut advice = Vec::new();
+    if reasons.clone().any(exited) {
+        advice.push(
+            "some frames belong to processes that exited before livetrace could read their \
+             memory map: start the program under livetrace (-- COMMAND) to follow its \
+             short-lived processes from their start"
+                .into(),
+        );
+    }
+    if !reasons
+        .into_iter()
+        .any(|r| !r.starts_with("JIT") && !exited(r))
+    {
+        return advice;
+    }
+    advice.push(if dwarf {
+        // The stacks were unwound with CFI: what is missing is names, not frames.
+        "unresolved frames are code whose binary has no symbols: install its debug symbols \
+         (Debian: the -dbgsym package) or profile an unstripped build"
+            .into()
+    } else {
+        format!(
+            "unresolved frames usually mean stripped binaries or code built without frame \
+             pointers: install debug symbols, or build with -fno-omit-frame-pointer \
+             (Rust: -C force-frame-pointers=yes){}",
+            if dwarf_possible {
+                ", or try --unwind dwarf"
+            } else {
+                ""
+            }
+        )
+    });
+    advice
+}
+
 fn is_tracer_frame(name: &str) -> bool {
     name.starts_with("bpf_trace_run")
         || name.starts_with("__traceiter_")
@@ -549,4 +575,21 @@ fn is_tracer_frame(name: &str) -> bool {
 pub fn comm(bytes: &[u8; 16]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     crate::names::sanitized(&String::from_utf8_lossy(&bytes[..end]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames of processes that exited too soon are not blamed on missing debug symbols.
+    #[test]
+    fn unnamed_frames_of_exited_processes_get_their_own_advice() {
+        let exited = ["process exited before it could be looked at"];
+        let advice = unknown_frame_advice(exited.iter().copied(), true, true);
+        assert_eq!(advice.len(), 1, "{advice:?}");
+        assert!(advice[0].contains("-- COMMAND") && !advice[0].contains("debug symbols"));
+        let stripped = ["no symbols in the binary"];
+        let advice = unknown_frame_advice(stripped.iter().copied(), true, true);
+        assert!(advice[0].contains("debug symbols"), "{advice:?}");
+    }
 }

@@ -31,7 +31,7 @@ use framehop::{
 use livetrace_common::{
     stacks::{STACK_KIND_USER, StackKey, stack_errno},
     unwind::{
-        HEADER_LEN, MAX_STACK_COPY, RECORD_BLOCK_END, RECORD_BLOCK_START, RECORD_EXEC,
+        HEADER_LEN, MAX_STACK_COPY, RECORD_BLOCK_END, RECORD_BLOCK_START, RECORD_EXEC, RECORD_FORK,
         RECORD_SAMPLE, UnwindSampleHeader,
     },
 };
@@ -160,6 +160,11 @@ const MAX_FRAMES: usize = 512;
 const TOO_DEEP: &str = "deeper than 512 frames, the most unwound: its outermost frames are missing";
 /// How long the drain thread sleeps when the ring buffer is empty.
 const POLL: Duration = Duration::from_millis(5);
+/// How long after its exec a process's map is read again at every poll (then polled every
+/// [`YOUNG_POLL`]): ld.so and early dlopen()s map its libraries then, and a short-lived child
+/// may exit within milliseconds, after which its map can no longer be read.
+const YOUNG: Duration = Duration::from_millis(250);
+const YOUNG_POLL: Duration = Duration::from_millis(1);
 /// A process's mappings are re-read when a walk reaches an address outside them: a library
 /// mapped since they were read (a `dlopen`, or ld.so still at work when the first stack of a
 /// new process came in). The first time at once, then, while re-reading finds nothing new (a
@@ -449,7 +454,8 @@ fn drain_loop(
                     out.end_block(header.tid, header.start_ns, header.weight);
                 }
                 // What follows runs another program: forget the old one's memory map.
-                (RECORD_EXEC, _) => unwinder.forget_process(header.tgid),
+                (RECORD_EXEC, _) => unwinder.exec(header.tgid),
+                (RECORD_FORK, _) => unwinder.fork(header.tgid, header.weight as u32),
                 _ => out.malformed += 1,
             }
         }
@@ -462,8 +468,9 @@ fn drain_loop(
         if stopping {
             return;
         }
+        let young = unwinder.reread_young();
         if drained == 0 {
-            std::thread::sleep(POLL);
+            std::thread::sleep(if young { YOUNG_POLL } else { POLL });
         }
     }
 }
@@ -663,6 +670,7 @@ impl ElfUnwindInfo {
 }
 
 /// One process's view: its unwinder and what lies where.
+#[derive(Clone)]
 struct ProcessUnwinder {
     unwinder: UnwinderX86_64<Bytes>,
     /// The executable file mappings as read, for the symbolizer.
@@ -681,6 +689,8 @@ pub struct DwarfUnwinder {
     /// By path (as reachable from here); `None`: unreadable, with why.
     elves: HashMap<PathBuf, Result<Arc<ElfUnwindInfo>, String>>,
     processes: HashMap<u32, ProcessUnwinder>,
+    /// Processes that exec'd lately, and when (see [`YOUNG`]).
+    young: HashMap<u32, Instant>,
     /// Memory maps read since the symbolizer last took them (see [`Sightings::maps`]).
     fresh_maps: HashMap<u32, ProcessMaps>,
     cache: CacheX86_64,
@@ -710,10 +720,52 @@ impl DwarfUnwinder {
         (addrs, cut_short.is_none())
     }
 
-    /// Drops what is known of `pid`'s memory map: it has exec'd, and its next stack is read
-    /// against its new mappings.
-    fn forget_process(&mut self, pid: u32) {
+    /// `pid` has exec'd: its next stack is read against its new mappings, read now and then
+    /// again at every poll while it is young.
+    fn exec(&mut self, pid: u32) {
         self.processes.remove(&pid);
+        if let Some(process) = self.read_process(pid) {
+            self.processes.insert(pid, process);
+        }
+        self.young.insert(pid, Instant::now());
+    }
+
+    /// `child` was forked by `parent`: until it execs, it maps what its parent maps, and it may
+    /// be gone before its own map is read.
+    fn fork(&mut self, child: u32, parent: u32) {
+        if let Some(process) = self.processes.get(&parent).cloned() {
+            self.fresh_maps.insert(
+                child,
+                ProcessMaps {
+                    files: process.mappings.clone(),
+                    anonymous: process.anonymous.clone(),
+                },
+            );
+            self.processes.insert(child, process);
+        }
+    }
+
+    /// Reads the maps of processes that exec'd lately again (see [`YOUNG`]); returns whether
+    /// some are still young.
+    fn reread_young(&mut self) -> bool {
+        let pids: Vec<u32> = self.young.keys().copied().collect();
+        for pid in pids {
+            let born = self.young[&pid];
+            match self.read_process(pid) {
+                Some(process) if born.elapsed() < YOUNG => {
+                    self.processes.insert(pid, process);
+                }
+                Some(process) => {
+                    self.processes.insert(pid, process);
+                    self.young.remove(&pid);
+                }
+                // Gone: what was read last stays.
+                None => {
+                    self.young.remove(&pid);
+                }
+            }
+        }
+        !self.young.is_empty()
     }
 
     /// Reads one ring buffer record, and unwinds its stack if it carries one; `None` if it is
@@ -727,7 +779,7 @@ impl DwarfUnwinder {
         // SAFETY: `UnwindSampleHeader` is plain integers; read_unaligned copes with alignment.
         let header: UnwindSampleHeader =
             unsafe { std::ptr::read_unaligned(header_bytes.as_ptr().cast()) };
-        if matches!(header.kind, RECORD_BLOCK_END | RECORD_EXEC) {
+        if matches!(header.kind, RECORD_BLOCK_END | RECORD_EXEC | RECORD_FORK) {
             return Some((header, None));
         }
         let key = self.sample(&header, record, per_thread)?;
@@ -794,13 +846,23 @@ impl DwarfUnwinder {
         });
         let (addrs, error) = match outside {
             Some((addr, waited)) => {
-                let mut fresh = self.read_process(pid);
-                fresh.refresh_after = if fresh.place(addr) == Place::Unmapped {
-                    (waited * 2).min(MAX_REFRESH)
-                } else {
-                    MIN_REFRESH
-                };
-                self.processes.insert(pid, fresh);
+                match self.read_process(pid) {
+                    Some(mut fresh) => {
+                        fresh.refresh_after = if fresh.place(addr) == Place::Unmapped {
+                            (waited * 2).min(MAX_REFRESH)
+                        } else {
+                            MIN_REFRESH
+                        };
+                        self.processes.insert(pid, fresh);
+                    }
+                    // Gone: keep what was read, and do not try again soon.
+                    None => {
+                        if let Some(known) = self.processes.get_mut(&pid) {
+                            known.read_at = Instant::now();
+                            known.refresh_after = MAX_REFRESH;
+                        }
+                    }
+                }
                 self.walk(pid, regs, stack)
             }
             None => (addrs, error),
@@ -820,7 +882,11 @@ impl DwarfUnwinder {
         stack: &[u8],
     ) -> (Vec<u64>, Option<framehop::Error>) {
         if !self.processes.contains_key(&pid) {
-            let process = self.read_process(pid);
+            // A process that is gone before it was looked at gets an empty map: its walk stops
+            // at once, named as such (and it is not looked for again).
+            let process = self
+                .read_process(pid)
+                .unwrap_or_else(ProcessUnwinder::empty);
             self.processes.insert(pid, process);
         }
         let process = &self.processes[&pid];
@@ -894,19 +960,14 @@ impl DwarfUnwinder {
         }
     }
 
-    fn read_process(&mut self, pid: u32) -> ProcessUnwinder {
-        let process = ProcessUnwinder {
-            unwinder: UnwinderX86_64::new(),
-            mappings: Vec::new(),
-            files: Vec::new(),
-            anonymous: Vec::new(),
-            read_at: Instant::now(),
-            refresh_after: MIN_REFRESH,
-        };
-        let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
-            return process;
-        };
-        let process = self.parse_process(pid, &maps, process);
+    /// The process's current memory map, or `None` if it cannot be read (it is gone, or going:
+    /// an exiting process's map reads empty).
+    fn read_process(&mut self, pid: u32) -> Option<ProcessUnwinder> {
+        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+        if maps.is_empty() {
+            return None;
+        }
+        let process = self.parse_process(pid, &maps, ProcessUnwinder::empty());
         self.fresh_maps.insert(
             pid,
             ProcessMaps {
@@ -914,7 +975,7 @@ impl DwarfUnwinder {
                 anonymous: process.anonymous.clone(),
             },
         );
-        process
+        Some(process)
     }
 
     fn parse_process(
@@ -1005,6 +1066,17 @@ enum Place {
 }
 
 impl ProcessUnwinder {
+    fn empty() -> Self {
+        Self {
+            unwinder: UnwinderX86_64::new(),
+            mappings: Vec::new(),
+            files: Vec::new(),
+            anonymous: Vec::new(),
+            read_at: Instant::now(),
+            refresh_after: MIN_REFRESH,
+        }
+    }
+
     fn place(&self, addr: u64) -> Place {
         if let Some((_, name, cfi)) = self.files.iter().find(|(r, ..)| r.contains(&addr)) {
             return Place::File(name.clone(), *cfi);

@@ -623,3 +623,38 @@ fn samples_whose_stack_copy_is_dropped_stay_in_the_profile() {
         run.stderr
     );
 }
+
+/// A command whose work is done by children that each live 5 ms, less than a sample period
+/// (forked, or forked and exec'd): they are sampled as often as their time on a CPU says, and
+/// their frames are named, with complete stacks, although each is gone long before the
+/// capture ends. Per-task sampling gave such children no sample at all, and the exec'd ones'
+/// frames were 99% `[unknown]` ("exited before it could be looked at").
+#[test]
+fn short_lived_children_of_a_command_are_sampled_and_named() {
+    require_root();
+    let _cpus = cpu_exclusive();
+    let brood = fixture("brood");
+    for mode in ["fork", "exec"] {
+        let (profile, run) = run_folded(
+            &["profile", "-d", "30", "--", path_arg(&brood), mode, "100"],
+            Duration::from_secs(30) + SLACK,
+        );
+        // 100 children × 5 ms of CPU, sampled at 99 Hz: about 50 samples.
+        let in_children = profile.share_containing("child_burn") * profile.total() as f64;
+        assert!(
+            in_children >= 25.0,
+            "{mode}: {in_children} samples in child_burn, expected about 50\n{}\n{}",
+            profile.summary(),
+            run.stderr
+        );
+        let complete = profile.share_where(|s| {
+            s.contains("child_burn") && s.user_frames().first() == Some(&"_start")
+        }) * profile.total() as f64;
+        assert!(
+            complete >= 0.9 * in_children,
+            "{mode}: only {complete} of {in_children} child samples are complete and named\n{}\n{}",
+            profile.summary(),
+            run.stderr
+        );
+    }
+}

@@ -723,3 +723,78 @@ fn intervals_then_total_and_ctrl_c_still_prints() {
         "{written}"
     );
 }
+
+/// The probes' own share of each call is measured for the probed function's first instruction,
+/// and matches what they add to a function of known length (20 us): little behind a nop, which
+/// the kernel emulates; a trap more behind a lea, which it single-steps. Where that share is
+/// large, the report says the times are inflated.
+#[test]
+fn the_probes_own_share_of_each_call_is_measured() {
+    require_root();
+    let _cpus = cpu_shared();
+    let program = fixture("first_instruction");
+    for function in ["spin_behind_nop", "spin_behind_lea"] {
+        let run = run_livetrace(
+            [
+                "uprobe-hist",
+                function,
+                "--json",
+                "--",
+                path_arg(&program),
+                "1000",
+            ],
+            SLACK,
+        );
+        run.assert_success();
+        let report = json(&run.stdout);
+        let p50 = report["percentiles_ns"]["p50"].as_f64().unwrap();
+        let overhead = report["data_quality"]["probe_overhead_ns"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{function}: no probe_overhead_ns: {report:#}"));
+        // What the probes added to a 20 us spin, as this run measured it.
+        let added = p50 - 20_000.0;
+        assert!(
+            (overhead - added).abs() <= 0.5 * added.abs() + 1_000.0,
+            "{function}: the probes' share was measured at {overhead} ns, but they added {added} \
+             ns to a 20 us function"
+        );
+        let inflated = run.stderr.contains("times are inflated");
+        assert_eq!(
+            inflated,
+            overhead >= 0.1 * p50,
+            "{function}: overhead {overhead} ns of p50 {p50} ns:\n{}",
+            run.stderr
+        );
+    }
+}
+
+/// A command whose calls are made by children that each live about a millisecond: every call
+/// is counted (the probe on the command's executable covers its children from birth, filtered
+/// to them in the kernel), and nothing is reported as not probed. Per-child probes came too
+/// late: 0 calls, and a "could not be probed" line for each child.
+#[test]
+fn calls_of_short_lived_children_are_all_counted() {
+    require_root();
+    let _cpus = cpu_shared();
+    let brood = fixture("brood");
+    let run = run_livetrace(
+        [
+            "uprobe-hist",
+            "timed_call",
+            "--json",
+            "--",
+            path_arg(&brood),
+            "call",
+            "50",
+        ],
+        SLACK,
+    );
+    run.assert_success();
+    let report = json(&run.stdout);
+    assert_eq!(report["count"], 500, "{:#}", report["data_quality"]);
+    assert!(
+        !run.stderr.contains("could not be probed"),
+        "{}",
+        run.stderr
+    );
+}

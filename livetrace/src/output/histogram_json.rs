@@ -92,6 +92,8 @@ struct QualityJson<'a> {
     helper_failed: u64,
     returns_outside_capture: u64,
     probe_cost_ns: Option<f64>,
+    /// What the probes add to each measured call, for a function that begins like this one.
+    probe_overhead_ns: Option<u64>,
     notes: &'a [String],
     hints: Vec<String>,
 }
@@ -144,6 +146,7 @@ fn quality_json(q: &LatencyQuality, max_threads: u32) -> QualityJson<'_> {
         helper_failed: q.helper_failed,
         returns_outside_capture: q.returns_outside,
         probe_cost_ns: q.probe_cost_ns,
+        probe_overhead_ns: q.probe_overhead.map(|(ns, _)| ns),
         notes: &q.notes,
         hints: q.advice(max_threads),
     }

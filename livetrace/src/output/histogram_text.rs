@@ -197,6 +197,14 @@ pub fn footer(report: &LatencyReport) -> String {
             q.returns_outside
         );
     }
+    if let Some((overhead, first)) = q.probe_overhead {
+        let _ = writeln!(
+            out,
+            "  probe overhead: about {} of each measured call (the function begins with {first}; \
+             measured on a function of livetrace's that does the same and nothing else)",
+            format_ns(overhead)
+        );
+    }
     if let Some(cost) = q.probe_cost_ns {
         let _ = writeln!(
             out,

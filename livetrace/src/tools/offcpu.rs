@@ -196,6 +196,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         unwind_buffer: args.unwind.unwind_buffer_size,
         held_command: command.as_ref().map(|c| c.pid),
+        fork_tgid_offset: None,
         offcpu: Some(OffcpuSettings {
             state_mask: args.state.mask(),
             min_block_ns: u64::try_from(min_block.as_nanos()).unwrap_or(u64::MAX),

@@ -111,8 +111,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Target::Command(argv) => Some(HeldCommand::spawn(argv, args.target.as_root)?),
         _ => None,
     };
-    let (tgids, tids) = match &target {
-        Target::Threads { pids, tids } => (pids.clone(), tids.clone()),
+    // A command is sampled on every CPU, like -p, and followed through its forks in the
+    // kernel (follow_fork): a child that lives less than a sample period is then sampled as
+    // often as its time on a CPU says, where per-task events wait for a whole period of its
+    // own and a 5 ms child never gets one. Without BTF, per-task events it is.
+    let follow = match &command {
+        Some(_) => match crate::kernel_btf::aya_btf().and_then(|btf| {
+            let kernel = crate::kernel_btf::KernelBtf::from_sys_fs()?;
+            Ok((btf, kernel.member_offset("task_struct", "tgid")?))
+        }) {
+            Ok(follow) => Some(follow),
+            Err(err) => {
+                notes.push(format!(
+                    "the command's processes are sampled each on its own clock ({err:#}): one \
+                     that lives less than a sample period may get no sample"
+                ));
+                None
+            }
+        },
+        None => None,
+    };
+    let (tgids, tids) = match (&target, &command) {
+        (Target::Threads { pids, tids }, _) => (pids.clone(), tids.clone()),
+        (Target::Command(_), Some(command)) if follow.is_some() => (vec![command.pid], Vec::new()),
         _ => (Vec::new(), Vec::new()),
     };
     let stack_kinds = match (args.user_only, args.kernel_only) {
@@ -122,7 +143,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let dwarf = args.unwind.dwarf(&target, stack_kinds);
     let mut ebpf = bpf::load_stacks(&StackSettings {
-        filter: matches!(target, Target::Threads { .. }),
+        filter: matches!(target, Target::Threads { .. }) || follow.is_some(),
         tgids,
         tids,
         stack_kinds,
@@ -136,6 +157,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         unwind_buffer: args.unwind.unwind_buffer_size,
         held_command: command.as_ref().map(|c| c.pid),
+        fork_tgid_offset: follow.as_ref().map(|(_, offset)| *offset),
     })?;
     // Drained from before the first sample, so that the ring buffer never fills at start.
     let collector = if dwarf {
@@ -158,21 +180,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     program
         .load()
         .map_err(|e| bpf::explain_program_error(e, "load the profile_cpu BPF program"))?;
-    let (event_name, cpus) = attach(
-        program,
-        args.event,
-        frequency,
-        &target,
-        command.as_ref(),
-        &mut notes,
-    )?;
+    let per_task = command.as_ref().filter(|_| follow.is_none());
+    let (event_name, cpus) = attach(program, args.event, frequency, per_task, &mut notes)?;
 
     // The held command is sampled from its exec on, not while it is livetrace's waiting shim.
     if command.is_some()
-        && let Some(note) = bpf::follow_exec(&mut ebpf, None)?
+        && let Some(note) = bpf::follow_exec(&mut ebpf, follow.as_ref().map(|(btf, _)| btf))?
     {
         crate::say!("livetrace: {note}");
         notes.push(note);
+    }
+    if let Some((btf, _)) = &follow {
+        bpf::attach_btf_tracepoint(&mut ebpf, "follow_fork", "sched_process_fork", btf)?;
     }
 
     let mut symbolizer = Symbolizer::new();
@@ -209,6 +228,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         frequency,
         per_thread: args.per_thread,
         stack_storage: args.stack_storage,
+        // The whole system's expected count is checked per CPU against what each CPU did.
+        cpu_times_at_start: (target == Target::System).then(crate::cpu_times::read),
         cpus,
         whole_system: target == Target::System,
         notes,
@@ -322,8 +343,10 @@ struct BuildContext {
     frequency: u64,
     per_thread: bool,
     stack_storage: u32,
-    cpus: usize,
+    /// The online CPUs sampled.
+    cpus: Vec<u32>,
     whole_system: bool,
+    cpu_times_at_start: Option<std::collections::BTreeMap<usize, crate::cpu_times::CpuTime>>,
     notes: Vec<String>,
 }
 
@@ -356,11 +379,16 @@ fn build(
         unwind_mode: Some(context.unwind_mode.clone()),
         // Only the whole system has a known expectation: every CPU, every tick.
         expected: context.whole_system.then(|| {
-            (context.cpus as f64 * frequency as f64 * elapsed.as_secs_f64()).round() as u64
+            (context.cpus.len() as f64 * frequency as f64 * elapsed.as_secs_f64()).round() as u64
         }),
         notes: context.notes.clone(),
         ..DataQuality::default()
     };
+    if let Some(start) = &context.cpu_times_at_start {
+        quality
+            .notes
+            .extend(shortfall_by_cpu(ebpf, context, start, frequency, elapsed)?);
+    }
     capture::note_capture_end(
         &mut quality,
         bpf::counter(&counters, Counter::NewProcessNotAnnounced),
@@ -383,17 +411,45 @@ fn build(
     ))
 }
 
-/// Attaches the program to one perf event per online CPU (whole system, or `-p`/`-t` filtered in
-/// the kernel), or to the held command with `inherit`, so its children and threads are followed
-/// from their first instruction. Returns the event's name and the number of CPUs.
+/// Whole system: a line for each CPU that took far fewer samples than its share of the
+/// expected count, and why (`cpu_times`).
+fn shortfall_by_cpu(
+    ebpf: &aya::Ebpf,
+    context: &BuildContext,
+    start: &std::collections::BTreeMap<usize, crate::cpu_times::CpuTime>,
+    frequency: u64,
+    elapsed: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let events = bpf::per_cpu_counter(ebpf, Counter::Events)?;
+    let times = crate::cpu_times::delta(start, &crate::cpu_times::read());
+    let windows: Vec<_> = context
+        .cpus
+        .iter()
+        .map(|&cpu| crate::cpu_times::CpuWindow {
+            cpu: cpu as usize,
+            samples: events.get(cpu as usize).copied().unwrap_or(0),
+            time: times.get(&(cpu as usize)).copied(),
+        })
+        .collect();
+    let seconds = elapsed.as_secs_f64();
+    Ok(crate::cpu_times::shortfall_notes(
+        &windows,
+        frequency as f64 * seconds,
+        seconds,
+    ))
+}
+
+/// Attaches the program to one perf event per online CPU (whole system, or targets filtered in
+/// the kernel), or, given `per_task`, to that held command with `inherit`, so its children and
+/// threads are followed from their first instruction. Returns the event's name and the online
+/// CPUs.
 fn attach(
     program: &mut PerfEvent,
     event: Event,
     frequency: u64,
-    target: &Target,
-    command: Option<&HeldCommand>,
+    per_task: Option<&HeldCommand>,
     notes: &mut Vec<String>,
-) -> anyhow::Result<(&'static str, usize)> {
+) -> anyhow::Result<(&'static str, Vec<u32>)> {
     let cpus = aya::util::online_cpus()
         .map_err(|(path, err)| anyhow::anyhow!("failed to read {path}: {err}"))?;
     let mut config = match event {
@@ -405,8 +461,8 @@ fn attach(
         Event::Cycles => "cycles",
     };
     loop {
-        let result = match (target, command) {
-            (Target::Command(_), Some(command)) => program
+        let result = match per_task {
+            Some(command) => program
                 .attach(
                     config,
                     PerfEventScope::OneProcess {
@@ -417,7 +473,7 @@ fn attach(
                     true,
                 )
                 .map(|_| ()),
-            _ => cpus.iter().try_for_each(|&cpu| {
+            None => cpus.iter().try_for_each(|&cpu| {
                 program
                     .attach(
                         config,
@@ -429,7 +485,7 @@ fn attach(
             }),
         };
         match result {
-            Ok(()) => return Ok((name, cpus.len())),
+            Ok(()) => return Ok((name, cpus)),
             Err(err) if name == "cycles" => {
                 let note = format!(
                     "the cycles hardware event is not available here ({err}); sampling on the \

@@ -9,6 +9,7 @@
 //! [`maps`] reads what the kernel counted, [`intervals`] prints `-i` histograms as they end, and
 //! [`slow`] keeps `--slow` calls and their callers.
 
+mod calibrate;
 mod intervals;
 mod maps;
 mod probes;
@@ -369,6 +370,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .notes
             .push(format!("capture ended early: {}", stop.describe()));
     }
+    note_probe_overhead(&mut quality, &sites[0], &total, &function);
 
     let traces = if slow_ns > 0 {
         maps.stack_traces(&slow)?
@@ -457,6 +459,7 @@ fn latency_quality(
         helper_failed: counter(Counter::HelperFailed),
         returns_outside: counter(Counter::ReturnOutsideCapture),
         probe_cost_ns: None,
+        probe_overhead: None,
         notes: Vec::new(),
     };
     if quality.entries == 0 {
@@ -542,6 +545,56 @@ fn default_output_path(function: &str) -> PathBuf {
         "livetrace-uprobe-hist-{short}-{}.txt",
         crate::timestamp()
     ))
+}
+
+/// Measures what the probes add to each call of a function that begins like the probed one
+/// (`calibrate`), and warns when that is a large share of the median measured.
+fn note_probe_overhead(
+    quality: &mut LatencyQuality,
+    site: &sites::Site,
+    total: &Histogram,
+    function: &str,
+) {
+    let Some(first) = first_instruction(site) else {
+        return;
+    };
+    let kind = calibrate::FirstInstruction::of(&first);
+    let overhead = match calibrate::probe_cost(kind) {
+        Ok(ns) => ns,
+        Err(err) => {
+            quality.notes.push(format!(
+                "the probes' own share of each call was not measured: {err:#}"
+            ));
+            return;
+        }
+    };
+    quality.probe_overhead = Some((overhead, kind.describe()));
+    let Some(p50) = total.percentile(50.0, "p50").map(|p| p.estimate_ns) else {
+        return;
+    };
+    if overhead * 10 >= p50 {
+        quality.notes.push(format!(
+            "times are inflated: about {} of each measured call of {function} is the probes' \
+             own doing ({}% of its p50 of {}): it begins with {}, which the probe executes in \
+             its place; read the times as that much too long, or time a caller",
+            crate::histogram::format_ns(overhead),
+            overhead * 100 / p50.max(1),
+            crate::histogram::format_ns(p50),
+            kind.describe()
+        ));
+    }
+}
+
+/// The first bytes of the probed function, from its file.
+fn first_instruction(site: &sites::Site) -> Option<Vec<u8>> {
+    use std::io::{Read as _, Seek as _};
+    let mut file = std::fs::File::open(&site.file.path).ok()?;
+    file.seek(std::io::SeekFrom::Start(site.symbol.file_offset))
+        .ok()?;
+    let mut code = vec![0u8; 16];
+    let read = file.read(&mut code).ok()?;
+    code.truncate(read);
+    Some(code)
 }
 
 /// The histogram (or, with --json, the JSON object) on standard output.

@@ -45,7 +45,13 @@ pub(super) fn attach(
         bpf::attach_btf_tracepoint(ebpf, FOLLOW_FORK, "sched_process_fork", &btf)?;
     }
     for site in sites {
-        probe_site(ebpf, site, site.pid.or(command_pid))?;
+        // The command's own executable: every process running it, filtered to the command's
+        // in the kernel (follow_fork adds its children there).
+        let pid = match (site.pid, command_pid) {
+            (None, Some(_)) if site.in_command_executable => None,
+            (pid, command) => pid.or(command),
+        };
+        probe_site(ebpf, site, pid)?;
     }
     Ok(())
 }
@@ -93,6 +99,8 @@ pub(super) struct Children {
     probed: Vec<u32>,
     /// Children that could not be probed, and why.
     failed: Vec<(u32, String)>,
+    /// Children covered from birth by the probe on the command's executable.
+    covered: usize,
 }
 
 impl Children {
@@ -101,10 +109,12 @@ impl Children {
             ring,
             probed: Vec::new(),
             failed: Vec::new(),
+            covered: 0,
         }
     }
 
-    /// Probes the children announced since the last call (each within a tick of its fork).
+    /// Probes the children announced since the last call (each within a tick of its fork),
+    /// unless the probe on the command's executable already covers them.
     pub(super) fn probe_new(&mut self, ebpf: &mut Ebpf, site: &Site, symbolizer: &mut Symbolizer) {
         while let Some(item) = self.ring.next() {
             let Some(&[a, b, c, d]) = item.get(..4) else {
@@ -112,11 +122,15 @@ impl Children {
             };
             let pid = u32::from_ne_bytes([a, b, c, d]);
             drop(item);
+            symbolizer.note_process(pid);
+            if site.in_command_executable {
+                self.covered += 1;
+                continue;
+            }
             match probe_site(ebpf, site, Some(pid)) {
                 Ok(()) => self.probed.push(pid),
                 Err(err) => self.failed.push((pid, format!("{err:#}"))),
             }
-            symbolizer.note_process(pid);
         }
     }
 
@@ -129,8 +143,26 @@ impl Children {
                 self.probed.len()
             ));
         }
+        if self.covered > 0 {
+            notes.push(format!(
+                "followed {} child processes of the command, each timed from its birth by the \
+                 probe on the command's executable",
+                self.covered
+            ));
+        }
+        // One line per reason, not per child: a forking command can have thousands.
+        let mut by_reason: std::collections::BTreeMap<&str, Vec<u32>> = Default::default();
         for (pid, why) in &self.failed {
-            notes.push(format!("child process {pid} could not be probed: {why}"));
+            by_reason.entry(why).or_default().push(*pid);
+        }
+        for (why, pids) in by_reason {
+            let shown: Vec<String> = pids.iter().take(5).map(u32::to_string).collect();
+            notes.push(format!(
+                "{} child processes could not be probed (pid {}{}): {why}",
+                pids.len(),
+                shown.join(", "),
+                if pids.len() > 5 { ", ..." } else { "" }
+            ));
         }
         notes
     }

@@ -20,6 +20,10 @@ pub(super) struct Site {
     pub(super) pid: Option<u32>,
     pub(super) file: Candidate,
     pub(super) symbol: FunctionSymbol,
+    /// The function is in the command's own executable (`-- COMMAND`, no TARGET): one probe on
+    /// the file, filtered in the kernel to the command's processes, covers every child that
+    /// runs it from its birth, however short its life.
+    pub(super) in_command_executable: bool,
 }
 
 impl Site {
@@ -82,6 +86,10 @@ fn find_site(spec: &SymbolSpec, scope: &Scope<'_>, pid: Option<u32>) -> anyhow::
 
     // The first file that has the function wins; with no TARGET the executable comes first.
     let mut found: Vec<(Candidate, FunctionSymbol, ElfInfo)> = Vec::new();
+    let executable = match scope {
+        Scope::Command(_) if spec.target.is_none() => search.files.first().cloned(),
+        _ => None,
+    };
     let mut all_symbols: Vec<FunctionSymbol> = Vec::new();
     let mut stripped: Vec<(String, usize)> = Vec::new();
     for (index, file) in search.files.iter().enumerate() {
@@ -222,7 +230,13 @@ fn find_site(spec: &SymbolSpec, scope: &Scope<'_>, pid: Option<u32>) -> anyhow::
     if symbol.size == 0 {
         log::info!("{} has size 0 in the symbol table", symbol.demangled);
     }
-    Ok(Site { pid, file, symbol })
+    let in_command_executable = executable.is_some_and(|e| e.path == file.path);
+    Ok(Site {
+        pid,
+        file,
+        symbol,
+        in_command_executable,
+    })
 }
 
 /// Whether `pid` currently maps `file`.
