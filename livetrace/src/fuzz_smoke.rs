@@ -270,3 +270,20 @@ fn perf_maps_never_panic() {
         }
     }
 }
+
+#[test]
+fn names_are_always_made_harmless() {
+    let seeds: &[&[u8]] = &[
+        b"\x1b]0;pwned\x07burn",
+        "gpj.\u{202e}exe".as_bytes(),
+        "py::serve_request\n\tat \u{9b}2J".as_bytes(),
+        b"plain_name",
+    ];
+    for bytes in mutations(seeds, 400, 9) {
+        let text = String::from_utf8_lossy(&bytes);
+        crate::names::check(&text);
+        let clean = crate::names::sanitize_text(&text);
+        assert_eq!(clean.matches('\n').count(), text.matches('\n').count());
+        crate::names::check(&clean.replace(['\n', '\t'], " "));
+    }
+}
