@@ -783,7 +783,7 @@ mod tests {
         assert!(matches!(find("malloc"), Lookup::Found(s) if s.addr == 0x500));
         assert!(matches!(find("helper"), Lookup::Ambiguous(v) if v.len() == 2));
         assert!(matches!(find("helper@0x400"), Lookup::Found(s) if s.addr == 0x400));
-        assert!(matches!(find("helper@0x999"), Lookup::Ambiguous(_)));
+        assert!(matches!(find("helper@0x999"), Lookup::NotAt(0x999, _)));
         assert_eq!(find("validate_subtitle_track"), Lookup::Missing);
     }
 
