@@ -587,6 +587,9 @@ struct ElfUnwindInfo {
     /// (section, address range, file range) for .text, .eh_frame, .eh_frame_hdr, .got.
     sections: Vec<(&'static str, Range<u64>, Range<usize>)>,
     debug_frame: Option<Range<usize>>,
+    /// The ELF entry point (`e_entry`), where the kernel starts a program (or its interpreter):
+    /// nothing called it, so a walk that reaches it is complete.
+    entry: u64,
 }
 
 impl ElfUnwindInfo {
@@ -629,11 +632,13 @@ impl ElfUnwindInfo {
                 sections.push((name, addr, file));
             }
         }
+        let entry = elf.entry();
         Ok(Self {
             map: Arc::new(map),
             segments,
             sections,
             debug_frame,
+            entry,
         })
     }
 
@@ -679,6 +684,8 @@ struct ProcessUnwinder {
     files: Vec<(Range<u64>, Arc<str>, bool)>,
     /// Executable anonymous mappings (JIT code).
     anonymous: Vec<Range<u64>>,
+    /// Where the kernel starts the program and its interpreter (ld.so): roots of every stack.
+    entries: Vec<u64>,
     read_at: Instant,
     /// How long after `read_at` an address outside the mappings makes them be read again.
     refresh_after: Duration,
@@ -724,10 +731,18 @@ impl DwarfUnwinder {
     /// again at every poll while it is young.
     fn exec(&mut self, pid: u32) {
         self.processes.remove(&pid);
-        if let Some(process) = self.read_process(pid) {
+        self.young.insert(pid, Instant::now());
+        if let Some(process) = self.read_young(pid) {
             self.processes.insert(pid, process);
         }
-        self.young.insert(pid, Instant::now());
+    }
+
+    /// [`Self::read_process`] for a young process: a walk that leaves its map reads it again at
+    /// once (ld.so may have mapped a library a moment after the last read).
+    fn read_young(&mut self, pid: u32) -> Option<ProcessUnwinder> {
+        let mut process = self.read_process(pid)?;
+        process.refresh_after = Duration::ZERO;
+        Some(process)
     }
 
     /// `child` was forked by `parent`: until it execs, it maps what its parent maps, and it may
@@ -751,11 +766,12 @@ impl DwarfUnwinder {
         let pids: Vec<u32> = self.young.keys().copied().collect();
         for pid in pids {
             let born = self.young[&pid];
-            match self.read_process(pid) {
+            match self.read_young(pid) {
                 Some(process) if born.elapsed() < YOUNG => {
                     self.processes.insert(pid, process);
                 }
-                Some(process) => {
+                Some(mut process) => {
+                    process.refresh_after = MIN_REFRESH;
                     self.processes.insert(pid, process);
                     self.young.remove(&pid);
                 }
@@ -849,7 +865,9 @@ impl DwarfUnwinder {
                 match self.read_process(pid) {
                     Some(mut fresh) => {
                         fresh.refresh_after = if fresh.place(addr) == Place::Unmapped {
-                            (waited * 2).min(MAX_REFRESH)
+                            (waited * 2).clamp(MIN_REFRESH, MAX_REFRESH)
+                        } else if self.young.contains_key(&pid) {
+                            Duration::ZERO
                         } else {
                             MIN_REFRESH
                         };
@@ -909,7 +927,9 @@ impl DwarfUnwinder {
             match frames.next() {
                 Ok(Some(frame)) => {
                     addrs.push(frame.address());
-                    if addrs.len() >= MAX_FRAMES {
+                    // The program's (or ld.so's) entry point: a thread stopped right after exec,
+                    // where the default CFI rule would read argc as a return address.
+                    if process.entries.contains(&frame.address()) || addrs.len() >= MAX_FRAMES {
                         break None;
                     }
                 }
@@ -1046,6 +1066,12 @@ impl DwarfUnwinder {
                     if let Some(module) = elf.module(&path, start, end, offset) {
                         process.unwinder.add_module(module);
                     }
+                    if let Some(bias) = load_bias(&elf.segments, start, end, offset)
+                        && elf.entry != 0
+                        && (start..end).contains(&(elf.entry.wrapping_add(bias)))
+                    {
+                        process.entries.push(elf.entry.wrapping_add(bias));
+                    }
                     process.files.push((start..end, name, has_cfi));
                 }
                 Err(why) => {
@@ -1072,6 +1098,7 @@ impl ProcessUnwinder {
             mappings: Vec::new(),
             files: Vec::new(),
             anonymous: Vec::new(),
+            entries: Vec::new(),
             read_at: Instant::now(),
             refresh_after: MIN_REFRESH,
         }
