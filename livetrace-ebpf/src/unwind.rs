@@ -225,9 +225,16 @@ fn task_user_registers() -> (u64, u64, u64) {
 /// Copies up to `STACK_COPY_BYTES` (and `limit`) of the stack above `sp`, a page at a time,
 /// stopping at the first page that cannot be read (the top of the stack). Returns the bytes
 /// copied.
+///
+/// Written for the verifiers of kernels before 6.8 too, which bound a register by comparisons
+/// with constants only, not with another register: each read's offset is masked to the copy's
+/// size, a bound every verifier tracks. `limit` is deliberately not clamped to
+/// `MAX_STACK_COPY` here: if LLVM could see `copied < limit <= MAX_STACK_COPY`, it would drop
+/// the mask as redundant, leaving only `copied < limit`, which 6.1 rejects ("R1 max value is
+/// outside of the allowed memory range"). User space never sets `STACK_COPY_BYTES` above it.
 #[inline(always)]
 fn copy_stack(dst: &mut [u8; (MAX_STACK_COPY + STACK_CHUNK) as usize], sp: u64, limit: u32) -> u32 {
-    let limit = STACK_COPY_BYTES.load().min(MAX_STACK_COPY).min(limit);
+    let limit = STACK_COPY_BYTES.load().min(limit);
     let mut copied: u32 = 0;
     // The first read ends at the page boundary above sp; each further read is one page.
     let mut want = STACK_CHUNK - (sp as u32 & (STACK_CHUNK - 1));
@@ -243,7 +250,8 @@ fn copy_stack(dst: &mut [u8; (MAX_STACK_COPY + STACK_CHUNK) as usize], sp: u64, 
         if size > STACK_CHUNK {
             break;
         }
-        // SAFETY: off < MAX_STACK_COPY and size <= STACK_CHUNK, so the write stays within dst.
+        // SAFETY: off < MAX_STACK_COPY (masked) and size <= STACK_CHUNK, so the write stays
+        // within dst.
         let rc = unsafe {
             bpf_probe_read_user(
                 dst.as_mut_ptr().add(off).cast(),
@@ -257,5 +265,6 @@ fn copy_stack(dst: &mut [u8; (MAX_STACK_COPY + STACK_CHUNK) as usize], sp: u64, 
         copied += size;
         want = STACK_CHUNK;
     }
-    copied
+    // A bound on what the caller sends that old verifiers see (the loop never copies more).
+    copied.min(MAX_STACK_COPY)
 }
