@@ -16,6 +16,7 @@ use livetrace_common::{
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/livetrace"));
 
 /// Settings of the stack-sampling programs (profile, offcpu).
+#[derive(Clone)]
 pub struct StackSettings {
     /// Sample only the threads of [`Self::tgids`] / [`Self::tids`].
     pub filter: bool,
@@ -152,6 +153,20 @@ pub fn attach_btf_tracepoint(
     program
         .attach()
         .map_err(|e| explain_program_error(e, &format!("attach tp_btf/{tracepoint}")))?;
+    Ok(())
+}
+
+/// A test hook: with `LIVETRACE_TEST_REFUSE_STACK_COPIES=1`, programs that copy stacks are
+/// refused as a kernel's verifier would refuse them, so that the fallback to frame pointers is
+/// exercised on kernels that accept them.
+pub fn refuse_stack_copies_for_test(settings: &StackSettings) -> anyhow::Result<()> {
+    if settings.stack_copy_bytes != 0
+        && std::env::var_os("LIVETRACE_TEST_REFUSE_STACK_COPIES").is_some()
+    {
+        anyhow::bail!(
+            "the kernel's verifier rejected it (refused by LIVETRACE_TEST_REFUSE_STACK_COPIES)"
+        );
+    }
     Ok(())
 }
 

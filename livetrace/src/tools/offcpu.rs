@@ -608,7 +608,22 @@ fn load_and_attach(
     notes: &mut Vec<String>,
 ) -> anyhow::Result<(Ebpf, &'static str, Option<unwind::Collector>)> {
     if args.attach != Attach::Tracepoint {
-        match try_tp_btf(&mut settings, target, notes) {
+        let mut attempt = try_tp_btf(&mut settings, target, notes);
+        if let Err(err) = &attempt
+            && settings.stack_copy_bytes != 0
+        {
+            // Frame pointers before the classic tracepoint: tp_btf keeps --wakers, the
+            // command's children and kernel threads told apart.
+            let note = format!(
+                "stack copies (--unwind dwarf) could not be loaded on this kernel, so user \
+                 stacks are walked with frame pointers instead: {err:#}"
+            );
+            crate::say!("livetrace: warning: {note}");
+            notes.push(note);
+            settings.stack_copy_bytes = 0;
+            attempt = try_tp_btf(&mut settings, target, notes);
+        }
+        match attempt {
             Ok((ebpf, collector)) => return Ok((ebpf, "tp_btf/sched_switch", collector)),
             Err(err) if args.attach == Attach::Auto => {
                 let note = format!(
@@ -687,6 +702,7 @@ fn try_tp_btf(
     offcpu.task_flags_offset = kernel.member_offset("task_struct", "flags")?;
     let wakers = offcpu.wakers;
     let btf = crate::kernel_btf::aya_btf()?;
+    bpf::refuse_stack_copies_for_test(settings)?;
     let mut ebpf = bpf::load_stacks(settings)?;
     // Drained from before the first switch, so that the ring buffer never fills at start.
     let collector = if settings.stack_copy_bytes != 0 {

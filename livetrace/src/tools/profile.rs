@@ -142,7 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         _ => STACK_KIND_USER | STACK_KIND_KERNEL,
     };
     let dwarf = args.unwind.dwarf(&target, stack_kinds);
-    let mut ebpf = bpf::load_stacks(&StackSettings {
+    let settings = StackSettings {
         filter: matches!(target, Target::Threads { .. }) || follow.is_some(),
         tgids,
         tids,
@@ -158,28 +158,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         unwind_buffer: args.unwind.unwind_buffer_size,
         held_command: command.as_ref().map(|c| c.pid),
         fork_tgid_offset: follow.as_ref().map(|(_, offset)| *offset),
-    })?;
-    // Drained from before the first sample, so that the ring buffer never fills at start.
-    let collector = if dwarf {
-        let ring = RingBuf::try_from(bpf::take_map(&mut ebpf, UNWIND_SAMPLES)?)?;
-        let limits = unwind::CopyLimits::new(
-            aya::maps::HashMap::try_from(bpf::take_map(&mut ebpf, COPY_LIMITS)?)?,
-            args.unwind.stack_copy_size,
-        );
-        Some(
-            unwind::Collector::start(ring, args.per_thread, Some(limits))
-                .context("failed to start the unwinding thread")?,
-        )
-    } else {
-        None
     };
+    let (mut ebpf, collector) = load(settings, args.per_thread, &mut notes)?;
+    let dwarf = collector.is_some();
     let program: &mut PerfEvent = ebpf
         .program_mut("profile_cpu")
         .context("the BPF object has no profile_cpu program; rebuild livetrace")?
         .try_into()?;
-    program
-        .load()
-        .map_err(|e| bpf::explain_program_error(e, "load the profile_cpu BPF program"))?;
     let per_task = command.as_ref().filter(|_| follow.is_none());
     let (event_name, cpus) = attach(program, args.event, frequency, per_task, &mut notes)?;
 
@@ -333,6 +318,57 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     output::report_footer_and_files(&profile, &written);
     written.finish()
+}
+
+/// Loads the object and the profile program: with stack copies for `--unwind dwarf`, or, where
+/// the kernel's verifier refuses them, without them (frame pointers, walked in the kernel),
+/// saying so: a mode that cannot load never fails the capture. With copies, the unwinding
+/// thread is started before the program is attached, so the ring buffer never fills at start.
+fn load(
+    settings: StackSettings,
+    per_thread: bool,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<(aya::Ebpf, Option<unwind::Collector>)> {
+    if settings.stack_copy_bytes != 0 {
+        match load_program(&settings) {
+            Ok(mut ebpf) => {
+                let ring = RingBuf::try_from(bpf::take_map(&mut ebpf, UNWIND_SAMPLES)?)?;
+                let limits = unwind::CopyLimits::new(
+                    aya::maps::HashMap::try_from(bpf::take_map(&mut ebpf, COPY_LIMITS)?)?,
+                    settings.stack_copy_bytes,
+                );
+                let collector = unwind::Collector::start(ring, per_thread, Some(limits))
+                    .context("failed to start the unwinding thread")?;
+                return Ok((ebpf, Some(collector)));
+            }
+            Err(err) => {
+                let note = format!(
+                    "stack copies (--unwind dwarf) could not be loaded on this kernel, so user \
+                     stacks are walked with frame pointers instead: {err:#}"
+                );
+                crate::say!("livetrace: warning: {note}");
+                notes.push(note);
+            }
+        }
+    }
+    let settings = StackSettings {
+        stack_copy_bytes: 0,
+        ..settings
+    };
+    Ok((load_program(&settings)?, None))
+}
+
+fn load_program(settings: &StackSettings) -> anyhow::Result<aya::Ebpf> {
+    bpf::refuse_stack_copies_for_test(settings)?;
+    let mut ebpf = bpf::load_stacks(settings)?;
+    let program: &mut PerfEvent = ebpf
+        .program_mut("profile_cpu")
+        .context("the BPF object has no profile_cpu program; rebuild livetrace")?
+        .try_into()?;
+    program
+        .load()
+        .map_err(|e| bpf::explain_program_error(e, "load the profile_cpu BPF program"))?;
+    Ok(ebpf)
 }
 
 /// What [`build`] needs besides the maps.
