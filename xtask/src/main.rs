@@ -5,10 +5,12 @@
 //!   cargo xtask demo    build everything, run the demo service, and show livetrace on it
 //!   cargo xtask test    every test: unit tests, and the BPF integration tests (needs root)
 //!   cargo xtask bench   livetrace beside its peers (bpftrace, perf), written to docs/benchmarks.md
+//!   cargo xtask test-kernel [--kernel K]   the smoke checks on LTS kernels in QEMU, and the host
 //!   cargo xtask fuzz [TARGET] [--seconds N]   fuzz the parsers of untrusted input (nightly)
 
 mod bench;
 mod demo;
+mod kernel;
 
 use std::{
     path::{Path, PathBuf},
@@ -37,6 +39,9 @@ enum Chore {
         #[arg(trailing_var_arg = true)]
         cargo_args: Vec<String>,
     },
+    /// Run the smoke checks of every tool on the kernels production fleets run (Debian 12's 6.1
+    /// and 6.12, booted in QEMU) and on the host's kernel; needs root.
+    TestKernel(kernel::Args),
     /// Measure livetrace beside bpftrace and perf (start-up, cost, overhead, memory) and write
     /// docs/benchmarks.md; needs root, installs missing peers.
     Bench(bench::Args),
@@ -58,6 +63,7 @@ fn main() {
         Chore::Demo(args) => setup().and_then(|()| demo::run(&args)),
         Chore::Test { cargo_args } => setup().and_then(|()| test(&cargo_args)),
         Chore::Bench(args) => setup().and_then(|()| bench::run(&args)),
+        Chore::TestKernel(args) => setup().and_then(|()| kernel::run(&args)),
         Chore::Fuzz { target, seconds } => fuzz(target.as_deref(), seconds),
     };
     if let Err(err) = result {
