@@ -317,6 +317,18 @@ pub fn build_profile(
         record(frames, findings, weight);
     }
 
+    if options.dwarf_possible
+        && quality
+            .stacks_cut_short
+            .keys()
+            .any(|k| k.starts_with("user stack walk filled"))
+    {
+        quality.advice.push(
+            "user stacks that fill the kernel's 127 frames are complete with --unwind dwarf \
+             (up to 512 frames, within its 16 KiB stack copy)"
+                .into(),
+        );
+    }
     if quality.stack_losses.keys().any(|k| k.contains(RING_FULL)) {
         quality.advice.push(
             "stack copies were dropped because the unwind ring buffer was full: raise \
@@ -451,16 +463,17 @@ fn key_frames(
         };
         // A walk in the kernel that stopped at its depth limit gives the leaf end of the stack.
         let cause = cause.or_else(|| {
-            (stack_id >= 0 && trace.len() >= KERNEL_MAX_DEPTH && !is_synthetic(stack_id)).then(|| {
+            let full = stack_id >= 0 && trace.len() >= KERNEL_MAX_DEPTH && !is_synthetic(stack_id);
+            let side = if kind == FrameKind::User {
+                "user"
+            } else {
+                "kernel"
+            };
+            full.then(|| {
                 format!(
-                    "{} stack deeper than {KERNEL_MAX_DEPTH} frames, the most the kernel's walk \
-                     records: its outermost frames are missing{}",
-                    if kind == FrameKind::User { "user" } else { "kernel" },
-                    if kind == FrameKind::User {
-                        " (--unwind dwarf unwinds up to 512)"
-                    } else {
-                        ""
-                    }
+                    "{side} stack walk filled the kernel's {KERNEL_MAX_DEPTH} frames: the stack \
+                     is deeper (its outermost frames are missing), or the walk went astray in \
+                     code without frame pointers"
                 )
             })
         });

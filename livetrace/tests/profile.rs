@@ -550,7 +550,10 @@ fn a_stack_deeper_than_any_walk_is_marked_and_counted() {
     let _cpus = cpu_shared();
     let deep = start_fixture("deep", &["2000", "20"]);
     let pid = deep.pid().to_string();
-    for (mode, reason) in [("fp", "deeper than 127 frames"), ("dwarf", "16 KiB")] {
+    for (mode, reason) in [
+        ("fp", "filled the kernel's 127 frames"),
+        ("dwarf", "16 KiB"),
+    ] {
         let (profile, run) = run_folded(
             &["profile", "-p", &pid, "-U", "--unwind", mode, "-d", "1"],
             Duration::from_secs(1) + SLACK,
