@@ -2,7 +2,11 @@
 //! stacks (root first) plus the data-quality record of how they were obtained. It knows nothing
 //! about BPF or file formats.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
 /// What a stack's weight counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,15 +195,12 @@ impl StackProfile {
     /// The stacks with frames reduced to name and kind, merged and ordered: what folded stacks,
     /// flamegraphs and the summary show. Stacks that differ only by address become one.
     pub fn by_name(&self) -> Vec<WeightedStack> {
-        let mut merged: BTreeMap<Vec<Frame>, u64> = BTreeMap::new();
+        let mut merged: HashMap<Vec<Frame>, u64> = HashMap::with_capacity(self.stacks.len());
         for stack in &self.stacks {
             let frames = stack.frames.iter().map(Frame::name_only).collect();
             *merged.entry(frames).or_default() += stack.weight;
         }
-        merged
-            .into_iter()
-            .map(|(frames, weight)| WeightedStack { frames, weight })
-            .collect()
+        sorted_stacks(merged)
     }
 
     /// Self and total weight of every frame name (display name) but the process and thread
@@ -231,14 +232,23 @@ impl StackProfile {
 
     /// Merges stacks with identical frames and orders them by frames, so output is deterministic.
     pub fn normalize(&mut self) {
-        let mut merged: BTreeMap<Vec<Frame>, u64> = BTreeMap::new();
+        let mut merged: HashMap<Vec<Frame>, u64> = HashMap::with_capacity(self.stacks.len());
         for stack in self.stacks.drain(..) {
             *merged.entry(stack.frames).or_default() += stack.weight;
         }
-        self.stacks = merged
-            .into_iter()
-            .filter(|(_, weight)| *weight > 0)
-            .map(|(frames, weight)| WeightedStack { frames, weight })
-            .collect();
+        merged.retain(|_, weight| *weight > 0);
+        self.stacks = sorted_stacks(merged);
     }
+}
+
+/// Merged stacks in frame order. Merged in a hash map and sorted once: a sorted map compares
+/// whole stacks (string by string) at every insertion, which cost the static (musl) build,
+/// whose memcmp is a byte loop, 14% of a capture's CPU time.
+fn sorted_stacks(merged: HashMap<Vec<Frame>, u64>) -> Vec<WeightedStack> {
+    let mut stacks: Vec<WeightedStack> = merged
+        .into_iter()
+        .map(|(frames, weight)| WeightedStack { frames, weight })
+        .collect();
+    stacks.sort_unstable_by(|a, b| a.frames.cmp(&b.frames));
+    stacks
 }
