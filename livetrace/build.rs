@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("livetrace-ebpf's manifest has no parent directory"))?
         .as_str();
-    aya_build::build_ebpf(
+    let built = aya_build::build_ebpf(
         [aya_build::Package {
             name: ebpf.name.as_str(),
             root_dir,
@@ -38,5 +38,61 @@ fn main() -> anyhow::Result<()> {
     .context(
         "building the BPF programs failed; if bpf-linker or the nightly's rust-src is missing, \
          run scripts/setup.sh (or any `cargo xtask` command)",
-    )
+    );
+    built?;
+    describe_build(root_dir)
+}
+
+/// What `livetrace --version` reports about how it was built: the git commit of the sources,
+/// the BPF programs in the object (read from it), and the toolchain that built them. Each is
+/// left out when it cannot be known (a source tarball has no commit).
+fn describe_build(ebpf_dir: &str) -> anyhow::Result<()> {
+    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR")?);
+    let object_bytes = std::fs::read(out.join("livetrace")).context("reading the BPF object")?;
+    use object::{Object as _, ObjectSection as _};
+    let object = object::File::parse(&*object_bytes).context("parsing the BPF object")?;
+    let mut programs: Vec<String> = object
+        .sections()
+        .filter(|s| s.kind() == object::SectionKind::Text && s.size() > 0)
+        .filter_map(|s| s.name().ok().map(str::to_owned))
+        .filter(|name| name != ".text")
+        .collect();
+    programs.sort();
+    println!(
+        "cargo:rustc-env=LIVETRACE_BPF_PROGRAMS={}",
+        programs.join(" ")
+    );
+
+    let output = |program: &str, args: &[&str]| -> Option<String> {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .filter(|text| !text.is_empty())
+    };
+    let linker = output("bpf-linker", &["--version"]).unwrap_or_default();
+    let rustc = output("rustc", &["+nightly", "--version"]).unwrap_or_default();
+    println!("cargo:rustc-env=LIVETRACE_BPF_TOOLCHAIN={rustc}, {linker}");
+
+    // The commit, and the files whose change means a new one: HEAD, and the branch it names.
+    let git = |args: &[&str]| output("git", &[&["-C", ebpf_dir], args].concat());
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_default();
+    let date = git(&["show", "-s", "--format=%cs", "HEAD"]).unwrap_or_default();
+    println!("cargo:rustc-env=LIVETRACE_GIT_COMMIT={commit}");
+    println!("cargo:rustc-env=LIVETRACE_GIT_DATE={date}");
+    let watched = ["HEAD".to_owned()]
+        .into_iter()
+        .chain(git(&["symbolic-ref", "-q", "HEAD"]));
+    for name in watched {
+        if let Some(path) = git(&["rev-parse", "--git-path", &name]) {
+            let path = std::path::Path::new(ebpf_dir).join(path);
+            if path.exists() {
+                println!("cargo:rerun-if-changed={}", path.display());
+            }
+        }
+    }
+    Ok(())
 }

@@ -48,12 +48,15 @@ pub fn vmlinux_path() -> PathBuf {
     std::env::var_os(BTF_PATH_ENV).map_or_else(|| PathBuf::from(VMLINUX_BTF), PathBuf::from)
 }
 
+/// Why a kernel's BTF may be missing, and what to do (also said by `livetrace check`).
+pub const MISSING_BTF_FIX: &str = "the kernel was built without CONFIG_DEBUG_INFO_BTF, or /sys \
+                                   is not mounted (`mount -t sysfs sysfs /sys`)";
+
 /// Why a kernel BTF file could not be read, and what to do about it.
 fn missing_btf(path: &Path, err: &dyn std::fmt::Display) -> String {
     format!(
-        "cannot read the kernel's BTF at {} ({err}): the kernel was built without \
-         CONFIG_DEBUG_INFO_BTF, or /sys is not mounted (`mount -t sysfs sysfs /sys`); \
-         check with `ls -l {VMLINUX_BTF}`",
+        "cannot read the kernel's BTF at {} ({err}): {MISSING_BTF_FIX}; check with `ls -l \
+         {VMLINUX_BTF}`",
         path.display()
     )
 }

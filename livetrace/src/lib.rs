@@ -6,6 +6,7 @@
 
 pub mod already_blocked;
 pub mod bpf;
+pub mod build_info;
 pub mod capture;
 pub mod console;
 pub mod cpu_times;
@@ -20,6 +21,7 @@ pub mod names;
 pub mod output;
 pub mod perf_map;
 pub mod privileges;
+pub mod runtimes;
 pub mod signals;
 pub mod stacks;
 pub mod symbolize;

@@ -9,8 +9,8 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use livetrace::{UsageError, targets, tools};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
+use livetrace::{UsageError, build_info, targets, tools};
 
 const ABOUT: &str = "Live debugging with eBPF: see where a running process spends its CPU time, \
 where it blocks, and how long a function takes, without stopping it.";
@@ -33,7 +33,7 @@ Privileges: root, or these capabilities (checked before anything is loaded):
 Under sudo, a command given after -- runs as the invoking user (SUDO_UID); --as-root keeps root.";
 
 #[derive(Parser, Debug)]
-#[command(name = "livetrace", version, about = ABOUT, after_help = AFTER_HELP)]
+#[command(name = "livetrace", about = ABOUT, after_help = AFTER_HELP)]
 struct Cli {
     /// More detail about what livetrace is doing (repeat for more).
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count, global = true)]
@@ -52,6 +52,50 @@ enum Command {
     Diff(tools::diff::Args),
     /// Latency histogram of one function: what are its p50, p99 and p99.9?
     UprobeHist(tools::uprobe_hist::Args),
+    /// What this host supports and lacks for each subcommand, and how to fix what is missing.
+    Check(tools::check::Args),
+    /// Shell completions, e.g. `source <(livetrace completions bash)`.
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Writes the man pages (livetrace.1 and one per subcommand) into DIR (`cargo xtask dist`
+    /// runs it).
+    #[command(hide = true)]
+    GenerateMan { dir: std::path::PathBuf },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// The command line's definition, with the version strings that are only known at run time.
+fn command() -> clap::Command {
+    // Leaked once: clap keeps &'static strings, and the process parses its command line once.
+    let short: &'static str = Box::leak(build_info::short_version().into_boxed_str());
+    let long: &'static str = Box::leak(build_info::long_version().into_boxed_str());
+    Cli::command().version(short).long_version(long)
+}
+
+fn completions(shell: Shell) {
+    let shell = match shell {
+        Shell::Bash => clap_complete::Shell::Bash,
+        Shell::Zsh => clap_complete::Shell::Zsh,
+        Shell::Fish => clap_complete::Shell::Fish,
+    };
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command(), "livetrace", &mut script);
+    livetrace::console::stdout(&script);
+}
+
+fn generate_man(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    clap_mangen::generate_to(command(), dir)
+        .with_context(|| format!("cannot write the man pages into {}", dir.display()))
 }
 
 fn main() -> ExitCode {
@@ -67,7 +111,8 @@ fn main() -> ExitCode {
         livetrace::say!("livetrace: error: cannot install the signal handlers: {err}");
         return ExitCode::from(1);
     }
-    let cli = Cli::parse_from(args);
+    let matches = command().get_matches_from(args);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
     let level = match cli.verbose {
         0 => log::LevelFilter::Warn,
         1 => log::LevelFilter::Info,
@@ -83,6 +128,12 @@ fn main() -> ExitCode {
         Command::Offcpu(args) => tools::offcpu::run(args),
         Command::Diff(args) => tools::diff::run(args),
         Command::UprobeHist(args) => tools::uprobe_hist::run(args),
+        Command::Check(args) => tools::check::run(&args),
+        Command::Completions { shell } => {
+            completions(shell);
+            Ok(())
+        }
+        Command::GenerateMan { dir } => generate_man(&dir),
     };
     let result = result.and_then(|()| match livetrace::console::stdout_failure() {
         // The files are written; the results on standard output are not.

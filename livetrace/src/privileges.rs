@@ -52,7 +52,7 @@ impl Cap {
 }
 
 /// One capability and what this run needs it for.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Need {
     pub cap: Cap,
     pub why: &'static str,
@@ -168,28 +168,44 @@ fn missing_message(subcommand: &str, needs: &[Need], missing: &[&Need]) -> Strin
     for need in missing {
         let _ = write!(message, "\n  {:width$}  to {}", need.cap.name(), need.why);
     }
-    let exe = std::env::current_exe().map_or_else(
-        |_| "/path/to/livetrace".to_owned(),
-        |p| p.display().to_string(),
-    );
-    let mut caps: Vec<String> = Vec::new();
-    for need in needs {
-        let name = need.cap.setcap_name();
-        if !caps.contains(&name) {
-            caps.push(name);
-        }
-    }
+    let exe = own_path();
     let argv: Vec<String> = std::env::args().skip(1).map(|a| shell_quote(&a)).collect();
     let _ = write!(
         message,
         "\nrun it as root:\n  sudo {} {}\nor grant the binary these capabilities once (then \
-         any user who may run it can trace):\n  sudo setcap {}+ep {}",
+         any user who may run it can trace):\n  {}",
         shell_quote(&exe),
         argv.join(" "),
-        caps.join(","),
-        shell_quote(&exe),
+        setcap_line(needs.iter().map(|n| n.cap)),
     );
     message
+}
+
+/// This binary's path, quoted for a shell.
+fn own_path() -> String {
+    let exe = std::env::current_exe().map_or_else(
+        |_| "/path/to/livetrace".to_owned(),
+        |p| p.display().to_string(),
+    );
+    shell_quote(&exe)
+}
+
+/// `sudo setcap cap_bpf,cap_perfmon+ep /usr/local/bin/livetrace`: the line that grants this
+/// binary `caps` (each once, in the order given).
+pub fn setcap_line(caps: impl IntoIterator<Item = Cap>) -> String {
+    setcap_line_for(&own_path(), caps)
+}
+
+/// [`setcap_line`] for the binary at `path` (quoted already).
+pub fn setcap_line_for(path: &str, caps: impl IntoIterator<Item = Cap>) -> String {
+    let mut names: Vec<String> = Vec::new();
+    for cap in caps {
+        let name = cap.setcap_name();
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    format!("sudo setcap {}+ep {path}", names.join(","))
 }
 
 /// Quotes a word for a POSIX shell when it needs it.

@@ -32,7 +32,7 @@ const RING_FULL: &str = "stack copy lost to the full unwind ring buffer";
 
 /// The most frames `bpf_get_stackid` records (`PERF_MAX_STACK_DEPTH`, the size of a stack-trace
 /// map's value): a walk that fills them stopped at the limit, not at the stack's root.
-const KERNEL_MAX_DEPTH: usize = 127;
+pub const KERNEL_MAX_DEPTH: usize = 127;
 
 /// Whether a stack id is one the unwinding thread gave out (`--unwind dwarf`), not the kernel.
 fn is_synthetic(id: i32) -> bool {

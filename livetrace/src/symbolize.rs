@@ -13,7 +13,7 @@ use std::{
     sync::Arc,
 };
 
-use crate::perf_map::PerfMap;
+use crate::{perf_map::PerfMap, runtimes::Runtime};
 
 use blazesym::{
     Pid,
@@ -356,39 +356,22 @@ impl Symbolizer {
             .take(3)
             .map(|&pid| {
                 let snapshot = self.snapshots.get(&pid);
-                let maps = |suffix: &str| {
-                    snapshot.is_some_and(|s| {
-                        s.mappings
-                            .iter()
-                            .any(|m| m.path.to_string_lossy().ends_with(suffix))
-                    })
-                };
                 let exe = snapshot
                     .and_then(|s| s.exe.as_ref())
                     .and_then(|e| e.file_name())
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                if maps("/libjvm.so") {
-                    format!(
-                        "pid {pid} is a JVM: have it write its perf map with `jcmd {pid} \
-                         Compiler.perfmap` (JDK 17+) after warm-up and before the capture ends, \
-                         and start it with -XX:+PreserveFramePointer for complete stacks"
-                    )
-                } else if exe.starts_with("node") {
-                    format!(
-                        "pid {pid} is Node.js: start it with --perf-basic-prof (add \
-                         --interpreted-frames-native-stack to name interpreted functions too)"
-                    )
-                } else if exe.starts_with("python") {
-                    format!(
-                        "pid {pid} is Python: CPython 3.12+ started with -X perf (or \
-                         PYTHONPERFSUPPORT=1) names its Python functions"
-                    )
-                } else {
-                    format!(
+                let mapped = snapshot
+                    .into_iter()
+                    .flat_map(|s| s.mappings.iter().map(|m| m.path.as_path()));
+                match Runtime::detect(&exe, mapped) {
+                    Some(runtime) => {
+                        format!("pid {pid} ({}): {}", runtime.name(), runtime.advice(pid))
+                    }
+                    None => format!(
                         "pid {pid} runs JIT code that no perf map names: its runtime can \
                          usually write /tmp/perf-{pid}.map (perf's JIT interface)"
-                    )
+                    ),
                 }
             })
             .collect()

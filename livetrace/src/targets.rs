@@ -99,6 +99,36 @@ fn dedup(ids: &[u32]) -> Vec<u32> {
     ids
 }
 
+/// The inode of the initial PID namespace (`PROC_PID_INIT_INO`, include/linux/proc_ns.h).
+const INIT_PID_NS_INODE: u64 = 0xEFFF_FFFC;
+
+/// Why livetrace cannot trace from a PID namespace of its own (also said by `livetrace check`).
+pub const FOREIGN_PID_NAMESPACE: &str = "livetrace runs in a PID namespace of its own (a \
+    container's) and /proc is that namespace's: the kernel reports the host's PIDs, which it \
+    does not show, so no process could be matched or named";
+/// What to do about it.
+pub const FOREIGN_PID_NAMESPACE_FIX: &str = "run livetrace in the host's PID namespace: \
+    `hostPID: true` in a Kubernetes pod, `docker run --pid=host`, or `nsenter -t 1 -p -m` from \
+    the host";
+
+/// Whether the PIDs in /proc are the ones the kernel's tracing helpers report (the initial
+/// namespace's): livetrace's own namespace is the host's, or /proc is the host's (its pid 1 is
+/// in the initial namespace; reading that takes root).
+pub fn sees_host_pids() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let initial = |path: &str| fs::metadata(path).is_ok_and(|m| m.ino() == INIT_PID_NS_INODE);
+    initial("/proc/self/ns/pid") || initial("/proc/1/ns/pid")
+}
+
+/// Refuses, before anything is loaded, to trace from a PID namespace whose /proc cannot name
+/// what the kernel reports.
+pub fn require_host_pids() -> anyhow::Result<()> {
+    if sees_host_pids() || !std::path::Path::new("/proc/self/ns/pid").exists() {
+        return Ok(());
+    }
+    bail!("{FOREIGN_PID_NAMESPACE}; {FOREIGN_PID_NAMESPACE_FIX}")
+}
+
 /// Whether the task exists as a zombie: exited, not yet reaped.
 pub fn is_zombie(id: u32) -> bool {
     fs::read_to_string(format!("/proc/{id}/stat")).is_ok_and(|stat| {

@@ -50,18 +50,31 @@ pub fn status() -> Status {
     unreadable.map_or(Status::NotMounted, Status::Unreadable)
 }
 
+/// What to do when tracefs is mounted but root's (also said by `livetrace check`).
+pub const UNREADABLE_FIX: &str = "run livetrace as root, or with CAP_DAC_READ_SEARCH";
+
+/// What to do when tracefs is not mounted and livetrace may not mount it.
+pub fn mount_fix(dir: &std::path::Path) -> String {
+    format!("run `mount -t tracefs nodev {}` as root", dir.display())
+}
+
+/// Where livetrace mounts tracefs when it is not mounted.
+pub fn mount_point() -> PathBuf {
+    candidates().swap_remove(0)
+}
+
 /// The tracefs directory, mounting tracefs at /sys/kernel/tracing if no mount is there yet.
 pub fn ensure_mounted() -> anyhow::Result<PathBuf> {
     match status() {
         Status::Readable(dir) => return Ok(dir),
         Status::Unreadable(dir) => bail!(
             "tracefs is mounted at {}, but this process may not read it (it is root's, mode \
-             0700): run livetrace as root, or with CAP_DAC_READ_SEARCH",
+             0700): {UNREADABLE_FIX}",
             dir.display()
         ),
         Status::NotMounted => {}
     }
-    let target = candidates().swap_remove(0);
+    let target = mount_point();
     let c_target = CString::new(target.as_os_str().as_bytes())
         .map_err(|_| anyhow::anyhow!("{} contains a NUL byte", target.display()))?;
     // SAFETY: plain mount(2) of tracefs with NUL-terminated arguments that outlive the call.
@@ -78,9 +91,9 @@ pub fn ensure_mounted() -> anyhow::Result<PathBuf> {
         let err = std::io::Error::last_os_error();
         bail!(
             "tracefs is not mounted at {} and mounting it failed ({err}; mounting needs \
-             CAP_SYS_ADMIN); run `mount -t tracefs nodev {}` as root",
+             CAP_SYS_ADMIN); {}",
             target.display(),
-            target.display()
+            mount_fix(&target)
         );
     }
     Ok(target)

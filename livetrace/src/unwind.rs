@@ -155,7 +155,7 @@ fn parse_bytes(text: &str) -> Result<u64, String> {
 
 /// The deepest stack unwound here. Deeper than the kernel's frame-pointer walks (127 frames):
 /// a 16 KiB copy holds a few hundred frames of ordinary code.
-const MAX_FRAMES: usize = 512;
+pub const MAX_FRAMES: usize = 512;
 /// Why a stack is cut short at [`MAX_FRAMES`].
 const TOO_DEEP: &str = "deeper than 512 frames, the most unwound: its outermost frames are missing";
 /// How long the drain thread sleeps when the ring buffer is empty.

@@ -508,3 +508,95 @@ fn usage_errors_exit_2_and_runtime_errors_exit_1() {
         assert_eq!(run.status.code(), Some(1), "{args:?}: {}", run.stderr);
     }
 }
+
+/// `livetrace check` as nobody with no capabilities: every capability livetrace uses is named
+/// as missing, the tracing subcommands cannot run, diff can, and the fix is the grant line in
+/// the words of the tools' own refusal. With CAP_BPF and CAP_PERFMON, only uprobe-hist is left
+/// wanting, for CAP_SYS_ADMIN.
+#[test]
+fn check_without_capabilities_names_every_missing_one() {
+    require_root();
+    let dir = NobodyDir::new(&[]);
+    let run = dir.run("", &["check"]);
+    assert_eq!(run.status.code(), Some(1), "{}\n{}", run.stdout, run.stderr);
+    let mut expected = vec![
+        "CAP_BPF",
+        "CAP_PERFMON",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_PTRACE",
+        "CAP_DAC_READ_SEARCH",
+    ];
+    // Kernel symbols are hidden from nobody unless both sysctls allow them.
+    let sysctl = |name: &str| -> i64 {
+        fs::read_to_string(format!("/proc/sys/kernel/{name}"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    if sysctl("perf_event_paranoid") >= 2 || sysctl("kptr_restrict") >= 1 {
+        expected.push("CAP_SYSLOG");
+    }
+    let section = run
+        .stdout
+        .split("\ncapabilities\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no capabilities section:\n{}", run.stdout));
+    let section = section.split("\n\n").next().unwrap();
+    for cap in &expected {
+        assert!(
+            section
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(cap)),
+            "{cap} is not named as missing:\n{}",
+            run.stdout
+        );
+    }
+    for subcommand in ["profile", "offcpu", "uprobe-hist"] {
+        assert!(
+            run.stdout
+                .lines()
+                .any(|l| l.trim_start().starts_with(subcommand) && l.contains("cannot run")),
+            "{subcommand}:\n{}",
+            run.stdout
+        );
+    }
+    assert!(
+        run.stdout.lines().any(|l| l.trim() == "diff         ready"),
+        "{}",
+        run.stdout
+    );
+    // The same words as the refusal of the tools themselves.
+    let refusal = dir.run("", &["profile", "-d", "1"]);
+    let phrase =
+        "grant the binary these capabilities once (then any user who may run it can trace)";
+    assert!(refusal.stderr.contains(phrase), "{}", refusal.stderr);
+    assert!(
+        run.stdout.replace("\n    ", " ").contains(phrase),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains(&format!(
+            "sudo setcap cap_bpf,cap_perfmon,{}",
+            if expected.contains(&"CAP_SYSLOG") {
+                "cap_syslog,cap_sys_admin"
+            } else {
+                "cap_sys_admin"
+            }
+        )),
+        "{}",
+        run.stdout
+    );
+
+    let partial = dir.run("bpf,perfmon", &["check", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&partial.stdout).unwrap();
+    let verdict = report["subcommands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["subcommand"] == "uprobe-hist")
+        .unwrap();
+    assert_eq!(verdict["status"], "missing", "{verdict}");
+    assert_eq!(verdict["because"], serde_json::json!(["CAP_SYS_ADMIN"]));
+}

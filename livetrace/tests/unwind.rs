@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::{
     MeasuredFixture, Process, Profile, Stack, assert_share, build_fixture, cpu_exclusive, path_arg,
-    require_root, run_folded, wait_until,
+    require_root, require_tool, run_folded, wait_until,
 };
 
 /// The chain fixture's hot leaves (about 6:3:1 of its CPU time; it measures the split itself).
@@ -414,14 +414,4 @@ fn java_method(frame: &str) -> Option<&str> {
 
 fn fixture_source(name: &str) -> String {
     format!("{}/../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The path of a runtime these tests need, or a failure that says how to install it.
-fn require_tool(name: &str, install: &str) -> PathBuf {
-    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|dir| dir.join(name))
-        .find(|path| path.is_file());
-    found.unwrap_or_else(|| {
-        panic!("{name} is not installed: this test needs it (`{install}`, or `cargo xtask setup`)")
-    })
 }

@@ -584,6 +584,7 @@ fn check_privileges(args: &Args, target: &Target) -> anyhow::Result<()> {
         }
     }
     privileges::require("offcpu", &needs)?;
+    crate::targets::require_host_pids()?;
     if let Target::Threads { pids, tids } = target {
         let mut wanted = Vec::new();
         if kernel_stacks {

@@ -17,7 +17,7 @@ use aya::{
 use clap::{Args as ClapArgs, ValueEnum};
 use livetrace_common::{
     stacks::{Counter, DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER},
-    unwind::{COPY_LIMITS, UNWIND_SAMPLES},
+    unwind::{COPY_LIMITS, MAX_STACK_COPY, UNWIND_SAMPLES},
 };
 
 use crate::{
@@ -95,6 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         needs.push(privileges::KALLSYMS);
     }
     privileges::require("profile", &needs)?;
+    crate::targets::require_host_pids()?;
     let mut outputs = args.outputs.clone();
     let default_svg = outputs.is_empty().then(|| default_output_path(&target));
     if let Some(path) = &default_svg {
@@ -356,6 +357,26 @@ fn load(
         ..settings
     };
     Ok((load_program(&settings)?, None))
+}
+
+/// Whether this kernel's verifier accepts the profile program, walking user stacks with frame
+/// pointers or (`dwarf`) copying them: loaded as a capture would load it, not attached, and
+/// unloaded again (`livetrace check`).
+pub fn verifier_accepts(dwarf: bool) -> anyhow::Result<()> {
+    let settings = StackSettings {
+        filter: false,
+        tgids: Vec::new(),
+        tids: Vec::new(),
+        stack_kinds: STACK_KIND_USER | STACK_KIND_KERNEL,
+        per_thread: false,
+        stack_storage: 1024,
+        offcpu: None,
+        stack_copy_bytes: if dwarf { MAX_STACK_COPY } else { 0 },
+        unwind_buffer: 1 << 20,
+        held_command: None,
+        fork_tgid_offset: None,
+    };
+    load_program(&settings).map(drop)
 }
 
 fn load_program(settings: &StackSettings) -> anyhow::Result<aya::Ebpf> {

@@ -165,6 +165,16 @@ pub fn build_fixture(name: &str, command: &[&str]) -> PathBuf {
     out
 }
 
+/// The path of a program these tests need, or a failure that says how to install it.
+pub fn require_tool(name: &str, install: &str) -> PathBuf {
+    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file());
+    found.unwrap_or_else(|| {
+        panic!("{name} is not installed: this test needs it (`{install}`, or `cargo xtask setup`)")
+    })
+}
+
 /// Starts a fixture with the given arguments; it is killed when the returned guard drops.
 pub fn start_fixture(name: &str, args: &[&str]) -> Process {
     let mut command = Command::new(fixture(name));

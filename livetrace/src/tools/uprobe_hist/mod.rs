@@ -204,6 +204,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     ];
     needs.extend(privileges::ptrace_need(&args.pids));
     privileges::require("uprobe-hist", &needs)?;
+    crate::targets::require_host_pids()?;
     let sites = find_sites(&args.symbol, &target)?;
     let function = sites[0].symbol.demangled.clone();
 
