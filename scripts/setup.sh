@@ -4,6 +4,9 @@
 #   - bpf-linker, linked against the nightly's own libLLVM (bpf-linker needs an LLVM whose major
 #     version equals rustc's, and the nightly ships one that exports the LLVM C API),
 #   - the C compiler used by the test fixtures,
+#   - the musl target and musl-gcc, for the static binary (`cargo xtask dist`, which the tests
+#     run in an empty root),
+#   - bash's, zsh's and fish's completion machinery, which the completion tests load ours into,
 #   - the third-party readers the output tests check our files with: `go tool pprof` (Debian's
 #     golang-go) and, from npm, speedscope's own importer and the ajv JSON Schema validator.
 # Nothing is downloaded from outside rustup, crates.io, Debian's archive and npm.
@@ -54,6 +57,20 @@ apt_install() {
     [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }
     apt-get install -y -qq "$@"
 }
+if ! rustup target list --installed | grep -q '^x86_64-unknown-linux-musl$'; then
+    say "adding the musl target (the static binary)"
+    rustup target add x86_64-unknown-linux-musl
+fi
+if ! command -v musl-gcc >/dev/null; then
+    say "installing musl-tools (the static binary's allocator is C, built with musl-gcc)"
+    apt_install musl-tools
+fi
+for shell in zsh fish; do
+    if ! command -v "$shell" >/dev/null; then
+        say "installing $shell (the completion tests load our completions into it)"
+        apt_install "$shell"
+    fi
+done
 if ! command -v go >/dev/null; then
     say "installing golang-go (go tool pprof reads our pprof files in the tests)"
     apt_install golang-go

@@ -12,6 +12,10 @@ use std::process::ExitCode;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 use livetrace::{UsageError, build_info, targets, tools};
 
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ABOUT: &str = "Live debugging with eBPF: see where a running process spends its CPU time, \
 where it blocks, and how long a function takes, without stopping it.";
 

@@ -20,7 +20,9 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{require_root, run_command, workspace_root};
+use crate::{
+    apt_install, dist::build_static_livetrace, on_path, require_root, run_command, workspace_root,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,8 +42,6 @@ const MATRIX: [&str; 2] = [
     "linux-image-6.1.0-57-cloud-amd64",
     "linux-image-6.12.118+deb12-cloud-amd64",
 ];
-
-const MUSL: &str = "x86_64-unknown-linux-musl";
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     require_root("the checks load BPF programs on the host")?;
@@ -92,7 +92,7 @@ fn check_all(args: &Args, work: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// QEMU, busybox, cpio and the musl target, where missing.
+/// QEMU, busybox and cpio, where missing.
 fn ensure_tools() -> anyhow::Result<()> {
     let missing: Vec<&str> = [
         ("qemu-system-x86_64", "qemu-system-x86"),
@@ -104,41 +104,9 @@ fn ensure_tools() -> anyhow::Result<()> {
     .map(|(_, package)| package)
     .collect();
     if !missing.is_empty() {
-        eprintln!("xtask: installing {}", missing.join(" "));
-        run_command(Command::new("apt-get").args(["update", "-qq"]))?;
-        run_command(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-    }
-    let installed = Command::new("rustup")
-        .args(["target", "list", "--installed"])
-        .output()
-        .context("running rustup")?;
-    if !String::from_utf8_lossy(&installed.stdout).contains(MUSL) {
-        run_command(Command::new("rustup").args(["target", "add", MUSL]))?;
+        apt_install(&missing)?;
     }
     Ok(())
-}
-
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
-}
-
-/// livetrace, linked statically against musl, with its BPF object inside.
-pub fn build_static_livetrace() -> anyhow::Result<PathBuf> {
-    run_command(Command::new("cargo").current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "--target",
-        MUSL,
-        "-p",
-        "livetrace",
-    ]))?;
-    Ok(workspace_root().join(format!("target/{MUSL}/release/livetrace")))
 }
 
 /// The fixtures the checks run, linked statically (the guest has no libc).
@@ -347,6 +315,12 @@ kill $P"#,
         },
     },
     Check {
+        id: "check",
+        name: "livetrace check",
+        body: r#"$LT check --json"#,
+        verify: verify_host_check,
+    },
+    Check {
         id: "uprobe-hist",
         name: "uprobe-hist",
         body: r#"$LT uprobe-hist timed_work --json -- $FIX/latency mix"#,
@@ -535,7 +509,35 @@ fn verify_latency(o: &Outputs) -> Result<(), String> {
     Ok(())
 }
 
-/// Splits a console log into each check's outputs and judges them.
+/// `livetrace check` on a kernel where every tool passed: it must say so, with the verifier's
+/// own word for both ways of walking stacks.
+fn verify_host_check(o: &Outputs) -> Result<(), String> {
+    check(o.status == Some(0), || {
+        format!("exit {:?}: {}", o.status, o.stderr())
+    })?;
+    let report: serde_json::Value =
+        serde_json::from_str(o.file("stdout")?).map_err(|e| format!("not JSON: {e}"))?;
+    for verdict in report["subcommands"].as_array().into_iter().flatten() {
+        check(verdict["status"] == "ok", || format!("says {verdict}"))?;
+    }
+    let item = |name: &str| {
+        report["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap_or_default()
+    };
+    for name in ["verifier", "BTF", "uprobes", "version"] {
+        check(item(name)["status"] == "ok", || {
+            format!("{name}: {}", item(name))
+        })?;
+    }
+    Ok(())
+}
+
+/// Splits a console log into each check's outputs and judges them./// Splits a console log into each check's outputs and judges them.
 fn judge(log: &str) -> Verdicts {
     let mut results = Vec::new();
     for check in CHECKS {

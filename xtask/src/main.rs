@@ -7,9 +7,12 @@
 //!   cargo xtask bench   livetrace beside its peers (bpftrace, perf), written to docs/benchmarks.md
 //!   cargo xtask test-kernel [--kernel K]   the smoke checks on LTS kernels in QEMU, and the host
 //!   cargo xtask fuzz [TARGET] [--seconds N]   fuzz the parsers of untrusted input (nightly)
+//!   cargo xtask dist    the static binary for production hosts, its checksum, man pages and
+//!                       completions, in target/dist/
 
 mod bench;
 mod demo;
+mod dist;
 mod kernel;
 
 use std::{
@@ -45,6 +48,9 @@ enum Chore {
     /// Measure livetrace beside bpftrace and perf (start-up, cost, overhead, memory) and write
     /// docs/benchmarks.md; needs root, installs missing peers.
     Bench(bench::Args),
+    /// Build the static binary to copy onto a host (target/dist/livetrace), with its checksum,
+    /// man pages and shell completions.
+    Dist,
     /// Fuzz the parsers of untrusted input (cargo-fuzz, libFuzzer, nightly); installs
     /// cargo-fuzz if it is missing. A crash leaves its input in fuzz/artifacts/TARGET/.
     Fuzz {
@@ -65,6 +71,7 @@ fn main() {
         Chore::Bench(args) => setup().and_then(|()| bench::run(&args)),
         Chore::TestKernel(args) => setup().and_then(|()| kernel::run(&args)),
         Chore::Fuzz { target, seconds } => fuzz(target.as_deref(), seconds),
+        Chore::Dist => setup().and_then(|()| dist::run()),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
@@ -85,13 +92,16 @@ fn setup() -> anyhow::Result<()> {
 
 fn test(cargo_args: &[String]) -> anyhow::Result<()> {
     require_root("the integration tests load BPF programs")?;
+    // The sidecar tests run the static binary that `cargo xtask dist` ships.
+    let static_binary = dist::build_static_livetrace()?;
     // Unit tests of every crate, then the integration tests that load the real BPF programs
     // against fixture programs; both in one cargo invocation so the summary counts them all.
     run_command(
         Command::new("cargo")
             .current_dir(workspace_root())
             .args(["test", "--release"])
-            .args(cargo_args),
+            .args(cargo_args)
+            .env("LIVETRACE_STATIC", static_binary),
     )
 }
 
@@ -153,6 +163,23 @@ pub fn require_root(why: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+}
+
+/// Installs Debian packages (the machines this runs on are Debian).
+pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    eprintln!("xtask: installing {}", packages.join(" "));
+    run_command(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_command(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 pub fn run_command(command: &mut Command) -> anyhow::Result<()> {
