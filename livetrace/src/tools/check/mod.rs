@@ -521,7 +521,7 @@ fn capability_items(facts: &Facts, setcap: &dyn Fn(Vec<Cap>) -> String, checks: 
             section,
             "capabilities",
             Status::Ok,
-            format!("all that livetrace uses: {}", names.join(" ")),
+            format!("all that livetrace needs here: {}", names.join(" ")),
         ));
         return;
     }
@@ -569,7 +569,9 @@ fn runtime_items(facts: &Facts, checks: &mut Vec<Item>) {
         });
     }
     if facts.unreadable_processes > 0 {
-        let root = facts.uid == 0;
+        let ptrace = facts
+            .capabilities
+            .is_some_and(|eff| privileges::has(eff, Cap::SysPtrace));
         checks.push(Item::new(
             section,
             "unreadable",
@@ -577,7 +579,7 @@ fn runtime_items(facts: &Facts, checks: &mut Vec<Item>) {
             format!(
                 "{} processes' executables unreadable{}",
                 facts.unreadable_processes,
-                if root {
+                if ptrace {
                     ""
                 } else {
                     " (others' need CAP_SYS_PTRACE)"
