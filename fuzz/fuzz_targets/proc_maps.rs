@@ -1,11 +1,13 @@
-//! `/proc/PID/maps` text as the symbolizer snapshots it, and the lookups made in the result.
+//! `/proc/PID/maps` text, parsed as every reader of it does, and the lookups made in the result.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use livetrace::symbolize::{module_offset, parse_maps};
+use livetrace::{proc::maps::Maps, symbolize::module_offset};
 
 fuzz_target!(|text: &str| {
-    for mapping in parse_maps(text) {
+    let maps = Maps::parse(text);
+    let _ = (maps.code_paths(), maps.anonymous_code(), maps.code_ranges());
+    for mapping in maps.code_files() {
         for addr in [
             mapping.start,
             mapping.end,
@@ -14,6 +16,7 @@ fuzz_target!(|text: &str| {
             0,
         ] {
             let _ = module_offset(&mapping, addr);
+            let _ = maps.region_of(addr);
         }
     }
 });

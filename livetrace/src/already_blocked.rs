@@ -8,9 +8,10 @@
 //!   code address above sp is taken as the caller of the system-call wrapper, then the
 //!   frame-pointer chain above it, whichever is longer.
 
-use std::fs;
-
-use crate::unwind::DwarfUnwinder;
+use crate::{
+    proc::{maps::Maps, memory, task},
+    unwind::DwarfUnwinder,
+};
 
 /// A thread found sleeping at the start of a capture, with what could be recovered.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,18 +36,10 @@ pub fn scan(tgids: &[u32], tids: &[u32]) -> Vec<BlockedThread> {
     let mut unwinder = DwarfUnwinder::default();
     let mut threads: Vec<(u32, u32)> = Vec::new();
     for &tgid in tgids {
-        let Ok(entries) = fs::read_dir(format!("/proc/{tgid}/task")) else {
-            continue;
-        };
-        threads.extend(
-            entries
-                .filter_map(Result::ok)
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .map(|tid| (tgid, tid)),
-        );
+        threads.extend(task::threads(tgid).into_iter().map(|tid| (tgid, tid)));
     }
     for &tid in tids {
-        if let Some(tgid) = crate::targets::thread_group_of(tid) {
+        if let Some(tgid) = crate::proc::task::thread_group_of(tid) {
             threads.push((tgid, tid));
         }
     }
@@ -59,19 +52,14 @@ pub fn scan(tgids: &[u32], tids: &[u32]) -> Vec<BlockedThread> {
 }
 
 fn recover(tgid: u32, tid: u32, unwinder: &mut DwarfUnwinder) -> Option<BlockedThread> {
-    let dir = format!("/proc/{tgid}/task/{tid}");
-    let stat = fs::read_to_string(format!("{dir}/stat")).ok()?;
-    let (comm_part, rest) = stat.rsplit_once(')')?;
-    let comm = comm_part.split_once('(')?.1.to_owned();
-    let state = rest.trim_start().chars().next()?;
+    let (comm, state) = task::thread_state(tgid, tid)?;
     if state != 'S' && state != 'D' {
         return None;
     }
-    let kernel_frames = fs::read_to_string(format!("{dir}/stack"))
+    let kernel_frames = task::thread_file(tgid, tid, "stack")
         .map(|text| parse_kernel_stack(&text))
         .unwrap_or_default();
-    let user_addrs = fs::read_to_string(format!("{dir}/syscall"))
-        .ok()
+    let user_addrs = task::thread_file(tgid, tid, "syscall")
         .and_then(|text| parse_syscall_registers(&text))
         .map(|(sp, pc)| walk_user_stack(tgid, sp, pc, unwinder))
         .unwrap_or_default();
@@ -117,10 +105,12 @@ fn parse_syscall_registers(text: &str) -> Option<(u64, u64)> {
 /// address is the first word above sp that points into executable code, and the chain starts at
 /// the first saved-frame-pointer/return-address pair above that.
 fn walk_user_stack(pid: u32, sp: u64, pc: u64, unwinder: &mut DwarfUnwinder) -> Vec<u64> {
-    let code = executable_ranges(pid);
-    let is_code = |addr: u64| code.iter().any(|&(lo, hi)| (lo..hi).contains(&addr));
+    let code = Maps::of(pid)
+        .map(|maps| maps.code_ranges())
+        .unwrap_or_default();
+    let is_code = |addr: u64| code.iter().any(|range| range.contains(&addr));
     let mut addrs = vec![pc];
-    let Some(stack) = read_memory(pid, sp, SCAN_BYTES) else {
+    let Some(stack) = memory::read(pid, sp, SCAN_BYTES) else {
         return addrs;
     };
     let word = |addr: u64| -> Option<u64> {
@@ -158,48 +148,6 @@ fn walk_user_stack(pid: u32, sp: u64, pc: u64, unwinder: &mut DwarfUnwinder) -> 
         return unwound;
     }
     addrs
-}
-
-fn executable_ranges(pid: u32) -> Vec<(u64, u64)> {
-    let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
-        return Vec::new();
-    };
-    maps.lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let range = fields.next()?;
-            let perms = fields.next()?;
-            if !perms.contains('x') {
-                return None;
-            }
-            let (lo, hi) = range.split_once('-')?;
-            Some((
-                u64::from_str_radix(lo, 16).ok()?,
-                u64::from_str_radix(hi, 16).ok()?,
-            ))
-        })
-        .collect()
-}
-
-/// Copies up to `len` bytes of another process's memory without stopping it; stops early at
-/// the end of the mapping.
-fn read_memory(pid: u32, addr: u64, len: usize) -> Option<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: len,
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: len,
-    };
-    // SAFETY: `local` describes our own buffer of `len` bytes; the kernel checks `remote`.
-    let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
-    if n <= 0 {
-        return None;
-    }
-    buf.truncate(n as usize);
-    Some(buf)
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use crate::{
     model::DataQuality,
     signals,
-    targets::{self, HeldCommand, Target},
+    targets::{HeldCommand, Target},
 };
 
 /// Why the capture ended; reported in the footer.
@@ -140,7 +140,7 @@ pub async fn run(
             _ = fast_tick.tick() => on_event(Event::FastTick),
             _ = liveness.tick() => {
                 if let Watch::Ids { pids, tids } = &watch
-                    && !pids.iter().chain(tids.iter()).any(|&id| targets::is_alive(id))
+                    && !pids.iter().chain(tids.iter()).any(|&id| crate::proc::task::is_alive(id))
                 {
                     break StopReason::TargetsExited;
                 }

@@ -16,6 +16,8 @@ use std::{
 
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind};
 
+use crate::proc::{self, maps::Maps};
+
 /// `endbr64`, which CET-enabled builds put first in every function.
 const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 /// `push %rbp`.
@@ -90,26 +92,19 @@ fn is_go(file: &object::File<'_>) -> bool {
 /// when all that could be judged have them. A process none of whose files can be judged is
 /// given the benefit of the doubt the other way (complete stacks first).
 pub fn missing_in_process(pid: u32) -> Option<String> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    let mut paths: Vec<PathBuf> = Vec::new();
-    for mapping in crate::symbolize::parse_maps(&maps) {
-        if !paths.contains(&mapping.path) {
-            paths.push(mapping.path);
-        }
-    }
-    let reachable = |path: &Path| PathBuf::from(format!("/proc/{pid}/root{}", path.display()));
-    missing_in_files(&paths, reachable)
+    let paths = Maps::of(pid).ok()?.code_paths();
+    missing_in_files(&paths, |path| proc::in_root_of(pid, path))
 }
 
 /// As [`missing_in_process`], for a command not started yet: its program, and the C library
 /// (the one livetrace itself maps, which a program of this system maps too).
 pub fn missing_in_command(program: &Path) -> Option<String> {
-    let own_maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
     let mut paths = vec![program.to_path_buf()];
     paths.extend(
-        crate::symbolize::parse_maps(&own_maps)
+        Maps::of_self()
+            .map(|maps| maps.code_paths())
+            .unwrap_or_default()
             .into_iter()
-            .map(|m| m.path)
             .filter(|p| {
                 p.file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with("libc."))

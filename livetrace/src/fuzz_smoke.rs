@@ -152,7 +152,7 @@ fn durations_never_panic() {
 /// `/proc/PID/maps`, and the lookups made in what it gives.
 #[test]
 fn proc_maps_never_panic() {
-    use crate::symbolize::{module_offset, parse_maps};
+    use crate::{proc::maps::Maps, symbolize::module_offset};
     let seed = "\
 55d0c0a01000-55d0c0a05000 r-xp 00001000 fd:01 123 /usr/bin/app
 7f1000000000-7f1000100000 r-xp 00028000 fd:01 456 /lib/x86_64-linux-gnu/libc.so.6
@@ -160,9 +160,12 @@ fn proc_maps_never_panic() {
 ffffffffffffffff-0 r-xp ffffffffffffffff fd:01 1 /x y z
 ";
     for text in texts(&[seed], 400, 3) {
-        for mapping in parse_maps(&text) {
+        let maps = Maps::parse(&text);
+        let _ = (maps.code_paths(), maps.anonymous_code(), maps.code_ranges());
+        for mapping in maps.code_files() {
             for addr in [mapping.start, mapping.end, u64::MAX, 0] {
                 let _ = module_offset(&mapping, addr);
+                let _ = maps.region_of(addr);
             }
         }
     }

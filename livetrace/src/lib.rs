@@ -21,6 +21,7 @@ pub mod names;
 pub mod output;
 pub mod perf_map;
 pub mod privileges;
+pub mod proc;
 pub mod runtimes;
 pub mod signals;
 pub mod stacks;

@@ -11,7 +11,7 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _},
     os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 /// Bytes read at most: Node appends to its map for as long as it runs, and a long-lived server's
@@ -152,9 +152,9 @@ impl PerfMap {
 /// Where process `pid`'s perf map may be: in its own /tmp (a container's), named after the PID it
 /// sees itself as, then in ours.
 fn candidates(pid: u32) -> [PathBuf; 2] {
-    let own_pid = namespace_pid(pid).unwrap_or(pid);
+    let own_pid = crate::proc::task::namespace_pid(pid).unwrap_or(pid);
     [
-        PathBuf::from(format!("/proc/{pid}/root/tmp/perf-{own_pid}.map")),
+        crate::proc::in_root_of(pid, Path::new(&format!("/tmp/perf-{own_pid}.map"))),
         PathBuf::from(format!("/tmp/perf-{pid}.map")),
     ]
 }
@@ -185,13 +185,6 @@ fn parse_line(line: &[u8]) -> Option<Entry> {
         end,
         name: name.to_owned(),
     })
-}
-
-/// The PID the process has in its own (innermost) PID namespace: the last field of `NStgid`.
-fn namespace_pid(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find_map(|l| l.strip_prefix("NStgid:"))?;
-    line.split_ascii_whitespace().next_back()?.parse().ok()
 }
 
 #[cfg(test)]

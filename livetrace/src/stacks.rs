@@ -435,7 +435,7 @@ fn key_frames(
             let cause = match -stack_id {
                 // Kernel threads have no user stack: nothing is lost.
                 stack_errno::EFAULT
-                    if kind == FrameKind::User && crate::targets::is_kernel_thread(key.tgid) =>
+                    if kind == FrameKind::User && crate::proc::task::is_kernel_thread(key.tgid) =>
                 {
                     continue;
                 }

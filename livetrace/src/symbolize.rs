@@ -13,7 +13,12 @@ use std::{
     sync::Arc,
 };
 
-use crate::{perf_map::PerfMap, runtimes::Runtime};
+pub use crate::proc::maps::Mapping;
+use crate::{
+    perf_map::PerfMap,
+    proc::{self, maps::Maps, task},
+    runtimes::Runtime,
+};
 
 use blazesym::{
     Pid,
@@ -57,24 +62,6 @@ pub struct Symbol {
     pub name: String,
     pub file: Option<Arc<str>>,
     pub line: Option<u32>,
-}
-
-/// One executable file mapping of a process, from `/proc/PID/maps`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Mapping {
-    pub start: u64,
-    pub end: u64,
-    /// Offset in the file of `start`.
-    pub offset: u64,
-    pub path: PathBuf,
-}
-
-impl Mapping {
-    /// The file offset of `addr`, an address inside the mapping. Wrapping: the numbers come from
-    /// a file, and a nonsensical offset must give a nonsensical answer, not a panic.
-    pub fn file_offset(&self, addr: u64) -> u64 {
-        addr.wrapping_sub(self.start).wrapping_add(self.offset)
-    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -144,7 +131,7 @@ impl Symbolizer {
                 .and_then(|notes| gnu_build_id_note(&notes))
                 .map(|id| hex(&id))
         } else {
-            blazesym::helper::read_elf_build_id(&reachable_path(pid, Path::new(&**module)))
+            blazesym::helper::read_elf_build_id(&proc::reachable(pid, Path::new(&**module)))
                 .ok()
                 .flatten()
                 .map(|id| hex(&id))
@@ -160,12 +147,12 @@ impl Symbolizer {
             return;
         }
         // No executable: exiting or a zombie (whose maps read empty). Keep what we had.
-        let Some(exe) = fs::read_link(format!("/proc/{pid}/exe")).ok() else {
+        let Some(exe) = task::executable(pid) else {
             return;
         };
         let exe = Some(exe);
         // A process that execs the same program again keeps its exe path, not its code address.
-        let start_code = start_code(pid);
+        let start_code = task::start_code(pid);
         let mut first_seen = Some(std::time::Instant::now());
         if let Some(known) = self.snapshots.get(&pid)
             && known.exe == exe
@@ -183,7 +170,7 @@ impl Symbolizer {
             return; // gone (or going) already: keep what we had
         };
         let snapshot = Snapshot {
-            name: crate::targets::process_name(pid),
+            name: task::name(pid),
             exe,
             start_code,
             mappings,
@@ -201,9 +188,9 @@ impl Symbolizer {
             return;
         }
         let snapshot = self.snapshots.entry(pid).or_insert_with(|| Snapshot {
-            name: crate::targets::process_name(pid),
+            name: task::name(pid),
             exe: fs::read_link(format!("/proc/{pid}/exe")).ok(),
-            start_code: start_code(pid),
+            start_code: task::start_code(pid),
             first_seen: Some(std::time::Instant::now()),
             ..Snapshot::default()
         });
@@ -251,7 +238,7 @@ impl Symbolizer {
 
     /// Symbolises addresses in the process's files (the perf map is not consulted here).
     fn user_native(&mut self, pid: u32, addrs: &[u64]) -> Vec<Resolved> {
-        if crate::targets::is_alive(pid) {
+        if task::is_alive(pid) {
             // Refresh: libraries may have been loaded since the first look.
             if let Some((mappings, anon_exec)) = read_mappings(pid) {
                 let snapshot = self.snapshots.entry(pid).or_default();
@@ -399,7 +386,7 @@ impl Symbolizer {
                     };
                 };
                 let file_offset = mapping.file_offset(addr);
-                let source = Source::Elf(Elf::new(reachable_path(pid, &mapping.path)));
+                let source = Source::Elf(Elf::new(proc::reachable(pid, &mapping.path)));
                 match self
                     .blaze
                     .symbolize_single(&source, Input::FileOffset(file_offset))
@@ -488,9 +475,7 @@ impl Symbolizer {
 
 impl Snapshot {
     fn find(&self, addr: u64) -> Option<&Mapping> {
-        self.mappings
-            .iter()
-            .find(|m| (m.start..m.end).contains(&addr))
+        self.mappings.iter().find(|m| m.contains(addr))
     }
 
     fn in_anon_exec(&self, addr: u64) -> bool {
@@ -612,17 +597,6 @@ fn demangle_raw(name: &str) -> String {
     name.to_owned()
 }
 
-/// The file as the process sees it (it may live in another mount namespace) while the process
-/// is alive; the same path in ours once it is gone.
-fn reachable_path(pid: u32, path: &std::path::Path) -> PathBuf {
-    let through_root = PathBuf::from(format!("/proc/{pid}/root{}", path.display()));
-    if through_root.exists() {
-        through_root
-    } else {
-        path.to_path_buf()
-    }
-}
-
 /// `[libfoo.so+0x1234]`: where the address is, when its name is not known.
 pub fn module_offset(mapping: &Mapping, addr: u64) -> String {
     let module = mapping.path.file_name().map_or_else(
@@ -648,90 +622,25 @@ fn describe(reason: Reason) -> &'static str {
     }
 }
 
-/// The `startcode` field of /proc/PID/stat: changes when the process execs, even the same file.
-fn start_code(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised comm (which may contain spaces); startcode is the 26th.
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_ascii_whitespace().nth(23)?.parse().ok()
-}
-
 /// File-backed executable mappings of a process, and its anonymous executable ranges.
 fn read_mappings(pid: u32) -> Option<(Vec<Mapping>, Vec<Range<u64>>)> {
-    let text = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    Some((parse_maps(&text), parse_anon_exec(&text)))
-}
-
-/// Executable mappings of `/proc/PID/maps` text that no file backs (JIT code); `[vdso]` and
-/// the like are left out.
-fn parse_anon_exec(text: &str) -> Vec<Range<u64>> {
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.split_ascii_whitespace();
-            let range = fields.next()?;
-            let perms = fields.next()?;
-            let path = fields.nth(3).unwrap_or("");
-            if !perms.contains('x') || path.starts_with('/') || path.starts_with('[') {
-                return None;
-            }
-            let (start, end) = range.split_once('-')?;
-            Some(u64::from_str_radix(start, 16).ok()?..u64::from_str_radix(end, 16).ok()?)
-        })
-        .collect()
-}
-
-/// Parses `/proc/PID/maps` text; lines that are not executable file mappings, or not
-/// well-formed, are skipped.
-pub fn parse_maps(text: &str) -> Vec<Mapping> {
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.split_ascii_whitespace();
-            let range = fields.next()?;
-            let perms = fields.next()?;
-            let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
-            let _dev = fields.next()?;
-            let _inode = fields.next()?;
-            let path = fields.collect::<Vec<_>>().join(" ");
-            if !perms.contains('x') || !path.starts_with('/') {
-                return None;
-            }
-            let (start, end) = range.split_once('-')?;
-            Some(Mapping {
-                start: u64::from_str_radix(start, 16).ok()?,
-                end: u64::from_str_radix(end, 16).ok()?,
-                offset,
-                path: PathBuf::from(path),
-            })
-        })
-        .collect()
+    let maps = Maps::of(pid).ok()?;
+    Some((maps.code_files().collect(), maps.anonymous_code()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Only executable, file-backed mappings are kept, with their file offsets.
+    /// An address in a snapshot's mapping is named by module and file offset.
     #[test]
-    fn parses_executable_file_mappings() {
-        let maps = "\
-55d0c0a00000-55d0c0a01000 r--p 00000000 fd:01 123 /usr/bin/app
-55d0c0a01000-55d0c0a05000 r-xp 00001000 fd:01 123 /usr/bin/app
-7f0000000000-7f0000001000 rwxp 00000000 00:00 0 
-7ffd1000-7ffd3000 r-xp 00000000 00:00 0 [vdso]
-7f1000000000-7f1000100000 r-xp 00028000 fd:01 456 /lib/x86_64-linux-gnu/libc.so.6
-";
-        // Anonymous executable memory (JIT code) is kept apart; [vdso] is neither.
-        assert_eq!(parse_anon_exec(maps), vec![0x7f0000000000..0x7f0000001000]);
-        let parsed = parse_maps(maps);
-        assert_eq!(parsed.len(), 2);
-        assert_eq!(parsed[0].start, 0x55d0c0a01000);
-        assert_eq!(parsed[0].offset, 0x1000);
-        assert_eq!(
-            parsed[1].path,
-            PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6")
+    fn names_unresolved_addresses_by_module_and_offset() {
+        let maps = Maps::parse(
+            "55d0c0a01000-55d0c0a05000 r-xp 00001000 fd:01 123 /usr/bin/app\n\
+             7f1000000000-7f1000100000 r-xp 00028000 fd:01 456 /lib/x86_64-linux-gnu/libc.so.6\n",
         );
         let snapshot = Snapshot {
-            mappings: parsed,
+            mappings: maps.code_files().collect(),
             ..Snapshot::default()
         };
         let m = snapshot.find(0x7f1000000010).unwrap();

@@ -11,7 +11,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Args;
 
-use crate::UsageError;
+use crate::{
+    UsageError,
+    proc::task::{is_zombie, name as process_name, thread_group_of},
+};
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct TargetArgs {
@@ -127,44 +130,6 @@ pub fn require_host_pids() -> anyhow::Result<()> {
         return Ok(());
     }
     bail!("{FOREIGN_PID_NAMESPACE}; {FOREIGN_PID_NAMESPACE_FIX}")
-}
-
-/// Whether the task exists as a zombie: exited, not yet reaped.
-pub fn is_zombie(id: u32) -> bool {
-    fs::read_to_string(format!("/proc/{id}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-    })
-}
-
-/// The process (tgid) a task belongs to, if the task exists and is not a zombie.
-pub fn thread_group_of(id: u32) -> Option<u32> {
-    if id == 0 {
-        return None;
-    }
-    let status = fs::read_to_string(format!("/proc/{id}/status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .map(str::trim)
-    };
-    if field("State:")?.starts_with('Z') {
-        return None;
-    }
-    field("Tgid:")?.parse().ok()
-}
-
-pub fn is_alive(id: u32) -> bool {
-    thread_group_of(id).is_some()
-}
-
-/// The process's `comm`, e.g. "nginx" (sanitised: the process chose it).
-pub fn process_name(pid: u32) -> Option<String> {
-    fs::read(format!("/proc/{pid}/comm")).ok().map(|bytes| {
-        let name = String::from_utf8_lossy(&bytes);
-        crate::names::sanitized(name.strip_suffix('\n').unwrap_or(&name))
-    })
 }
 
 impl Target {
@@ -554,23 +519,6 @@ pub fn which(program: &std::ffi::OsStr) -> Option<std::path::PathBuf> {
             CString::new(candidate.as_os_str().as_bytes())
                 .is_ok_and(|c| unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0)
         })
-}
-
-/// Whether the task is a kernel thread (no user address space). Exited tasks count as user
-/// processes: kernel threads rarely exit during a capture.
-pub fn is_kernel_thread(pid: u32) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // Fields after the parenthesised comm; `flags` is the 9th field overall.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
-        return false;
-    };
-    const PF_KTHREAD: u64 = 0x0020_0000;
-    rest.split_ascii_whitespace()
-        .nth(6)
-        .and_then(|flags| flags.parse::<u64>().ok())
-        .is_some_and(|flags| flags & PF_KTHREAD != 0)
 }
 
 #[cfg(test)]

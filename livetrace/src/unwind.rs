@@ -37,7 +37,13 @@ use livetrace_common::{
 };
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 
-use crate::symbolize::{Mapping, Symbolizer};
+use crate::{
+    proc::{
+        self,
+        maps::{Backing, Maps},
+    },
+    symbolize::{Mapping, Symbolizer},
+};
 
 /// How user stacks are walked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -983,7 +989,7 @@ impl DwarfUnwinder {
     /// The process's current memory map, or `None` if it cannot be read (it is gone, or going:
     /// an exiting process's map reads empty).
     fn read_process(&mut self, pid: u32) -> Option<ProcessUnwinder> {
-        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+        let maps = Maps::of(pid).ok()?;
         if maps.is_empty() {
             return None;
         }
@@ -1001,58 +1007,43 @@ impl DwarfUnwinder {
     fn parse_process(
         &mut self,
         pid: u32,
-        maps: &str,
+        maps: &Maps,
         mut process: ProcessUnwinder,
     ) -> ProcessUnwinder {
-        for line in maps.lines() {
-            let mut fields = line.split_ascii_whitespace();
-            let (Some(range), Some(perms), Some(offset)) =
-                (fields.next(), fields.next(), fields.next())
-            else {
-                continue;
-            };
-            let path = fields.skip(2).collect::<Vec<_>>().join(" ");
-            let Some((start, end)) = range.split_once('-') else {
-                continue;
-            };
-            let (Ok(start), Ok(end), Ok(offset)) = (
-                u64::from_str_radix(start, 16),
-                u64::from_str_radix(end, 16),
-                u64::from_str_radix(offset, 16),
-            ) else {
-                continue;
-            };
-            if !perms.contains('x') {
-                continue;
-            }
-            if !path.starts_with('/') {
-                // [vdso] has CFI of its own but no file; treat it like anonymous code (the
-                // frame-pointer fallback handles its leaf frames well enough).
-                if path.is_empty()
-                    && let Some(module) = cpython_trampolines(pid, &(start..end))
-                {
-                    process.unwinder.add_module(module);
+        for region in maps.regions().iter().filter(|r| r.executable) {
+            let (start, end, offset) = (region.range.start, region.range.end, region.offset);
+            // A file deleted since it was mapped (a binary upgraded under a running process)
+            // is still there through map_files; its path may hold a new version by now.
+            // Parsed once per file (keyed by its path in the process), once per mapping if
+            // deleted.
+            let (path, opened, key) = match &region.backing {
+                Backing::File(path) => (path, proc::reachable(pid, path), path.clone()),
+                Backing::Deleted(path) => {
+                    let opened = proc::map_file(pid, &region.range);
+                    (path, opened.clone(), opened)
                 }
-                process.anonymous.push(start..end);
-                continue;
-            }
+                Backing::Anonymous | Backing::Pseudo(_) => {
+                    // [vdso] has CFI of its own but no file; treat it like anonymous code (the
+                    // frame-pointer fallback handles its leaf frames well enough).
+                    if region.backing == Backing::Anonymous
+                        && let Some(module) = cpython_trampolines(pid, &region.range)
+                    {
+                        process.unwinder.add_module(module);
+                    }
+                    process.anonymous.push(start..end);
+                    continue;
+                }
+            };
+            let path = path.to_string_lossy().into_owned();
             let name: Arc<str> = Arc::from(
                 Path::new(&path)
                     .file_name()
                     .map_or(path.clone(), |n| n.to_string_lossy().into_owned()),
             );
-            let reachable = PathBuf::from(format!("/proc/{pid}/root{path}"));
             let elf = self
                 .elves
-                .entry(PathBuf::from(&path))
-                .or_insert_with(|| {
-                    let file = if reachable.exists() {
-                        reachable.as_path()
-                    } else {
-                        Path::new(&path)
-                    };
-                    ElfUnwindInfo::open(file).map(Arc::new)
-                })
+                .entry(key)
+                .or_insert_with(|| ElfUnwindInfo::open(&opened).map(Arc::new))
                 .clone();
             process.mappings.push(Mapping {
                 start,
@@ -1160,19 +1151,8 @@ mod tests {
             }
             // Only up to the top of this thread's stack: a test thread's top is often a few KiB
             // above sp, and reading past the end of its mapping faults.
-            let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
-            let stack_end = maps
-                .lines()
-                .filter_map(|line| {
-                    let (lo, hi) = line.split_whitespace().next()?.split_once('-')?;
-                    Some((
-                        u64::from_str_radix(lo, 16).ok()?,
-                        u64::from_str_radix(hi, 16).ok()?,
-                    ))
-                })
-                .find(|&(lo, hi)| (lo..hi).contains(&sp))
-                .map(|(_, hi)| hi)
-                .expect("sp is in a mapping");
+            let maps = Maps::of_self().expect("/proc/self/maps");
+            let stack_end = maps.region_of(sp).expect("sp is in a mapping").range.end;
             let len = (64 * 1024).min(stack_end - sp) as usize;
             // SAFETY: [sp, sp + len) lies inside the mapping that holds this thread's stack.
             let stack = unsafe { std::slice::from_raw_parts(sp as *const u8, len) }.to_vec();

@@ -22,7 +22,10 @@ use blazesym::{
 };
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, read::elf::ElfFile64};
 
-use crate::symbolize::demangle;
+use crate::{
+    proc::{self, maps::Maps, task},
+    symbolize::demangle,
+};
 
 /// `[TARGET:]SYMBOL[@0xADDR]` as given on the command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,7 +115,7 @@ pub fn files_to_search(scope: &Scope<'_>, target: Option<&str>) -> anyhow::Resul
     match (scope, target) {
         (Scope::Pid(pid), Some(target)) if target.contains('/') => {
             let absolute = absolute(Path::new(target))?;
-            let through_root = proc_root(*pid, &absolute);
+            let through_root = proc::in_root_of(*pid, &absolute);
             for path in [&through_root, &absolute] {
                 if path.is_file() {
                     return Ok(Search {
@@ -143,7 +146,7 @@ pub fn files_to_search(scope: &Scope<'_>, target: Option<&str>) -> anyhow::Resul
             let files = matching
                 .into_iter()
                 .map(|p| Candidate {
-                    path: proc_root(*pid, p),
+                    path: proc::in_root_of(*pid, p),
                     shown: p.display().to_string(),
                 })
                 .collect();
@@ -154,16 +157,16 @@ pub fn files_to_search(scope: &Scope<'_>, target: Option<&str>) -> anyhow::Resul
             })
         }
         (Scope::Pid(pid), None) => {
-            let exe = fs::read_link(format!("/proc/{pid}/exe"))
+            let exe = task::executable(*pid)
                 .with_context(|| format!("cannot read /proc/{pid}/exe (is pid {pid} running?)"))?;
             let mut files = vec![Candidate {
-                path: existing_or(proc_root(*pid, &exe), format!("/proc/{pid}/exe")),
+                path: existing_or(proc::in_root_of(*pid, &exe), format!("/proc/{pid}/exe")),
                 shown: exe.display().to_string(),
             }];
             for lib in mapped_files(*pid)? {
                 if lib != exe {
                     files.push(Candidate {
-                        path: proc_root(*pid, &lib),
+                        path: proc::in_root_of(*pid, &lib),
                         shown: lib.display().to_string(),
                     });
                 }
@@ -268,13 +271,6 @@ fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
         .join(path))
 }
 
-/// `path` as seen from inside `pid`'s mount namespace.
-fn proc_root(pid: u32, path: &Path) -> PathBuf {
-    let mut joined = PathBuf::from(format!("/proc/{pid}/root"));
-    joined.push(path.strip_prefix("/").unwrap_or(path));
-    joined
-}
-
 fn existing_or(path: PathBuf, fallback: String) -> PathBuf {
     if path.is_file() {
         path
@@ -285,21 +281,9 @@ fn existing_or(path: PathBuf, fallback: String) -> PathBuf {
 
 /// Executable file mappings of a process (paths as it sees them), in address order, deduplicated.
 fn mapped_files(pid: u32) -> anyhow::Result<Vec<PathBuf>> {
-    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))
-        .with_context(|| format!("cannot read /proc/{pid}/maps (is pid {pid} running?)"))?;
-    let mut files = Vec::new();
-    for line in maps.lines() {
-        let mut fields = line.split_ascii_whitespace();
-        let perms = fields.nth(1).unwrap_or("");
-        let path = fields.skip(3).collect::<Vec<_>>().join(" ");
-        if perms.contains('x') && path.starts_with('/') && !path.ends_with(" (deleted)") {
-            let path = PathBuf::from(path);
-            if !files.contains(&path) {
-                files.push(path);
-            }
-        }
-    }
-    Ok(files)
+    Ok(Maps::of(pid)
+        .with_context(|| format!("cannot read /proc/{pid}/maps (is pid {pid} running?)"))?
+        .code_paths())
 }
 
 /// The files among `paths` that a library name designates: the exact file name, or the name

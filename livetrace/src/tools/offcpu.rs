@@ -220,7 +220,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut symbolizer = Symbolizer::new();
     if let Target::Threads { pids, tids } = &target {
         for &id in pids.iter().chain(tids) {
-            if let Some(tgid) = crate::targets::thread_group_of(id) {
+            if let Some(tgid) = crate::proc::task::thread_group_of(id) {
                 symbolizer.note_process(tgid);
             }
         }
@@ -542,7 +542,7 @@ fn choose_unwinding(args: &Args, target: &Target, stack_kinds: u8) -> (bool, Opt
                 Target::Threads { pids, tids } => pids
                     .iter()
                     .chain(tids)
-                    .filter_map(|&id| crate::targets::thread_group_of(id))
+                    .filter_map(|&id| crate::proc::task::thread_group_of(id))
                     .find_map(|pid| {
                         frame_pointers::missing_in_process(pid)
                             .map(|why| format!("pid {pid}: {why}"))

@@ -184,7 +184,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match &target {
         Target::Threads { pids, tids } => {
             for &id in pids.iter().chain(tids) {
-                if let Some(tgid) = crate::targets::thread_group_of(id) {
+                if let Some(tgid) = crate::proc::task::thread_group_of(id) {
                     symbolizer.note_process(tgid);
                 }
             }

@@ -2,11 +2,18 @@
 //! the sysctls that gate tracing, this process's capabilities, and the language runtimes it can
 //! see. Nothing here judges; `super` turns these facts into verdicts.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::{kernel_btf, perf_map::PerfMap, privileges, runtimes::Runtime, tracefs};
+use crate::{
+    kernel_btf,
+    perf_map::PerfMap,
+    privileges,
+    proc::{maps::Maps, task},
+    runtimes::Runtime,
+    tracefs,
+};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Facts {
@@ -239,7 +246,7 @@ fn runtime_processes() -> (Vec<RuntimeProcess>, usize) {
         if pid == me {
             continue;
         }
-        let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
+        let Some(exe) = task::executable(pid) else {
             // Kernel threads have no executable; other users' processes need CAP_SYS_PTRACE.
             if std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
             {
@@ -251,16 +258,13 @@ fn runtime_processes() -> (Vec<RuntimeProcess>, usize) {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-        let mappings = crate::symbolize::parse_maps(&maps);
-        let Some(runtime) = Runtime::detect(&exe_name, mappings.iter().map(|m| m.path.as_path()))
-        else {
+        let paths = Maps::of(pid).map(|m| m.code_paths()).unwrap_or_default();
+        let Some(runtime) = Runtime::detect(&exe_name, paths.iter().map(PathBuf::as_path)) else {
             continue;
         };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         found.push(RuntimeProcess {
             pid,
-            comm: crate::names::sanitize(comm.trim_end()).into_owned(),
+            comm: task::name(pid).unwrap_or_default(),
             runtime,
             perf_map: PerfMap::exists(pid),
         });

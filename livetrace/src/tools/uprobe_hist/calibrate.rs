@@ -144,19 +144,16 @@ pub fn probe_cost(first: FirstInstruction) -> anyhow::Result<u64> {
 
 /// The file that holds `address` of livetrace's own code, and the address's offset in it.
 fn own_file_offset(address: u64) -> anyhow::Result<(PathBuf, u64)> {
-    let maps = std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?;
-    maps.lines()
-        .find_map(|line| {
-            let mut fields = line.split_ascii_whitespace();
-            let (range, perms, offset) = (fields.next()?, fields.next()?, fields.next()?);
-            let (start, end) = range.split_once('-')?;
-            let (start, end) = (
-                u64::from_str_radix(start, 16).ok()?,
-                u64::from_str_radix(end, 16).ok()?,
-            );
-            let offset = u64::from_str_radix(offset, 16).ok()?;
-            (perms.contains('x') && (start..end).contains(&address))
-                .then(|| (PathBuf::from("/proc/self/exe"), address - start + offset))
+    let maps = crate::proc::maps::Maps::of_self().context("reading /proc/self/maps")?;
+    maps.code_ranges()
+        .into_iter()
+        .find(|range| range.contains(&address))
+        .and_then(|range| {
+            let region = maps.region_of(range.start)?;
+            Some((
+                PathBuf::from("/proc/self/exe"),
+                address - region.range.start + region.offset,
+            ))
         })
         .context("livetrace's own code is not in its memory map")
 }

@@ -1,14 +1,12 @@
 //! Where the probes go: the function found in each target's executable or libraries.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
 use crate::{
-    targets::{self, Target},
+    proc::{self, maps::Maps, task},
+    targets::Target,
     uprobe_target::{
         self, Candidate, ElfInfo, FunctionSymbol, Lookup, Scope, SymbolSpec, close_names,
         describe_ambiguity, find_symbol, function_symbols, variable_named,
@@ -49,7 +47,7 @@ pub(super) fn find_sites(spec: &SymbolSpec, target: &Target) -> anyhow::Result<V
 
 fn find_site(spec: &SymbolSpec, scope: &Scope<'_>, pid: Option<u32>) -> anyhow::Result<Site> {
     let place = match scope {
-        Scope::Pid(pid) => match targets::process_name(*pid) {
+        Scope::Pid(pid) => match crate::proc::task::name(*pid) {
             Some(name) => format!("pid {pid} ({name})"),
             None => format!("pid {pid}"),
         },
@@ -241,22 +239,15 @@ fn find_site(spec: &SymbolSpec, scope: &Scope<'_>, pid: Option<u32>) -> anyhow::
 
 /// Whether `pid` currently maps `file`.
 fn maps_file(pid: u32, file: &Candidate) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|maps| {
-        maps.lines()
-            .filter_map(|line| line.split_ascii_whitespace().nth(5))
-            .any(|path| {
-                uprobe_target::same_file(
-                    &PathBuf::from(format!("/proc/{pid}/root{path}")),
-                    &file.path,
-                )
-            })
+    Maps::of(pid).is_ok_and(|maps| {
+        maps.maps_file(|path| uprobe_target::same_file(&proc::in_root_of(pid, path), &file.path))
     })
 }
 
 /// Waits (at most 200 ms) until `pid` has exec'd and mapped `file` and the libraries its
 /// executable links.
 pub(super) fn wait_until_loaded(pid: u32, file: &std::path::Path) {
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let exe = task::executable(pid);
     let needed = exe
         .as_deref()
         .and_then(|_| ElfInfo::read(file).ok())
@@ -265,10 +256,10 @@ pub(super) fn wait_until_loaded(pid: u32, file: &std::path::Path) {
     let name = file.file_name().map(|n| n.to_string_lossy().into_owned());
     let deadline = Instant::now() + Duration::from_millis(200);
     while Instant::now() < deadline {
-        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        let Ok(maps) = Maps::of(pid) else {
             return;
         };
-        let mapped = |lib: &str| maps.lines().any(|line| line.ends_with(&format!("/{lib}")));
+        let mapped = |lib: &str| maps.maps_file(|path| path.file_name() == Some(lib.as_ref()));
         if name.as_deref().is_some_and(mapped) && needed.iter().all(|lib| mapped(lib)) {
             return;
         }
