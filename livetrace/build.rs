@@ -4,13 +4,19 @@
 
 use anyhow::{Context as _, anyhow};
 
+/// The objects `livetrace-ebpf`'s binaries compile to, one per tool (aya-build copies each to
+/// `OUT_DIR/<bin name>`).
+const OBJECTS: [&str; 3] = ["profile", "offcpu", "uprobe-hist"];
+
 fn main() -> anyhow::Result<()> {
     // Fuzz builds (`cargo fuzz`, which passes `--cfg fuzzing`) exercise the parsers only and never
     // load BPF; building the BPF object there would also hand the sanitizer flags to the nested
     // BPF build. Embed an empty object instead.
     if std::env::var_os("CARGO_CFG_FUZZING").is_some() {
         let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR")?);
-        std::fs::write(out.join("livetrace"), b"").context("writing the empty BPF object")?;
+        for object in OBJECTS {
+            std::fs::write(out.join(object), b"").context("writing an empty BPF object")?;
+        }
         return Ok(());
     }
     let metadata = cargo_metadata::MetadataCommand::new()
@@ -47,16 +53,23 @@ fn main() -> anyhow::Result<()> {
 /// the BPF programs in the object (read from it), and the toolchain that built them. Each is
 /// left out when it cannot be known (a source tarball has no commit).
 fn describe_build(ebpf_dir: &str) -> anyhow::Result<()> {
-    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR")?);
-    let object_bytes = std::fs::read(out.join("livetrace")).context("reading the BPF object")?;
     use object::{Object as _, ObjectSection as _};
-    let object = object::File::parse(&*object_bytes).context("parsing the BPF object")?;
-    let mut programs: Vec<String> = object
-        .sections()
-        .filter(|s| s.kind() == object::SectionKind::Text && s.size() > 0)
-        .filter_map(|s| s.name().ok().map(str::to_owned))
-        .filter(|name| name != ".text")
-        .collect();
+    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR")?);
+    let mut programs: Vec<String> = Vec::new();
+    for name in OBJECTS {
+        let bytes = std::fs::read(out.join(name)).context("reading a BPF object")?;
+        let object = object::File::parse(&*bytes).context("parsing a BPF object")?;
+        for section in object.sections() {
+            if section.kind() == object::SectionKind::Text
+                && section.size() > 0
+                && let Ok(section) = section.name()
+                && section != ".text"
+                && !programs.iter().any(|p| p == section)
+            {
+                programs.push(section.to_owned());
+            }
+        }
+    }
     programs.sort();
     println!(
         "cargo:rustc-env=LIVETRACE_BPF_PROGRAMS={}",

@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use livetrace::uprobe_target::SymbolSpec;
+use livetrace::tools::uprobe_hist::target::SymbolSpec;
 
 fuzz_target!(|text: &str| {
     if let Ok(spec) = SymbolSpec::parse(text) {

@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use livetrace::tracefs::parse_format;
+use livetrace::tools::offcpu::tracefs::parse_format;
 
 fuzz_target!(|text: &str| {
     let _ = parse_format(text);

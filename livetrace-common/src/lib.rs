@@ -4,7 +4,10 @@
 //! `aya::Pod` impls so the loader can read these types out of BPF maps.
 #![no_std]
 
+pub mod control;
+pub mod follow;
 pub mod histogram;
+pub mod objects;
 pub mod offcpu;
 pub mod stacks;
 pub mod unwind;

@@ -11,10 +11,6 @@ pub const STACK_COUNTS: &str = "STACK_COUNTS";
 pub const STACK_TRACES: &str = "STACK_TRACES";
 /// Per-CPU `u64` counters indexed by [`Counter`].
 pub const COUNTERS: &str = "COUNTERS";
-/// One-slot `u32` array: user space sets slot 0 to [`CAPTURE_STOPPED`] when the capture ends,
-/// so the programs stop recording at that instant, however long detaching them takes.
-pub const CONTROL: &str = "CONTROL";
-pub const CAPTURE_STOPPED: u32 = 1;
 /// Process ids (tgids) to sample when [`FILTER_TARGETS`] is set; `u32 -> u8`.
 pub const TARGET_TGIDS: &str = "TARGET_TGIDS";
 /// Thread ids to sample when [`FILTER_TARGETS`] is set; `u32 -> u8`.
@@ -38,9 +34,6 @@ pub const HELD_COMMAND: &str = "HELD_COMMAND";
 /// One-slot `u32` array: 1 once the held command has exec'd (set by the exec program, or by
 /// user space where that program cannot be attached).
 pub const HELD_COMMAND_STARTED: &str = "HELD_COMMAND_STARTED";
-/// The program that watches execs (`sched_process_exec`, tp_btf): the held command starts there,
-/// and `--unwind dwarf` learns that a process's memory map changed.
-pub const FOLLOW_EXEC: &str = "follow_exec";
 
 /// Load-time global (`u8`): nonzero means sample only the threads in [`TARGET_TGIDS`] or
 /// [`TARGET_TIDS`]; zero means every thread the attached perf events see.
@@ -142,10 +135,13 @@ pub enum Counter {
     /// Not an outcome: `--unwind dwarf` could not send a stack copy (the ring buffer was full);
     /// its sample or block is kept, under a user stack marked lost (`-ENOSPC`).
     StackCopyLost = 15,
+    /// Not an outcome: a child of a target could not be made a target ([`TARGET_TGIDS`] full);
+    /// its events are not recorded.
+    TargetMapFull = 16,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_SLOTS: u32 = 16;
+pub const COUNTER_SLOTS: u32 = 17;
 
 #[cfg(feature = "user")]
 mod pod {

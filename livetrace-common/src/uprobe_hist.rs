@@ -25,15 +25,6 @@ pub const STACKS: &str = "UPROBE_STACKS";
 /// Per-CPU `u64` counters indexed by [`Counter`].
 pub const COUNTERS: &str = "UPROBE_COUNTERS";
 
-/// Array of one `u32`, the capture's phase as user space sets it: [`PHASE_ATTACHING`] until the
-/// entry probe is attached, [`PHASE_RUNNING`], then [`PHASE_STOPPING`] just before the entry probe
-/// is detached. Returns that match no entry outside `PHASE_RUNNING` are of calls that began
-/// outside the capture (the return probe is attached first and detached last): not losses.
-pub const PHASE: &str = "UPROBE_PHASE";
-pub const PHASE_ATTACHING: u32 = 0;
-pub const PHASE_RUNNING: u32 = 1;
-pub const PHASE_STOPPING: u32 = 2;
-
 /// Load-time global (`u64`): calls at least this long (ns) are sent to [`SLOW_CALLS`]; 0 = off.
 pub const SLOW_NS: &str = "UPROBE_SLOW_NS";
 
@@ -138,10 +129,16 @@ pub enum Counter {
     /// The probe fired in a process that is not a target (a probe on a whole file, filtered to
     /// the command's processes in the kernel). Not a loss; not in Entries or Returns.
     NotTarget = 14,
+    /// A child of the command could not be made a target (the target map was full): its calls
+    /// are not timed.
+    TargetMapFull = 15,
+    /// A child of the command could not be announced to user space (its ring buffer was
+    /// full): it is probed only once found otherwise, and its calls until then are not timed.
+    NewProcessNotAnnounced = 16,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_SLOTS: u32 = 16;
+pub const COUNTER_SLOTS: u32 = 17;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -4,35 +4,79 @@
 use aya_ebpf::{
     Global,
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf, StackTrace},
     programs::tracing::StackIdContext,
 };
 use livetrace_common::stacks::{
-    CAPTURE_STOPPED, COUNTER_SLOTS, Counter, DEFAULT_STACK_STORAGE, MAX_SEEN_PROCESSES,
-    MAX_TARGETS, NEW_PROCESSES_BYTES, STACK_ID_NOT_COLLECTED, STACK_KIND_KERNEL, STACK_KIND_USER,
-    StackKey, stack_errno,
+    Counter, STACK_ID_NOT_COLLECTED, STACK_KIND_KERNEL, STACK_KIND_USER, StackKey, stack_errno,
 };
 
-#[map]
-static STACK_COUNTS: HashMap<StackKey, u64> = HashMap::with_max_entries(DEFAULT_STACK_STORAGE, 0);
-#[map]
-static STACK_TRACES: StackTrace = StackTrace::with_max_entries(DEFAULT_STACK_STORAGE, 0);
-#[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
-#[map]
-static CONTROL: Array<u32> = Array::with_max_entries(1, 0);
-#[map]
-static TARGET_TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TARGETS, 0);
-#[map]
-static TARGET_TIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TARGETS, 0);
-#[map]
-static HELD_COMMAND_STARTED: Array<u32> = Array::with_max_entries(1, 0);
+// The maps are defined by the tools' binaries ([`target_maps!`](crate::target_maps),
+// [`stack_maps!`](crate::stack_maps)), so that each object holds only the maps its tool uses;
+// the functions here reach them by name.
+unsafe extern "Rust" {
+    static STACK_COUNTS: HashMap<StackKey, u64>;
+    static STACK_TRACES: StackTrace;
+    static COUNTERS: PerCpuArray<u64>;
+    static TARGET_TGIDS: HashMap<u32, u8>;
+    static TARGET_TIDS: HashMap<u32, u8>;
+    static HELD_COMMAND_STARTED: Array<u32>;
+    static SEEN_PROCESSES: HashMap<u32, u8>;
+    static NEW_PROCESSES: RingBuf;
+}
 
-#[map]
-static SEEN_PROCESSES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_SEEN_PROCESSES, 0);
-#[map]
-static NEW_PROCESSES: RingBuf = RingBuf::with_byte_size(NEW_PROCESSES_BYTES, 0);
+/// Defines the maps every tool's object needs to filter targets and announce new processes.
+#[macro_export]
+macro_rules! target_maps {
+    () => {
+        #[aya_ebpf::macros::map]
+        static TARGET_TGIDS: aya_ebpf::maps::HashMap<u32, u8> =
+            aya_ebpf::maps::HashMap::with_max_entries(livetrace_common::stacks::MAX_TARGETS, 0);
+        #[aya_ebpf::macros::map]
+        static TARGET_TIDS: aya_ebpf::maps::HashMap<u32, u8> =
+            aya_ebpf::maps::HashMap::with_max_entries(livetrace_common::stacks::MAX_TARGETS, 0);
+        #[aya_ebpf::macros::map]
+        static HELD_COMMAND_STARTED: aya_ebpf::maps::Array<u32> =
+            aya_ebpf::maps::Array::with_max_entries(1, 0);
+        #[aya_ebpf::macros::map]
+        static SEEN_PROCESSES: aya_ebpf::maps::HashMap<u32, u8> =
+            aya_ebpf::maps::HashMap::with_max_entries(
+                livetrace_common::stacks::MAX_SEEN_PROCESSES,
+                0,
+            );
+        #[aya_ebpf::macros::map]
+        static NEW_PROCESSES: aya_ebpf::maps::RingBuf = aya_ebpf::maps::RingBuf::with_byte_size(
+            livetrace_common::stacks::NEW_PROCESSES_BYTES,
+            0,
+        );
+    };
+}
+
+/// Defines the maps of the stack-sampling tools (profile, offcpu): the weighted stacks, the
+/// stacks themselves, and the counters.
+#[macro_export]
+macro_rules! stack_maps {
+    () => {
+        #[aya_ebpf::macros::map]
+        static STACK_COUNTS: aya_ebpf::maps::HashMap<livetrace_common::stacks::StackKey, u64> =
+            aya_ebpf::maps::HashMap::with_max_entries(
+                livetrace_common::stacks::DEFAULT_STACK_STORAGE,
+                0,
+            );
+        #[aya_ebpf::macros::map]
+        static STACK_TRACES: aya_ebpf::maps::StackTrace =
+            aya_ebpf::maps::StackTrace::with_max_entries(
+                livetrace_common::stacks::DEFAULT_STACK_STORAGE,
+                0,
+            );
+        #[aya_ebpf::macros::map]
+        static COUNTERS: aya_ebpf::maps::PerCpuArray<u64> =
+            aya_ebpf::maps::PerCpuArray::with_max_entries(
+                livetrace_common::stacks::COUNTER_SLOTS,
+                0,
+            );
+    };
+}
 
 #[unsafe(no_mangle)]
 static FILTER_TARGETS: Global<u8> = Global::new(0);
@@ -45,18 +89,10 @@ static HELD_COMMAND: Global<u32> = Global::new(0);
 
 #[inline(always)]
 pub fn count(counter: Counter) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+    if let Some(slot) = unsafe { &COUNTERS }.get_ptr_mut(counter as u32) {
         // Per-CPU slot: no other CPU writes it, and BPF programs do not nest on one CPU here.
         unsafe { *slot += 1 };
     }
-}
-
-/// Whether user space has ended the capture (the programs may still be attached a while).
-#[inline(always)]
-pub fn capture_stopped() -> bool {
-    CONTROL
-        .get(0)
-        .is_some_and(|&state| state == CAPTURE_STOPPED)
 }
 
 /// Whether the thread is one we were asked to watch. A held command is not, until it has
@@ -75,7 +111,7 @@ pub fn is_target(tgid: u32, tid: u32) -> bool {
 
 #[inline(always)]
 fn held_command_started() -> bool {
-    HELD_COMMAND_STARTED
+    unsafe { &HELD_COMMAND_STARTED }
         .get(0)
         .is_some_and(|&started| started != 0)
 }
@@ -87,16 +123,16 @@ pub fn note_exec(tgid: u32) {
     let held = HELD_COMMAND.load();
     if held != 0
         && tgid == held
-        && let Some(started) = HELD_COMMAND_STARTED.get_ptr_mut(0)
+        && let Some(started) = unsafe { &HELD_COMMAND_STARTED }.get_ptr_mut(0)
     {
         unsafe { *started = 1 };
     }
 }
 
-/// Makes a process a target (a child of one, when following forks).
+/// Makes a process a target (a child of one, when following forks); false if the map is full.
 #[inline(always)]
-pub fn add_target_tgid(tgid: u32) {
-    let _ = TARGET_TGIDS.insert(tgid, 1u8, 0);
+pub fn add_target_tgid(tgid: u32) -> bool {
+    unsafe { &TARGET_TGIDS }.insert(tgid, 1u8, 0).is_ok()
 }
 
 /// The aggregation key for the current thread. `in_kernel` says whether there is a kernel stack
@@ -146,7 +182,7 @@ pub fn wants_user_stacks() -> bool {
 /// instead of silently overwriting another stack, so it can be counted.
 #[inline(always)]
 fn stack_id<C: StackIdContext>(ctx: &C, flags: u64) -> i32 {
-    match ctx.get_stackid(&STACK_TRACES, flags) {
+    match ctx.get_stackid(unsafe { &STACK_TRACES }, flags) {
         Ok(id) => id as i32,
         Err(err) if err < 0 => err,
         Err(_) => -stack_errno::EFAULT,
@@ -155,8 +191,11 @@ fn stack_id<C: StackIdContext>(ctx: &C, flags: u64) -> i32 {
 
 /// An atomic add (BPF_ATOMIC_ADD): several CPUs may bump one entry at once. `core`'s atomic
 /// types offer no read-modify-write on the BPF target, so this uses the intrinsic directly.
+///
+/// # Safety
+/// `dst` points to a live, aligned `u64`: a map value the caller just looked up.
 #[inline(always)]
-pub fn atomic_add(dst: *mut u64, value: u64) {
+pub unsafe fn atomic_add(dst: *mut u64, value: u64) {
     unsafe {
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
             dst, value,
@@ -165,29 +204,50 @@ pub fn atomic_add(dst: *mut u64, value: u64) {
 }
 
 /// Tells user space about a process the first time it is recorded, so that its memory map is
-/// read while it is alive; a failure is counted.
+/// read while it is alive; `not_announced` counts a failure, in the tool's own counters.
 #[inline(always)]
-pub fn announce_first_sight(tgid: u32) {
-    if unsafe { SEEN_PROCESSES.get(tgid) }.is_some() {
+pub fn announce_first_sight(tgid: u32, not_announced: impl FnOnce()) {
+    let seen = unsafe { &SEEN_PROCESSES };
+    if unsafe { seen.get(tgid) }.is_some() {
         return;
     }
-    match SEEN_PROCESSES.insert(tgid, 1u8, u64::from(BPF_NOEXIST)) {
+    match seen.insert(tgid, 1u8, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
-            if NEW_PROCESSES.output::<u32>(tgid, 0).is_err() {
-                count(Counter::NewProcessNotAnnounced);
+            if unsafe { &NEW_PROCESSES }.output::<u32>(tgid, 0).is_err() {
+                not_announced();
             }
         }
         // Another CPU announced it between our lookup and insert.
         Err(err) if err == -stack_errno::EEXIST => {}
-        Err(_) => count(Counter::NewProcessNotAnnounced),
+        Err(_) => not_announced(),
     }
+}
+
+/// What the stack tools count when following a fork lost something.
+#[inline(always)]
+pub fn count_fork_loss(lost: crate::follow::Lost) {
+    count(match lost {
+        crate::follow::Lost::TargetMapFull => Counter::TargetMapFull,
+        crate::follow::Lost::NotAnnounced => Counter::NewProcessNotAnnounced,
+    });
+}
+
+/// [`announce_first_sight`], counted in the stack tools' counters.
+#[inline(always)]
+pub fn announce(tgid: u32) {
+    announce_first_sight(tgid, || count(Counter::NewProcessNotAnnounced));
 }
 
 /// Adds `weight` to `key`'s entry in [`STACK_COUNTS`]; a full map is counted, not ignored.
 #[inline(always)]
 pub fn add_weight(key: &StackKey, weight: u64) {
-    announce_first_sight(key.tgid);
-    add_weight_to(&STACK_COUNTS, key, weight, Counter::CountsMapFull);
+    announce(key.tgid);
+    add_weight_to(
+        unsafe { &STACK_COUNTS },
+        key,
+        weight,
+        Counter::CountsMapFull,
+    );
 }
 
 /// Adds `weight` to `key`'s entry in `map`, creating it if needed; when the map is full,
@@ -195,7 +255,8 @@ pub fn add_weight(key: &StackKey, weight: u64) {
 #[inline(always)]
 pub fn add_weight_to<K>(map: &HashMap<K, u64>, key: &K, weight: u64, full: Counter) {
     if let Some(total) = map.get_ptr_mut(key) {
-        atomic_add(total, weight);
+        // SAFETY: the map value just looked up.
+        unsafe { atomic_add(total, weight) };
         count(Counter::Recorded);
         return;
     }
@@ -204,7 +265,8 @@ pub fn add_weight_to<K>(map: &HashMap<K, u64>, key: &K, weight: u64, full: Count
         // Another CPU created the entry between our lookup and insert.
         Err(_) => match map.get_ptr_mut(key) {
             Some(total) => {
-                atomic_add(total, weight);
+                // SAFETY: as above.
+                unsafe { atomic_add(total, weight) };
                 count(Counter::Recorded);
             }
             None => count(full),

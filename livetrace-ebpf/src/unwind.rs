@@ -11,30 +11,55 @@ use aya_ebpf::{
         bpf_probe_read_kernel,
         generated::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs},
     },
-    macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::PerfEventContext,
 };
 use livetrace_common::{
     stacks::{Counter, StackKey, stack_errno},
     unwind::{
-        DEFAULT_UNWIND_BUFFER, HEADER_LEN, MAX_STACK_COPY, RECORD_BLOCK_END, RECORD_BLOCK_START,
-        RECORD_EXEC, RECORD_FORK, RECORD_SAMPLE, STACK_CHUNK, UnwindSampleHeader, UnwindScratch,
+        HEADER_LEN, MAX_STACK_COPY, RECORD_BLOCK_END, RECORD_BLOCK_START, RECORD_EXEC, RECORD_FORK,
+        RECORD_SAMPLE, STACK_CHUNK, UnwindSampleHeader, UnwindScratch,
     },
 };
 
 use crate::stacks::{count, kernel_stack_id, per_thread};
 
-#[map]
-static UNWIND_SAMPLES: RingBuf = RingBuf::with_byte_size(DEFAULT_UNWIND_BUFFER, 0);
-#[map]
-static UNWIND_SCRATCH: PerCpuArray<UnwindScratch> = PerCpuArray::with_max_entries(1, 0);
-/// Sized by the loader (for stack copies only).
-#[map]
-static COPY_LIMITS: HashMap<u32, u32> = HashMap::with_max_entries(1, 0);
+// Defined by the binaries of the tools that copy stacks ([`unwind_maps!`](crate::unwind_maps)).
+unsafe extern "Rust" {
+    static UNWIND_SAMPLES: RingBuf;
+    static UNWIND_SCRATCH: PerCpuArray<UnwindScratch>;
+    static COPY_LIMITS: HashMap<u32, u32>;
+}
+
+/// Defines the stack-copy maps; the loader sizes the ring buffer and the copy limits.
+#[macro_export]
+macro_rules! unwind_maps {
+    () => {
+        #[aya_ebpf::macros::map]
+        static UNWIND_SAMPLES: aya_ebpf::maps::RingBuf = aya_ebpf::maps::RingBuf::with_byte_size(
+            livetrace_common::unwind::DEFAULT_UNWIND_BUFFER,
+            0,
+        );
+        #[aya_ebpf::macros::map]
+        static UNWIND_SCRATCH: aya_ebpf::maps::PerCpuArray<
+            livetrace_common::unwind::UnwindScratch,
+        > = aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
+        #[aya_ebpf::macros::map]
+        static COPY_LIMITS: aya_ebpf::maps::HashMap<u32, u32> =
+            aya_ebpf::maps::HashMap::with_max_entries(1, 0);
+    };
+}
 
 #[unsafe(no_mangle)]
 static STACK_COPY_BYTES: Global<u32> = Global::new(0);
+
+/// A target's fork, for the unwinder to learn the child's memory map from its parent's.
+#[inline(always)]
+pub fn forked(child: u32, parent: u32) {
+    if enabled() {
+        submit_fork(child, parent);
+    }
+}
 
 /// Whether samples go to user space for unwinding instead of `bpf_get_stackid`.
 #[inline(always)]
@@ -97,7 +122,7 @@ fn copy_limit(tid: u32) -> u32 {
 /// Off-CPU: forgets a thread's learnt copy size at its last switch-out.
 #[inline(always)]
 pub fn forget_thread(tid: u32) {
-    let _ = COPY_LIMITS.remove(tid);
+    let _ = unsafe { &COPY_LIMITS }.remove(tid);
 }
 
 /// Off-CPU: the block of `tid` that began at `start_ns` lasted `blocked_ns`.
@@ -111,7 +136,9 @@ pub fn submit_block_end(tgid: u32, tid: u32, start_ns: u64, blocked_ns: u64) {
         weight: blocked_ns,
         ..UnwindSampleHeader::default()
     };
-    match UNWIND_SAMPLES.output::<UnwindSampleHeader>(&header, u64::from(BPF_RB_NO_WAKEUP)) {
+    match unsafe { &UNWIND_SAMPLES }
+        .output::<UnwindSampleHeader>(&header, u64::from(BPF_RB_NO_WAKEUP))
+    {
         Ok(()) => count(Counter::Recorded),
         Err(_) => count(Counter::UnwindRingFull),
     }
@@ -130,7 +157,7 @@ pub fn submit_exec(tgid: u32, tid: u32) {
         kind: RECORD_EXEC,
         ..UnwindSampleHeader::default()
     };
-    if UNWIND_SAMPLES
+    if unsafe { &UNWIND_SAMPLES }
         .output::<UnwindSampleHeader>(&header, u64::from(BPF_RB_NO_WAKEUP))
         .is_err()
     {
@@ -149,7 +176,7 @@ pub fn submit_fork(child: u32, parent: u32) {
         weight: u64::from(parent),
         ..UnwindSampleHeader::default()
     };
-    if UNWIND_SAMPLES
+    if unsafe { &UNWIND_SAMPLES }
         .output::<UnwindSampleHeader>(&header, u64::from(BPF_RB_NO_WAKEUP))
         .is_err()
     {
@@ -165,7 +192,7 @@ fn send_with_stack(
     (ip, sp, bp): (u64, u64, u64),
     limit: u32,
 ) -> bool {
-    let Some(scratch) = UNWIND_SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = unsafe { &UNWIND_SCRATCH }.get_ptr_mut(0) else {
         count(Counter::UnwindScratchMissing);
         return false;
     };
@@ -186,7 +213,7 @@ fn send_with_stack(
     let bytes =
         unsafe { core::slice::from_raw_parts((scratch as *const UnwindScratch).cast::<u8>(), len) };
     // User space polls; waking it for every record would cost more than the record.
-    match UNWIND_SAMPLES.output::<[u8]>(bytes, u64::from(BPF_RB_NO_WAKEUP)) {
+    match unsafe { &UNWIND_SAMPLES }.output::<[u8]>(bytes, u64::from(BPF_RB_NO_WAKEUP)) {
         Ok(()) => true,
         Err(_) => {
             count(Counter::StackCopyLost);

@@ -29,7 +29,8 @@ pub fn long_version() -> String {
     format!(
         "{short}\n\
          binary:    {arch} Linux, {linkage}\n\
-         BPF:       {count} programs: {programs}\n\
+         BPF:       one object per tool (profile, offcpu, uprobe-hist), with these kinds of \
+         program: {programs}\n\
          built by:  {toolchain}\n\
          unwinding: frame pointers in the kernel ({kernel_depth} frames); DWARF from {copy} KiB stack \
          copies ({frames} frames)\n\
@@ -37,7 +38,6 @@ pub fn long_version() -> String {
          the classic tracepoint",
         short = short_version(),
         arch = std::env::consts::ARCH,
-        count = programs.split_whitespace().count(),
         copy = MAX_STACK_COPY / 1024,
         frames = MAX_FRAMES,
         kernel_depth = KERNEL_MAX_DEPTH,

@@ -115,7 +115,7 @@ fn texts(seeds: &[&str], count: usize, seed: u64) -> Vec<String> {
 /// `[TARGET:]SYMBOL[@0xADDR]`.
 #[test]
 fn target_specs_never_panic() {
-    use crate::uprobe_target::SymbolSpec;
+    use crate::tools::uprobe_hist::target::SymbolSpec;
     for text in texts(
         &[
             "libc:malloc",
@@ -179,7 +179,7 @@ fn tracefs_formats_never_panic() {
 \tfield:char prev_comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\
 \tfield:pid_t next_pid;\toffset:56;\tsize:4;\tsigned:1;\n";
     for text in texts(&[seed], 400, 4) {
-        let _ = crate::tracefs::parse_format(&text);
+        let _ = crate::tools::offcpu::tracefs::parse_format(&text);
     }
 }
 

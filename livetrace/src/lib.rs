@@ -4,14 +4,11 @@
 // Standard output and error go through `console`, whose writes never panic.
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
-pub mod already_blocked;
 pub mod bpf;
 pub mod build_info;
 pub mod capture;
 pub mod console;
-pub mod cpu_times;
 pub mod duration;
-pub mod frame_pointers;
 #[cfg(test)]
 mod fuzz_smoke;
 pub mod histogram;
@@ -28,9 +25,7 @@ pub mod stacks;
 pub mod symbolize;
 pub mod targets;
 pub mod tools;
-pub mod tracefs;
 pub mod unwind;
-pub mod uprobe_target;
 
 /// A mistake in the command line that clap cannot see by itself (options that contradict each
 /// other): reported like clap's own errors, with exit status 2.

@@ -21,7 +21,6 @@ use livetrace_common::{
 };
 
 use crate::{
-    already_blocked::BlockedThread,
     bpf,
     model::{DataQuality, Frame, FrameKind, StackProfile, WeightUnit, WeightedStack},
     symbolize::{Resolved, Symbolizer},
@@ -49,9 +48,19 @@ pub struct RawStacks {
     pub traces: HashMap<u32, Vec<u64>>,
     /// Stacks recovered from /proc for threads already blocked at start, by tid; keys whose
     /// stack ids are [`STACK_ID_RECOVERED`] refer to these.
-    pub recovered: HashMap<u32, BlockedThread>,
+    pub recovered: HashMap<u32, RecoveredStacks>,
     /// `--unwind dwarf`: why a synthetic user stack (by id) stops short of its root.
     pub cut_short: HashMap<u32, String>,
+}
+
+/// A thread's stacks recovered from /proc rather than by the BPF programs (offcpu: threads
+/// already blocked when the capture began).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveredStacks {
+    /// Kernel function names, outermost first.
+    pub kernel_frames: Vec<String>,
+    /// User return addresses, leaf first (as BPF stacks are), `pc` first.
+    pub user_addrs: Vec<u64>,
 }
 
 /// The footer's note when a second stop signal cut symbolisation short.

@@ -12,11 +12,11 @@ pub mod footer;
 pub mod golden;
 pub mod histogram_json;
 pub mod histogram_text;
-pub mod json;
 pub mod offcpu_summary;
 pub mod pprof;
+pub mod profile_json;
+pub mod profile_summary;
 pub mod speedscope;
-pub mod summary;
 
 use std::{
     ffi::OsString,
@@ -252,7 +252,7 @@ pub fn write_stack_profile(profile: &StackProfile, outputs: &[OutputSpec]) -> Wr
         let render = |out: &mut dyn Write| match output.format {
             Format::Svg => flamegraph::write(profile, out),
             Format::Folded => folded::write(profile, out),
-            Format::Json => json::write(profile, out),
+            Format::Json => profile_json::write(profile, out),
             Format::Pprof => pprof::write(profile, out),
             Format::Speedscope => speedscope::write(profile, out),
         };

@@ -12,7 +12,7 @@ use crate::{
     privileges,
     proc::{maps::Maps, task},
     runtimes::Runtime,
-    tracefs,
+    tools::offcpu::tracefs,
 };
 
 #[derive(Clone, Debug, Serialize)]

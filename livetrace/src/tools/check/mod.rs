@@ -18,7 +18,7 @@ pub use host::{Facts, Pmu, RuntimeProcess, TracefsState, VerifierVerdicts};
 use crate::{
     kernel_btf,
     privileges::{self, Cap},
-    tracefs,
+    tools::offcpu::tracefs,
 };
 
 const EXAMPLES: &str = "\

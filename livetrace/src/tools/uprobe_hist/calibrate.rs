@@ -13,17 +13,14 @@
 use std::{hint::black_box, path::PathBuf};
 
 use anyhow::Context as _;
-use livetrace_common::uprobe_hist::PHASE_RUNNING;
+use livetrace_common::control::RUNNING;
 
 use super::{
     maps::Maps,
     probes::{attach, detach},
     sites::Site,
 };
-use crate::{
-    bpf::{self, UprobeHistSettings},
-    uprobe_target::{Candidate, FunctionSymbol},
-};
+use crate::tools::uprobe_hist::target::{Candidate, FunctionSymbol};
 
 /// The kinds of first instruction the kernel treats differently, each with a function of
 /// livetrace's that begins with one and returns at once.
@@ -120,7 +117,7 @@ pub fn probe_cost(first: FirstInstruction) -> anyhow::Result<u64> {
         },
         in_command_executable: false,
     };
-    let mut ebpf = bpf::load_uprobe_hist(&UprobeHistSettings {
+    let mut ebpf = super::bpf::load(&super::bpf::UprobeHistSettings {
         slow_ns: 0,
         max_threads: 64,
         stack_storage: 1,
@@ -129,8 +126,8 @@ pub fn probe_cost(first: FirstInstruction) -> anyhow::Result<u64> {
     })?;
     attach(&mut ebpf, std::slice::from_ref(&site), None)?;
     let mut maps = Maps::take(&mut ebpf)?;
-    maps.phase
-        .set(0, PHASE_RUNNING, 0)
+    maps.control
+        .set(0, RUNNING, 0)
         .context("failed to start the calibration probes")?;
     for _ in 0..CALLS {
         black_box(function)();

@@ -10,8 +10,8 @@ use aya::{
     },
 };
 use livetrace_common::uprobe_hist::{
-    COUNTER_SLOTS, COUNTERS, HISTOGRAM, LatencyHistogram, PHASE, SLOW_CALLS, STACKS, THREADS,
-    ThreadCalls, WINDOW, Window,
+    COUNTER_SLOTS, COUNTERS, HISTOGRAM, LatencyHistogram, SLOW_CALLS, STACKS, THREADS, ThreadCalls,
+    WINDOW, Window,
 };
 
 use crate::{bpf, histogram::Histogram};
@@ -26,7 +26,8 @@ pub(super) struct Maps {
     threads: BpfHashMap<MapData, u32, ThreadCalls>,
     pub(super) ring: RingBuf<MapData>,
     pub(super) stacks: StackTraceMap<MapData>,
-    pub(super) phase: Array<MapData, u32>,
+    /// The capture's control slot (`livetrace_common::control`).
+    pub(super) control: Array<MapData, u32>,
 }
 
 impl Maps {
@@ -38,7 +39,7 @@ impl Maps {
             threads: BpfHashMap::try_from(bpf::take_map(ebpf, THREADS)?)?,
             ring: RingBuf::try_from(bpf::take_map(ebpf, SLOW_CALLS)?)?,
             stacks: StackTraceMap::try_from(bpf::take_map(ebpf, STACKS)?)?,
-            phase: Array::try_from(bpf::take_map(ebpf, PHASE)?)?,
+            control: Array::try_from(bpf::take_map(ebpf, livetrace_common::control::CONTROL)?)?,
         })
     }
 

@@ -9,12 +9,14 @@
 //! [`maps`] reads what the kernel counted, [`intervals`] prints `-i` histograms as they end, and
 //! [`slow`] keeps `--slow` calls and their callers.
 
+mod bpf;
 mod calibrate;
 mod intervals;
 mod maps;
 mod probes;
 mod sites;
 mod slow;
+pub mod target;
 
 use std::{
     collections::HashMap,
@@ -26,12 +28,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Args as ClapArgs;
 use livetrace_common::uprobe_hist::{
-    Counter, DEFAULT_MAX_THREADS, DEFAULT_SLOW_BUFFER, DEFAULT_STACK_STORAGE, PHASE_RUNNING,
-    PHASE_STOPPING,
+    Counter, DEFAULT_MAX_THREADS, DEFAULT_SLOW_BUFFER, DEFAULT_STACK_STORAGE,
 };
 
 use crate::{
-    bpf::{self, UprobeHistSettings},
     capture::{self, StopReason, Watch, monotonic_ns},
     duration::parse_positive_duration,
     histogram::{Histogram, LatencyQuality, LatencyReport},
@@ -40,7 +40,7 @@ use crate::{
     privileges, stacks,
     symbolize::Symbolizer,
     targets::{HeldCommand, Target, TargetArgs},
-    uprobe_target::SymbolSpec,
+    tools::uprobe_hist::target::SymbolSpec,
 };
 
 use self::{
@@ -230,7 +230,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let slow_ns = args
         .slow
         .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64);
-    let mut ebpf = bpf::load_uprobe_hist(&UprobeHistSettings {
+    let mut ebpf = bpf::load(&bpf::UprobeHistSettings {
         slow_ns,
         max_threads: args.max_threads,
         stack_storage: if slow_ns > 0 {
@@ -259,8 +259,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
     let mut maps = Maps::take(&mut ebpf)?;
-    maps.phase
-        .set(0, PHASE_RUNNING, 0)
+    maps.control
+        .set(0, livetrace_common::control::RUNNING, 0)
         .context("failed to tell the BPF programs that the capture runs")?;
 
     let mut symbolizer = Symbolizer::new();
@@ -343,8 +343,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Err(err.context("reading the histogram during the capture failed"));
     }
     let cost_after = probe_cost(&ebpf);
-    maps.phase
-        .set(0, PHASE_STOPPING, 0)
+    maps.control
+        .set(0, livetrace_common::control::STOPPED, 0)
         .context("failed to tell the BPF programs that the capture is stopping")?;
     detach(&mut ebpf)?;
     if stop != StopReason::DurationElapsed {

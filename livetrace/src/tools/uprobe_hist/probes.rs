@@ -18,10 +18,10 @@ use crate::{bpf, symbolize::Symbolizer};
 
 use super::sites::Site;
 
-const ENTRY: &str = "uprobe_hist_entry";
-const RETURN: &str = "uprobe_hist_return";
-const THREAD_EXIT: &str = "uprobe_hist_thread_exit";
-const FOLLOW_FORK: &str = "follow_fork";
+use livetrace_common::{
+    follow::FOLLOW_FORK,
+    objects::uprobe_hist::{ENTRY, RETURN, THREAD_EXIT},
+};
 
 /// Loads the programs and attaches them: the thread-exit tracepoint first, so no exit is missed,
 /// then (for a command) the fork follower, then each site's return probe before its entry probe,
@@ -39,7 +39,7 @@ pub(super) fn attach(
         let program = uprobe(ebpf, name)?;
         program
             .load()
-            .map_err(|e| bpf::explain_program_error(e, &format!("load the {name} BPF program")))?;
+            .map_err(|e| bpf::program_error(e, &format!("load the {name} BPF program")))?;
     }
     if command_pid.is_some() {
         bpf::attach_btf_tracepoint(ebpf, FOLLOW_FORK, "sched_process_fork", &btf)?;
@@ -78,7 +78,7 @@ fn probe_site(ebpf: &mut Ebpf, site: &Site, pid: Option<u32>) -> anyhow::Result<
         program
             .attach(site.symbol.file_offset, &site.file.path, scope)
             .map_err(|e| {
-                bpf::explain_program_error(
+                bpf::program_error(
                     e,
                     &format!(
                         "attach a {} to {} at file offset {:#x} in {}",

@@ -7,8 +7,8 @@ use anyhow::bail;
 use crate::{
     proc::{self, maps::Maps, task},
     targets::Target,
-    uprobe_target::{
-        self, Candidate, ElfInfo, FunctionSymbol, Lookup, Scope, SymbolSpec, close_names,
+    tools::uprobe_hist::target::{
+        self as target, Candidate, ElfInfo, FunctionSymbol, Lookup, Scope, SymbolSpec, close_names,
         describe_ambiguity, find_symbol, function_symbols, variable_named,
     },
 };
@@ -54,7 +54,7 @@ fn find_site(spec: &SymbolSpec, scope: &Scope<'_>, pid: Option<u32>) -> anyhow::
         Scope::Command(argv) => format!("`{}`", argv[0].to_string_lossy()),
         Scope::System => "the system's library directories".into(),
     };
-    let search = uprobe_target::files_to_search(scope, spec.target.as_deref())?;
+    let search = target::files_to_search(scope, spec.target.as_deref())?;
     if search.files.is_empty() {
         let what = spec.target.as_deref().unwrap_or("the executable");
         let mut message = format!("cannot find {what} for {place}; tried:");
@@ -240,7 +240,7 @@ fn find_site(spec: &SymbolSpec, scope: &Scope<'_>, pid: Option<u32>) -> anyhow::
 /// Whether `pid` currently maps `file`.
 fn maps_file(pid: u32, file: &Candidate) -> bool {
     Maps::of(pid).is_ok_and(|maps| {
-        maps.maps_file(|path| uprobe_target::same_file(&proc::in_root_of(pid, path), &file.path))
+        maps.maps_file(|path| target::same_file(&proc::in_root_of(pid, path), &file.path))
     })
 }
 

@@ -1,30 +1,46 @@
-//! `livetrace uprobe-hist`: the latency of one user-space function, as a histogram built in the
+//! `livetrace uprobe-hist`'s object: the latency of one user-space function, as a histogram built in the
 //! kernel. The entry probe pushes (time, stack pointer) on the thread's stack of open calls; the
 //! return probe pops back to the entry whose stack pointer is its own, so recursive calls pair
 //! correctly and calls whose return never came are counted, not mispaired. A `tp_btf`
 //! `sched_process_exit` program counts (and frees) what a thread still had open when it exited.
 //! Needs kernel 5.8+ (ring buffer, `tp_btf`).
-//!
-//! The maps are declared tiny: the loader sizes them for uprobe-hist, so other tools that load
-//! this object pay nothing for them.
+#![no_std]
+#![no_main]
 
 use aya_ebpf::{
     Global,
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST, pt_regs},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map, uprobe, uretprobe},
-    maps::{Array, HashMap, PerCpuArray, RingBuf, StackTrace},
+    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
     programs::{BtfTracePointContext, ProbeContext, RetProbeContext, tracing::StackIdContext},
 };
 use livetrace_common::{
     histogram::{BUCKETS, bucket_index},
     uprobe_hist::{
-        COUNTER_SLOTS, Counter, LatencyHistogram, MAX_NESTING, OpenCall, PHASE_RUNNING, SlowCall,
-        ThreadCalls, Window,
+        COUNTER_SLOTS, Counter, LatencyHistogram, MAX_NESTING, OpenCall, SlowCall, ThreadCalls,
+        Window,
     },
 };
 
-use crate::stacks::{atomic_add, is_target};
+use livetrace_ebpf::{
+    control,
+    stacks::{atomic_add, is_target},
+};
+
+livetrace_ebpf::license!();
+livetrace_ebpf::control_map!();
+livetrace_ebpf::target_maps!();
+livetrace_ebpf::follow_fork!(
+    |lost| add(
+        match lost {
+            livetrace_ebpf::follow::Lost::TargetMapFull => Counter::TargetMapFull,
+            livetrace_ebpf::follow::Lost::NotAnnounced => Counter::NewProcessNotAnnounced,
+        },
+        1
+    ),
+    |_, _| {}
+);
 
 #[map]
 static UPROBE_HIST: PerCpuArray<LatencyHistogram> = PerCpuArray::with_max_entries(1, 0);
@@ -38,8 +54,6 @@ static UPROBE_THREAD_SCRATCH: PerCpuArray<ThreadCalls> = PerCpuArray::with_max_e
 static UPROBE_SLOW_CALLS: RingBuf = RingBuf::with_byte_size(4096, 0);
 #[map]
 static UPROBE_STACKS: StackTrace = StackTrace::with_max_entries(1, 0);
-#[map]
-static UPROBE_PHASE: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static UPROBE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
@@ -59,6 +73,11 @@ const RETURN_SP_OFFSET: u64 = 0;
 
 #[uprobe]
 pub fn uprobe_hist_entry(ctx: ProbeContext) -> u32 {
+    // A call that begins once the capture has stopped is not timed (its return will count as
+    // outside the capture).
+    if control::stopped() {
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     if !is_target(tgid, tid) {
@@ -153,9 +172,10 @@ pub fn uprobe_hist_return(ctx: RetProbeContext) -> u32 {
 /// call that began outside it while the entry probe is being attached or detached.
 #[inline(always)]
 fn unmatched(counter: Counter) -> Counter {
-    match UPROBE_PHASE.get(0) {
-        Some(&PHASE_RUNNING) => counter,
-        _ => Counter::ReturnOutsideCapture,
+    if control::running() {
+        counter
+    } else {
+        Counter::ReturnOutsideCapture
     }
 }
 
@@ -284,7 +304,8 @@ fn record(ctx: &RetProbeContext, duration: u64, tgid: u32, tid: u32) {
 #[inline(always)]
 fn add(counter: Counter, value: u64) {
     if let Some(slot) = UPROBE_COUNTERS.get_ptr_mut(counter as u32) {
-        atomic_add(slot, value);
+        // SAFETY: the map value just looked up.
+        unsafe { atomic_add(slot, value) };
     }
 }
 

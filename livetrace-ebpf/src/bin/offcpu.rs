@@ -1,11 +1,13 @@
-//! `livetrace offcpu`: where threads block, and for how long. On `sched_switch`, the thread
+//! `livetrace offcpu`'s object: where threads block, and for how long. On `sched_switch`, the thread
 //! leaving the CPU (the current task) has its stacks recorded with a timestamp; when it is
 //! switched back in, the time in between is added to those stacks. No kprobes: `tp_btf`
 //! (kernel 5.5+, needs BTF, no tracefs), or the classic tracepoint as a fallback (needs tracefs).
+#![no_std]
+#![no_main]
 
 use aya_ebpf::{
     Global,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map, tracepoint},
     maps::HashMap,
     programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
@@ -15,13 +17,26 @@ use livetrace_common::{
     stacks::{Counter, STACK_ID_UNWOUND, StackKey, stack_errno},
 };
 
-use crate::{
+use livetrace_ebpf::{
+    control,
     stacks::{
-        add_target_tgid, add_weight, add_weight_to, announce_first_sight, capture_stopped, count,
-        current_key, is_target, kernel_stack_id, wants_user_stacks,
+        add_weight, add_weight_to, announce, count, current_key, is_target, kernel_stack_id,
+        wants_user_stacks,
     },
+    task::read_u32 as read_task_u32,
     unwind,
 };
+
+livetrace_ebpf::license!();
+livetrace_ebpf::control_map!();
+livetrace_ebpf::target_maps!();
+livetrace_ebpf::stack_maps!();
+livetrace_ebpf::unwind_maps!();
+livetrace_ebpf::follow_exec!();
+livetrace_ebpf::follow_fork!(
+    livetrace_ebpf::stacks::count_fork_loss,
+    livetrace_ebpf::unwind::forked
+);
 
 #[map]
 static OFFCPU_START: HashMap<u32, OffcpuStart> = HashMap::with_max_entries(MAX_THREADS, 0);
@@ -55,7 +70,7 @@ static RECORD_WAKERS: Global<u8> = Global::new(0);
 /// unsigned int prev_state)`.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn offcpu_switch(ctx: BtfTracePointContext) -> i32 {
-    if capture_stopped() {
+    if control::stopped() {
         return 0;
     }
     let prev: *const u8 = ctx.arg(1);
@@ -82,7 +97,7 @@ pub fn offcpu_switch(ctx: BtfTracePointContext) -> i32 {
 /// The record has no task flags, so kernel threads cannot be told apart here.
 #[tracepoint(category = "sched", name = "sched_switch")]
 pub fn offcpu_switch_tracepoint(ctx: TracePointContext) -> u32 {
-    if capture_stopped() {
+    if control::stopped() {
         return 0;
     }
     let now = unsafe { bpf_ktime_get_ns() };
@@ -99,7 +114,7 @@ pub fn offcpu_switch_tracepoint(ctx: TracePointContext) -> u32 {
 /// `sched_wakeup(struct task_struct *p)`, run by the waker: remember who woke a blocked target.
 #[btf_tracepoint(function = "sched_wakeup")]
 pub fn offcpu_wakeup(ctx: BtfTracePointContext) -> i32 {
-    if capture_stopped() {
+    if control::stopped() {
         return 0;
     }
     let task: *const u8 = ctx.arg(0);
@@ -116,28 +131,6 @@ pub fn offcpu_wakeup(ctx: BtfTracePointContext) -> i32 {
     let waker = current_key(&ctx, (pid_tgid >> 32) as u32, pid_tgid as u32, true);
     if WAKERS.insert(tid, waker, 0).is_err() {
         count(Counter::WakerMapFull);
-    }
-    0
-}
-
-/// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`, run by the
-/// parent: children of targets become targets (`-- COMMAND` and everything it starts), and a
-/// new process is announced to user space at once (uprobe-hist probes it there). Shared by
-/// offcpu and uprobe-hist.
-#[btf_tracepoint(function = "sched_process_fork")]
-pub fn follow_fork(ctx: BtfTracePointContext) -> i32 {
-    let child: *const u8 = ctx.arg(1);
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let parent_tgid = (pid_tgid >> 32) as u32;
-    if is_target(parent_tgid, pid_tgid as u32)
-        && let Some(child_tgid) = read_task_u32(child, TASK_TGID_OFFSET.load())
-        && child_tgid != parent_tgid
-    {
-        add_target_tgid(child_tgid);
-        announce_first_sight(child_tgid);
-        if unwind::enabled() {
-            unwind::submit_fork(child_tgid, parent_tgid);
-        }
     }
     0
 }
@@ -266,14 +259,9 @@ fn switch_in(next_tid: u32, now: u64, next_tgid: impl FnOnce() -> Option<u32>) {
     }
     if start.key.user_stack_id == STACK_ID_UNWOUND {
         // The stack went to user space at switch-out; the time joins it there.
-        announce_first_sight(start.key.tgid);
+        announce(start.key.tgid);
         unwind::submit_block_end(start.key.tgid, next_tid, start.start_ns, blocked_ns);
         return;
     }
     add_weight(&start.key, blocked_ns);
-}
-
-#[inline(always)]
-fn read_task_u32(task: *const u8, offset: u32) -> Option<u32> {
-    unsafe { bpf_probe_read_kernel(task.add(offset as usize).cast::<u32>()) }.ok()
 }

@@ -818,7 +818,8 @@ mod tests {
         assert_eq!(info.go_evidence, None);
         assert!(info.has_symtab);
         let symbols = function_symbols(&me).unwrap();
-        let spec = SymbolSpec::parse("livetrace::uprobe_target::edit_distance").unwrap();
+        let spec =
+            SymbolSpec::parse("livetrace::tools::uprobe_hist::target::edit_distance").unwrap();
         assert!(
             matches!(find_symbol(&symbols, &spec), Lookup::Found(_)),
             "{:?}",

@@ -4,6 +4,8 @@
 //! Needs kernel 4.9+ (BPF perf_event programs), root or CAP_BPF + CAP_PERFMON (+ CAP_SYSLOG for
 //! kernel frame names where /proc/kallsyms hides them).
 
+pub mod cpu_times;
+
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
@@ -16,16 +18,19 @@ use aya::{
 };
 use clap::{Args as ClapArgs, ValueEnum};
 use livetrace_common::{
+    control,
+    follow::FOLLOW_FORK,
+    objects::profile::SAMPLE,
     stacks::{Counter, DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER},
     unwind::{COPY_LIMITS, MAX_STACK_COPY, UNWIND_SAMPLES},
 };
 
 use crate::{
-    bpf::{self, StackSettings},
+    bpf::{self, Object, stacks::StackSettings},
     capture::{self, StopReason, Watch},
     duration::parse_positive_duration,
     model::{DataQuality, WeightUnit},
-    output::{self, OutputSpec, summary},
+    output::{self, OutputSpec, profile_summary},
     privileges,
     stacks::{self, BuildOptions},
     symbolize::Symbolizer,
@@ -150,7 +155,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stack_kinds,
         per_thread: args.per_thread,
         stack_storage: args.stack_storage,
-        offcpu: None,
         stack_copy_bytes: if dwarf {
             args.unwind.stack_copy_size
         } else {
@@ -162,10 +166,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let (mut ebpf, collector) = load(settings, args.per_thread, &mut notes)?;
     let dwarf = collector.is_some();
-    let program: &mut PerfEvent = ebpf
-        .program_mut("profile_cpu")
-        .context("the BPF object has no profile_cpu program; rebuild livetrace")?
-        .try_into()?;
+    let program: &mut PerfEvent = bpf::program_mut(&mut ebpf, SAMPLE)?.try_into()?;
     let per_task = command.as_ref().filter(|_| follow.is_none());
     let (event_name, cpus) = attach(program, args.event, frequency, per_task, &mut notes)?;
 
@@ -177,7 +178,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         notes.push(note);
     }
     if let Some((btf, _)) = &follow {
-        bpf::attach_btf_tracepoint(&mut ebpf, "follow_fork", "sched_process_fork", btf)?;
+        bpf::attach_btf_tracepoint(&mut ebpf, FOLLOW_FORK, "sched_process_fork", btf)?;
     }
 
     let mut symbolizer = Symbolizer::new();
@@ -215,13 +216,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         per_thread: args.per_thread,
         stack_storage: args.stack_storage,
         // The whole system's expected count is checked per CPU against what each CPU did.
-        cpu_times_at_start: (target == Target::System).then(crate::cpu_times::read),
+        cpu_times_at_start: (target == Target::System).then(crate::tools::profile::cpu_times::read),
         cpus,
         whole_system: target == Target::System,
         notes,
     };
     let mut new_processes = stacks::new_processes(&mut ebpf)?;
     let runtime = capture::runtime()?;
+    bpf::set_control(&mut ebpf, control::RUNNING)?;
     let started = std::time::Instant::now();
     let (stop, elapsed) = runtime.block_on(capture::run(
         args.duration,
@@ -256,11 +258,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         },
     ))?;
+    // Stop sampling before reading, so the counters and the maps agree.
+    bpf::set_control(&mut ebpf, control::STOPPED)?;
     context
         .notes
         .extend(command.as_ref().and_then(|c| c.stopped.clone()));
     stacks::note_new_processes(&mut new_processes, &mut symbolizer);
-    // Stop sampling before reading, so the counters and the maps agree.
     for pid in stacks::processes_seen(&ebpf) {
         symbolizer.note_process(pid);
     }
@@ -268,13 +271,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         collector.tell(&mut symbolizer);
     }
     context.notes.push(bpf::in_kernel_cost(&ebpf));
-    let program: &mut PerfEvent = ebpf
-        .program_mut("profile_cpu")
-        .context("profile_cpu vanished")?
-        .try_into()?;
-    program
-        .unload()
-        .context("failed to detach the perf events")?;
+    bpf::unload_all(&mut ebpf);
     if stop != StopReason::DurationElapsed {
         crate::say!("livetrace: {}", stop.describe());
     }
@@ -302,7 +299,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let to_stdout = outputs.iter().any(|o| o.path.is_none());
     let summary_text = {
         let mut buf = Vec::new();
-        summary::write(&profile, &mut buf)?;
+        profile_summary::write(&profile, &mut buf)?;
         String::from_utf8_lossy(&buf).into_owned()
     };
     if to_stdout {
@@ -370,7 +367,6 @@ pub fn verifier_accepts(dwarf: bool) -> anyhow::Result<()> {
         stack_kinds: STACK_KIND_USER | STACK_KIND_KERNEL,
         per_thread: false,
         stack_storage: 1024,
-        offcpu: None,
         stack_copy_bytes: if dwarf { MAX_STACK_COPY } else { 0 },
         unwind_buffer: 1 << 20,
         held_command: None,
@@ -380,15 +376,11 @@ pub fn verifier_accepts(dwarf: bool) -> anyhow::Result<()> {
 }
 
 fn load_program(settings: &StackSettings) -> anyhow::Result<aya::Ebpf> {
-    bpf::refuse_stack_copies_for_test(settings)?;
-    let mut ebpf = bpf::load_stacks(settings)?;
-    let program: &mut PerfEvent = ebpf
-        .program_mut("profile_cpu")
-        .context("the BPF object has no profile_cpu program; rebuild livetrace")?
-        .try_into()?;
+    let mut ebpf = bpf::stacks::load(Object::Profile, settings)?;
+    let program: &mut PerfEvent = bpf::program_mut(&mut ebpf, SAMPLE)?.try_into()?;
     program
         .load()
-        .map_err(|e| bpf::explain_program_error(e, "load the profile_cpu BPF program"))?;
+        .map_err(|e| bpf::program_error(e, "load the profile_cpu BPF program"))?;
     Ok(ebpf)
 }
 
@@ -403,7 +395,8 @@ struct BuildContext {
     /// The online CPUs sampled.
     cpus: Vec<u32>,
     whole_system: bool,
-    cpu_times_at_start: Option<std::collections::BTreeMap<usize, crate::cpu_times::CpuTime>>,
+    cpu_times_at_start:
+        Option<std::collections::BTreeMap<usize, crate::tools::profile::cpu_times::CpuTime>>,
     notes: Vec<String>,
 }
 
@@ -473,23 +466,24 @@ fn build(
 fn shortfall_by_cpu(
     ebpf: &aya::Ebpf,
     context: &BuildContext,
-    start: &std::collections::BTreeMap<usize, crate::cpu_times::CpuTime>,
+    start: &std::collections::BTreeMap<usize, crate::tools::profile::cpu_times::CpuTime>,
     frequency: u64,
     elapsed: Duration,
 ) -> anyhow::Result<Vec<String>> {
     let events = bpf::per_cpu_counter(ebpf, Counter::Events)?;
-    let times = crate::cpu_times::delta(start, &crate::cpu_times::read());
+    let times =
+        crate::tools::profile::cpu_times::delta(start, &crate::tools::profile::cpu_times::read());
     let windows: Vec<_> = context
         .cpus
         .iter()
-        .map(|&cpu| crate::cpu_times::CpuWindow {
+        .map(|&cpu| crate::tools::profile::cpu_times::CpuWindow {
             cpu: cpu as usize,
             samples: events.get(cpu as usize).copied().unwrap_or(0),
             time: times.get(&(cpu as usize)).copied(),
         })
         .collect();
     let seconds = elapsed.as_secs_f64();
-    Ok(crate::cpu_times::shortfall_notes(
+    Ok(crate::tools::profile::cpu_times::shortfall_notes(
         &windows,
         frequency as f64 * seconds,
         seconds,
@@ -555,15 +549,14 @@ fn attach(
                 // Links made before the failure stay attached to the same program, and would
                 // double-count: start again from a clean program.
                 program.unload().ok();
-                program.load().map_err(|e| {
-                    bpf::explain_program_error(e, "reload the profile_cpu BPF program")
-                })?;
+                program
+                    .load()
+                    .map_err(|e| bpf::program_error(e, "reload the profile_cpu BPF program"))?;
             }
             Err(err) => {
-                return Err(bpf::explain_program_error(
-                    err,
-                    &format!("attach to the {name} perf event"),
-                ));
+                return Err(
+                    bpf::program_error(err, &format!("attach to the {name} perf event")).into(),
+                );
             }
         }
     }

@@ -4,41 +4,43 @@
 //! scan of /proc and their stacks recovered without pausing them.
 //! Needs kernel BTF for `tp_btf` (5.5+), or tracefs for the classic-tracepoint fallback.
 
+pub mod already_blocked;
+mod attach;
+pub mod frame_pointers;
+pub mod tracefs;
+
+use self::attach::OffcpuSettings;
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
-use anyhow::{Context as _, anyhow};
+use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, RingBuf},
-    programs::{Program, TracePoint},
+    maps::{HashMap as BpfHashMap, MapData},
 };
 use clap::{Args as ClapArgs, ValueEnum};
 use livetrace_common::{
+    control,
     offcpu::{
         MAX_THREADS, OFFCPU_START, OffcpuStart, START_FILTERED, STATE_INTERRUPTIBLE,
         STATE_PREEMPTED, STATE_UNINTERRUPTIBLE,
     },
     stacks::{
-        Counter, DEFAULT_STACK_STORAGE, STACK_ID_RECOVERED, STACK_ID_UNWOUND, STACK_KIND_KERNEL,
-        STACK_KIND_USER, StackKey,
+        Counter, DEFAULT_STACK_STORAGE, STACK_ID_UNWOUND, STACK_KIND_KERNEL, STACK_KIND_USER,
+        StackKey,
     },
-    unwind::{COPY_LIMITS, UNWIND_SAMPLES},
 };
 
 use crate::{
-    UsageError, already_blocked,
-    bpf::{self, OffcpuSettings, StackSettings},
+    UsageError,
+    bpf::{self, stacks::StackSettings},
     capture::{self, StopReason, Watch, monotonic_ns},
     duration::{parse_duration, parse_positive_duration},
-    frame_pointers,
-    kernel_btf::KernelBtf,
     model::{DataQuality, StackProfile, WeightUnit},
     output::{self, OutputSpec, offcpu_summary},
     privileges,
     stacks::{self, BuildOptions, RECOVERED_MARKER},
     symbolize::Symbolizer,
     targets::{HeldCommand, Target, TargetArgs},
-    tracefs,
     unwind::{self, UnwindArgs, UnwindMode},
 };
 
@@ -197,16 +199,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         unwind_buffer: args.unwind.unwind_buffer_size,
         held_command: command.as_ref().map(|c| c.pid),
         fork_tgid_offset: None,
-        offcpu: Some(OffcpuSettings {
-            state_mask: args.state.mask(),
-            min_block_ns: u64::try_from(min_block.as_nanos()).unwrap_or(u64::MAX),
-            max_block_ns: u64::try_from(max_block.as_nanos()).unwrap_or(u64::MAX),
-            include_kernel_threads: args.include_kernel_threads,
-            wakers: args.wakers,
-            ..OffcpuSettings::default()
-        }),
     };
-    let (mut ebpf, hook, collector) = load_and_attach(&args, base, &target, &mut notes)?;
+    let offcpu = OffcpuSettings {
+        state_mask: args.state.mask(),
+        min_block_ns: u64::try_from(min_block.as_nanos()).unwrap_or(u64::MAX),
+        max_block_ns: u64::try_from(max_block.as_nanos()).unwrap_or(u64::MAX),
+        include_kernel_threads: args.include_kernel_threads,
+        wakers: args.wakers,
+        ..OffcpuSettings::default()
+    };
+    let (mut ebpf, hook, collector) =
+        attach::load_and_attach(args.attach, base, offcpu, &target, &mut notes)?;
     // The window starts when the programs start recording: every block they time starts in it.
     let start_ns = monotonic_ns();
     // --wakers walks frame pointers only: no advice to try what it refuses.
@@ -235,8 +238,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .partition(|t| args.state.selects(t.state)),
         _ => Default::default(),
     };
-    let unseeded = seed_blocked(&mut ebpf, &blocked_at_start, start_ns)?
-        + seed_blocked(&mut ebpf, &left_out, START_FILTERED)?;
+    let unseeded = attach::seed_blocked(&mut ebpf, &blocked_at_start, start_ns)?
+        + attach::seed_blocked(&mut ebpf, &left_out, START_FILTERED)?;
     if unseeded > 0 {
         notes.push(format!(
             "{unseeded} threads found blocked at the start could not be timed: the off-CPU \
@@ -306,7 +309,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .extend(command.as_ref().and_then(|c| c.stopped.clone()));
     stacks::note_new_processes(&mut new_processes, &mut symbolizer);
     // Stop recording at once; detaching can take seconds (RCU) and must not count.
-    bpf::stop_capture(&mut ebpf)?;
+    bpf::set_control(&mut ebpf, control::STOPPED)?;
     let end_ns = monotonic_ns();
     context.notes.push(bpf::in_kernel_cost(&ebpf));
     for pid in stacks::processes_seen(&ebpf) {
@@ -316,14 +319,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         collector.tell(&mut symbolizer);
     }
     let unwound = collector.map(|c| c.finish(&mut symbolizer)).transpose()?;
-    for (_, program) in ebpf.programs_mut() {
-        // Programs that were never loaded (the other hook) answer NotLoaded: nothing to do.
-        let _ = match program {
-            Program::BtfTracePoint(p) => p.unload(),
-            Program::TracePoint(p) => p.unload(),
-            _ => Ok(()),
-        };
-    }
+    bpf::unload_all(&mut ebpf);
     // The window is what blocks were measured against: from seeding the clocks to the end.
     let elapsed = Duration::from_nanos(end_ns.saturating_sub(start_ns));
     if stop != StopReason::DurationElapsed {
@@ -393,7 +389,13 @@ fn build(
     let mut raw = stacks::drain(ebpf, args.wakers, unwound, still_blocked)?;
     raw.recovered = blocked_at_start
         .iter()
-        .map(|t| (t.tid, t.clone()))
+        .map(|t| {
+            let stacks = stacks::RecoveredStacks {
+                kernel_frames: t.kernel_frames.clone(),
+                user_addrs: t.user_addrs.clone(),
+            };
+            (t.tid, stacks)
+        })
         .collect();
 
     let counter = |c| bpf::counter(&counters, c);
@@ -597,186 +599,6 @@ fn check_privileges(args: &Args, target: &Target) -> anyhow::Result<()> {
         privileges::warn_missing(&wanted);
     }
     Ok(())
-}
-
-/// Loads the programs with the offsets their hook needs and attaches them: `tp_btf` where the
-/// kernel has BTF, else the classic tracepoint. Returns the hook's name, and the unwinding
-/// thread when user stacks are copied (`tp_btf` only).
-fn load_and_attach(
-    args: &Args,
-    mut settings: StackSettings,
-    target: &Target,
-    notes: &mut Vec<String>,
-) -> anyhow::Result<(Ebpf, &'static str, Option<unwind::Collector>)> {
-    if args.attach != Attach::Tracepoint {
-        let mut attempt = try_tp_btf(&mut settings, target, notes);
-        if let Err(err) = &attempt
-            && settings.stack_copy_bytes != 0
-        {
-            // Frame pointers before the classic tracepoint: tp_btf keeps --wakers, the
-            // command's children and kernel threads told apart.
-            let note = format!(
-                "stack copies (--unwind dwarf) could not be loaded on this kernel, so user \
-                 stacks are walked with frame pointers instead: {err:#}"
-            );
-            crate::say!("livetrace: warning: {note}");
-            notes.push(note);
-            settings.stack_copy_bytes = 0;
-            attempt = try_tp_btf(&mut settings, target, notes);
-        }
-        match attempt {
-            Ok((ebpf, collector)) => return Ok((ebpf, "tp_btf/sched_switch", collector)),
-            Err(err) if args.attach == Attach::Auto => {
-                let note = format!(
-                    "tp_btf could not be used ({err:#}); falling back to the classic tracepoint"
-                );
-                crate::say!("livetrace: {note}");
-                notes.push(note);
-            }
-            Err(err) => return Err(err),
-        }
-    }
-    let fields = tracefs::field_offsets("sched", "sched_switch").context(
-        "the classic sched_switch tracepoint is unavailable too; offcpu needs kernel BTF \
-         (/sys/kernel/btf/vmlinux) or tracefs",
-    )?;
-    let field = |name: &str| {
-        fields
-            .get(name)
-            .map(|&(offset, _)| offset)
-            .ok_or_else(|| anyhow!("the sched_switch tracepoint has no field {name}"))
-    };
-    let offcpu = settings
-        .offcpu
-        .as_mut()
-        .context("offcpu settings missing")?;
-    offcpu.tp_prev_state_offset = field("prev_state")?;
-    offcpu.tp_next_pid_offset = field("next_pid")?;
-    if args.wakers {
-        notes.push("--wakers needs tp_btf; waker stacks are not recorded in this mode".into());
-    }
-    if matches!(target, Target::Command(_)) {
-        notes.push(
-            "in tracepoint mode the command's children are not followed, only its threads".into(),
-        );
-    }
-    if let Some(o) = settings.offcpu.as_mut() {
-        o.wakers = false;
-    }
-    if settings.stack_copy_bytes != 0 {
-        notes.push(
-            "stack copies (--unwind dwarf) need tp_btf; user stacks were walked with frame \
-             pointers"
-                .into(),
-        );
-        settings.stack_copy_bytes = 0;
-    }
-    let mut ebpf = bpf::load_stacks(&settings)?;
-    let program: &mut TracePoint = ebpf
-        .program_mut("offcpu_switch_tracepoint")
-        .context("the BPF object has no offcpu_switch_tracepoint program; rebuild livetrace")?
-        .try_into()?;
-    program
-        .load()
-        .map_err(|e| bpf::explain_program_error(e, "load the sched_switch tracepoint program"))?;
-    program
-        .attach("sched", "sched_switch")
-        .map_err(|e| bpf::explain_program_error(e, "attach to sched:sched_switch"))?;
-    if matches!(target, Target::Command(_)) {
-        notes.extend(bpf::follow_exec(&mut ebpf, None)?);
-    }
-    Ok((ebpf, "the sched:sched_switch tracepoint", None))
-}
-
-fn try_tp_btf(
-    settings: &mut StackSettings,
-    target: &Target,
-    notes: &mut Vec<String>,
-) -> anyhow::Result<(Ebpf, Option<unwind::Collector>)> {
-    let kernel = KernelBtf::from_sys_fs()?;
-    let offcpu = settings
-        .offcpu
-        .as_mut()
-        .context("offcpu settings missing")?;
-    offcpu.task_pid_offset = kernel.member_offset("task_struct", "pid")?;
-    offcpu.task_tgid_offset = kernel.member_offset("task_struct", "tgid")?;
-    offcpu.task_flags_offset = kernel.member_offset("task_struct", "flags")?;
-    let wakers = offcpu.wakers;
-    let btf = crate::kernel_btf::aya_btf()?;
-    bpf::refuse_stack_copies_for_test(settings)?;
-    let mut ebpf = bpf::load_stacks(settings)?;
-    // Drained from before the first switch, so that the ring buffer never fills at start.
-    let collector = if settings.stack_copy_bytes != 0 {
-        let ring = RingBuf::try_from(bpf::take_map(&mut ebpf, UNWIND_SAMPLES)?)?;
-        let limits = unwind::CopyLimits::new(
-            BpfHashMap::try_from(bpf::take_map(&mut ebpf, COPY_LIMITS)?)?,
-            settings.stack_copy_bytes,
-        );
-        Some(
-            unwind::Collector::start(ring, true, Some(limits))
-                .context("failed to start the unwinding thread")?,
-        )
-    } else {
-        None
-    };
-    let mut hooks = vec![("offcpu_switch", "sched_switch")];
-    if wakers {
-        hooks.push(("offcpu_wakeup", "sched_wakeup"));
-    }
-    if matches!(target, Target::Command(_)) {
-        hooks.push(("follow_fork", "sched_process_fork"));
-    }
-    for (name, tracepoint) in hooks {
-        bpf::attach_btf_tracepoint(&mut ebpf, name, tracepoint, &btf)?;
-    }
-    // A held command is traced from its exec on; copied stacks are unwound against the memory
-    // map of the program that made them.
-    if matches!(target, Target::Command(_)) || collector.is_some() {
-        notes.extend(bpf::follow_exec(&mut ebpf, Some(&btf))?);
-    }
-    Ok((ebpf, collector))
-}
-
-/// `BPF_NOEXIST`: the update fails (EEXIST) if the key is there.
-const BPF_NOEXIST: u64 = 1;
-
-/// Starts the clocks of the threads found asleep at `start_ns`, under keys whose stacks are the
-/// recovered ones (or, with [`START_FILTERED`], marks them left out by --state). A thread that
-/// switched out by itself in the meantime keeps its own entry. Returns how many could not be
-/// started (a full map).
-fn seed_blocked(
-    ebpf: &mut Ebpf,
-    threads: &[already_blocked::BlockedThread],
-    start_ns: u64,
-) -> anyhow::Result<usize> {
-    let mut starts: BpfHashMap<_, u32, OffcpuStart> =
-        BpfHashMap::try_from(bpf::map_mut(ebpf, OFFCPU_START)?)?;
-    let mut unseeded = 0;
-    for thread in threads {
-        let mut comm = [0u8; 16];
-        for (dst, src) in comm.iter_mut().zip(thread.comm.bytes().take(15)) {
-            *dst = src;
-        }
-        let start = OffcpuStart {
-            key: StackKey {
-                tgid: thread.tgid,
-                tid: thread.tid,
-                user_stack_id: STACK_ID_RECOVERED,
-                kernel_stack_id: STACK_ID_RECOVERED,
-                comm,
-            },
-            start_ns,
-        };
-        // BPF_NOEXIST: never replace an entry the kernel made (the thread blocked again
-        // since the scan); a full map is counted.
-        match starts.insert(thread.tid, start, BPF_NOEXIST) {
-            Ok(()) => {}
-            Err(aya::maps::MapError::SyscallError(err))
-                if err.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(_) => unseeded += 1,
-        }
-    }
-    Ok(unseeded)
 }
 
 /// Blocks still going on at the end, counted up to the end, under the same --min-block and

@@ -1,19 +1,36 @@
-//! `livetrace profile`: on-CPU stack sampling. A perf event (software cpu-clock, or a hardware
-//! cycles event where the PMU exists) fires `-F` times a second on every CPU, or on the spawned
-//! command's threads; each sample adds 1 to its (process, stacks) key. Kernel 4.9+.
+//! `livetrace profile`'s object: on-CPU stack sampling. A perf event (software cpu-clock, or a
+//! hardware cycles event where the PMU exists) fires `-F` times a second on every CPU, or on the
+//! spawned command's threads; each sample adds 1 to its (process, stacks) key. Kernel 4.9+.
+#![no_std]
+#![no_main]
 
 use aya_ebpf::{
     EbpfContext, helpers::bpf_get_current_pid_tgid, macros::perf_event, programs::PerfEventContext,
 };
 use livetrace_common::stacks::Counter;
 
-use crate::{
+use livetrace_ebpf::{
+    control,
     stacks::{add_weight, count, current_key, is_target, wants_user_stacks},
     unwind,
 };
 
+livetrace_ebpf::license!();
+livetrace_ebpf::control_map!();
+livetrace_ebpf::target_maps!();
+livetrace_ebpf::stack_maps!();
+livetrace_ebpf::unwind_maps!();
+livetrace_ebpf::follow_exec!();
+livetrace_ebpf::follow_fork!(
+    livetrace_ebpf::stacks::count_fork_loss,
+    livetrace_ebpf::unwind::forked
+);
+
 #[perf_event]
 pub fn profile_cpu(ctx: PerfEventContext) -> u32 {
+    if control::stopped() {
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     count(Counter::Events);

@@ -1,0 +1,43 @@
+//! livetrace's BPF objects, one per tool (the binaries of `livetrace-ebpf`), and the programs
+//! each holds: the names user space looks them up by. `livetrace`'s tests check every name here
+//! against the objects themselves, without loading them.
+
+/// `livetrace profile`.
+pub mod profile {
+    pub const OBJECT: &str = "profile";
+    /// The perf-event sampler.
+    pub const SAMPLE: &str = "profile_cpu";
+    pub const PROGRAMS: &[&str] = &[
+        SAMPLE,
+        crate::follow::FOLLOW_EXEC,
+        crate::follow::FOLLOW_FORK,
+    ];
+}
+
+/// `livetrace offcpu`.
+pub mod offcpu {
+    pub const OBJECT: &str = "offcpu";
+    /// `sched_switch` through `tp_btf`.
+    pub const SWITCH: &str = "offcpu_switch";
+    /// `sched_switch` through the classic tracepoint (no BTF).
+    pub const SWITCH_TRACEPOINT: &str = "offcpu_switch_tracepoint";
+    /// `sched_wakeup` (`--wakers`).
+    pub const WAKEUP: &str = "offcpu_wakeup";
+    pub const PROGRAMS: &[&str] = &[
+        SWITCH,
+        SWITCH_TRACEPOINT,
+        WAKEUP,
+        crate::follow::FOLLOW_EXEC,
+        crate::follow::FOLLOW_FORK,
+    ];
+}
+
+/// `livetrace uprobe-hist`.
+pub mod uprobe_hist {
+    pub const OBJECT: &str = "uprobe-hist";
+    pub const ENTRY: &str = "uprobe_hist_entry";
+    pub const RETURN: &str = "uprobe_hist_return";
+    /// `sched_process_exit`: calls a thread still had open when it exited.
+    pub const THREAD_EXIT: &str = "uprobe_hist_thread_exit";
+    pub const PROGRAMS: &[&str] = &[ENTRY, RETURN, THREAD_EXIT, crate::follow::FOLLOW_FORK];
+}

@@ -1,0 +1,50 @@
+//! uprobe-hist's BPF object: its settings, and loading it.
+
+use aya::{Ebpf, EbpfLoader};
+use livetrace_common::{follow, stacks, uprobe_hist};
+
+use crate::bpf::{self, Object};
+
+/// Settings of `uprobe-hist`'s programs.
+pub struct UprobeHistSettings {
+    /// Calls at least this long (ns) go to the slow-call ring buffer; 0 = off.
+    pub slow_ns: u64,
+    /// Threads that can be inside the function at once.
+    pub max_threads: u32,
+    /// Distinct caller stacks of slow calls.
+    pub stack_storage: u32,
+    /// Slow-call ring buffer size in bytes (a power of two, at least a page).
+    pub slow_buffer: u32,
+    /// `-- COMMAND`: its pid, whose forks are followed and announced (`follow_fork`), and
+    /// `task_struct.tgid`'s offset, which that program reads.
+    pub follow: Option<(u32, u32)>,
+}
+
+/// Loads uprobe-hist's object, its maps sized for this run.
+pub fn load(settings: &UprobeHistSettings) -> anyhow::Result<Ebpf> {
+    let (filter, tgid_offset) = match &settings.follow {
+        Some((_, offset)) => (&1u8, offset),
+        None => (&0u8, &0),
+    };
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global(uprobe_hist::SLOW_NS, &settings.slow_ns, true)
+        .override_global(stacks::FILTER_TARGETS, filter, true)
+        .override_global(follow::FORK_TGID_OFFSET, tgid_offset, true)
+        .map_max_entries(uprobe_hist::THREADS, settings.max_threads)
+        .map_max_entries(uprobe_hist::STACKS, settings.stack_storage)
+        .map_max_entries(uprobe_hist::SLOW_CALLS, settings.slow_buffer)
+        .map_max_entries(
+            stacks::SEEN_PROCESSES,
+            if settings.follow.is_some() {
+                stacks::MAX_TARGETS
+            } else {
+                1
+            },
+        );
+    let mut ebpf = bpf::load(Object::UprobeHist, &mut loader)?;
+    if let Some((pid, _)) = settings.follow {
+        bpf::set_targets(&mut ebpf, &[pid], &[])?;
+    }
+    Ok(ebpf)
+}
