@@ -6,7 +6,6 @@
 
 pub mod bpf;
 pub mod build_info;
-pub mod capture;
 pub mod console;
 pub mod duration;
 #[cfg(test)]
@@ -20,10 +19,10 @@ pub mod perf_map;
 pub mod privileges;
 pub mod proc;
 pub mod runtimes;
+pub mod session;
 pub mod signals;
 pub mod stacks;
 pub mod symbolize;
-pub mod targets;
 pub mod tools;
 pub mod unwind;
 

@@ -10,7 +10,7 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
-use livetrace::{UsageError, build_info, targets, tools};
+use livetrace::{UsageError, build_info, session::command, tools};
 
 #[cfg(target_env = "musl")]
 #[global_allocator]
@@ -104,9 +104,9 @@ fn generate_man(dir: &std::path::Path) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if args.get(1).is_some_and(|a| a == targets::HOLD_SHIM) {
-        // `livetrace __livetrace-hold-exec -- COMMAND...`: see targets::HeldCommand.
-        return targets::hold_shim_main(&args[2..]);
+    if args.get(1).is_some_and(|a| a == command::HOLD_SHIM) {
+        // `livetrace __livetrace-hold-exec -- COMMAND...`: see command::HeldCommand.
+        return command::hold_shim_main(&args[2..]);
     }
     // Before anything else: a closed standard stream must not be handed to the next file
     // opened, and a stop signal sent as soon as livetrace runs must not kill it.

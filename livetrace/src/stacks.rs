@@ -367,7 +367,7 @@ pub fn build_profile(
     let mut build_ids = BTreeMap::new();
     for (pid, module) in modules {
         if !build_ids.contains_key(&module)
-            && !crate::capture::aborted()
+            && !crate::session::capture::aborted()
             && let Some(id) = symbolizer.build_id(pid, &module)
         {
             build_ids.insert(module, id);

@@ -210,8 +210,8 @@ impl Symbolizer {
 
     /// Checked before each batch: after a second stop signal, addresses stay raw.
     fn skip_batch(&mut self) -> bool {
-        crate::capture::test_symbolize_delay();
-        if crate::capture::aborted() {
+        crate::session::capture::test_symbolize_delay();
+        if crate::session::capture::aborted() {
             self.interrupted = true;
         }
         self.interrupted

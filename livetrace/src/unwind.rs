@@ -80,11 +80,11 @@ pub struct UnwindArgs {
 impl UnwindArgs {
     /// profile's rule: whether user stacks are copied and unwound here (`auto`: when targets are
     /// given; offcpu's `auto` also looks for frame pointers).
-    pub fn dwarf(&self, target: &crate::targets::Target, stack_kinds: u8) -> bool {
+    pub fn dwarf(&self, target: &crate::session::targets::Target, stack_kinds: u8) -> bool {
         let wanted = match self.unwind {
             UnwindMode::Fp => false,
             UnwindMode::Dwarf => true,
-            UnwindMode::Auto => *target != crate::targets::Target::System,
+            UnwindMode::Auto => *target != crate::session::targets::Target::System,
         };
         wanted && stack_kinds & STACK_KIND_USER != 0
     }

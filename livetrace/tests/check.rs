@@ -154,7 +154,7 @@ fn a_pid_namespace_of_its_own_is_refused_with_the_fix() {
     };
     let profile = in_namespace(&["profile", "-d", "1"]);
     assert_eq!(profile.status.code(), Some(1), "{}", profile.stderr);
-    let fix = livetrace::targets::FOREIGN_PID_NAMESPACE_FIX;
+    let fix = livetrace::session::targets::FOREIGN_PID_NAMESPACE_FIX;
     assert!(profile.stderr.contains(fix), "{}", profile.stderr);
 
     let check = in_namespace(&["check", "--json"]);

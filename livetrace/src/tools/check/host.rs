@@ -126,7 +126,7 @@ impl Facts {
                 frame_pointers: refusal(false),
                 dwarf: refusal(true),
             }),
-            host_pid_namespace: crate::targets::sees_host_pids(),
+            host_pid_namespace: crate::session::targets::sees_host_pids(),
             processes,
             unreadable_processes,
         }

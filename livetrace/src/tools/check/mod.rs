@@ -394,10 +394,10 @@ fn kernel_items(facts: &Facts, checks: &mut Vec<Item>) {
             section,
             "PID namespace",
             Status::Missing,
-            crate::targets::FOREIGN_PID_NAMESPACE.into(),
+            crate::session::targets::FOREIGN_PID_NAMESPACE.into(),
         )
         .affects(ALL_TOOLS)
-        .fix(crate::targets::FOREIGN_PID_NAMESPACE_FIX)
+        .fix(crate::session::targets::FOREIGN_PID_NAMESPACE_FIX)
     });
 }
 

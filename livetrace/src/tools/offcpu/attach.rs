@@ -24,7 +24,7 @@ use crate::{
         stacks::{StackSettings, refuse_stack_copies_for_test},
     },
     kernel_btf::KernelBtf,
-    targets::Target,
+    session::targets::Target,
     unwind,
 };
 

@@ -9,17 +9,15 @@ mod attach;
 pub mod frame_pointers;
 pub mod tracefs;
 
-use self::attach::OffcpuSettings;
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData},
+    maps::{HashMap as BpfHashMap, MapData, RingBuf},
 };
 use clap::{Args as ClapArgs, ValueEnum};
 use livetrace_common::{
-    control,
     offcpu::{
         MAX_THREADS, OFFCPU_START, OffcpuStart, START_FILTERED, STATE_INTERRUPTIBLE,
         STATE_PREEMPTED, STATE_UNINTERRUPTIBLE,
@@ -30,17 +28,21 @@ use livetrace_common::{
     },
 };
 
+use self::attach::OffcpuSettings;
 use crate::{
     UsageError,
     bpf::{self, stacks::StackSettings},
-    capture::{self, StopReason, Watch, monotonic_ns},
     duration::{parse_duration, parse_positive_duration},
     model::{DataQuality, StackProfile, WeightUnit},
     output::{self, OutputSpec, offcpu_summary},
-    privileges,
+    privileges::{self, Need},
+    session::{
+        self, Privileges, Running, Session, Tool,
+        capture::{self, StopReason, monotonic_ns},
+        targets::{Target, TargetArgs},
+    },
     stacks::{self, BuildOptions, RECOVERED_MARKER},
     symbolize::Symbolizer,
-    targets::{HeldCommand, Target, TargetArgs},
     unwind::{self, UnwindArgs, UnwindMode},
 };
 
@@ -143,13 +145,11 @@ pub enum Attach {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let target = args.target.resolve()?;
-    let (min_block, max_block) = (
-        args.min_block.unwrap_or(Duration::ZERO),
-        args.max_block.unwrap_or(Duration::MAX),
-    );
-    if min_block > max_block {
+    if args.min_block.unwrap_or(Duration::ZERO) > args.max_block.unwrap_or(Duration::MAX) {
         return Err(UsageError::error(format!(
-            "--min-block ({min_block:?}) is longer than --max-block ({max_block:?})"
+            "--min-block ({:?}) is longer than --max-block ({:?})",
+            args.min_block.unwrap_or_default(),
+            args.max_block.unwrap_or(Duration::MAX)
         )));
     }
     if args.wakers && args.unwind.unwind == UnwindMode::Dwarf {
@@ -157,198 +157,259 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "--wakers records stacks with frame pointers only; drop --unwind dwarf (or --wakers)",
         ));
     }
-    check_privileges(&args, &target)?;
-    let mut outputs = args.outputs.clone();
-    if outputs.is_empty() {
-        let path = default_output_path(&target);
-        outputs.push(OutputSpec::parse(&path.to_string_lossy()).map_err(anyhow::Error::msg)?);
-    }
-    output::preflight(&outputs)?;
-
-    let mut command = match &target {
-        Target::Command(argv) => Some(HeldCommand::spawn(argv, args.target.as_root)?),
-        _ => None,
-    };
-    let (tgids, tids) = match (&target, &command) {
-        (Target::Threads { pids, tids }, _) => (pids.clone(), tids.clone()),
-        (Target::Command(_), Some(command)) => (vec![command.pid], Vec::new()),
-        _ => (Vec::new(), Vec::new()),
-    };
-    let mut notes = Vec::new();
-    let stack_kinds = match (args.user_only, args.kernel_only) {
-        (true, _) => STACK_KIND_USER,
-        (_, true) => STACK_KIND_KERNEL,
-        _ => STACK_KIND_USER | STACK_KIND_KERNEL,
-    };
-    let (dwarf, why) = choose_unwinding(&args, &target, stack_kinds);
-    let base = StackSettings {
-        filter: target != Target::System,
-        tgids: tgids.clone(),
-        tids: tids.clone(),
-        stack_kinds,
-        // Always per thread in the kernel: the summary reports by thread; outputs merge threads
-        // unless --per-thread.
-        per_thread: true,
-        stack_storage: args.stack_storage,
-        // With dwarf, the user stack is copied at each switch-out and unwound here.
-        stack_copy_bytes: if dwarf {
-            args.unwind.stack_copy_size
-        } else {
-            0
+    let (as_root, duration) = (args.target.processes.as_root, args.duration);
+    session::run(
+        Offcpu {
+            args,
+            outputs: Vec::new(),
         },
-        unwind_buffer: args.unwind.unwind_buffer_size,
-        held_command: command.as_ref().map(|c| c.pid),
-        fork_tgid_offset: None,
-    };
-    let offcpu = OffcpuSettings {
-        state_mask: args.state.mask(),
-        min_block_ns: u64::try_from(min_block.as_nanos()).unwrap_or(u64::MAX),
-        max_block_ns: u64::try_from(max_block.as_nanos()).unwrap_or(u64::MAX),
-        include_kernel_threads: args.include_kernel_threads,
-        wakers: args.wakers,
-        ..OffcpuSettings::default()
-    };
-    let (mut ebpf, hook, collector) =
-        attach::load_and_attach(args.attach, base, offcpu, &target, &mut notes)?;
-    // The window starts when the programs start recording: every block they time starts in it.
-    let start_ns = monotonic_ns();
-    // --wakers walks frame pointers only: no advice to try what it refuses.
-    let unwind_mode = args.unwind.describe(
-        collector.is_some(),
-        stack_kinds,
-        why.as_deref().filter(|_| collector.is_some() == dwarf),
-        !args.wakers,
-    );
+        target,
+        as_root,
+        duration,
+    )
+}
 
-    let mut symbolizer = Symbolizer::new();
-    if let Target::Threads { pids, tids } = &target {
-        for &id in pids.iter().chain(tids) {
-            if let Some(tgid) = crate::proc::task::thread_group_of(id) {
-                symbolizer.note_process(tgid);
-            }
-        }
+/// `livetrace offcpu`, before anything is loaded.
+struct Offcpu {
+    args: Args,
+    /// The outputs, default one included.
+    outputs: Vec<OutputSpec>,
+}
+
+/// `livetrace offcpu`, recording switches.
+struct Tracing {
+    args: Args,
+    ebpf: Ebpf,
+    hook: &'static str,
+    collector: Option<unwind::Collector>,
+    new_processes: RingBuf<MapData>,
+    context: BuildContext,
+    outputs: Vec<OutputSpec>,
+    /// When the programs stopped recording (CLOCK_MONOTONIC ns).
+    end_ns: u64,
+}
+
+impl Tool for Offcpu {
+    type Running = Tracing;
+    const NAME: &'static str = "offcpu";
+
+    fn privileges(&self, target: &Target) -> Privileges {
+        let (needs, wanted) = privileges_for(&self.args, target);
+        Privileges { needs, wanted }
     }
-    // Threads asleep now will not pass through sched_switch until they wake: find them, recover
-    // their stacks, and start their clocks at the window's start. One the programs have no
-    // entry for was asleep since before they were attached (one that blocked since has one).
-    // Those in a state --state leaves out are marked so, as if their switch-out had been seen.
-    let (blocked_at_start, left_out): (Vec<_>, Vec<_>) = match &target {
+
+    fn prepare(&mut self, target: &Target) -> anyhow::Result<Vec<OutputSpec>> {
+        self.outputs = self.args.outputs.clone();
+        if self.outputs.is_empty() {
+            let path = default_output_path(target);
+            self.outputs
+                .push(OutputSpec::parse(&path.to_string_lossy()).map_err(anyhow::Error::msg)?);
+        }
+        Ok(self.outputs.clone())
+    }
+
+    fn start(self, session: &mut Session) -> anyhow::Result<Tracing> {
+        let args = self.args;
+        let target = &session.target;
+        let (tgids, tids) = match (target, session.command_pid) {
+            (Target::Threads { pids, tids }, _) => (pids.clone(), tids.clone()),
+            (Target::Command(_), Some(pid)) => (vec![pid], Vec::new()),
+            _ => (Vec::new(), Vec::new()),
+        };
+        let mut notes = Vec::new();
+        let stack_kinds = match (args.user_only, args.kernel_only) {
+            (true, _) => STACK_KIND_USER,
+            (_, true) => STACK_KIND_KERNEL,
+            _ => STACK_KIND_USER | STACK_KIND_KERNEL,
+        };
+        let (dwarf, why) = choose_unwinding(&args, target, stack_kinds);
+        let (min_block, max_block) = (
+            args.min_block.unwrap_or(Duration::ZERO),
+            args.max_block.unwrap_or(Duration::MAX),
+        );
+        let settings = StackSettings {
+            filter: *target != Target::System,
+            tgids,
+            tids,
+            stack_kinds,
+            // Always per thread in the kernel: the summary reports by thread; outputs merge
+            // threads unless --per-thread.
+            per_thread: true,
+            stack_storage: args.stack_storage,
+            // With dwarf, the user stack is copied at each switch-out and unwound here.
+            stack_copy_bytes: if dwarf {
+                args.unwind.stack_copy_size
+            } else {
+                0
+            },
+            unwind_buffer: args.unwind.unwind_buffer_size,
+            held_command: session.command_pid,
+            fork_tgid_offset: None,
+        };
+        let offcpu = OffcpuSettings {
+            state_mask: args.state.mask(),
+            min_block_ns: u64::try_from(min_block.as_nanos()).unwrap_or(u64::MAX),
+            max_block_ns: u64::try_from(max_block.as_nanos()).unwrap_or(u64::MAX),
+            include_kernel_threads: args.include_kernel_threads,
+            wakers: args.wakers,
+            ..OffcpuSettings::default()
+        };
+        let (mut ebpf, hook, collector) =
+            attach::load_and_attach(args.attach, settings, offcpu, target, &mut notes)?;
+        // The window starts when the programs start recording: every block they time starts
+        // in it.
+        let start_ns = monotonic_ns();
+        // --wakers walks frame pointers only: no advice to try what it refuses.
+        let unwind_mode = args.unwind.describe(
+            collector.is_some(),
+            stack_kinds,
+            why.as_deref().filter(|_| collector.is_some() == dwarf),
+            !args.wakers,
+        );
+        let blocked_at_start =
+            seed_already_blocked(&mut ebpf, &args, target, start_ns, &mut notes)?;
+        let context = BuildContext {
+            title: session.title(),
+            unwind_mode,
+            notes,
+            blocked_at_start,
+            min_block,
+            max_block,
+            start_ns,
+        };
+        Ok(Tracing {
+            new_processes: stacks::new_processes(&mut ebpf)?,
+            args,
+            ebpf,
+            hook,
+            collector,
+            context,
+            outputs: self.outputs,
+            end_ns: 0,
+        })
+    }
+}
+
+/// Threads asleep now will not pass through sched_switch until they wake: finds them, recovers
+/// their stacks, and starts their clocks at the window's start. One the programs have no entry
+/// for was asleep since before they were attached (one that blocked since has one). Those in a
+/// state --state leaves out are marked so, as if their switch-out had been seen.
+fn seed_already_blocked(
+    ebpf: &mut Ebpf,
+    args: &Args,
+    target: &Target,
+    start_ns: u64,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Vec<already_blocked::BlockedThread>> {
+    let (blocked_at_start, left_out): (Vec<_>, Vec<_>) = match target {
         Target::Threads { pids, tids } => already_blocked::scan(pids, tids)
             .into_iter()
             .partition(|t| args.state.selects(t.state)),
         _ => Default::default(),
     };
-    let unseeded = attach::seed_blocked(&mut ebpf, &blocked_at_start, start_ns)?
-        + attach::seed_blocked(&mut ebpf, &left_out, START_FILTERED)?;
+    let unseeded = attach::seed_blocked(ebpf, &blocked_at_start, start_ns)?
+        + attach::seed_blocked(ebpf, &left_out, START_FILTERED)?;
     if unseeded > 0 {
         notes.push(format!(
             "{unseeded} threads found blocked at the start could not be timed: the off-CPU \
              start map is full (it holds {MAX_THREADS} threads)"
         ));
     }
-    if let Some(command) = &mut command {
-        command.release()?;
-        symbolizer.note_process(command.pid);
+    Ok(blocked_at_start)
+}
+
+impl Running for Tracing {
+    fn ebpf(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
-    let title = match (&target, &command) {
-        (Target::Command(_), Some(command)) => {
-            format!("{} (pid {})", target.describe(), command.pid)
+
+    fn start_line(&self, session: &Session) -> String {
+        format!(
+            "tracing off-CPU time of {} on {}",
+            session.title(),
+            self.hook
+        )
+    }
+
+    fn on_event(&mut self, event: capture::Event, session: &mut Session) {
+        let symbolizer = &mut session.symbolizer;
+        if event == capture::Event::FastTick {
+            // Cheap and urgent: processes the BPF programs just announced.
+            stacks::note_new_processes(&mut self.new_processes, symbolizer);
+            if let Some(collector) = &self.collector {
+                collector.tell(symbolizer);
+            }
+            return;
         }
-        _ => target.describe(),
-    };
-    crate::say!(
-        "livetrace: tracing off-CPU time of {title} on {hook}{}",
-        capture::how_it_ends(args.duration)
-    );
-
-    let mut new_processes = stacks::new_processes(&mut ebpf)?;
-    let runtime = capture::runtime()?;
-    let mut context = BuildContext {
-        title,
-        unwind_mode,
-        notes,
-        blocked_at_start,
-        min_block,
-        max_block,
-        start_ns,
-    };
-    let (stop, _) = runtime.block_on(capture::run(
-        args.duration,
-        Watch::for_target(&target, command.as_mut()),
-        |event| {
-            if event == capture::Event::FastTick {
-                // Cheap and urgent: processes the BPF programs just announced.
-                stacks::note_new_processes(&mut new_processes, &mut symbolizer);
-                if let Some(collector) = &collector {
-                    collector.tell(&mut symbolizer);
-                }
-                return;
+        // A process the BPF programs could not announce (counted) is still noted here.
+        for pid in stacks::processes_seen(&self.ebpf) {
+            symbolizer.note_process(pid);
+        }
+        if event == capture::Event::Snapshot {
+            let result = build(
+                &self.ebpf,
+                symbolizer,
+                &self.args,
+                &self.context,
+                (monotonic_ns(), None),
+                self.collector.as_ref().map(unwind::Collector::snapshot),
+            )
+            .and_then(|(_, profile)| output::write_snapshot(&profile, &self.outputs));
+            if let Err(err) = result {
+                crate::say!("livetrace: snapshot failed: {err:#}");
             }
-            // A process the BPF programs could not announce (counted) is still noted here.
-            for pid in stacks::processes_seen(&ebpf) {
-                symbolizer.note_process(pid);
-            }
-            if event == capture::Event::Snapshot {
-                let result = build(
-                    &ebpf,
-                    &mut symbolizer,
-                    &args,
-                    &context,
-                    (monotonic_ns(), None),
-                    collector.as_ref().map(unwind::Collector::snapshot),
-                )
-                .and_then(|(_, profile)| output::write_snapshot(&profile, &outputs));
-                if let Err(err) = result {
-                    crate::say!("livetrace: snapshot failed: {err:#}");
-                }
-            }
-        },
-    ))?;
-    context
-        .notes
-        .extend(command.as_ref().and_then(|c| c.stopped.clone()));
-    stacks::note_new_processes(&mut new_processes, &mut symbolizer);
-    // Stop recording at once; detaching can take seconds (RCU) and must not count.
-    bpf::set_control(&mut ebpf, control::STOPPED)?;
-    let end_ns = monotonic_ns();
-    context.notes.push(bpf::in_kernel_cost(&ebpf));
-    for pid in stacks::processes_seen(&ebpf) {
-        symbolizer.note_process(pid);
-    }
-    if let Some(collector) = &collector {
-        collector.tell(&mut symbolizer);
-    }
-    let unwound = collector.map(|c| c.finish(&mut symbolizer)).transpose()?;
-    bpf::unload_all(&mut ebpf);
-    // The window is what blocks were measured against: from seeding the clocks to the end.
-    let elapsed = Duration::from_nanos(end_ns.saturating_sub(start_ns));
-    if stop != StopReason::DurationElapsed {
-        crate::say!("livetrace: {}", stop.describe());
+        }
     }
 
-    let (by_thread, profile) = build(
-        &ebpf,
-        &mut symbolizer,
-        &args,
-        &context,
-        (end_ns, Some(&stop)),
-        unwound,
-    )?;
-    let counters = bpf::read_counters_in(&ebpf)?;
-    drop(ebpf);
-    let written = output::write_stack_profile(&profile, &outputs);
-    let mut summary = Vec::new();
-    offcpu_summary::write(&by_thread, elapsed, &mut summary)?;
-    if outputs.iter().any(|o| o.path.is_none()) {
-        crate::say_raw!("{}", String::from_utf8_lossy(&summary));
-    } else {
-        crate::console::stdout(&summary);
+    fn stopped(&mut self, session: &mut Session) -> anyhow::Result<()> {
+        self.end_ns = monotonic_ns();
+        let symbolizer = &mut session.symbolizer;
+        stacks::note_new_processes(&mut self.new_processes, symbolizer);
+        self.context.notes.push(bpf::in_kernel_cost(&self.ebpf));
+        for pid in stacks::processes_seen(&self.ebpf) {
+            symbolizer.note_process(pid);
+        }
+        if let Some(collector) = &self.collector {
+            collector.tell(symbolizer);
+        }
+        Ok(())
     }
-    if profile.total_weight() == 0 {
-        crate::say!("livetrace: {}", why_nothing(&args, &counters));
+
+    fn finish(
+        mut self,
+        session: &mut Session,
+        stop: &StopReason,
+        _elapsed: Duration,
+    ) -> anyhow::Result<()> {
+        self.context.notes.append(&mut session.notes);
+        let symbolizer = &mut session.symbolizer;
+        let unwound = self.collector.map(|c| c.finish(symbolizer)).transpose()?;
+        // The window is what blocks were measured against: from seeding the clocks to the end.
+        let elapsed = Duration::from_nanos(self.end_ns.saturating_sub(self.context.start_ns));
+        let (by_thread, profile) = build(
+            &self.ebpf,
+            symbolizer,
+            &self.args,
+            &self.context,
+            (self.end_ns, Some(stop)),
+            unwound,
+        )?;
+        let counters = bpf::read_counters_in(&self.ebpf)?;
+        drop(self.ebpf);
+        let written = output::write_stack_profile(&profile, &self.outputs);
+        let mut summary = Vec::new();
+        offcpu_summary::write(&by_thread, elapsed, &mut summary)?;
+        if self.outputs.iter().any(|o| o.path.is_none()) {
+            crate::say_raw!("{}", String::from_utf8_lossy(&summary));
+        } else {
+            crate::console::stdout(&summary);
+        }
+        if profile.total_weight() == 0 {
+            crate::say!("livetrace: {}", why_nothing(&self.args, &counters));
+        }
+        output::report_footer_and_files(&profile, &written);
+        written.finish()
     }
-    output::report_footer_and_files(&profile, &written);
-    written.finish()
 }
 
 /// What [`build`] needs besides the maps and the arguments.
@@ -555,7 +616,7 @@ fn choose_unwinding(args: &Args, target: &Target, stack_kinds: u8) -> (bool, Opt
                         if p.components().count() > 1 {
                             Some(p)
                         } else {
-                            crate::targets::which(p.as_os_str())
+                            crate::session::command::which(p.as_os_str())
                         }
                     });
                     program.and_then(|p| frame_pointers::missing_in_command(&p))
@@ -569,7 +630,9 @@ fn choose_unwinding(args: &Args, target: &Target, stack_kinds: u8) -> (bool, Opt
     }
 }
 
-fn check_privileges(args: &Args, target: &Target) -> anyhow::Result<()> {
+/// The capabilities the run needs, and those only the recovery of threads already blocked at
+/// the start uses (warned about when missing).
+fn privileges_for(args: &Args, target: &Target) -> (Vec<Need>, Vec<Need>) {
     let mut needs = vec![privileges::BPF, privileges::PERFMON];
     let kernel_stacks = !args.user_only;
     if kernel_stacks && privileges::kernel_symbols_hidden() {
@@ -585,10 +648,8 @@ fn check_privileges(args: &Args, target: &Target) -> anyhow::Result<()> {
             }
         }
     }
-    privileges::require("offcpu", &needs)?;
-    crate::targets::require_host_pids()?;
+    let mut wanted = Vec::new();
     if let Target::Threads { pids, tids } = target {
-        let mut wanted = Vec::new();
         if kernel_stacks {
             wanted.push(privileges::RECOVER_KERNEL_STACKS);
         }
@@ -596,9 +657,8 @@ fn check_privileges(args: &Args, target: &Target) -> anyhow::Result<()> {
         if !args.kernel_only && privileges::ptrace_need(&ids).is_some() {
             wanted.extend(privileges::RECOVER_USER_STACKS);
         }
-        privileges::warn_missing(&wanted);
     }
-    Ok(())
+    (needs, wanted)
 }
 
 /// Blocks still going on at the end, counted up to the end, under the same --min-block and

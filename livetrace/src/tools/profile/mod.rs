@@ -18,7 +18,6 @@ use aya::{
 };
 use clap::{Args as ClapArgs, ValueEnum};
 use livetrace_common::{
-    control,
     follow::FOLLOW_FORK,
     objects::profile::SAMPLE,
     stacks::{Counter, DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER},
@@ -27,14 +26,17 @@ use livetrace_common::{
 
 use crate::{
     bpf::{self, Object, stacks::StackSettings},
-    capture::{self, StopReason, Watch},
     duration::parse_positive_duration,
     model::{DataQuality, WeightUnit},
     output::{self, OutputSpec, profile_summary},
     privileges,
+    session::{
+        self, Privileges, Running, Session, Tool,
+        capture::{self, StopReason},
+        targets::{Target, TargetArgs},
+    },
     stacks::{self, BuildOptions},
     symbolize::Symbolizer,
-    targets::{HeldCommand, Target, TargetArgs},
     unwind::{self, UnwindArgs},
 };
 
@@ -93,219 +95,260 @@ pub enum Event {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    // Everything that can be checked is checked before the kernel is touched.
     let target = args.target.resolve()?;
-    let mut needs = vec![privileges::BPF, privileges::PERFMON];
-    if !args.user_only && privileges::kernel_symbols_hidden() {
-        needs.push(privileges::KALLSYMS);
-    }
-    privileges::require("profile", &needs)?;
-    crate::targets::require_host_pids()?;
-    let mut outputs = args.outputs.clone();
-    let default_svg = outputs.is_empty().then(|| default_output_path(&target));
-    if let Some(path) = &default_svg {
-        outputs.push(
-            OutputSpec::parse(path.to_str().context("non-UTF-8 path")?)
-                .map_err(anyhow::Error::msg)?,
-        );
-    }
-    output::preflight(&outputs)?;
-    let mut notes = Vec::new();
-    let frequency = clamp_frequency(args.frequency, &mut notes);
-
-    let mut command = match &target {
-        Target::Command(argv) => Some(HeldCommand::spawn(argv, args.target.as_root)?),
-        _ => None,
-    };
-    // A command is sampled on every CPU, like -p, and followed through its forks in the
-    // kernel (follow_fork): a child that lives less than a sample period is then sampled as
-    // often as its time on a CPU says, where per-task events wait for a whole period of its
-    // own and a 5 ms child never gets one. Without BTF, per-task events it is.
-    let follow = match &command {
-        Some(_) => match crate::kernel_btf::aya_btf().and_then(|btf| {
-            let kernel = crate::kernel_btf::KernelBtf::from_sys_fs()?;
-            Ok((btf, kernel.member_offset("task_struct", "tgid")?))
-        }) {
-            Ok(follow) => Some(follow),
-            Err(err) => {
-                notes.push(format!(
-                    "the command's processes are sampled each on its own clock ({err:#}): one \
-                     that lives less than a sample period may get no sample"
-                ));
-                None
-            }
+    let (as_root, duration) = (args.target.processes.as_root, args.duration);
+    session::run(
+        Profile {
+            args,
+            outputs: Vec::new(),
         },
-        None => None,
-    };
-    let (tgids, tids) = match (&target, &command) {
-        (Target::Threads { pids, tids }, _) => (pids.clone(), tids.clone()),
-        (Target::Command(_), Some(command)) if follow.is_some() => (vec![command.pid], Vec::new()),
-        _ => (Vec::new(), Vec::new()),
-    };
-    let stack_kinds = match (args.user_only, args.kernel_only) {
-        (true, _) => STACK_KIND_USER,
-        (_, true) => STACK_KIND_KERNEL,
-        _ => STACK_KIND_USER | STACK_KIND_KERNEL,
-    };
-    let dwarf = args.unwind.dwarf(&target, stack_kinds);
-    let settings = StackSettings {
-        filter: matches!(target, Target::Threads { .. }) || follow.is_some(),
-        tgids,
-        tids,
-        stack_kinds,
-        per_thread: args.per_thread,
-        stack_storage: args.stack_storage,
-        stack_copy_bytes: if dwarf {
-            args.unwind.stack_copy_size
-        } else {
-            0
-        },
-        unwind_buffer: args.unwind.unwind_buffer_size,
-        held_command: command.as_ref().map(|c| c.pid),
-        fork_tgid_offset: follow.as_ref().map(|(_, offset)| *offset),
-    };
-    let (mut ebpf, collector) = load(settings, args.per_thread, &mut notes)?;
-    let dwarf = collector.is_some();
-    let program: &mut PerfEvent = bpf::program_mut(&mut ebpf, SAMPLE)?.try_into()?;
-    let per_task = command.as_ref().filter(|_| follow.is_none());
-    let (event_name, cpus) = attach(program, args.event, frequency, per_task, &mut notes)?;
+        target,
+        as_root,
+        duration,
+    )
+}
 
-    // The held command is sampled from its exec on, not while it is livetrace's waiting shim.
-    if command.is_some()
-        && let Some(note) = bpf::follow_exec(&mut ebpf, follow.as_ref().map(|(btf, _)| btf))?
-    {
-        crate::say!("livetrace: {note}");
-        notes.push(note);
-    }
-    if let Some((btf, _)) = &follow {
-        bpf::attach_btf_tracepoint(&mut ebpf, FOLLOW_FORK, "sched_process_fork", btf)?;
+/// `livetrace profile`, before anything is loaded.
+struct Profile {
+    args: Args,
+    /// The outputs, default one included (decided once: its name has the time in it).
+    outputs: Vec<OutputSpec>,
+}
+
+/// `livetrace profile`, sampling.
+struct Sampling {
+    ebpf: aya::Ebpf,
+    collector: Option<unwind::Collector>,
+    new_processes: RingBuf<aya::maps::MapData>,
+    context: BuildContext,
+    outputs: Vec<OutputSpec>,
+    event_name: &'static str,
+    started: std::time::Instant,
+}
+
+impl Tool for Profile {
+    type Running = Sampling;
+    const NAME: &'static str = "profile";
+
+    fn privileges(&self, _target: &Target) -> Privileges {
+        let mut needs = vec![privileges::BPF, privileges::PERFMON];
+        if !self.args.user_only && privileges::kernel_symbols_hidden() {
+            needs.push(privileges::KALLSYMS);
+        }
+        Privileges {
+            needs,
+            wanted: Vec::new(),
+        }
     }
 
-    let mut symbolizer = Symbolizer::new();
-    match &target {
-        Target::Threads { pids, tids } => {
-            for &id in pids.iter().chain(tids) {
-                if let Some(tgid) = crate::proc::task::thread_group_of(id) {
-                    symbolizer.note_process(tgid);
-                }
+    fn prepare(&mut self, target: &Target) -> anyhow::Result<Vec<OutputSpec>> {
+        self.outputs = self.args.outputs.clone();
+        if self.outputs.is_empty() {
+            let path = default_output_path(target);
+            self.outputs.push(
+                OutputSpec::parse(path.to_str().context("non-UTF-8 path")?)
+                    .map_err(anyhow::Error::msg)?,
+            );
+        }
+        Ok(self.outputs.clone())
+    }
+
+    fn start(self, session: &mut Session) -> anyhow::Result<Sampling> {
+        let args = &self.args;
+        let mut notes = Vec::new();
+        let frequency = clamp_frequency(args.frequency, &mut notes);
+        let command = session.command_pid;
+        let follow = command.and_then(|_| follow_forks(&mut notes));
+        let (tgids, tids) = match (&session.target, command) {
+            (Target::Threads { pids, tids }, _) => (pids.clone(), tids.clone()),
+            (Target::Command(_), Some(pid)) if follow.is_some() => (vec![pid], Vec::new()),
+            _ => (Vec::new(), Vec::new()),
+        };
+        let stack_kinds = match (args.user_only, args.kernel_only) {
+            (true, _) => STACK_KIND_USER,
+            (_, true) => STACK_KIND_KERNEL,
+            _ => STACK_KIND_USER | STACK_KIND_KERNEL,
+        };
+        let dwarf = args.unwind.dwarf(&session.target, stack_kinds);
+        let settings = StackSettings {
+            filter: matches!(session.target, Target::Threads { .. }) || follow.is_some(),
+            tgids,
+            tids,
+            stack_kinds,
+            per_thread: args.per_thread,
+            stack_storage: args.stack_storage,
+            stack_copy_bytes: if dwarf {
+                args.unwind.stack_copy_size
+            } else {
+                0
+            },
+            unwind_buffer: args.unwind.unwind_buffer_size,
+            held_command: command,
+            fork_tgid_offset: follow.as_ref().map(|(_, offset)| *offset),
+        };
+        let (mut ebpf, collector) = load(settings, args.per_thread, &mut notes)?;
+        let program: &mut PerfEvent = bpf::program_mut(&mut ebpf, SAMPLE)?.try_into()?;
+        // Without BTF a command's processes are sampled each on its own clock.
+        let per_task = command.filter(|_| follow.is_none());
+        let (event_name, cpus) = attach(program, args.event, frequency, per_task, &mut notes)?;
+        // The held command is sampled from its exec on, not while it is livetrace's shim.
+        if command.is_some()
+            && let Some(note) = bpf::follow_exec(&mut ebpf, follow.as_ref().map(|(btf, _)| btf))?
+        {
+            crate::say!("livetrace: {note}");
+            notes.push(note);
+        }
+        if let Some((btf, _)) = &follow {
+            bpf::attach_btf_tracepoint(&mut ebpf, FOLLOW_FORK, "sched_process_fork", btf)?;
+        }
+        let whole_system = session.target == Target::System;
+        let context = BuildContext {
+            unwind_mode: args
+                .unwind
+                .describe(collector.is_some(), stack_kinds, None, true),
+            title: session.title(),
+            frequency,
+            per_thread: args.per_thread,
+            stack_storage: args.stack_storage,
+            // The whole system's expected count is checked per CPU against what each CPU did.
+            cpu_times_at_start: whole_system.then(cpu_times::read),
+            cpus,
+            whole_system,
+            notes,
+        };
+        Ok(Sampling {
+            new_processes: stacks::new_processes(&mut ebpf)?,
+            ebpf,
+            collector,
+            context,
+            outputs: self.outputs,
+            event_name,
+            started: std::time::Instant::now(),
+        })
+    }
+}
+
+/// A command's forks followed in the kernel (`follow_fork`, BTF): a child that lives less than
+/// a sample period is then sampled as often as its time on a CPU says, where per-task events
+/// wait for a whole period of its own and a 5 ms child never gets one. Without BTF, per-task
+/// events it is, and a note says so.
+fn follow_forks(notes: &mut Vec<String>) -> Option<(aya::Btf, u32)> {
+    let follow = crate::kernel_btf::aya_btf().and_then(|btf| {
+        let kernel = crate::kernel_btf::KernelBtf::from_sys_fs()?;
+        Ok((btf, kernel.member_offset("task_struct", "tgid")?))
+    });
+    match follow {
+        Ok(follow) => Some(follow),
+        Err(err) => {
+            notes.push(format!(
+                "the command's processes are sampled each on its own clock ({err:#}): one that \
+                 lives less than a sample period may get no sample"
+            ));
+            None
+        }
+    }
+}
+
+impl Running for Sampling {
+    fn ebpf(&mut self) -> &mut aya::Ebpf {
+        &mut self.ebpf
+    }
+
+    fn start_line(&self, session: &Session) -> String {
+        format!(
+            "profiling {} at {} Hz on {}",
+            session.title(),
+            self.context.frequency,
+            self.event_name
+        )
+    }
+
+    fn on_event(&mut self, event: capture::Event, session: &mut Session) {
+        let symbolizer = &mut session.symbolizer;
+        if event == capture::Event::FastTick {
+            // Cheap and urgent: processes the BPF program just announced.
+            stacks::note_new_processes(&mut self.new_processes, symbolizer);
+            return;
+        }
+        // A process the BPF program could not announce (counted) is still noted here.
+        for pid in stacks::processes_seen(&self.ebpf) {
+            symbolizer.note_process(pid);
+        }
+        if let Some(collector) = &self.collector {
+            collector.tell(symbolizer);
+        }
+        if event == capture::Event::Snapshot {
+            let unwound = self.collector.as_ref().map(unwind::Collector::snapshot);
+            let elapsed = self.started.elapsed();
+            let result = build(
+                &self.ebpf,
+                symbolizer,
+                &self.context,
+                elapsed,
+                None,
+                unwound,
+            )
+            .and_then(|profile| output::write_snapshot(&profile, &self.outputs));
+            if let Err(err) = result {
+                crate::say!("livetrace: snapshot failed: {err:#}");
             }
         }
-        Target::Command(_) => {
-            if let Some(command) = &mut command {
-                command.release()?;
-                symbolizer.note_process(command.pid);
-            }
-        }
-        Target::System => {}
     }
-    let title = match (&target, &command) {
-        (Target::Command(_), Some(command)) => {
-            format!("{} (pid {})", target.describe(), command.pid)
-        }
-        _ => target.describe(),
-    };
-    crate::say!(
-        "livetrace: profiling {title} at {frequency} Hz on {event_name}{}",
-        capture::how_it_ends(args.duration)
-    );
 
-    let mut context = BuildContext {
-        unwind_mode: args.unwind.describe(dwarf, stack_kinds, None, true),
-        title,
-        frequency,
-        per_thread: args.per_thread,
-        stack_storage: args.stack_storage,
-        // The whole system's expected count is checked per CPU against what each CPU did.
-        cpu_times_at_start: (target == Target::System).then(crate::tools::profile::cpu_times::read),
-        cpus,
-        whole_system: target == Target::System,
-        notes,
-    };
-    let mut new_processes = stacks::new_processes(&mut ebpf)?;
-    let runtime = capture::runtime()?;
-    bpf::set_control(&mut ebpf, control::RUNNING)?;
-    let started = std::time::Instant::now();
-    let (stop, elapsed) = runtime.block_on(capture::run(
-        args.duration,
-        Watch::for_target(&target, command.as_mut()),
-        |event| {
-            if event == capture::Event::FastTick {
-                // Cheap and urgent: processes the BPF program just announced.
-                stacks::note_new_processes(&mut new_processes, &mut symbolizer);
-                return;
-            }
-            // A process the BPF program could not announce (counted) is still noted here.
-            for pid in stacks::processes_seen(&ebpf) {
-                symbolizer.note_process(pid);
-            }
-            if let Some(collector) = &collector {
-                collector.tell(&mut symbolizer);
-            }
-            if event == capture::Event::Snapshot {
-                let unwound = collector.as_ref().map(unwind::Collector::snapshot);
-                let result = build(
-                    &ebpf,
-                    &mut symbolizer,
-                    &context,
-                    started.elapsed(),
-                    None,
-                    unwound,
-                )
-                .and_then(|profile| output::write_snapshot(&profile, &outputs));
-                if let Err(err) = result {
-                    crate::say!("livetrace: snapshot failed: {err:#}");
-                }
-            }
-        },
-    ))?;
-    // Stop sampling before reading, so the counters and the maps agree.
-    bpf::set_control(&mut ebpf, control::STOPPED)?;
-    context
-        .notes
-        .extend(command.as_ref().and_then(|c| c.stopped.clone()));
-    stacks::note_new_processes(&mut new_processes, &mut symbolizer);
-    for pid in stacks::processes_seen(&ebpf) {
-        symbolizer.note_process(pid);
+    fn stopped(&mut self, session: &mut Session) -> anyhow::Result<()> {
+        let symbolizer = &mut session.symbolizer;
+        stacks::note_new_processes(&mut self.new_processes, symbolizer);
+        for pid in stacks::processes_seen(&self.ebpf) {
+            symbolizer.note_process(pid);
+        }
+        if let Some(collector) = &self.collector {
+            collector.tell(symbolizer);
+        }
+        self.context.notes.push(bpf::in_kernel_cost(&self.ebpf));
+        Ok(())
     }
-    if let Some(collector) = &collector {
-        collector.tell(&mut symbolizer);
-    }
-    context.notes.push(bpf::in_kernel_cost(&ebpf));
-    bpf::unload_all(&mut ebpf);
-    if stop != StopReason::DurationElapsed {
-        crate::say!("livetrace: {}", stop.describe());
-    }
-    // The program is detached: what is in the ring buffer now is all there will be.
-    let unwound = collector.map(|c| c.finish(&mut symbolizer)).transpose()?;
-    if let Some(unwound) = &unwound
-        && unwound.malformed > 0
-    {
-        context.notes.push(format!(
-            "{} stack samples were malformed and skipped (a livetrace bug: please report it)",
-            unwound.malformed
-        ));
-    }
-    let profile = build(
-        &ebpf,
-        &mut symbolizer,
-        &context,
-        elapsed,
-        Some(&stop),
-        unwound,
-    )?;
-    drop(ebpf);
 
-    let written = output::write_stack_profile(&profile, &outputs);
-    let to_stdout = outputs.iter().any(|o| o.path.is_none());
-    let summary_text = {
-        let mut buf = Vec::new();
-        profile_summary::write(&profile, &mut buf)?;
-        String::from_utf8_lossy(&buf).into_owned()
-    };
-    if to_stdout {
-        crate::say_raw!("{summary_text}");
+    fn finish(
+        mut self,
+        session: &mut Session,
+        stop: &StopReason,
+        elapsed: Duration,
+    ) -> anyhow::Result<()> {
+        self.context.notes.append(&mut session.notes);
+        let symbolizer = &mut session.symbolizer;
+        // The program is detached: what is in the ring buffer now is all there will be.
+        let unwound = self.collector.map(|c| c.finish(symbolizer)).transpose()?;
+        if let Some(unwound) = &unwound
+            && unwound.malformed > 0
+        {
+            self.context.notes.push(format!(
+                "{} stack samples were malformed and skipped (a livetrace bug: please report it)",
+                unwound.malformed
+            ));
+        }
+        let profile = build(
+            &self.ebpf,
+            symbolizer,
+            &self.context,
+            elapsed,
+            Some(stop),
+            unwound,
+        )?;
+        drop(self.ebpf);
+        report(&profile, &self.outputs)
+    }
+}
+
+/// Writes every output, prints the summary (on standard error when the profile itself goes to
+/// standard output) and the footer.
+fn report(profile: &crate::model::StackProfile, outputs: &[OutputSpec]) -> anyhow::Result<()> {
+    let written = output::write_stack_profile(profile, outputs);
+    let mut summary_text = Vec::new();
+    profile_summary::write(profile, &mut summary_text)?;
+    if outputs.iter().any(|o| o.path.is_none()) {
+        crate::say_raw!("{}", String::from_utf8_lossy(&summary_text));
     } else {
-        crate::console::stdout(summary_text.as_bytes());
+        crate::console::stdout(&summary_text);
     }
     if profile.total_weight() == 0 {
         crate::say!(
@@ -314,7 +357,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
              same target."
         );
     }
-    output::report_footer_and_files(&profile, &written);
+    output::report_footer_and_files(profile, &written);
     written.finish()
 }
 
@@ -498,7 +541,7 @@ fn attach(
     program: &mut PerfEvent,
     event: Event,
     frequency: u64,
-    per_task: Option<&HeldCommand>,
+    per_task: Option<u32>,
     notes: &mut Vec<String>,
 ) -> anyhow::Result<(&'static str, Vec<u32>)> {
     let cpus = aya::util::online_cpus()
@@ -513,13 +556,10 @@ fn attach(
     };
     loop {
         let result = match per_task {
-            Some(command) => program
+            Some(pid) => program
                 .attach(
                     config,
-                    PerfEventScope::OneProcess {
-                        pid: command.pid,
-                        cpu: None,
-                    },
+                    PerfEventScope::OneProcess { pid, cpu: None },
                     SamplePolicy::Frequency(frequency),
                     true,
                 )

@@ -125,10 +125,8 @@ pub fn probe_cost(first: FirstInstruction) -> anyhow::Result<u64> {
         follow: None,
     })?;
     attach(&mut ebpf, std::slice::from_ref(&site), None)?;
-    let mut maps = Maps::take(&mut ebpf)?;
-    maps.control
-        .set(0, RUNNING, 0)
-        .context("failed to start the calibration probes")?;
+    crate::bpf::set_control(&mut ebpf, RUNNING)?;
+    let maps = Maps::take(&mut ebpf)?;
     for _ in 0..CALLS {
         black_box(function)();
     }

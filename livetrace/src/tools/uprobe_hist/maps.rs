@@ -5,9 +5,7 @@ use std::collections::HashMap;
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
-    maps::{
-        Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues, RingBuf, StackTraceMap,
-    },
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues, RingBuf, StackTraceMap},
 };
 use livetrace_common::uprobe_hist::{
     COUNTER_SLOTS, COUNTERS, HISTOGRAM, LatencyHistogram, SLOW_CALLS, STACKS, THREADS, ThreadCalls,
@@ -26,8 +24,6 @@ pub(super) struct Maps {
     threads: BpfHashMap<MapData, u32, ThreadCalls>,
     pub(super) ring: RingBuf<MapData>,
     pub(super) stacks: StackTraceMap<MapData>,
-    /// The capture's control slot (`livetrace_common::control`).
-    pub(super) control: Array<MapData, u32>,
 }
 
 impl Maps {
@@ -39,7 +35,6 @@ impl Maps {
             threads: BpfHashMap::try_from(bpf::take_map(ebpf, THREADS)?)?,
             ring: RingBuf::try_from(bpf::take_map(ebpf, SLOW_CALLS)?)?,
             stacks: StackTraceMap::try_from(bpf::take_map(ebpf, STACKS)?)?,
-            control: Array::try_from(bpf::take_map(ebpf, livetrace_common::control::CONTROL)?)?,
         })
     }
 

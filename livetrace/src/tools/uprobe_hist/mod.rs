@@ -20,7 +20,6 @@ pub mod target;
 
 use std::{
     collections::HashMap,
-    ffi::OsString,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -32,14 +31,19 @@ use livetrace_common::uprobe_hist::{
 };
 
 use crate::{
-    capture::{self, StopReason, Watch, monotonic_ns},
+    UsageError,
     duration::parse_positive_duration,
     histogram::{Histogram, LatencyQuality, LatencyReport},
     kernel_btf::KernelBtf,
     output::{self, Format, OutputSpec, histogram_json, histogram_text},
-    privileges, stacks,
+    privileges,
+    session::{
+        self, Privileges, Running, Session, Tool,
+        capture::{self, StopReason, monotonic_ns},
+        targets::{ProcessArgs, Target},
+    },
+    stacks,
     symbolize::Symbolizer,
-    targets::{HeldCommand, Target, TargetArgs},
     tools::uprobe_hist::target::SymbolSpec,
 };
 
@@ -72,9 +76,8 @@ pub struct Args {
     /// The function to time: [TARGET:]SYMBOL[@0xADDR].
     #[arg(value_name = "[TARGET:]SYMBOL", value_parser = SymbolSpec::parse)]
     pub symbol: SymbolSpec,
-    /// Time the calls of these processes (all their threads); comma-separated or repeated.
-    #[arg(short = 'p', long = "pid", value_name = "PID", value_delimiter = ',')]
-    pub pids: Vec<u32>,
+    #[command(flatten)]
+    pub processes: ProcessArgs,
     /// How long to trace (30, 1.5s, 500ms); default: until Ctrl-C or the targets exit.
     #[arg(short = 'd', long = "duration", value_name = "SECS", value_parser = parse_positive_duration,
           allow_hyphen_values = true)]
@@ -99,12 +102,6 @@ pub struct Args {
     #[arg(long = "max-threads", value_name = "N", default_value_t = DEFAULT_MAX_THREADS,
           value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
     pub max_threads: u32,
-    /// Start this command and time the function in it until it exits.
-    #[arg(last = true, value_name = "COMMAND")]
-    pub command: Vec<OsString>,
-    /// Under sudo, run COMMAND as root instead of as the user who ran sudo (SUDO_UID).
-    #[arg(long = "as-root")]
-    pub as_root: bool,
 }
 
 /// Where one `-o` goes.
@@ -157,31 +154,21 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
     Ok(interval)
 }
 
-/// Reports a usage error the way clap does (exit status 2) before anything has started.
-fn usage_error(message: &str) -> ! {
-    clap::Error::raw(
-        clap::error::ErrorKind::ArgumentConflict,
-        format!("{message}\n"),
-    )
-    .exit()
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Usage first, then targets and the function, then outputs: all before the kernel is touched.
-    if !args.pids.is_empty() && !args.command.is_empty() {
-        usage_error("give either -p or a COMMAND after --, not both");
-    }
     let wants_stacks = args
         .outputs
         .iter()
         .any(|o| matches!(o, HistOutput::Stacks(_)));
     if wants_stacks && args.slow.is_none() {
-        usage_error(
+        return Err(UsageError::error(
             "-o .svg/.folded draws the stacks of slow calls: add --slow DUR (e.g. --slow 5ms)",
-        );
+        ));
     }
     if args.json && args.outputs.contains(&HistOutput::Text(None)) {
-        usage_error("--json and -o - both write to stdout: pick one");
+        return Err(UsageError::error(
+            "--json and -o - both write to stdout: pick one",
+        ));
     }
     if !matches!(std::env::consts::ARCH, "x86_64" | "aarch64") {
         bail!(
@@ -190,219 +177,290 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             std::env::consts::ARCH
         );
     }
-    let target = TargetArgs {
-        pids: args.pids.clone(),
-        tids: vec![],
-        command: args.command.clone(),
-        as_root: args.as_root,
-    }
-    .resolve_for(false)?;
-    let mut needs = vec![
-        privileges::BPF,
-        privileges::PERFMON,
-        privileges::UPROBE_ADMIN,
-    ];
-    needs.extend(privileges::ptrace_need(&args.pids));
-    privileges::require("uprobe-hist", &needs)?;
-    crate::targets::require_host_pids()?;
-    let sites = find_sites(&args.symbol, &target)?;
-    let function = sites[0].symbol.demangled.clone();
-
-    let mut outputs = args.outputs.clone();
-    if outputs.is_empty() && !args.json {
-        outputs.push(HistOutput::Text(Some(default_output_path(&function))));
-    }
-    // The preflight only looks at paths; the format tag is irrelevant there.
-    let paths: Vec<OutputSpec> = outputs
-        .iter()
-        .filter_map(HistOutput::path)
-        .map(|path| OutputSpec {
-            path: Some(path.clone()),
-            format: Format::Folded,
-        })
-        .collect();
-    output::preflight(&paths)?;
-
-    let mut command = match &target {
-        Target::Command(argv) => Some(HeldCommand::spawn(argv, args.as_root)?),
-        _ => None,
-    };
-    let slow_ns = args
-        .slow
-        .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64);
-    let mut ebpf = bpf::load(&bpf::UprobeHistSettings {
-        slow_ns,
-        max_threads: args.max_threads,
-        stack_storage: if slow_ns > 0 {
-            DEFAULT_STACK_STORAGE
-        } else {
-            1
+    let target = args.processes.resolve()?;
+    let (as_root, duration) = (args.processes.as_root, args.duration);
+    session::run(
+        UprobeHist {
+            args,
+            sites: Vec::new(),
+            outputs: Vec::new(),
         },
-        slow_buffer: if slow_ns > 0 {
-            DEFAULT_SLOW_BUFFER
-        } else {
-            4096
-        },
-        follow: match &command {
-            Some(command) => Some((
-                command.pid,
-                KernelBtf::from_sys_fs()?.member_offset("task_struct", "tgid")?,
-            )),
-            None => None,
-        },
-    })?;
-    let command_pid = command.as_ref().map(|c| c.pid);
-    attach(&mut ebpf, &sites, command_pid)?;
-    // The command's children: announced by `follow_fork`, probed here as they appear.
-    let mut children = match command_pid {
-        Some(_) => Some(Children::new(stacks::new_processes(&mut ebpf)?)),
-        None => None,
-    };
-    let mut maps = Maps::take(&mut ebpf)?;
-    maps.control
-        .set(0, livetrace_common::control::RUNNING, 0)
-        .context("failed to tell the BPF programs that the capture runs")?;
+        target,
+        as_root,
+        duration,
+    )
+}
 
-    let mut symbolizer = Symbolizer::new();
-    for site in &sites {
-        if let Some(pid) = site.pid {
-            symbolizer.note_process(pid);
+/// `livetrace uprobe-hist`, before anything is loaded.
+struct UprobeHist {
+    args: Args,
+    /// Where the function is, found while planning (before the kernel is touched).
+    sites: Vec<sites::Site>,
+    outputs: Vec<HistOutput>,
+}
+
+/// `livetrace uprobe-hist`, timing calls.
+struct Timing {
+    args: Args,
+    ebpf: aya::Ebpf,
+    sites: Vec<sites::Site>,
+    function: String,
+    outputs: Vec<HistOutput>,
+    maps: Maps,
+    children: Option<Children>,
+    slow: SlowCollector,
+    intervals: IntervalClock,
+    /// The report so far, for SIGUSR1 snapshots.
+    snapshot_base: LatencyReport,
+    start: Instant,
+    start_mono_ns: u64,
+    cost_before: Option<(u64, u64)>,
+    cost_after: Option<(u64, u64)>,
+    /// The first failure to read an interval's histogram, reported at the end.
+    tick_error: Option<anyhow::Error>,
+}
+
+impl Tool for UprobeHist {
+    type Running = Timing;
+    const NAME: &'static str = "uprobe-hist";
+
+    fn privileges(&self, _target: &Target) -> Privileges {
+        let mut needs = vec![
+            privileges::BPF,
+            privileges::PERFMON,
+            privileges::UPROBE_ADMIN,
+        ];
+        needs.extend(privileges::ptrace_need(&self.args.processes.pids));
+        Privileges {
+            needs,
+            wanted: Vec::new(),
         }
     }
-    if let Some(command) = &mut command {
-        command.release()?;
-        if slow_ns > 0 {
+
+    fn prepare(&mut self, target: &Target) -> anyhow::Result<Vec<OutputSpec>> {
+        self.sites = find_sites(&self.args.symbol, target)?;
+        self.outputs = self.args.outputs.clone();
+        if self.outputs.is_empty() && !self.args.json {
+            let function = &self.sites[0].symbol.demangled;
+            self.outputs
+                .push(HistOutput::Text(Some(default_output_path(function))));
+        }
+        // The preflight only looks at paths; the format tag is irrelevant there.
+        Ok(self
+            .outputs
+            .iter()
+            .filter_map(HistOutput::path)
+            .map(|path| OutputSpec {
+                path: Some(path.clone()),
+                format: Format::Folded,
+            })
+            .collect())
+    }
+
+    fn start(self, session: &mut Session) -> anyhow::Result<Timing> {
+        let args = self.args;
+        let slow_ns = args
+            .slow
+            .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64);
+        let command_pid = session.command_pid;
+        let mut ebpf = bpf::load(&bpf::UprobeHistSettings {
+            slow_ns,
+            max_threads: args.max_threads,
+            stack_storage: if slow_ns > 0 {
+                DEFAULT_STACK_STORAGE
+            } else {
+                1
+            },
+            slow_buffer: if slow_ns > 0 {
+                DEFAULT_SLOW_BUFFER
+            } else {
+                4096
+            },
+            follow: match command_pid {
+                Some(pid) => Some((
+                    pid,
+                    KernelBtf::from_sys_fs()?.member_offset("task_struct", "tgid")?,
+                )),
+                None => None,
+            },
+        })?;
+        let sites = self.sites;
+        attach(&mut ebpf, &sites, command_pid)?;
+        // The command's children: announced by `follow_fork`, probed here as they appear.
+        let children = match command_pid {
+            Some(_) => Some(Children::new(stacks::new_processes(&mut ebpf)?)),
+            None => None,
+        };
+        let maps = Maps::take(&mut ebpf)?;
+        for site in &sites {
+            if let Some(pid) = site.pid {
+                session.symbolizer.note_process(pid);
+            }
+        }
+        let function = sites[0].symbol.demangled.clone();
+        let snapshot_base = LatencyReport {
+            function: function.clone(),
+            sites: sites.iter().map(|s| s.describe(command_pid)).collect(),
+            title: session.title(),
+            total: Histogram::default(),
+            intervals: Vec::new(),
+            slow: None,
+            quality: LatencyQuality::default(),
+            max_threads: args.max_threads,
+        };
+        Ok(Timing {
+            cost_before: probe_cost(&ebpf),
+            slow: SlowCollector::new(slow_ns),
+            intervals: IntervalClock::new(args.interval),
+            args,
+            ebpf,
+            sites,
+            function,
+            outputs: self.outputs,
+            maps,
+            children,
+            snapshot_base,
+            start: Instant::now(),
+            start_mono_ns: monotonic_ns(),
+            cost_after: None,
+            tick_error: None,
+        })
+    }
+}
+
+impl Running for Timing {
+    fn ebpf(&mut self) -> &mut aya::Ebpf {
+        &mut self.ebpf
+    }
+
+    fn start_line(&self, _session: &Session) -> String {
+        format!(
+            "timing {} in {}",
+            self.function,
+            self.snapshot_base.sites.join(", ")
+        )
+    }
+
+    fn command_released(&mut self, pid: u32, session: &mut Session) {
+        if self.slow.threshold_ns > 0 {
             // A short command may exit before the first tick: snapshot its memory map as soon
             // as the loader has mapped its libraries, for symbolising slow calls' callers.
-            wait_until_loaded(command.pid, &sites[0].file.path);
-            symbolizer.note_process(command.pid);
+            wait_until_loaded(pid, &self.sites[0].file.path);
+            session.symbolizer.note_process(pid);
         }
     }
-    let title = match (&target, command_pid) {
-        (Target::Command(_), Some(pid)) => format!("{} (pid {pid})", target.describe()),
-        _ => target.describe(),
-    };
-    let site_names: Vec<String> = sites.iter().map(|s| s.describe(command_pid)).collect();
-    crate::say!(
-        "livetrace: timing {function} in {}{}",
-        site_names.join(", "),
-        capture::how_it_ends(args.duration)
-    );
 
-    let snapshot_base = LatencyReport {
-        function: function.clone(),
-        sites: site_names.clone(),
-        title: title.clone(),
-        total: Histogram::default(),
-        intervals: Vec::new(),
-        slow: None,
-        quality: LatencyQuality::default(),
-        max_threads: args.max_threads,
-    };
-    let start = Instant::now();
-    let start_mono_ns = monotonic_ns();
-    let cost_before = probe_cost(&ebpf);
-    let mut slow = SlowCollector::new(slow_ns);
-    let mut intervals = IntervalClock::new(args.interval);
-    let mut tick_error: Option<anyhow::Error> = None;
-    let runtime = capture::runtime()?;
-    let (stop, elapsed) = runtime.block_on(capture::run(
-        args.duration,
-        Watch::for_target(&target, command.as_mut()),
-        |event| {
-            if let Some(children) = &mut children {
-                children.probe_new(&mut ebpf, &sites[0], &mut symbolizer);
+    fn on_event(&mut self, event: capture::Event, session: &mut Session) {
+        let symbolizer = &mut session.symbolizer;
+        if let Some(children) = &mut self.children {
+            children.probe_new(&mut self.ebpf, &self.sites[0], symbolizer);
+        }
+        if event == capture::Event::FastTick {
+            return; // nothing else here is that urgent
+        }
+        self.slow.drain(&mut self.maps.ring, symbolizer);
+        if event == capture::Event::Snapshot {
+            if let Err(err) = write_snapshot(
+                &self.maps,
+                &self.slow,
+                symbolizer,
+                &self.snapshot_base,
+                &self.outputs,
+                self.start.elapsed(),
+                self.start_mono_ns,
+                self.args.json,
+            ) {
+                crate::say!("livetrace: snapshot failed: {err:#}");
             }
-            if event == capture::Event::FastTick {
-                return; // nothing else here is that urgent
-            }
-            slow.drain(&mut maps.ring, &mut symbolizer);
-            if event == capture::Event::Snapshot {
-                if let Err(err) = write_snapshot(
-                    &maps,
-                    &slow,
-                    &mut symbolizer,
-                    &snapshot_base,
-                    &outputs,
-                    start.elapsed(),
-                    start_mono_ns,
-                    args.json,
-                ) {
-                    crate::say!("livetrace: snapshot failed: {err:#}");
-                }
-                return;
-            }
-            if tick_error.is_none()
-                && let Err(err) = intervals.tick(&mut maps, start.elapsed(), &function, args.json)
-            {
-                tick_error = Some(err);
-            }
-        },
-    ))?;
-    if let Some(err) = tick_error {
-        return Err(err.context("reading the histogram during the capture failed"));
-    }
-    let cost_after = probe_cost(&ebpf);
-    maps.control
-        .set(0, livetrace_common::control::STOPPED, 0)
-        .context("failed to tell the BPF programs that the capture is stopping")?;
-    detach(&mut ebpf)?;
-    if stop != StopReason::DurationElapsed {
-        crate::say!("livetrace: {}", stop.describe());
+            return;
+        }
+        if self.tick_error.is_none()
+            && let Err(err) = self.intervals.tick(
+                &mut self.maps,
+                self.start.elapsed(),
+                &self.function,
+                self.args.json,
+            )
+        {
+            self.tick_error = Some(err);
+        }
     }
 
-    slow.drain(&mut maps.ring, &mut symbolizer);
-    let total = maps.histogram()?;
-    intervals.finish(&mut maps, &total, elapsed, &function, args.json)?;
-    let mut quality = latency_quality(&maps, elapsed, &function)?;
-    if let Some(children) = &children {
-        quality.notes.extend(children.notes());
+    fn stopped(&mut self, _session: &mut Session) -> anyhow::Result<()> {
+        self.cost_after = probe_cost(&self.ebpf);
+        // Entry probes first, so that no call is opened whose return could not be seen.
+        detach(&mut self.ebpf)
     }
-    quality
-        .notes
-        .extend(command.as_ref().and_then(|c| c.stopped.clone()));
-    quality.probe_cost_ns = cost_before.zip(cost_after).and_then(|(before, after)| {
-        let runs = after.1.saturating_sub(before.1);
-        // Each call runs two programs: entry and return.
-        (runs > 0).then(|| 2.0 * (after.0 - before.0) as f64 / runs as f64)
-    });
-    if !matches!(stop, StopReason::DurationElapsed) {
-        quality
-            .notes
-            .push(format!("capture ended early: {}", stop.describe()));
-    }
-    note_probe_overhead(&mut quality, &sites[0], &total, &function);
 
-    let traces = if slow_ns > 0 {
-        maps.stack_traces(&slow)?
-    } else {
-        HashMap::new()
-    };
-    let slow_report = (slow_ns > 0).then(|| slow.report(&traces, &mut symbolizer, start_mono_ns));
-    if symbolizer.interrupted() {
-        quality.notes.push(stacks::INTERRUPTED_NOTE.into());
+    fn finish(
+        mut self,
+        session: &mut Session,
+        stop: &StopReason,
+        elapsed: Duration,
+    ) -> anyhow::Result<()> {
+        if let Some(err) = self.tick_error.take() {
+            return Err(err.context("reading the histogram during the capture failed"));
+        }
+        let symbolizer = &mut session.symbolizer;
+        self.slow.drain(&mut self.maps.ring, symbolizer);
+        let total = self.maps.histogram()?;
+        self.intervals.finish(
+            &mut self.maps,
+            &total,
+            elapsed,
+            &self.function,
+            self.args.json,
+        )?;
+        let mut quality = latency_quality(&self.maps, elapsed, &self.function)?;
+        if let Some(children) = &self.children {
+            quality.notes.extend(children.notes());
+        }
+        quality.notes.append(&mut session.notes);
+        quality.probe_cost_ns =
+            self.cost_before
+                .zip(self.cost_after)
+                .and_then(|(before, after)| {
+                    let runs = after.1.saturating_sub(before.1);
+                    // Each call runs two programs: entry and return.
+                    (runs > 0).then(|| 2.0 * (after.0 - before.0) as f64 / runs as f64)
+                });
+        if !matches!(stop, StopReason::DurationElapsed) {
+            quality
+                .notes
+                .push(format!("capture ended early: {}", stop.describe()));
+        }
+        note_probe_overhead(&mut quality, &self.sites[0], &total, &self.function);
+        let slow_ns = self.slow.threshold_ns;
+        let traces = if slow_ns > 0 {
+            self.maps.stack_traces(&self.slow)?
+        } else {
+            HashMap::new()
+        };
+        let slow_report =
+            (slow_ns > 0).then(|| self.slow.report(&traces, symbolizer, self.start_mono_ns));
+        if symbolizer.interrupted() {
+            quality.notes.push(stacks::INTERRUPTED_NOTE.into());
+        }
+        let report = LatencyReport {
+            total,
+            intervals: std::mem::take(&mut self.intervals.done),
+            slow: slow_report,
+            quality,
+            ..self.snapshot_base.clone()
+        };
+        drop(self.ebpf);
+        let title = report.title.clone();
+        let stacks = self
+            .outputs
+            .iter()
+            .any(|o| matches!(o, HistOutput::Stacks(_)))
+            .then(|| self.slow.profile(&traces, symbolizer, &report, &title));
+        let written = write_files(&self.outputs, &report, stacks.as_ref());
+        write_report_to_stdout(&report, self.args.json)?;
+        crate::say_raw!("{}", histogram_text::footer(&report));
+        written.report();
+        written.finish()
     }
-    let report = LatencyReport {
-        function: function.clone(),
-        sites: site_names,
-        title: title.clone(),
-        total,
-        intervals: intervals.done,
-        slow: slow_report,
-        quality,
-        max_threads: args.max_threads,
-    };
-    drop(ebpf);
-
-    let stacks = outputs
-        .iter()
-        .any(|o| matches!(o, HistOutput::Stacks(_)))
-        .then(|| slow.profile(&traces, &mut symbolizer, &report, &title));
-    let written = write_files(&outputs, &report, stacks.as_ref());
-    write_report_to_stdout(&report, args.json)?;
-    crate::say_raw!("{}", histogram_text::footer(&report));
-    written.report();
-    written.finish()
 }
 
 /// Writes every file output of a report, each whatever happened to the others; `stacks`: the

@@ -6,7 +6,7 @@ use anyhow::bail;
 
 use crate::{
     proc::{self, maps::Maps, task},
-    targets::Target,
+    session::targets::Target,
     tools::uprobe_hist::target::{
         self as target, Candidate, ElfInfo, FunctionSymbol, Lookup, Scope, SymbolSpec, close_names,
         describe_ambiguity, find_symbol, function_symbols, variable_named,

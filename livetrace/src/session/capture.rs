@@ -16,8 +16,8 @@ use anyhow::Context as _;
 
 use crate::{
     model::DataQuality,
+    session::{command::HeldCommand, targets::Target},
     signals,
-    targets::{HeldCommand, Target},
 };
 
 /// Why the capture ended; reported in the footer.
