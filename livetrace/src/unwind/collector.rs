@@ -1,0 +1,166 @@
+//! The drain-and-unwind thread of a capture: it drains the ring buffer of stack copies every few
+//! milliseconds and unwinds each at once.
+
+use std::{
+    collections::{HashMap, HashSet},
+    ops::Range,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+};
+
+use aya::maps::{MapData, RingBuf};
+use livetrace_common::unwind::{
+    RECORD_BLOCK_END, RECORD_BLOCK_START, RECORD_EXEC, RECORD_FORK, RECORD_SAMPLE,
+};
+
+use crate::symbolize::{Mapping, Symbolizer};
+
+use super::{CopyLimits, DwarfUnwinder, POLL, Unwound, YOUNG_POLL};
+
+/// A process's executable mappings, as the unwinding thread read them.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessMaps {
+    pub files: Vec<Mapping>,
+    pub anonymous: Vec<Range<u64>>,
+}
+
+/// What the unwinding thread learnt of processes since it was last asked.
+#[derive(Default)]
+pub(super) struct Sightings {
+    /// Processes sampled (to snapshot their maps for symbolisation).
+    pids: HashSet<u32>,
+    /// The memory maps it read, newest for each process: a process that has exited since is
+    /// still named with the map its stacks were unwound against (libraries it loaded late
+    /// included).
+    maps: HashMap<u32, ProcessMaps>,
+}
+
+/// The drain-and-unwind thread of a capture.
+pub struct Collector {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Sightings>>,
+    /// Updated by the thread after each batch, so a snapshot can be read mid-capture.
+    unwound: Arc<Mutex<Unwound>>,
+    thread: JoinHandle<()>,
+}
+
+impl Collector {
+    /// Starts draining `ring`. `per_thread` keeps thread ids in the keys. `limits`: the
+    /// per-thread copy sizes, learnt here from the stacks unwound.
+    pub fn start(
+        ring: RingBuf<MapData>,
+        per_thread: bool,
+        limits: Option<CopyLimits>,
+    ) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Sightings::default()));
+        let unwound = Arc::new(Mutex::new(Unwound::default()));
+        let thread = std::thread::Builder::new().name("unwind".into()).spawn({
+            let (stop, seen, unwound) = (stop.clone(), seen.clone(), unwound.clone());
+            move || drain_loop(ring, per_thread, limits, &stop, &seen, &unwound)
+        })?;
+        Ok(Self {
+            stop,
+            seen,
+            unwound,
+            thread,
+        })
+    }
+
+    /// What has been unwound so far (for a SIGUSR1 snapshot); the capture goes on.
+    pub fn snapshot(&self) -> Unwound {
+        self.unwound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Tells the symbolizer what was learnt since the last call: the processes sampled (it
+    /// snapshots their maps while they live) and the maps read here.
+    pub fn tell(&self, symbolizer: &mut Symbolizer) {
+        tell(&self.seen, symbolizer);
+    }
+
+    /// Drains what is left, tells the symbolizer what that taught, and returns the aggregated
+    /// stacks. Call after the BPF program has stopped recording.
+    pub fn finish(self, symbolizer: &mut Symbolizer) -> anyhow::Result<Unwound> {
+        self.stop.store(true, Ordering::Release);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the unwinding thread panicked"))?;
+        tell(&self.seen, symbolizer);
+        Ok(std::mem::take(
+            &mut *self.unwound.lock().unwrap_or_else(PoisonError::into_inner),
+        ))
+    }
+}
+
+fn tell(seen: &Mutex<Sightings>, symbolizer: &mut Symbolizer) {
+    let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(PoisonError::into_inner));
+    for pid in seen.pids {
+        symbolizer.note_process(pid);
+    }
+    for (pid, maps) in seen.maps {
+        symbolizer.learn_mappings(pid, maps.files, maps.anonymous);
+    }
+}
+
+fn drain_loop(
+    mut ring: RingBuf<MapData>,
+    per_thread: bool,
+    mut limits: Option<CopyLimits>,
+    stop: &AtomicBool,
+    seen: &Mutex<Sightings>,
+    shared: &Mutex<Unwound>,
+) {
+    let mut unwinder = DwarfUnwinder::default();
+    loop {
+        // Read the flag before draining, so that the last drain follows the stop.
+        let stopping = stop.load(Ordering::Acquire);
+        let mut drained = 0usize;
+        let mut new_pids = Vec::new();
+        let mut out = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(item) = ring.next() {
+            drained += 1;
+            let Some((header, mut key)) = unwinder.record(&item, per_thread) else {
+                out.malformed += 1;
+                continue;
+            };
+            if let (Some(limits), Some(key)) = (&mut limits, &mut key) {
+                limits.learn(&header, key, unwinder.stack_used);
+            }
+            if unwinder.noted.insert(header.tgid) {
+                new_pids.push(header.tgid);
+            }
+            match (header.kind, key) {
+                (RECORD_SAMPLE, Some(key)) => *out.counts.entry(key).or_default() += header.weight,
+                (RECORD_BLOCK_START, Some(key)) => {
+                    out.pending.insert(header.tid, (header.start_ns, key));
+                }
+                (RECORD_BLOCK_END, _) => {
+                    out.end_block(header.tid, header.start_ns, header.weight);
+                }
+                // What follows runs another program: forget the old one's memory map.
+                (RECORD_EXEC, _) => unwinder.exec(header.tgid),
+                (RECORD_FORK, _) => unwinder.fork(header.tgid, header.weight as u32),
+                _ => out.malformed += 1,
+            }
+        }
+        drop(out);
+        if !new_pids.is_empty() || !unwinder.fresh_maps.is_empty() {
+            let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+            seen.pids.extend(new_pids);
+            seen.maps.extend(unwinder.fresh_maps.drain());
+        }
+        if stopping {
+            return;
+        }
+        let young = unwinder.reread_young();
+        if drained == 0 {
+            std::thread::sleep(if young { YOUNG_POLL } else { POLL });
+        }
+    }
+}
