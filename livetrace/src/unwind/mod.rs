@@ -256,3 +256,39 @@ impl Unwound {
         (entries, traces, cut)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// offcpu --unwind dwarf: a block's end joins the stack its thread switched out with, by
+    /// thread and switch-out time; an end whose stack never came (a lost copy) is counted with
+    /// its time, not given to another block.
+    #[test]
+    fn block_ends_join_their_starts() {
+        let key = SampleKey {
+            tgid: 10,
+            tid: 11,
+            kernel_stack_id: -1,
+            comm: [0; 16],
+            user: Ok(vec![0x1234]),
+            cut_short: None,
+        };
+        let mut unwound = Unwound::default();
+        unwound.pending.insert(11, (100, key.clone()));
+        assert!(!unwound.end_block(11, 99, 5), "another block's end");
+        assert!(unwound.end_block(11, 100, 7));
+        assert!(!unwound.end_block(11, 100, 3), "a start is joined once");
+        assert!(!unwound.end_block(12, 1, 2), "a thread with no start");
+        assert_eq!(unwound.counts.get(&key), Some(&7));
+        assert_eq!(
+            (unwound.unmatched_blocks, unwound.unmatched_block_ns),
+            (3, 10)
+        );
+        let (entries, traces, _) = unwound.into_entries();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].1, 7);
+        let id = u32::try_from(entries[0].0.user_stack_id).unwrap();
+        assert_eq!(traces.get(&id), Some(&vec![0x1234]));
+    }
+}

@@ -22,10 +22,7 @@ use livetrace_common::{
         MAX_THREADS, OFFCPU_START, OffcpuStart, START_FILTERED, STATE_INTERRUPTIBLE,
         STATE_PREEMPTED, STATE_UNINTERRUPTIBLE,
     },
-    stacks::{
-        Counter, DEFAULT_STACK_STORAGE, STACK_ID_UNWOUND, STACK_KIND_KERNEL, STACK_KIND_USER,
-        StackKey,
-    },
+    stacks::{Counter, DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER, StackKey},
 };
 
 use self::attach::OffcpuSettings;
@@ -41,7 +38,7 @@ use crate::{
         capture::{self, StopReason, monotonic_ns},
         targets::{Target, TargetArgs},
     },
-    stacks::{self, BuildOptions, RECOVERED_MARKER},
+    stacks::{self, BuildOptions, RECOVERED_MARKER, StackRef},
     symbolize::Symbolizer,
     unwind::{self, UnwindArgs, UnwindMode},
 };
@@ -686,7 +683,7 @@ fn still_blocked(
         }
         let blocked_ns = blocked.as_nanos() as u64;
         match unwound.as_deref_mut() {
-            Some(unwound) if start.key.user_stack_id == STACK_ID_UNWOUND => {
+            Some(unwound) if StackRef::of(start.key.user_stack_id) == StackRef::Unwound => {
                 unwound.end_block(tid, start.start_ns, blocked_ns);
             }
             _ => *merged.entry(start.key).or_default() += blocked_ns,

@@ -14,29 +14,24 @@ use aya::{
 };
 use livetrace_common::{
     offcpu::{WAKE_COUNTS, WakeKey},
-    stacks::{
-        NEW_PROCESSES, STACK_COUNTS, STACK_ID_NOT_COLLECTED, STACK_ID_RECOVERED, STACK_TRACES,
-        StackKey, stack_errno,
-    },
+    stacks::{NEW_PROCESSES, STACK_COUNTS, STACK_TRACES, StackKey},
 };
 
+mod frames;
+mod stack_ref;
+
+use self::frames::{KeyFindings, Names, key_frames};
+use self::stack_ref::RING_FULL;
+pub use self::stack_ref::StackRef;
 use crate::{
     bpf,
     model::{DataQuality, Frame, FrameKind, StackProfile, WeightUnit, WeightedStack},
-    symbolize::{Resolved, Symbolizer},
+    symbolize::Symbolizer,
 };
-
-/// Why a stack is missing when its copy could not be sent to the unwinding thread.
-const RING_FULL: &str = "stack copy lost to the full unwind ring buffer";
 
 /// The most frames `bpf_get_stackid` records (`PERF_MAX_STACK_DEPTH`, the size of a stack-trace
 /// map's value): a walk that fills them stopped at the limit, not at the stack's root.
 pub const KERNEL_MAX_DEPTH: usize = 127;
-
-/// Whether a stack id is one the unwinding thread gave out (`--unwind dwarf`), not the kernel.
-fn is_synthetic(id: i32) -> bool {
-    u32::try_from(id).is_ok_and(|id| id >= crate::unwind::FIRST_SYNTHETIC_ID)
-}
 
 /// The maps' contents, copied out of the kernel.
 #[derive(Default)]
@@ -144,7 +139,7 @@ pub fn drain(
     let ids: HashSet<u32> = raw
         .keys()
         .flat_map(|k| [k.user_stack_id, k.kernel_stack_id])
-        .filter_map(|id| u32::try_from(id).ok())
+        .filter_map(|id| StackRef::of(id).id())
         .filter(|id| !synthetic.contains_key(id))
         .collect();
     for id in ids {
@@ -168,20 +163,19 @@ impl RawStacks {
         )
     }
 
-    fn trace(&self, id: i32) -> Option<&[u64]> {
-        let id = u32::try_from(id).ok()?;
-        self.traces.get(&id).map(Vec::as_slice)
+    fn trace(&self, stack: StackRef) -> Option<&[u64]> {
+        self.traces.get(&stack.id()?).map(Vec::as_slice)
     }
 
     /// The user addresses of a key's stack, leaf first, wherever they came from.
     fn user_trace(&self, key: &StackKey) -> Option<&[u64]> {
-        if key.user_stack_id == STACK_ID_RECOVERED {
-            return self
+        match StackRef::of(key.user_stack_id) {
+            StackRef::Recovered => self
                 .recovered
                 .get(&key.tid)
-                .map(|t| t.user_addrs.as_slice());
+                .map(|t| t.user_addrs.as_slice()),
+            stack => self.trace(stack),
         }
-        self.trace(key.user_stack_id)
     }
 }
 
@@ -199,66 +193,6 @@ pub struct BuildOptions {
     /// Whether `--unwind dwarf` may be suggested for short stacks (offcpu --wakers cannot use
     /// it).
     pub dwarf_possible: bool,
-}
-
-/// Every address but the leaf is a return address: look up the call instruction before it, or a
-/// call at the very end of a function would be named after the next function.
-fn lookup_addrs(trace: &[u64]) -> Vec<u64> {
-    trace
-        .iter()
-        .enumerate()
-        .map(|(i, &a)| if i == 0 { a } else { a.saturating_sub(1) })
-        .collect()
-}
-
-/// Resolved names for every address of every stack, symbolised in one batch per process and
-/// one for the kernel.
-struct Names {
-    user: HashMap<(u32, u64), Resolved>,
-    kernel: HashMap<u64, Resolved>,
-}
-
-impl Names {
-    fn resolve(raw: &RawStacks, symbolizer: &mut Symbolizer) -> Self {
-        let mut user_addrs: BTreeMap<u32, HashSet<u64>> = BTreeMap::new();
-        let mut kernel_addrs: HashSet<u64> = HashSet::new();
-        for key in raw.keys() {
-            if let Some(trace) = raw.user_trace(key) {
-                user_addrs
-                    .entry(key.tgid)
-                    .or_default()
-                    .extend(lookup_addrs(trace));
-            }
-            if let Some(trace) = raw.trace(key.kernel_stack_id) {
-                kernel_addrs.extend(lookup_addrs(trace));
-            }
-        }
-        let mut user = HashMap::new();
-        for (pid, addrs) in user_addrs {
-            let addrs: Vec<u64> = addrs.into_iter().collect();
-            for (addr, resolved) in addrs.iter().zip(symbolizer.user(pid, &addrs)) {
-                user.insert((pid, *addr), resolved);
-            }
-        }
-        let kernel_addrs: Vec<u64> = kernel_addrs.into_iter().collect();
-        let kernel = kernel_addrs
-            .iter()
-            .copied()
-            .zip(symbolizer.kernel(&kernel_addrs))
-            .collect();
-        Self { user, kernel }
-    }
-}
-
-/// What building one key's frames found out, for the data-quality record.
-#[derive(Default)]
-struct KeyFindings {
-    unknown_reasons: Vec<&'static str>,
-    losses: Vec<String>,
-    cut_short: Vec<String>,
-    map_full: bool,
-    /// (a process that mapped it, module), for build IDs.
-    modules: Vec<(u32, Arc<str>)>,
 }
 
 /// Symbolises every stack (one batch per process, one for the kernel) and assembles the profile.
@@ -385,165 +319,6 @@ pub fn build_profile(
     profile
 }
 
-/// The frames of one key, root first: process, optional thread, user frames, kernel frames.
-fn key_frames(
-    raw: &RawStacks,
-    names: &Names,
-    symbolizer: &Symbolizer,
-    key: &StackKey,
-    per_thread: bool,
-    findings: &mut KeyFindings,
-) -> Vec<Frame> {
-    let mut frames = vec![Frame::new(
-        FrameKind::Process,
-        symbolizer
-            .process_name(key.tgid)
-            .map_or_else(|| comm(&key.comm), str::to_owned),
-    )];
-    if per_thread {
-        frames.push(Frame::new(
-            FrameKind::Thread,
-            format!("{}-{}", comm(&key.comm), key.tid),
-        ));
-    }
-    let recovered = (key.user_stack_id == STACK_ID_RECOVERED)
-        .then(|| raw.recovered.get(&key.tid))
-        .flatten();
-    if key.user_stack_id == STACK_ID_RECOVERED {
-        frames.push(Frame::new(FrameKind::Lost, RECOVERED_MARKER));
-    }
-    for kind in [FrameKind::User, FrameKind::Kernel] {
-        let stack_id = match kind {
-            FrameKind::User => key.user_stack_id,
-            _ => key.kernel_stack_id,
-        };
-        if stack_id == STACK_ID_NOT_COLLECTED {
-            continue;
-        }
-        if stack_id == STACK_ID_RECOVERED && kind == FrameKind::Kernel {
-            if let Some(thread) = recovered {
-                frames.extend(
-                    thread
-                        .kernel_frames
-                        .iter()
-                        .map(|n| Frame::new(FrameKind::Kernel, n.clone())),
-                );
-            }
-            continue;
-        }
-        let trace = match kind {
-            FrameKind::User => raw.user_trace(key),
-            _ => raw.trace(stack_id),
-        };
-        let Some(trace) = trace else {
-            let side = if kind == FrameKind::User {
-                "user"
-            } else {
-                "kernel"
-            };
-            let cause = match -stack_id {
-                // Kernel threads have no user stack: nothing is lost.
-                stack_errno::EFAULT
-                    if kind == FrameKind::User && crate::proc::task::is_kernel_thread(key.tgid) =>
-                {
-                    continue;
-                }
-                stack_errno::EEXIST => "hash collision in the stack map",
-                stack_errno::ENOMEM => {
-                    findings.map_full = true;
-                    "stack map full"
-                }
-                stack_errno::EFAULT => "walk failed (EFAULT)",
-                stack_errno::ENOSPC => RING_FULL,
-                _ if stack_id == STACK_ID_RECOVERED => "not recoverable from /proc",
-                _ if stack_id >= 0 => "evicted from the stack map",
-                _ => "walk failed",
-            };
-            frames.push(Frame::new(FrameKind::Lost, format!("[lost {side} stack]")));
-            findings.losses.push(format!("{side} stack: {cause}"));
-            continue;
-        };
-        let cause = match kind {
-            FrameKind::User => u32::try_from(stack_id)
-                .ok()
-                .and_then(|id| raw.cut_short.get(&id))
-                .cloned(),
-            _ => None,
-        };
-        // A walk in the kernel that stopped at its depth limit gives the leaf end of the stack.
-        let cause = cause.or_else(|| {
-            let full = stack_id >= 0 && trace.len() >= KERNEL_MAX_DEPTH && !is_synthetic(stack_id);
-            let side = if kind == FrameKind::User {
-                "user"
-            } else {
-                "kernel"
-            };
-            full.then(|| {
-                format!(
-                    "{side} stack walk filled the kernel's {KERNEL_MAX_DEPTH} frames: the stack \
-                     is deeper (its outermost frames are missing), or the walk went astray in \
-                     code without frame pointers"
-                )
-            })
-        });
-        if let Some(cause) = cause {
-            // The frames that could not be unwound would sit here, under the process (or
-            // between the user and the kernel frames).
-            let marker = if kind == FrameKind::User {
-                "[stack cut short]"
-            } else {
-                "[kernel stack cut short]"
-            };
-            frames.push(Frame::new(FrameKind::Lost, marker));
-            findings.cut_short.push(cause);
-        }
-        let first_frame = frames.len();
-        // BPF gives the leaf first; profiles read root first.
-        for addr in lookup_addrs(trace).into_iter().rev() {
-            let resolved = match kind {
-                FrameKind::User => names.user.get(&(key.tgid, addr)),
-                _ => names.kernel.get(&addr),
-            };
-            match resolved {
-                Some(Resolved::Frames(located)) => {
-                    for (depth, symbol) in located.symbols.iter().enumerate() {
-                        frames.push(Frame {
-                            name: symbol.name.clone(),
-                            kind,
-                            module: located.module.clone(),
-                            address: Some(located.address),
-                            inlined: depth > 0,
-                            file: symbol.file.clone(),
-                            line: symbol.line,
-                        });
-                    }
-                    if let Some(module) = &located.module {
-                        findings.modules.push((key.tgid, module.clone()));
-                    }
-                }
-                Some(Resolved::Unknown { name, reason }) => {
-                    frames.push(Frame::new(kind, name.clone()));
-                    if !findings.unknown_reasons.contains(reason) {
-                        findings.unknown_reasons.push(reason);
-                    }
-                }
-                None => frames.push(Frame::new(kind, "[unknown]")),
-            }
-        }
-        if kind == FrameKind::Kernel {
-            // A stack taken from a tracepoint ends in the tracer's own frames (the trampoline
-            // and the BPF program): they say nothing about the traced thread.
-            if let Some(at) = frames[first_frame..]
-                .iter()
-                .position(|f| is_tracer_frame(&f.name))
-            {
-                frames.truncate(first_frame + at);
-            }
-        }
-    }
-    frames
-}
-
 /// What to do about frames left unnamed, by why they were (`unknown_frames`' reasons); JIT
 /// frames get their runtime's own advice elsewhere.
 fn unknown_frame_advice<'a>(
@@ -587,13 +362,6 @@ fn unknown_frame_advice<'a>(
     advice
 }
 
-fn is_tracer_frame(name: &str) -> bool {
-    name.starts_with("bpf_trace_run")
-        || name.starts_with("__traceiter_")
-        || name.starts_with("__bpf_trace_")
-        || name.starts_with("bpf_prog_")
-}
-
 pub fn comm(bytes: &[u8; 16]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     crate::names::sanitized(&String::from_utf8_lossy(&bytes[..end]))
@@ -613,5 +381,132 @@ mod tests {
         let stripped = ["no symbols in the binary"];
         let advice = unknown_frame_advice(stripped.iter().copied(), true, true);
         assert!(advice[0].contains("debug symbols"), "{advice:?}");
+    }
+
+    fn key(tid: u32, user: i32, kernel: i32) -> StackKey {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"demo");
+        StackKey {
+            tgid: std::process::id(),
+            tid,
+            user_stack_id: user,
+            kernel_stack_id: kernel,
+            comm,
+        }
+    }
+
+    fn names(stack: &WeightedStack) -> Vec<&str> {
+        stack.frames.iter().map(|f| f.name.as_str()).collect()
+    }
+
+    #[inline(never)]
+    fn marker_caller_for_stack_test() -> u64 {
+        std::hint::black_box(7)
+    }
+
+    /// Every kind of stack id becomes the frames it stands for: a stack named from this very
+    /// process, a lost one under its marker with its cause counted, a walk that filled the
+    /// kernel's frames marked cut short, a stack recovered from /proc, and a blocked stack
+    /// joined with its waker's (offwaketime's layout).
+    #[test]
+    fn builds_frames_for_every_kind_of_stack() {
+        use livetrace_common::stacks::{
+            STACK_ID_NOT_COLLECTED as NONE, STACK_ID_RECOVERED, stack_errno,
+        };
+        let here = marker_caller_for_stack_test as *const () as u64;
+        let mut raw = RawStacks::default();
+        raw.traces.insert(1, vec![here]);
+        raw.traces.insert(2, vec![0x1000; KERNEL_MAX_DEPTH]);
+        raw.entries = vec![
+            (key(1, 1, NONE), 3),
+            (key(2, -stack_errno::EEXIST, NONE), 2),
+            (key(3, 2, NONE), 1),
+            (key(4, STACK_ID_RECOVERED, STACK_ID_RECOVERED), 5),
+        ];
+        raw.recovered.insert(
+            4,
+            RecoveredStacks {
+                kernel_frames: vec!["do_syscall_64".into(), "pipe_read".into()],
+                user_addrs: vec![here],
+            },
+        );
+        raw.wake_entries = vec![(
+            WakeKey {
+                blocked: key(5, 1, NONE),
+                waker: key(6, 1, NONE),
+            },
+            4,
+        )];
+        let mut symbolizer = Symbolizer::new();
+        symbolizer.note_process(std::process::id());
+        let options = BuildOptions {
+            title: "test".into(),
+            unit: WeightUnit::Samples,
+            per_thread: true,
+            stack_storage: 64,
+            weight_divisor: 1,
+            period_ns: None,
+            dwarf_possible: true,
+        };
+        let profile = build_profile(&raw, &mut symbolizer, &options, DataQuality::default());
+        let stack = |tid: &str| {
+            profile
+                .stacks
+                .iter()
+                .find(|s| s.frames.iter().any(|f| f.name == format!("demo-{tid}")))
+                .unwrap_or_else(|| panic!("no stack of thread {tid}: {:#?}", profile.stacks))
+        };
+        // The process is named as /proc names it; the thread by the comm the key carries.
+        let process = symbolizer
+            .process_name(std::process::id())
+            .unwrap()
+            .to_owned();
+        let named = names(stack("1"));
+        assert_eq!(named[..2], [process.as_str(), "demo-1"]);
+        assert!(
+            named[2].ends_with("marker_caller_for_stack_test"),
+            "{named:?}"
+        );
+        assert_eq!(names(stack("2"))[2], "[lost user stack]");
+        assert_eq!(
+            profile
+                .quality
+                .stack_losses
+                .get("user stack: hash collision in the stack map"),
+            Some(&2)
+        );
+        assert!(
+            profile
+                .quality
+                .advice
+                .iter()
+                .any(|a| a.contains("--stack-storage-size"))
+        );
+        assert_eq!(names(stack("3"))[2], "[stack cut short]");
+        assert!(
+            profile
+                .quality
+                .advice
+                .iter()
+                .any(|a| a.contains("complete with --unwind dwarf"))
+        );
+        let recovered = names(stack("4"));
+        assert_eq!(recovered[2], RECOVERED_MARKER);
+        assert_eq!(
+            recovered[recovered.len() - 2..],
+            ["do_syscall_64", "pipe_read"]
+        );
+        // Blocked root first, "--", then the waker leaf first, ending in its process.
+        let joined = names(stack("5"));
+        let split = joined
+            .iter()
+            .position(|&n| n == "--")
+            .expect("the join marker");
+        assert!(joined[split - 1].ends_with("marker_caller_for_stack_test"));
+        assert_eq!(joined.last(), Some(&process.as_str()));
+        assert!(
+            joined[split + 1].ends_with("marker_caller_for_stack_test"),
+            "{joined:?}"
+        );
     }
 }

@@ -1,0 +1,250 @@
+//! One stack key's frames, root first: the process, the thread, the user stack and the kernel
+//! stack, each named from one batch of symbolisation, with a marker frame wherever a stack is
+//! lost or cut short and the reason recorded.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+};
+
+use livetrace_common::stacks::{StackKey, stack_errno};
+
+use super::{KERNEL_MAX_DEPTH, RECOVERED_MARKER, RawStacks, StackRef, comm};
+use crate::{
+    model::{Frame, FrameKind},
+    symbolize::{Resolved, Symbolizer},
+};
+
+/// Every address but the leaf is a return address: look up the call instruction before it, or a
+/// call at the very end of a function would be named after the next function.
+fn lookup_addrs(trace: &[u64]) -> Vec<u64> {
+    trace
+        .iter()
+        .enumerate()
+        .map(|(i, &a)| if i == 0 { a } else { a.saturating_sub(1) })
+        .collect()
+}
+
+/// Resolved names for every address of every stack, symbolised in one batch per process and
+/// one for the kernel.
+pub(super) struct Names {
+    user: HashMap<(u32, u64), Resolved>,
+    kernel: HashMap<u64, Resolved>,
+}
+
+impl Names {
+    pub(super) fn resolve(raw: &RawStacks, symbolizer: &mut Symbolizer) -> Self {
+        let mut user_addrs: BTreeMap<u32, HashSet<u64>> = BTreeMap::new();
+        let mut kernel_addrs: HashSet<u64> = HashSet::new();
+        for key in raw.keys() {
+            if let Some(trace) = raw.user_trace(key) {
+                user_addrs
+                    .entry(key.tgid)
+                    .or_default()
+                    .extend(lookup_addrs(trace));
+            }
+            if let Some(trace) = raw.trace(StackRef::of(key.kernel_stack_id)) {
+                kernel_addrs.extend(lookup_addrs(trace));
+            }
+        }
+        let mut user = HashMap::new();
+        for (pid, addrs) in user_addrs {
+            let addrs: Vec<u64> = addrs.into_iter().collect();
+            for (addr, resolved) in addrs.iter().zip(symbolizer.user(pid, &addrs)) {
+                user.insert((pid, *addr), resolved);
+            }
+        }
+        let kernel_addrs: Vec<u64> = kernel_addrs.into_iter().collect();
+        let kernel = kernel_addrs
+            .iter()
+            .copied()
+            .zip(symbolizer.kernel(&kernel_addrs))
+            .collect();
+        Self { user, kernel }
+    }
+}
+
+/// What building one key's frames found out, for the data-quality record.
+#[derive(Default)]
+pub(super) struct KeyFindings {
+    pub(super) unknown_reasons: Vec<&'static str>,
+    pub(super) losses: Vec<String>,
+    pub(super) cut_short: Vec<String>,
+    pub(super) map_full: bool,
+    /// (a process that mapped it, module), for build IDs.
+    pub(super) modules: Vec<(u32, Arc<str>)>,
+}
+
+/// The frames of one key, root first: process, optional thread, user frames, kernel frames.
+pub(super) fn key_frames(
+    raw: &RawStacks,
+    names: &Names,
+    symbolizer: &Symbolizer,
+    key: &StackKey,
+    per_thread: bool,
+    findings: &mut KeyFindings,
+) -> Vec<Frame> {
+    let mut frames = vec![Frame::new(
+        FrameKind::Process,
+        symbolizer
+            .process_name(key.tgid)
+            .map_or_else(|| comm(&key.comm), str::to_owned),
+    )];
+    if per_thread {
+        frames.push(Frame::new(
+            FrameKind::Thread,
+            format!("{}-{}", comm(&key.comm), key.tid),
+        ));
+    }
+    let user = StackRef::of(key.user_stack_id);
+    if user == StackRef::Recovered {
+        frames.push(Frame::new(FrameKind::Lost, RECOVERED_MARKER));
+    }
+    for (kind, stack) in [
+        (FrameKind::User, user),
+        (FrameKind::Kernel, StackRef::of(key.kernel_stack_id)),
+    ] {
+        match (stack, kind) {
+            (StackRef::NotCollected, _) => {}
+            (StackRef::Recovered, FrameKind::Kernel) => {
+                let recovered = raw.recovered.get(&key.tid);
+                frames.extend(recovered.into_iter().flat_map(|thread| {
+                    let names = thread.kernel_frames.iter();
+                    names.map(|n| Frame::new(FrameKind::Kernel, n.clone()))
+                }));
+            }
+            _ => push_stack(&mut frames, raw, names, key, (kind, stack), findings),
+        }
+    }
+    frames
+}
+
+/// Appends one stack of a key (root first), or the marker of its loss.
+fn push_stack(
+    frames: &mut Vec<Frame>,
+    raw: &RawStacks,
+    names: &Names,
+    key: &StackKey,
+    (kind, stack): (FrameKind, StackRef),
+    findings: &mut KeyFindings,
+) {
+    let side = if kind == FrameKind::User {
+        "user"
+    } else {
+        "kernel"
+    };
+    let trace = match kind {
+        FrameKind::User => raw.user_trace(key),
+        _ => raw.trace(stack),
+    };
+    let Some(trace) = trace else {
+        // Kernel threads have no user stack: nothing is lost.
+        let kernel_thread = kind == FrameKind::User
+            && stack == StackRef::Lost(stack_errno::EFAULT)
+            && crate::proc::task::is_kernel_thread(key.tgid);
+        if !kernel_thread {
+            findings.map_full |= stack == StackRef::Lost(stack_errno::ENOMEM);
+            frames.push(Frame::new(FrameKind::Lost, format!("[lost {side} stack]")));
+            findings
+                .losses
+                .push(format!("{side} stack: {}", stack.loss()));
+        }
+        return;
+    };
+    if let Some(cause) = cut_short(raw, kind, stack, trace.len()) {
+        // The frames that could not be unwound would sit here, under the process (or between
+        // the user and the kernel frames).
+        let marker = if kind == FrameKind::User {
+            "[stack cut short]"
+        } else {
+            "[kernel stack cut short]"
+        };
+        frames.push(Frame::new(FrameKind::Lost, marker));
+        findings.cut_short.push(cause);
+    }
+    let first_frame = frames.len();
+    // BPF gives the leaf first; profiles read root first.
+    for addr in lookup_addrs(trace).into_iter().rev() {
+        let resolved = match kind {
+            FrameKind::User => names.user.get(&(key.tgid, addr)),
+            _ => names.kernel.get(&addr),
+        };
+        push_resolved(frames, kind, key.tgid, resolved, findings);
+    }
+    if kind == FrameKind::Kernel {
+        // A stack taken from a tracepoint ends in the tracer's own frames (the trampoline and
+        // the BPF program): they say nothing about the traced thread.
+        if let Some(at) = frames[first_frame..]
+            .iter()
+            .position(|f| is_tracer_frame(&f.name))
+        {
+            frames.truncate(first_frame + at);
+        }
+    }
+}
+
+/// Why a stack stops before its root: what the unwinder said of its own stacks, or a kernel
+/// walk that filled its frames.
+fn cut_short(raw: &RawStacks, kind: FrameKind, stack: StackRef, depth: usize) -> Option<String> {
+    let unwound = match (kind, stack.id()) {
+        (FrameKind::User, Some(id)) => raw.cut_short.get(&id).cloned(),
+        _ => None,
+    };
+    unwound.or_else(|| {
+        let full = stack.id().is_some() && depth >= KERNEL_MAX_DEPTH && !stack.is_synthetic();
+        let side = if kind == FrameKind::User {
+            "user"
+        } else {
+            "kernel"
+        };
+        full.then(|| {
+            format!(
+                "{side} stack walk filled the kernel's {KERNEL_MAX_DEPTH} frames: the stack is \
+                 deeper (its outermost frames are missing), or the walk went astray in code \
+                 without frame pointers"
+            )
+        })
+    })
+}
+
+/// Appends the frames one address was named as (an inlined call gives several).
+fn push_resolved(
+    frames: &mut Vec<Frame>,
+    kind: FrameKind,
+    tgid: u32,
+    resolved: Option<&Resolved>,
+    findings: &mut KeyFindings,
+) {
+    match resolved {
+        Some(Resolved::Frames(located)) => {
+            for (depth, symbol) in located.symbols.iter().enumerate() {
+                frames.push(Frame {
+                    name: symbol.name.clone(),
+                    kind,
+                    module: located.module.clone(),
+                    address: Some(located.address),
+                    inlined: depth > 0,
+                    file: symbol.file.clone(),
+                    line: symbol.line,
+                });
+            }
+            if let Some(module) = &located.module {
+                findings.modules.push((tgid, module.clone()));
+            }
+        }
+        Some(Resolved::Unknown { name, reason }) => {
+            frames.push(Frame::new(kind, name.clone()));
+            if !findings.unknown_reasons.contains(reason) {
+                findings.unknown_reasons.push(reason);
+            }
+        }
+        None => frames.push(Frame::new(kind, "[unknown]")),
+    }
+}
+
+fn is_tracer_frame(name: &str) -> bool {
+    name.starts_with("bpf_trace_run")
+        || name.starts_with("__traceiter_")
+        || name.starts_with("__bpf_trace_")
+        || name.starts_with("bpf_prog_")
+}
