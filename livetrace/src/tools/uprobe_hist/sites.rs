@@ -8,8 +8,8 @@ use crate::{
     proc::{self, maps::Maps, task},
     session::targets::Target,
     tools::uprobe_hist::target::{
-        self as target, Candidate, ElfInfo, FunctionSymbol, Lookup, Scope, SymbolSpec, close_names,
-        describe_ambiguity, find_symbol, function_symbols, variable_named,
+        self as target, Candidate, ElfInfo, FunctionSymbol, Lookup, Scope, Search, SymbolSpec,
+        close_names, describe_ambiguity, find_symbol, function_symbols, variable_named,
     },
 };
 
@@ -46,30 +46,10 @@ pub(super) fn find_sites(spec: &SymbolSpec, target: &Target) -> anyhow::Result<V
 }
 
 fn find_site(spec: &SymbolSpec, scope: &Scope<'_>, pid: Option<u32>) -> anyhow::Result<Site> {
-    let place = match scope {
-        Scope::Pid(pid) => match crate::proc::task::name(*pid) {
-            Some(name) => format!("pid {pid} ({name})"),
-            None => format!("pid {pid}"),
-        },
-        Scope::Command(argv) => format!("`{}`", argv[0].to_string_lossy()),
-        Scope::System => "the system's library directories".into(),
-    };
+    let place = describe_place(scope);
     let search = target::files_to_search(scope, spec.target.as_deref())?;
     if search.files.is_empty() {
-        let what = spec.target.as_deref().unwrap_or("the executable");
-        let mut message = format!("cannot find {what} for {place}; tried:");
-        for tried in &search.tried {
-            message.push_str("\n  ");
-            message.push_str(tried);
-        }
-        if search.tried.is_empty() {
-            message.push_str(" nothing");
-        }
-        message.push_str(
-            "\ngive the library's full path (TARGET:SYMBOL), or check that the process has \
-             loaded it",
-        );
-        bail!(message);
+        bail!(nothing_to_search(spec, &search, &place));
     }
     if let (Scope::Pid(pid), Some(t)) = (scope, &spec.target)
         && t.contains('/')
@@ -82,139 +62,16 @@ fn find_site(spec: &SymbolSpec, scope: &Scope<'_>, pid: Option<u32>) -> anyhow::
         );
     }
 
-    // The first file that has the function wins; with no TARGET the executable comes first.
-    let mut found: Vec<(Candidate, FunctionSymbol, ElfInfo)> = Vec::new();
-    let executable = match scope {
-        Scope::Command(_) if spec.target.is_none() => search.files.first().cloned(),
-        _ => None,
-    };
-    let mut all_symbols: Vec<FunctionSymbol> = Vec::new();
-    let mut stripped: Vec<(String, usize)> = Vec::new();
-    for (index, file) in search.files.iter().enumerate() {
-        let primary = index == 0;
-        let info = match ElfInfo::read(&file.path) {
-            Ok(info) => info,
-            Err(err) if primary => return Err(err),
-            Err(err) => {
-                log::debug!("skipping {}: {err:#}", file.shown);
-                continue;
-            }
-        };
-        let symbols = match function_symbols(&file.path) {
-            Ok(symbols) => symbols,
-            Err(err) if primary => return Err(err),
-            Err(err) => {
-                log::debug!("skipping {}: {err:#}", file.shown);
-                continue;
-            }
-        };
-        match find_symbol(&symbols, spec) {
-            Lookup::Found(symbol) => {
-                found.push((file.clone(), symbol, info));
-                // The executable (or the named file) wins outright.
-                if primary {
-                    break;
-                }
-            }
-            Lookup::Ambiguous(candidates) => {
-                return Err(crate::UsageError::error(describe_ambiguity(
-                    spec,
-                    &file.shown,
-                    &candidates,
-                )));
-            }
-            Lookup::NotAt(address, candidates) => {
-                let at: Vec<String> = candidates
-                    .iter()
-                    .map(|c| format!("{:#x}", c.addr))
-                    .collect();
-                return Err(crate::UsageError::error(format!(
-                    "no function '{}' starts at {address:#x} in {}: it is at {}; pick one of \
-                     those, e.g. {}@{}",
-                    spec.symbol,
-                    file.shown,
-                    at.join(", "),
-                    spec.symbol,
-                    at[0]
-                )));
-            }
-            Lookup::Missing => {
-                if primary && !info.has_symtab {
-                    stripped.push((file.shown.clone(), symbols.len()));
-                }
-                all_symbols.extend(symbols);
-            }
-        }
+    let mut looked = look_in_files(spec, &search)?;
+    if looked.found.len() > 1 {
+        return Err(crate::UsageError::error(in_several_libraries(
+            spec,
+            &looked.found,
+            &place,
+        )));
     }
-    if found.len() > 1 {
-        let mut message = format!(
-            "'{}' is defined in {} libraries of {place}:",
-            spec.symbol,
-            found.len()
-        );
-        for (file, symbol, _) in &found {
-            message.push_str(&format!("\n  {}  at {:#x}", file.shown, symbol.addr));
-        }
-        message.push_str(&format!(
-            "\nname the library: e.g. {}:{}",
-            found[0].0.shown, spec.symbol
-        ));
-        return Err(crate::UsageError::error(message));
-    }
-    let Some((file, symbol, info)) = found.pop() else {
-        let searched = if search.files.len() == 1 {
-            search.files[0].shown.clone()
-        } else {
-            format!(
-                "{} or the {} libraries it {}",
-                search.files[0].shown,
-                search.files.len() - 1,
-                if matches!(scope, Scope::Pid(_)) {
-                    "has loaded"
-                } else {
-                    "links"
-                }
-            )
-        };
-        if let Some((file, address)) = search
-            .files
-            .iter()
-            .find_map(|f| variable_named(&f.path, &spec.symbol).map(|a| (f, a)))
-        {
-            bail!(
-                "'{}' in {} is a variable (data at {address:#x}), not a function: uprobe-hist \
-                 times the calls of a function",
-                spec.symbol,
-                file.shown
-            );
-        }
-        let mut message = format!(
-            "function '{}' not found in {searched} ({place})",
-            spec.symbol
-        );
-        let close = close_names(&all_symbols, &spec.symbol, 8);
-        if close.is_empty() {
-            message.push_str("\n  no function has a similar name");
-        } else {
-            message.push_str(&format!("\n  closest names: {}", close.join(", ")));
-        }
-        for (file, count) in stripped {
-            let exported = match count {
-                0 => "it exports no functions either".to_owned(),
-                n => format!("only its {n} exported functions could be searched"),
-            };
-            message.push_str(&format!(
-                "\n  {file} is stripped (it has no .symtab): {exported}; use a build with \
-                 symbols, or install its debug symbols"
-            ));
-        }
-        if !search.explicit {
-            message.push_str(
-                "\n  if the function is in a library the program loads later, name it: \
-                 LIBRARY:SYMBOL",
-            );
-        }
-        bail!(message);
+    let Some((file, symbol, info)) = looked.found.pop() else {
+        bail!(not_found(spec, scope, &search, &looked, &place));
     };
     if let Some(evidence) = info.go_evidence {
         bail!(
@@ -228,13 +85,201 @@ fn find_site(spec: &SymbolSpec, scope: &Scope<'_>, pid: Option<u32>) -> anyhow::
     if symbol.size == 0 {
         log::info!("{} has size 0 in the symbol table", symbol.demangled);
     }
-    let in_command_executable = executable.is_some_and(|e| e.path == file.path);
+    // With no TARGET, the command's executable comes first in the search.
+    let in_command_executable = matches!(scope, Scope::Command(_))
+        && spec.target.is_none()
+        && search.files.first().is_some_and(|e| e.path == file.path);
     Ok(Site {
         pid,
         file,
         symbol,
         in_command_executable,
     })
+}
+
+/// The target as the messages name it.
+fn describe_place(scope: &Scope<'_>) -> String {
+    match scope {
+        Scope::Pid(pid) => match task::name(*pid) {
+            Some(name) => format!("pid {pid} ({name})"),
+            None => format!("pid {pid}"),
+        },
+        Scope::Command(argv) => format!("`{}`", argv[0].to_string_lossy()),
+        Scope::System => "the system's library directories".into(),
+    }
+}
+
+fn nothing_to_search(spec: &SymbolSpec, search: &Search, place: &str) -> String {
+    let what = spec.target.as_deref().unwrap_or("the executable");
+    let mut message = format!("cannot find {what} for {place}; tried:");
+    for tried in &search.tried {
+        message.push_str("\n  ");
+        message.push_str(tried);
+    }
+    if search.tried.is_empty() {
+        message.push_str(" nothing");
+    }
+    message.push_str(
+        "\ngive the library's full path (TARGET:SYMBOL), or check that the process has loaded it",
+    );
+    message
+}
+
+/// What the search through the files found.
+#[derive(Default)]
+struct Looked {
+    /// Every file that defines the function (the first file stops the search when it does).
+    found: Vec<(Candidate, FunctionSymbol, ElfInfo)>,
+    /// Every function searched, for suggestions when the name is not there.
+    all_symbols: Vec<FunctionSymbol>,
+    /// The first file, when it has no `.symtab`, and how many exported functions it has.
+    stripped: Option<(String, usize)>,
+}
+
+/// Looks for the function in each file. The first file (the executable, or the named file)
+/// wins outright; among libraries, more than one definition is for the caller to report.
+fn look_in_files(spec: &SymbolSpec, search: &Search) -> anyhow::Result<Looked> {
+    let mut looked = Looked::default();
+    for (index, file) in search.files.iter().enumerate() {
+        let primary = index == 0;
+        let read =
+            ElfInfo::read(&file.path).and_then(|info| Ok((info, function_symbols(&file.path)?)));
+        let (info, symbols) = match read {
+            Ok(read) => read,
+            Err(err) if primary => return Err(err),
+            Err(err) => {
+                log::debug!("skipping {}: {err:#}", file.shown);
+                continue;
+            }
+        };
+        match find_symbol(&symbols, spec) {
+            Lookup::Found(symbol) => {
+                looked.found.push((file.clone(), symbol, info));
+                if primary {
+                    break;
+                }
+            }
+            Lookup::Ambiguous(candidates) => {
+                return Err(crate::UsageError::error(describe_ambiguity(
+                    spec,
+                    &file.shown,
+                    &candidates,
+                )));
+            }
+            Lookup::NotAt(address, candidates) => {
+                return Err(crate::UsageError::error(not_at(
+                    spec,
+                    &file.shown,
+                    address,
+                    &candidates,
+                )));
+            }
+            Lookup::Missing => {
+                if primary && !info.has_symtab {
+                    looked.stripped = Some((file.shown.clone(), symbols.len()));
+                }
+                looked.all_symbols.extend(symbols);
+            }
+        }
+    }
+    Ok(looked)
+}
+
+fn not_at(spec: &SymbolSpec, file: &str, address: u64, candidates: &[FunctionSymbol]) -> String {
+    let at: Vec<String> = candidates
+        .iter()
+        .map(|c| format!("{:#x}", c.addr))
+        .collect();
+    format!(
+        "no function '{}' starts at {address:#x} in {file}: it is at {}; pick one of those, \
+         e.g. {}@{}",
+        spec.symbol,
+        at.join(", "),
+        spec.symbol,
+        at[0]
+    )
+}
+
+fn in_several_libraries(
+    spec: &SymbolSpec,
+    found: &[(Candidate, FunctionSymbol, ElfInfo)],
+    place: &str,
+) -> String {
+    let mut message = format!(
+        "'{}' is defined in {} libraries of {place}:",
+        spec.symbol,
+        found.len()
+    );
+    for (file, symbol, _) in found {
+        message.push_str(&format!("\n  {}  at {:#x}", file.shown, symbol.addr));
+    }
+    message.push_str(&format!(
+        "\nname the library: e.g. {}:{}",
+        found[0].0.shown, spec.symbol
+    ));
+    message
+}
+
+/// Why the function was not found, with the closest names and what to try next.
+fn not_found(
+    spec: &SymbolSpec,
+    scope: &Scope<'_>,
+    search: &Search,
+    looked: &Looked,
+    place: &str,
+) -> String {
+    if let Some((file, address)) = search
+        .files
+        .iter()
+        .find_map(|f| variable_named(&f.path, &spec.symbol).map(|a| (f, a)))
+    {
+        return format!(
+            "'{}' in {} is a variable (data at {address:#x}), not a function: uprobe-hist times \
+             the calls of a function",
+            spec.symbol, file.shown
+        );
+    }
+    let searched = if search.files.len() == 1 {
+        search.files[0].shown.clone()
+    } else {
+        let how = if matches!(scope, Scope::Pid(_)) {
+            "has loaded"
+        } else {
+            "links"
+        };
+        format!(
+            "{} or the {} libraries it {how}",
+            search.files[0].shown,
+            search.files.len() - 1
+        )
+    };
+    let mut message = format!(
+        "function '{}' not found in {searched} ({place})",
+        spec.symbol
+    );
+    let close = close_names(&looked.all_symbols, &spec.symbol, 8);
+    if close.is_empty() {
+        message.push_str("\n  no function has a similar name");
+    } else {
+        message.push_str(&format!("\n  closest names: {}", close.join(", ")));
+    }
+    if let Some((file, count)) = &looked.stripped {
+        let exported = match count {
+            0 => "it exports no functions either".to_owned(),
+            n => format!("only its {n} exported functions could be searched"),
+        };
+        message.push_str(&format!(
+            "\n  {file} is stripped (it has no .symtab): {exported}; use a build with symbols, \
+             or install its debug symbols"
+        ));
+    }
+    if !search.explicit {
+        message.push_str(
+            "\n  if the function is in a library the program loads later, name it: \
+             LIBRARY:SYMBOL",
+        );
+    }
+    message
 }
 
 /// Whether `pid` currently maps `file`.
