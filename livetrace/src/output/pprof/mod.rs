@@ -14,20 +14,16 @@
 //!   symbolise again;
 //! - the data-quality footer goes into the profile's comments (`go tool pprof -comments`).
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    io::{self, Read, Write},
-    sync::Arc,
-};
+mod decode;
+mod encode;
+
+use std::io::{self, Read, Write};
 
 use flate2::{Compression, read::GzDecoder, write::GzEncoder};
 use prost::Message as _;
 
-use crate::{
-    model::{Frame, FrameKind, StackProfile, WeightUnit, WeightedStack},
-    output::footer,
-    symbolize::KERNEL_MODULE,
-};
+pub use self::{decode::decode, encode::encode};
+use crate::model::StackProfile;
 
 /// `perftools.profiles.Profile`.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -166,193 +162,6 @@ pub fn write<W: Write>(profile: &StackProfile, out: W) -> io::Result<()> {
     gz.finish()?.flush()
 }
 
-/// Interns strings; index 0 is the empty string, as the format requires.
-#[derive(Default)]
-struct Strings {
-    table: Vec<String>,
-    index: HashMap<String, i64>,
-}
-
-impl Strings {
-    fn new() -> Self {
-        let mut strings = Self::default();
-        strings.get("");
-        strings
-    }
-
-    fn get(&mut self, s: &str) -> i64 {
-        if let Some(&i) = self.index.get(s) {
-            return i;
-        }
-        let i = self.table.len() as i64;
-        self.table.push(s.to_owned());
-        self.index.insert(s.to_owned(), i);
-        i
-    }
-}
-
-/// A location's identity: where it is and the functions (outermost first) at it.
-type LocationKey = (Option<Arc<str>>, Option<u64>, Vec<(String, Option<u32>)>);
-
-pub fn encode(profile: &StackProfile) -> Profile {
-    let mut strings = Strings::new();
-    let mut out = Profile::default();
-    let value_type = |strings: &mut Strings, t: &str, u: &str| ValueType {
-        r#type: strings.get(t),
-        unit: strings.get(u),
-    };
-    match profile.unit {
-        WeightUnit::Samples => {
-            out.sample_type
-                .push(value_type(&mut strings, "samples", "count"));
-            if let Some(period) = profile.period_ns {
-                out.sample_type
-                    .push(value_type(&mut strings, "cpu", "nanoseconds"));
-                out.period_type = Some(value_type(&mut strings, "cpu", "nanoseconds"));
-                out.period = period as i64;
-                out.default_sample_type = strings.get("cpu");
-            }
-        }
-        WeightUnit::Microseconds => {
-            out.sample_type
-                .push(value_type(&mut strings, "off_cpu", "nanoseconds"));
-            out.period_type = Some(value_type(&mut strings, "off_cpu", "nanoseconds"));
-            out.period = 1;
-        }
-    }
-    out.duration_nanos = profile.quality.duration.as_nanos() as i64;
-    out.time_nanos = profile.quality.started_unix_ns.unwrap_or(0) as i64;
-    for line in footer::text(profile).lines() {
-        let line = line.trim();
-        out.comment.push(strings.get(line));
-    }
-
-    let mut mappings: BTreeMap<Arc<str>, (u64, u64)> = BTreeMap::new();
-    for frame in profile.stacks.iter().flat_map(|s| &s.frames) {
-        if let (Some(module), Some(address)) = (&frame.module, frame.address) {
-            let range = mappings.entry(module.clone()).or_insert((address, address));
-            range.0 = range.0.min(address);
-            range.1 = range.1.max(address);
-        }
-    }
-    let mut mapping_ids: HashMap<Arc<str>, u64> = HashMap::new();
-    for (i, (module, (low, high))) in mappings.iter().enumerate() {
-        let id = i as u64 + 1;
-        mapping_ids.insert(module.clone(), id);
-        let kernel = &**module == KERNEL_MODULE;
-        out.mapping.push(Mapping {
-            id,
-            // User addresses are the module's own (ELF virtual) addresses, so the mapping spans
-            // the module from 0; kernel addresses are absolute.
-            memory_start: if kernel { *low } else { 0 },
-            memory_limit: high + 1,
-            file_offset: 0,
-            filename: strings.get(module),
-            build_id: profile
-                .build_ids
-                .get(module)
-                .map_or(0, |id| strings.get(id)),
-            has_functions: true,
-            has_filenames: !kernel,
-            has_line_numbers: !kernel,
-            has_inline_frames: !kernel,
-        });
-    }
-
-    let mut functions: HashMap<(String, Option<Arc<str>>), u64> = HashMap::new();
-    let mut locations: HashMap<LocationKey, u64> = HashMap::new();
-    let process_key = strings.get(PROCESS_LABEL);
-    let thread_key = strings.get(THREAD_LABEL);
-    for stack in &profile.stacks {
-        let mut labels = Vec::new();
-        // Groups of frames from one address, root first.
-        let mut groups: Vec<Vec<&Frame>> = Vec::new();
-        for frame in &stack.frames {
-            match frame.kind {
-                FrameKind::Process => labels.push(Label {
-                    key: process_key,
-                    str: strings.get(&frame.name),
-                    ..Label::default()
-                }),
-                FrameKind::Thread => labels.push(Label {
-                    key: thread_key,
-                    str: strings.get(&frame.name),
-                    ..Label::default()
-                }),
-                _ => match groups.last_mut() {
-                    Some(group) if frame.inlined => group.push(frame),
-                    _ => groups.push(vec![frame]),
-                },
-            }
-        }
-        let mut location_ids = Vec::with_capacity(groups.len());
-        for group in groups.iter().rev() {
-            let head = group[0];
-            let key: LocationKey = (
-                head.module.clone(),
-                head.address,
-                group.iter().map(|f| (f.name.clone(), f.line)).collect(),
-            );
-            let next_id = locations.len() as u64 + 1;
-            let id = *locations.entry(key).or_insert_with(|| {
-                let lines = group
-                    .iter()
-                    .rev()
-                    .map(|frame| {
-                        let fkey = (frame.name.clone(), frame.file.clone());
-                        let next_fid = functions.len() as u64 + 1;
-                        let function_id = *functions.entry(fkey).or_insert_with(|| {
-                            let name = strings.get(&frame.name);
-                            out.function.push(Function {
-                                id: next_fid,
-                                name,
-                                system_name: name,
-                                filename: frame.file.as_deref().map_or(0, |f| strings.get(f)),
-                                start_line: 0,
-                            });
-                            next_fid
-                        });
-                        Line {
-                            function_id,
-                            line: frame.line.map_or(0, i64::from),
-                            column: 0,
-                        }
-                    })
-                    .collect();
-                out.location.push(Location {
-                    id: next_id,
-                    mapping_id: head
-                        .module
-                        .as_ref()
-                        .and_then(|m| mapping_ids.get(m))
-                        .copied()
-                        .unwrap_or(0),
-                    address: head.address.unwrap_or(0),
-                    line: lines,
-                    is_folded: false,
-                });
-                next_id
-            });
-            location_ids.push(id);
-        }
-        let weight = stack.weight as i64;
-        let value = match profile.unit {
-            WeightUnit::Samples => match profile.period_ns {
-                Some(period) => vec![weight, weight.saturating_mul(period as i64)],
-                None => vec![weight],
-            },
-            WeightUnit::Microseconds => vec![weight.saturating_mul(1000)],
-        };
-        out.sample.push(Sample {
-            location_id: location_ids,
-            value,
-            label: labels,
-        });
-    }
-    out.string_table = strings.table;
-    out
-}
-
 /// Why a file could not be read as pprof.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -397,138 +206,15 @@ fn gunzip(bytes: &[u8], limit: u64) -> Result<Vec<u8>, ReadError> {
     Ok(buf)
 }
 
-pub fn decode(p: &Profile) -> Result<StackProfile, ReadError> {
-    let bad = |what: String| ReadError::Malformed(what);
-    let string = |i: i64| -> Result<&str, ReadError> {
-        usize::try_from(i)
-            .ok()
-            .and_then(|i| p.string_table.get(i))
-            .map(String::as_str)
-            .ok_or_else(|| bad(format!("string index {i} is outside the string table")))
-    };
-    if p.string_table.first().is_none_or(|s| !s.is_empty()) {
-        return Err(bad(
-            "the string table does not start with the empty string".into()
-        ));
-    }
-    if p.sample_type.is_empty() {
-        return Err(bad("no sample types".into()));
-    }
-    let types: Vec<(&str, &str)> = p
-        .sample_type
-        .iter()
-        .map(|t| Ok((string(t.r#type)?, string(t.unit)?)))
-        .collect::<Result<_, ReadError>>()?;
-    let default = string(p.default_sample_type)?;
-    let index = types
-        .iter()
-        .position(|(_, unit)| *unit == "count")
-        .or_else(|| {
-            types
-                .iter()
-                .position(|(t, _)| !default.is_empty() && *t == default)
-        })
-        .unwrap_or(types.len() - 1);
-    let (unit, divisor) = match types[index].1 {
-        "nanoseconds" => (WeightUnit::Microseconds, 1000),
-        "microseconds" => (WeightUnit::Microseconds, 1),
-        _ => (WeightUnit::Samples, 1),
-    };
-
-    let mappings: HashMap<u64, &str> = p
-        .mapping
-        .iter()
-        .map(|m| Ok((m.id, string(m.filename)?)))
-        .collect::<Result<_, ReadError>>()?;
-    let functions: HashMap<u64, &Function> = p.function.iter().map(|f| (f.id, f)).collect();
-    let locations: HashMap<u64, &Location> = p.location.iter().map(|l| (l.id, l)).collect();
-    let (process_key, thread_key) = (
-        p.string_table.iter().position(|s| s == PROCESS_LABEL),
-        p.string_table.iter().position(|s| s == THREAD_LABEL),
-    );
-
-    let mut stacks = Vec::with_capacity(p.sample.len());
-    for sample in &p.sample {
-        let value = *sample.value.get(index).ok_or_else(|| {
-            bad(format!(
-                "a sample has {} values for {} sample types",
-                sample.value.len(),
-                types.len()
-            ))
-        })?;
-        let mut frames = Vec::new();
-        for (key, kind) in [
-            (process_key, FrameKind::Process),
-            (thread_key, FrameKind::Thread),
-        ] {
-            let label = sample
-                .label
-                .iter()
-                .find(|l| key.is_some_and(|k| l.key == k as i64) && l.str != 0);
-            if let Some(label) = label {
-                frames.push(Frame::new(kind, string(label.str)?));
-            }
-        }
-        for id in sample.location_id.iter().rev() {
-            let location = locations.get(id).ok_or_else(|| {
-                bad(format!(
-                    "a sample refers to location {id}, which is missing"
-                ))
-            })?;
-            let module = mappings.get(&location.mapping_id).copied();
-            for (depth, line) in location.line.iter().rev().enumerate() {
-                let function = functions.get(&line.function_id).ok_or_else(|| {
-                    bad(format!(
-                        "location {id} refers to function {}, which is missing",
-                        line.function_id
-                    ))
-                })?;
-                let name = string(function.name)?;
-                let kind = if module == Some(KERNEL_MODULE) {
-                    FrameKind::Kernel
-                } else if name.starts_with("[lost ") {
-                    FrameKind::Lost
-                } else {
-                    FrameKind::User
-                };
-                let file = string(function.filename)?;
-                frames.push(Frame {
-                    name: name.to_owned(),
-                    kind,
-                    module: module.filter(|m| !m.is_empty()).map(Arc::from),
-                    address: (location.address != 0).then_some(location.address),
-                    inlined: depth > 0,
-                    file: (!file.is_empty()).then(|| Arc::from(file)),
-                    line: u32::try_from(line.line).ok().filter(|&l| l > 0),
-                });
-            }
-            if location.line.is_empty() {
-                frames.push(Frame::new(
-                    FrameKind::User,
-                    format!("[{}+{:#x}]", module.unwrap_or("unknown"), location.address),
-                ));
-            }
-        }
-        let weight = u64::try_from(value).unwrap_or(0) / divisor;
-        stacks.push(WeightedStack { frames, weight });
-    }
-    let mut profile = StackProfile {
-        title: String::new(),
-        unit,
-        period_ns: (p.period > 0 && unit == WeightUnit::Samples).then_some(p.period as u64),
-        stacks,
-        quality: Default::default(),
-        build_ids: Default::default(),
-    };
-    profile.quality.duration = std::time::Duration::from_nanos(p.duration_nanos.max(0) as u64);
-    profile.normalize();
-    Ok(profile)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
-    use crate::model::DataQuality;
+    use crate::{
+        model::{DataQuality, Frame, FrameKind, WeightUnit, WeightedStack},
+        symbolize::KERNEL_MODULE,
+    };
 
     fn frame(kind: FrameKind, name: &str, address: Option<u64>, inlined: bool) -> Frame {
         Frame {
