@@ -260,6 +260,27 @@ pub fn build_profile(
         record(frames, findings, weight);
     }
 
+    add_advice(&mut quality, options, map_full, symbolizer);
+    let build_ids = build_ids(symbolizer, modules);
+    let mut profile = StackProfile {
+        title: options.title.clone(),
+        unit: options.unit,
+        period_ns: options.period_ns,
+        stacks,
+        quality,
+        build_ids,
+    };
+    profile.normalize();
+    profile
+}
+
+/// What to do about the stacks that were lost, cut short or left unnamed.
+fn add_advice(
+    quality: &mut DataQuality,
+    options: &BuildOptions,
+    map_full: bool,
+    symbolizer: &Symbolizer,
+) {
     if options.dwarf_possible
         && quality
             .stacks_cut_short
@@ -298,6 +319,13 @@ pub fn build_profile(
     quality.advice.extend(advice);
     quality.advice.extend(symbolizer.jit_advice());
     quality.notes.extend(symbolizer.perf_map_notes());
+}
+
+/// The build IDs of the modules in the stacks, each read once (not after Ctrl-C twice).
+fn build_ids(
+    symbolizer: &mut Symbolizer,
+    modules: BTreeSet<(u32, Arc<str>)>,
+) -> BTreeMap<Arc<str>, String> {
     let mut build_ids = BTreeMap::new();
     for (pid, module) in modules {
         if !build_ids.contains_key(&module)
@@ -307,16 +335,7 @@ pub fn build_profile(
             build_ids.insert(module, id);
         }
     }
-    let mut profile = StackProfile {
-        title: options.title.clone(),
-        unit: options.unit,
-        period_ns: options.period_ns,
-        stacks,
-        quality,
-        build_ids,
-    };
-    profile.normalize();
-    profile
+    build_ids
 }
 
 /// What to do about frames left unnamed, by why they were (`unknown_frames`' reasons); JIT

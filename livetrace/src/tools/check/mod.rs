@@ -10,7 +10,6 @@ mod host;
 mod items;
 mod render;
 
-
 use clap::Args as ClapArgs;
 use serde::Serialize;
 
@@ -186,8 +185,8 @@ pub fn assess(facts: Facts, version: String, setcap: &dyn Fn(Vec<Cap>) -> String
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::render::WIDTH;
+    use super::*;
     use crate::runtimes::Runtime;
 
     const ALL_CAPS: u64 = (1 << 2) | (1 << 19) | (1 << 21) | (1 << 34) | (1 << 38) | (1 << 39);

@@ -456,7 +456,47 @@ fn build(
         })
         .collect();
 
-    let counter = |c| bpf::counter(&counters, c);
+    let quality = capture_quality(
+        context,
+        &counters,
+        elapsed,
+        still_blocked_count,
+        (unmatched_blocks, unmatched_ns),
+        stop,
+    );
+
+    let by_thread = stacks::build_profile(
+        &raw,
+        symbolizer,
+        &BuildOptions {
+            title: context.title.clone(),
+            unit: WeightUnit::Microseconds,
+            per_thread: true,
+            stack_storage: args.stack_storage,
+            weight_divisor: 1000,
+            period_ns: None,
+            dwarf_possible: !args.wakers,
+        },
+        quality,
+    );
+    let profile = if args.per_thread {
+        by_thread.clone()
+    } else {
+        by_thread.without_threads()
+    };
+    Ok((by_thread, profile))
+}
+
+/// The footer's data quality: what the programs counted, and what was left out and why.
+fn capture_quality(
+    context: &BuildContext,
+    counters: &[u64; livetrace_common::stacks::COUNTER_SLOTS as usize],
+    elapsed: Duration,
+    still_blocked_count: usize,
+    (unmatched_blocks, unmatched_ns): (u64, u64),
+    stop: Option<&StopReason>,
+) -> DataQuality {
+    let counter = |c| bpf::counter(counters, c);
     let mut quality = DataQuality {
         duration: elapsed,
         events: counter(Counter::Events),
@@ -477,11 +517,11 @@ fn build(
         counter(Counter::StateFiltered),
         counter(Counter::BlockFiltered),
     ));
-    if !blocked_at_start.is_empty() {
+    if !context.blocked_at_start.is_empty() {
         quality.notes.push(format!(
             "{} threads were already blocked when the capture began; their stacks were recovered \
              from /proc (marked {RECOVERED_MARKER})",
-            blocked_at_start.len()
+            context.blocked_at_start.len()
         ));
     }
     if still_blocked_count > 0 {
@@ -525,27 +565,7 @@ fn build(
         }
     }
     capture::note_capture_end(&mut quality, counter(Counter::NewProcessNotAnnounced), stop);
-
-    let by_thread = stacks::build_profile(
-        &raw,
-        symbolizer,
-        &BuildOptions {
-            title: context.title.clone(),
-            unit: WeightUnit::Microseconds,
-            per_thread: true,
-            stack_storage: args.stack_storage,
-            weight_divisor: 1000,
-            period_ns: None,
-            dwarf_possible: !args.wakers,
-        },
-        quality,
-    );
-    let profile = if args.per_thread {
-        by_thread.clone()
-    } else {
-        by_thread.without_threads()
-    };
-    Ok((by_thread, profile))
+    quality
 }
 
 /// Why a capture recorded no blocked time, from what the programs counted, and what to try.

@@ -373,4 +373,3 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
         _ => false,
     }
 }
-

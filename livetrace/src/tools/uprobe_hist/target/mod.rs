@@ -191,7 +191,8 @@ mod tests {
         assert!(info.has_symtab);
         let symbols = function_symbols(&me).unwrap();
         let spec =
-            SymbolSpec::parse("livetrace::tools::uprobe_hist::target::symbols::edit_distance").unwrap();
+            SymbolSpec::parse("livetrace::tools::uprobe_hist::target::symbols::edit_distance")
+                .unwrap();
         assert!(
             matches!(find_symbol(&symbols, &spec), Lookup::Found(_)),
             "{:?}",

@@ -294,4 +294,3 @@ pub fn describe_ambiguity(spec: &SymbolSpec, file: &str, found: &[FunctionSymbol
     );
     out
 }
-
