@@ -20,7 +20,10 @@ use super::{
     probes::{attach, detach},
     sites::Site,
 };
-use crate::tools::uprobe_hist::target::{Candidate, FunctionSymbol};
+use crate::{
+    histogram::{Histogram, LatencyQuality},
+    tools::uprobe_hist::target::{Candidate, FunctionSymbol},
+};
 
 /// The kinds of first instruction the kernel treats differently, each with a function of
 /// livetrace's that begins with one and returns at once.
@@ -151,6 +154,56 @@ fn own_file_offset(address: u64) -> anyhow::Result<(PathBuf, u64)> {
             ))
         })
         .context("livetrace's own code is not in its memory map")
+}
+
+/// Measures what the probes add to each call of a function that begins like the probed one
+/// (`calibrate`), and warns when that is a large share of the median measured.
+pub(super) fn note_probe_overhead(
+    quality: &mut LatencyQuality,
+    site: &Site,
+    total: &Histogram,
+    function: &str,
+) {
+    let Some(first) = first_instruction(site) else {
+        return;
+    };
+    let kind = FirstInstruction::of(&first);
+    let overhead = match probe_cost(kind) {
+        Ok(ns) => ns,
+        Err(err) => {
+            quality.notes.push(format!(
+                "the probes' own share of each call was not measured: {err:#}"
+            ));
+            return;
+        }
+    };
+    quality.probe_overhead = Some((overhead, kind.describe()));
+    let Some(p50) = total.percentile(50.0, "p50").map(|p| p.estimate_ns) else {
+        return;
+    };
+    if overhead * 10 >= p50 {
+        quality.notes.push(format!(
+            "times are inflated: about {} of each measured call of {function} is the probes' \
+             own doing ({}% of its p50 of {}): it begins with {}, which the probe executes in \
+             its place; read the times as that much too long, or time a caller",
+            crate::histogram::format_ns(overhead),
+            overhead * 100 / p50.max(1),
+            crate::histogram::format_ns(p50),
+            kind.describe()
+        ));
+    }
+}
+
+/// The first bytes of the probed function, from its file.
+fn first_instruction(site: &Site) -> Option<Vec<u8>> {
+    use std::io::{Read as _, Seek as _};
+    let mut file = std::fs::File::open(&site.file.path).ok()?;
+    file.seek(std::io::SeekFrom::Start(site.symbol.file_offset))
+        .ok()?;
+    let mut code = vec![0u8; 16];
+    let read = file.read(&mut code).ok()?;
+    code.truncate(read);
+    Some(code)
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ mod calibrate;
 mod intervals;
 mod maps;
 mod probes;
+mod report;
 mod sites;
 mod slow;
 pub mod target;
@@ -24,10 +25,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::Args as ClapArgs;
 use livetrace_common::uprobe_hist::{
-    Counter, DEFAULT_MAX_THREADS, DEFAULT_SLOW_BUFFER, DEFAULT_STACK_STORAGE,
+    DEFAULT_MAX_THREADS, DEFAULT_SLOW_BUFFER, DEFAULT_STACK_STORAGE,
 };
 
 use crate::{
@@ -35,7 +36,7 @@ use crate::{
     duration::parse_positive_duration,
     histogram::{Histogram, LatencyQuality, LatencyReport},
     kernel_btf::KernelBtf,
-    output::{self, Format, OutputSpec, histogram_json, histogram_text},
+    output::{Format, OutputSpec, histogram_text},
     privileges,
     session::{
         self, Privileges, Running, Session, Tool,
@@ -43,14 +44,15 @@ use crate::{
         targets::{ProcessArgs, Target},
     },
     stacks,
-    symbolize::Symbolizer,
     tools::uprobe_hist::target::SymbolSpec,
 };
 
 use self::{
+    calibrate::note_probe_overhead,
     intervals::IntervalClock,
     maps::Maps,
     probes::{Children, attach, detach, probe_cost},
+    report::{latency_quality, write_files, write_report_to_stdout, write_snapshot},
     sites::{find_sites, wait_until_loaded},
     slow::SlowCollector,
 };
@@ -463,127 +465,6 @@ impl Running for Timing {
     }
 }
 
-/// Writes every file output of a report, each whatever happened to the others; `stacks`: the
-/// slow calls' profile, if a stack output asks for it. Standard output is written apart.
-fn write_files(
-    outputs: &[HistOutput],
-    report: &LatencyReport,
-    stacks: Option<&crate::model::StackProfile>,
-) -> output::Written {
-    let mut written = output::Written::default();
-    for output in outputs {
-        match (output, stacks) {
-            (HistOutput::Text(Some(path)), _) => written.attempt(
-                path.display().to_string(),
-                output::write_atomically(path, |out| histogram_text::write(report, out)),
-            ),
-            (HistOutput::Json(path), _) => written.attempt(
-                path.display().to_string(),
-                output::write_atomically(path, |out| histogram_json::write(report, out)),
-            ),
-            (HistOutput::Stacks(spec), Some(profile)) => {
-                let one = output::write_stack_profile(profile, std::slice::from_ref(spec));
-                written.attempt(spec.describe(), one.finish());
-            }
-            // Standard output gets the text report anyway.
-            (HistOutput::Text(None) | HistOutput::Stacks(_), _) => {}
-        }
-    }
-    written
-}
-
-/// The data-quality record from the counters, read in place (also mid-capture).
-fn latency_quality(
-    maps: &Maps,
-    elapsed: Duration,
-    function: &str,
-) -> anyhow::Result<LatencyQuality> {
-    let counters = maps.counters()?;
-    let counter = |c: Counter| counters[c as usize];
-    let mut quality = LatencyQuality {
-        duration: elapsed,
-        entries: counter(Counter::Entries),
-        returns: counter(Counter::Returns),
-        recorded: counter(Counter::Recorded),
-        thread_map_full: counter(Counter::ThreadMapFull),
-        too_deep: counter(Counter::TooDeep),
-        abandoned: counter(Counter::Abandoned),
-        exited_inside: counter(Counter::ExitedInside),
-        still_open: maps.still_open()?,
-        return_without_entry: counter(Counter::ReturnWithoutEntry),
-        return_unmatched: counter(Counter::ReturnUnmatched),
-        slow_recorded: counter(Counter::SlowRecorded),
-        slow_ring_full: counter(Counter::SlowRingFull),
-        slow_stack_lost: counter(Counter::SlowStackLost),
-        helper_failed: counter(Counter::HelperFailed),
-        returns_outside: counter(Counter::ReturnOutsideCapture),
-        probe_cost_ns: None,
-        probe_overhead: None,
-        notes: Vec::new(),
-    };
-    if quality.entries == 0 {
-        quality.notes.push(format!(
-            "{function} was not called during the capture: check that the target calls it \
-             (it may be inlined at its call sites, and then never runs as its own function)"
-        ));
-    }
-
-    Ok(quality)
-}
-
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the run loop's state, borrowed piece by piece inside its callback"
-)]
-/// SIGUSR1: the report so far, written to every file output and printed on stdout (as JSON
-/// with --json); the maps are read, not cleared, and the capture goes on.
-fn write_snapshot(
-    maps: &Maps,
-    slow: &SlowCollector,
-    symbolizer: &mut Symbolizer,
-    base: &LatencyReport,
-    outputs: &[HistOutput],
-    elapsed: Duration,
-    start_mono_ns: u64,
-    json: bool,
-) -> anyhow::Result<()> {
-    let mut quality = latency_quality(maps, elapsed, &base.function)?;
-    quality
-        .notes
-        .push("snapshot (SIGUSR1) taken while the capture goes on".into());
-    let traces = if slow.threshold_ns > 0 {
-        maps.stack_traces(slow)?
-    } else {
-        HashMap::new()
-    };
-    let report = LatencyReport {
-        function: base.function.clone(),
-        sites: base.sites.clone(),
-        title: base.title.clone(),
-        total: maps.histogram()?,
-        intervals: Vec::new(),
-        slow: (slow.threshold_ns > 0).then(|| slow.report(&traces, symbolizer, start_mono_ns)),
-        quality,
-        max_threads: base.max_threads,
-    };
-    let stacks = outputs
-        .iter()
-        .any(|o| matches!(o, HistOutput::Stacks(_)))
-        .then(|| slow.profile(&traces, symbolizer, &report, &report.title));
-    let written = write_files(outputs, &report, stacks.as_ref());
-    write_report_to_stdout(&report, json)?;
-    crate::say!(
-        "livetrace: snapshot (SIGUSR1): {} calls so far{}; the capture goes on",
-        report.total.count(),
-        if written.paths().is_empty() {
-            String::new()
-        } else {
-            format!(", written to {}", written.paths().join(", "))
-        }
-    );
-    written.finish()
-}
-
 /// `livetrace-uprobe-hist-<function>-<UTC time>.txt` in the current directory.
 fn default_output_path(function: &str) -> PathBuf {
     let short: String = function
@@ -604,68 +485,6 @@ fn default_output_path(function: &str) -> PathBuf {
         "livetrace-uprobe-hist-{short}-{}.txt",
         crate::timestamp()
     ))
-}
-
-/// Measures what the probes add to each call of a function that begins like the probed one
-/// (`calibrate`), and warns when that is a large share of the median measured.
-fn note_probe_overhead(
-    quality: &mut LatencyQuality,
-    site: &sites::Site,
-    total: &Histogram,
-    function: &str,
-) {
-    let Some(first) = first_instruction(site) else {
-        return;
-    };
-    let kind = calibrate::FirstInstruction::of(&first);
-    let overhead = match calibrate::probe_cost(kind) {
-        Ok(ns) => ns,
-        Err(err) => {
-            quality.notes.push(format!(
-                "the probes' own share of each call was not measured: {err:#}"
-            ));
-            return;
-        }
-    };
-    quality.probe_overhead = Some((overhead, kind.describe()));
-    let Some(p50) = total.percentile(50.0, "p50").map(|p| p.estimate_ns) else {
-        return;
-    };
-    if overhead * 10 >= p50 {
-        quality.notes.push(format!(
-            "times are inflated: about {} of each measured call of {function} is the probes' \
-             own doing ({}% of its p50 of {}): it begins with {}, which the probe executes in \
-             its place; read the times as that much too long, or time a caller",
-            crate::histogram::format_ns(overhead),
-            overhead * 100 / p50.max(1),
-            crate::histogram::format_ns(p50),
-            kind.describe()
-        ));
-    }
-}
-
-/// The first bytes of the probed function, from its file.
-fn first_instruction(site: &sites::Site) -> Option<Vec<u8>> {
-    use std::io::{Read as _, Seek as _};
-    let mut file = std::fs::File::open(&site.file.path).ok()?;
-    file.seek(std::io::SeekFrom::Start(site.symbol.file_offset))
-        .ok()?;
-    let mut code = vec![0u8; 16];
-    let read = file.read(&mut code).ok()?;
-    code.truncate(read);
-    Some(code)
-}
-
-/// The histogram (or, with --json, the JSON object) on standard output.
-fn write_report_to_stdout(report: &LatencyReport, json: bool) -> anyhow::Result<()> {
-    if json {
-        let mut buf = Vec::new();
-        histogram_json::write(report, &mut buf).context("failed to render the JSON report")?;
-        crate::console::stdout(&buf);
-    } else {
-        crate::console::stdout(histogram_text::report_text(report).as_bytes());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
