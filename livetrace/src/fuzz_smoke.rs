@@ -267,7 +267,7 @@ fn perf_maps_never_panic() {
     let seed = b"7f0000001000 10 jitted_one\n0x7f0000002000 0x2a0 int A.b(byte[])\n\
                  7f0000003000 2a0 JS:*foo /srv/bar.js:1:2\n";
     for text in mutations(&[seed], 400, 8) {
-        let map = crate::perf_map::PerfMap::parse(&text);
+        let map = crate::symbolize::perf_map::PerfMap::parse(&text);
         for addr in [0, 0x7f0000001008, 0x7f0000002100, u64::MAX] {
             let _ = map.find(addr);
         }

@@ -15,7 +15,6 @@ pub mod kernel_btf;
 pub mod model;
 pub mod names;
 pub mod output;
-pub mod perf_map;
 pub mod privileges;
 pub mod proc;
 pub mod runtimes;

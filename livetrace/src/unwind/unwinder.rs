@@ -315,7 +315,7 @@ impl DwarfUnwinder {
             .get(&pid)
             .map_or(Place::Unmapped, |p| p.place(last));
         match place {
-            Place::Anonymous if !crate::perf_map::PerfMap::exists(pid) => {
+            Place::Anonymous if !crate::symbolize::perf_map::PerfMap::exists(pid) => {
                 return "JIT or anonymous code without a perf map".into();
             }
             Place::Anonymous => {

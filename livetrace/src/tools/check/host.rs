@@ -7,11 +7,10 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::{
-    kernel_btf,
-    perf_map::PerfMap,
-    privileges,
+    kernel_btf, privileges,
     proc::{maps::Maps, task},
     runtimes::Runtime,
+    symbolize::perf_map::PerfMap,
     tools::offcpu::tracefs,
 };
 
