@@ -93,7 +93,7 @@ pub fn build_static_livetrace() -> anyhow::Result<PathBuf> {
         "-p",
         "livetrace",
     ]))?;
-    Ok(workspace_root().join(format!("target/{MUSL}/dist/livetrace")))
+    Ok(crate::target_dir().join(format!("{MUSL}/dist/livetrace")))
 }
 
 /// Refuses a binary that would need anything from the host: an ELF interpreter or a shared

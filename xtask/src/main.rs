@@ -3,7 +3,7 @@
 //!
 //!   cargo xtask setup   install the toolchain pieces (nightly rust-src, bpf-linker)
 //!   cargo xtask demo    build everything, run the demo service, and show livetrace on it
-//!   cargo xtask test    every test: unit tests, and the BPF integration tests (needs root)
+//!   cargo xtask test    every test: unit tests, and the end-to-end BPF suite (needs root)
 //!   cargo xtask bench   livetrace beside its peers (bpftrace, perf), written to docs/benchmarks.md
 //!   cargo xtask test-kernel [--kernel K]   the smoke checks on LTS kernels in QEMU, and the host
 //!   cargo xtask fuzz [TARGET] [--seconds N]   fuzz the parsers of untrusted input (nightly)
@@ -86,21 +86,43 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where cargo puts what it builds.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
 fn setup() -> anyhow::Result<()> {
     run_command(Command::new("bash").arg(workspace_root().join("scripts/setup.sh")))
 }
 
 fn test(cargo_args: &[String]) -> anyhow::Result<()> {
     require_root("the integration tests load BPF programs")?;
-    // The sidecar tests run the static binary that `cargo xtask dist` ships.
+    // The end-to-end suite (livetrace-tests) runs the binary built here, and the sidecar tests
+    // the static binary that `cargo xtask dist` ships.
+    run_command(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "livetrace",
+    ]))?;
+    let binary = target_dir().join("release/livetrace");
     let static_binary = dist::build_static_livetrace()?;
-    // Unit tests of every crate, then the integration tests that load the real BPF programs
-    // against fixture programs; both in one cargo invocation so the summary counts them all.
+    // Unit tests of every crate, then the end-to-end tests that load the real BPF programs
+    // against fixture programs; one cargo invocation, so its summary counts them all. The BPF
+    // crate builds only for the BPF target, inside livetrace's build script.
     run_command(
         Command::new("cargo")
             .current_dir(workspace_root())
-            .args(["test", "--release"])
+            .args([
+                "test",
+                "--release",
+                "--workspace",
+                "--exclude",
+                "livetrace-ebpf",
+            ])
             .args(cargo_args)
+            .env("LIVETRACE_BIN", binary)
             .env("LIVETRACE_STATIC", static_binary),
     )
 }

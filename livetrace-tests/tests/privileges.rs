@@ -30,7 +30,7 @@ impl NobodyDir {
             .tempdir_in("/tmp")
             .unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
-        fs::copy(LIVETRACE, dir.path().join("livetrace")).unwrap();
+        fs::copy(livetrace(), dir.path().join("livetrace")).unwrap();
         for name in fixtures {
             fs::copy(fixture(name), dir.path().join(name)).unwrap();
         }

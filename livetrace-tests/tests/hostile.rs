@@ -127,7 +127,7 @@ fn through_shell(script: &str, args: &[&str]) -> (Option<i32>, String) {
     let output = Command::new("bash")
         .args(["-o", "pipefail", "-c"])
         .arg(script)
-        .arg(LIVETRACE)
+        .arg(livetrace())
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -267,7 +267,7 @@ fn one_output_given_twice_is_a_usage_error() {
             "x.folded",
         ],
     ] {
-        let mut command = Command::new(LIVETRACE);
+        let mut command = Command::new(livetrace());
         command.args(&args).current_dir(dir.path());
         let run = Livetrace::start_command(command).finish(SLACK);
         assert_eq!(run.status.code(), Some(2), "{args:?}: {}", run.stderr);

@@ -5,7 +5,7 @@ mod common;
 
 use std::{process::Command, time::Duration};
 
-use common::{LIVETRACE, require_tool, run_livetrace};
+use common::{livetrace, require_tool, run_livetrace};
 
 const SLACK: Duration = Duration::from_secs(20);
 
@@ -13,8 +13,9 @@ const SLACK: Duration = Duration::from_secs(20);
 /// subcommands, options and option values.
 #[test]
 fn bash_completions_load_and_complete() {
+    let livetrace = livetrace();
     let script = format!(
-        "source <({LIVETRACE} completions bash) && complete -p livetrace && \
+        "source <({livetrace} completions bash) && complete -p livetrace && \
          complete_words() {{ COMP_WORDS=(\"$@\"); COMP_CWORD=$(( $# - 1 )); \
            _livetrace livetrace \"${{COMP_WORDS[-1]}}\" \"${{COMP_WORDS[-2]}}\"; \
            echo \"${{COMPREPLY[*]}}\"; }} && \
@@ -47,10 +48,11 @@ fn bash_completions_load_and_complete() {
 #[test]
 fn zsh_completions_load() {
     let zsh = require_tool("zsh", "apt-get install zsh");
+    let livetrace = livetrace();
     let output = Command::new(zsh)
         .arg("-fc")
         .arg(format!(
-            "autoload -U compinit && compinit -u -D && source <({LIVETRACE} completions zsh) && \
+            "autoload -U compinit && compinit -u -D && source <({livetrace} completions zsh) && \
              print -r -- ${{_comps[livetrace]}}"
         ))
         .output()
@@ -67,10 +69,11 @@ fn zsh_completions_load() {
 #[test]
 fn fish_completions_load_and_complete() {
     let fish = require_tool("fish", "apt-get install fish");
+    let livetrace = livetrace();
     let output = Command::new(fish)
         .arg("-c")
         .arg(format!(
-            "source ({LIVETRACE} completions fish | psub); complete -C 'livetrace pro'; \
+            "source ({livetrace} completions fish | psub); complete -C 'livetrace pro'; \
              complete -C 'livetrace offcpu --state '"
         ))
         .output()

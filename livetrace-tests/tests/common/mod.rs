@@ -17,8 +17,24 @@ use std::sync::{OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The livetrace binary cargo built for these tests.
-pub const LIVETRACE: &str = env!("CARGO_BIN_EXE_livetrace");
+/// The livetrace binary under test: built by `cargo xtask test`, which names it in
+/// `LIVETRACE_BIN` (this crate is not livetrace's own, so cargo's `CARGO_BIN_EXE_` is not set).
+pub fn livetrace() -> &'static str {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = std::env::var("LIVETRACE_BIN").unwrap_or_else(|_| {
+            panic!(
+                "LIVETRACE_BIN is not set: run the end-to-end tests with `cargo xtask test`, \
+                 which builds livetrace and names the binary"
+            )
+        });
+        assert!(
+            Path::new(&path).is_file(),
+            "LIVETRACE_BIN names {path}, which is not a file: run `cargo xtask test`"
+        );
+        path
+    })
+}
 
 /// Where the C fixtures' sources live: `tests/fixtures/` at the workspace root.
 const FIXTURE_SOURCES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
@@ -498,7 +514,7 @@ impl Livetrace {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut command = Command::new(LIVETRACE);
+        let mut command = Command::new(livetrace());
         command.args(args).envs(env.iter().copied());
         Self::start_command(command)
     }

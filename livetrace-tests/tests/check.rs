@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Finished, LIVETRACE, Livetrace, Process, run_livetrace, start_fixture};
+use common::{Finished, Livetrace, Process, livetrace, run_livetrace, start_fixture};
 
 const SLACK: Duration = Duration::from_secs(20);
 
@@ -148,7 +148,7 @@ fn a_pid_namespace_of_its_own_is_refused_with_the_fix() {
         let mut command = Command::new("unshare");
         command
             .args(["--pid", "--fork", "--mount-proc", "--"])
-            .arg(LIVETRACE)
+            .arg(livetrace())
             .args(args);
         Livetrace::start_command(command).finish(SLACK)
     };
