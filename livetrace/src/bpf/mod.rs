@@ -6,6 +6,7 @@
 
 mod error;
 pub mod stacks;
+pub mod verify;
 
 use anyhow::Context as _;
 use aya::{

@@ -13,8 +13,8 @@ use livetrace_common::{
     follow::FOLLOW_FORK,
     objects::offcpu::{SWITCH, SWITCH_TRACEPOINT, WAKEUP},
     offcpu::{self, MAX_THREADS, OFFCPU_START, OffcpuStart},
-    stacks::{STACK_ID_RECOVERED, StackKey},
-    unwind::{COPY_LIMITS, UNWIND_SAMPLES},
+    stacks::{STACK_ID_RECOVERED, STACK_KIND_KERNEL, STACK_KIND_USER, StackKey},
+    unwind::{COPY_LIMITS, MAX_STACK_COPY, UNWIND_SAMPLES},
 };
 
 use super::{Attach, already_blocked, tracefs};
@@ -82,6 +82,35 @@ fn load(settings: &StackSettings, offcpu: &OffcpuSettings) -> anyhow::Result<Ebp
     let mut ebpf = bpf::load(Object::Offcpu, &mut loader)?;
     settings.fill_targets(&mut ebpf)?;
     Ok(ebpf)
+}
+
+/// The offcpu object as a capture loads it, its programs not yet loaded: frame pointers, and
+/// stack copies with `--wakers`, both following a held command's exec and forks.
+pub fn objects_for_verifier() -> Vec<(&'static str, anyhow::Result<Ebpf>)> {
+    [("frame pointers", false), ("--unwind dwarf --wakers", true)]
+        .into_iter()
+        .map(|(variant, all)| {
+            let settings = StackSettings {
+                filter: true,
+                tgids: vec![1],
+                tids: Vec::new(),
+                stack_kinds: STACK_KIND_USER | STACK_KIND_KERNEL,
+                per_thread: true,
+                stack_storage: 1024,
+                stack_copy_bytes: if all { MAX_STACK_COPY } else { 0 },
+                unwind_buffer: 1 << 20,
+                held_command: Some(1),
+                fork_tgid_offset: Some(0),
+            };
+            let offcpu = OffcpuSettings {
+                wakers: all,
+                state_mask: u32::MAX,
+                max_block_ns: u64::MAX,
+                ..OffcpuSettings::default()
+            };
+            (variant, load(&settings, &offcpu))
+        })
+        .collect()
 }
 
 /// Loads the programs with the offsets their hook needs and attaches them: `tp_btf` where the

@@ -24,6 +24,7 @@ use livetrace_common::{
     stacks::{DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER},
 };
 
+pub use self::attach::objects_for_verifier;
 use self::{
     attach::OffcpuSettings,
     build::{BuildContext, build, why_nothing},

@@ -63,7 +63,27 @@ pub(super) fn load(
 /// pointers or (`dwarf`) copying them: loaded as a capture would load it, not attached, and
 /// unloaded again (`livetrace check`).
 pub fn verifier_accepts(dwarf: bool) -> anyhow::Result<()> {
-    let settings = StackSettings {
+    load_program(&verifier_settings(dwarf)).map(drop)
+}
+
+/// The profile object as a capture loads it, its programs not yet loaded: frame pointers, and
+/// stack copies for `--unwind dwarf`, both following a held command's exec and forks.
+pub fn objects_for_verifier() -> Vec<(&'static str, anyhow::Result<aya::Ebpf>)> {
+    [("frame pointers", false), ("--unwind dwarf", true)]
+        .into_iter()
+        .map(|(variant, dwarf)| {
+            let settings = StackSettings {
+                held_command: Some(1),
+                fork_tgid_offset: Some(0),
+                ..verifier_settings(dwarf)
+            };
+            (variant, bpf::stacks::load(Object::Profile, &settings))
+        })
+        .collect()
+}
+
+fn verifier_settings(dwarf: bool) -> StackSettings {
+    StackSettings {
         filter: false,
         tgids: Vec::new(),
         tids: Vec::new(),
@@ -74,8 +94,7 @@ pub fn verifier_accepts(dwarf: bool) -> anyhow::Result<()> {
         unwind_buffer: 1 << 20,
         held_command: None,
         fork_tgid_offset: None,
-    };
-    load_program(&settings).map(drop)
+    }
 }
 
 fn load_program(settings: &StackSettings) -> anyhow::Result<aya::Ebpf> {

@@ -18,6 +18,7 @@ use livetrace_common::{
     stacks::{Counter, DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER},
 };
 
+pub use self::attach::objects_for_verifier;
 pub use self::attach::verifier_accepts;
 use self::attach::{attach, load};
 use crate::{

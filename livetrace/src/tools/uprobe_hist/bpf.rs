@@ -6,6 +6,7 @@ use livetrace_common::{follow, stacks, uprobe_hist};
 use crate::bpf::{self, Object};
 
 /// Settings of `uprobe-hist`'s programs.
+#[derive(Clone, Copy)]
 pub struct UprobeHistSettings {
     /// Calls at least this long (ns) go to the slow-call ring buffer; 0 = off.
     pub slow_ns: u64,
@@ -47,4 +48,22 @@ pub fn load(settings: &UprobeHistSettings) -> anyhow::Result<Ebpf> {
         bpf::set_targets(&mut ebpf, &[pid], &[])?;
     }
     Ok(ebpf)
+}
+
+/// The uprobe-hist object as a capture loads it, its programs not yet loaded: timing only, and
+/// with slow calls' stacks while following a command's forks.
+pub fn objects_for_verifier() -> Vec<(&'static str, anyhow::Result<Ebpf>)> {
+    let plain = UprobeHistSettings {
+        slow_ns: 0,
+        max_threads: 64,
+        stack_storage: 64,
+        slow_buffer: 4096,
+        follow: None,
+    };
+    let all = UprobeHistSettings {
+        slow_ns: 1,
+        follow: Some((1, 0)),
+        ..plain
+    };
+    vec![("timing", load(&plain)), ("--slow -- COMMAND", load(&all))]
 }

@@ -31,6 +31,7 @@ use livetrace_common::uprobe_hist::{
     DEFAULT_MAX_THREADS, DEFAULT_SLOW_BUFFER, DEFAULT_STACK_STORAGE,
 };
 
+pub use self::bpf::objects_for_verifier;
 use crate::{
     UsageError,
     duration::parse_positive_duration,
