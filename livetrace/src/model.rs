@@ -8,6 +8,9 @@ use std::{
     time::Duration,
 };
 
+/// The module kernel frames are in: the name perf and pprof tools give the kernel's
+/// pseudo-module.
+pub const KERNEL_MODULE: &str = "[kernel.kallsyms]";
 /// What a stack's weight counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightUnit {

@@ -69,27 +69,6 @@ pub enum Event {
     Snapshot,
 }
 
-/// Whether a second stop signal asked to skip the rest of the work (symbolisation).
-pub fn aborted() -> bool {
-    signals::aborted()
-}
-
-/// A test hook: `LIVETRACE_TEST_SLOW_SYMBOLIZE=MS` makes each symbolisation batch take MS
-/// longer (in steps that notice the abort flag), so tests can deliver a second signal while
-/// symbolisation runs.
-pub fn test_symbolize_delay() {
-    let Some(ms) = std::env::var("LIVETRACE_TEST_SLOW_SYMBOLIZE")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    else {
-        return;
-    };
-    let end = Instant::now() + Duration::from_millis(ms);
-    while Instant::now() < end && !aborted() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// How often the tool is called back during the capture.
 // Often enough to snapshot a new process's memory map while it settles (and before a
 // short-lived one exits).

@@ -329,7 +329,7 @@ fn build_ids(
     let mut build_ids = BTreeMap::new();
     for (pid, module) in modules {
         if !build_ids.contains_key(&module)
-            && !crate::session::capture::aborted()
+            && !crate::signals::aborted()
             && let Some(id) = symbolizer.build_id(pid, &module)
         {
             build_ids.insert(module, id);

@@ -5,26 +5,16 @@
 //! is snapshotted (name and file mappings) when it is first seen during the capture; an exited
 //! process is then symbolised from its snapshot through the ELF files themselves.
 
+pub mod names;
+pub mod perf_map;
+
 use std::{
     collections::{BTreeSet, HashMap},
     fs,
     ops::Range,
     path::{Path, PathBuf},
     sync::Arc,
-};
-
-pub mod names;
-pub mod perf_map;
-
-pub use self::names::{demangle, module_offset};
-use self::{
-    names::{describe, gnu_build_id_note, hex, jit_symbol, path_name, symbols_of},
-    perf_map::PerfMap,
-};
-pub use crate::proc::maps::Mapping;
-use crate::{
-    proc::{self, maps::Maps, task},
-    runtimes::Runtime,
+    time::{Duration, Instant},
 };
 
 use blazesym::{
@@ -35,14 +25,23 @@ use blazesym::{
     },
 };
 
+pub use self::names::{demangle, module_offset};
+use self::{
+    names::{describe, gnu_build_id_note, hex, jit_symbol, path_name, symbols_of},
+    perf_map::PerfMap,
+};
+pub use crate::{model::KERNEL_MODULE, proc::maps::Mapping};
+use crate::{
+    proc::{self, maps::Maps, task},
+    runtimes::Runtime,
+    signals,
+};
+
 /// Why a frame is a raw address after a second Ctrl-C.
 pub const INTERRUPTED: &str = "symbolisation interrupted by a second signal";
 
 /// Why an address has no name when it lies outside every file the process mapped.
 const NOT_IN_A_FILE: &str = "not in a file mapping (JIT or anonymous code)";
-
-/// The name the kernel's pseudo-module goes by in perf and pprof tools.
-pub const KERNEL_MODULE: &str = "[kernel.kallsyms]";
 
 /// One resolved address: the function, followed by any inlined callees (outermost first), or an
 /// unresolved placeholder and why.
@@ -217,8 +216,8 @@ impl Symbolizer {
 
     /// Checked before each batch: after a second stop signal, addresses stay raw.
     fn skip_batch(&mut self) -> bool {
-        crate::session::capture::test_symbolize_delay();
-        if crate::session::capture::aborted() {
+        test_symbolize_delay();
+        if signals::aborted() {
             self.interrupted = true;
         }
         self.interrupted
@@ -494,6 +493,22 @@ impl Snapshot {
 fn read_mappings(pid: u32) -> Option<(Vec<Mapping>, Vec<Range<u64>>)> {
     let maps = Maps::of(pid).ok()?;
     Some((maps.code_files().collect(), maps.anonymous_code()))
+}
+
+/// A test hook: `LIVETRACE_TEST_SLOW_SYMBOLIZE=MS` makes each symbolisation batch take MS
+/// longer (in steps that notice the abort flag), so tests can deliver a second signal while
+/// symbolisation runs.
+fn test_symbolize_delay() {
+    let Some(ms) = std::env::var("LIVETRACE_TEST_SLOW_SYMBOLIZE")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    let end = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < end && !signals::aborted() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[cfg(test)]

@@ -4,10 +4,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use super::{Function, Location, PROCESS_LABEL, Profile, ReadError, Sample, THREAD_LABEL};
-use crate::{
-    model::{Frame, FrameKind, StackProfile, WeightUnit, WeightedStack},
-    symbolize::KERNEL_MODULE,
-};
+use crate::model::{Frame, FrameKind, KERNEL_MODULE, StackProfile, WeightUnit, WeightedStack};
 
 pub fn decode(p: &Profile) -> Result<StackProfile, ReadError> {
     if p.string_table.first().is_none_or(|s| !s.is_empty()) {

@@ -11,9 +11,8 @@ use super::{
     ValueType,
 };
 use crate::{
-    model::{Frame, FrameKind, StackProfile, WeightUnit, WeightedStack},
+    model::{Frame, FrameKind, KERNEL_MODULE, StackProfile, WeightUnit, WeightedStack},
     output::footer,
-    symbolize::KERNEL_MODULE,
 };
 
 pub fn encode(profile: &StackProfile) -> Profile {

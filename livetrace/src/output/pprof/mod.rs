@@ -211,10 +211,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::{
-        model::{DataQuality, Frame, FrameKind, WeightUnit, WeightedStack},
-        symbolize::KERNEL_MODULE,
-    };
+    use crate::model::{DataQuality, Frame, FrameKind, KERNEL_MODULE, WeightUnit, WeightedStack};
 
     fn frame(kind: FrameKind, name: &str, address: Option<u64>, inlined: bool) -> Frame {
         Frame {
