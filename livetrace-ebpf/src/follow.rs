@@ -7,9 +7,10 @@
 //! [`follow_fork!`](crate::follow_fork), so that only the tools that follow carry them.
 
 use aya_ebpf::{Global, helpers::bpf_get_current_pid_tgid, programs::BtfTracePointContext};
+use livetrace_common::stacks::Counter;
 
 use crate::{
-    stacks::{add_target_tgid, announce_first_sight, is_target, note_exec},
+    stacks::{self, add_target_tgid, announce_first_sight, is_target, note_exec},
     task, unwind,
 };
 
@@ -37,6 +38,15 @@ pub enum Lost {
     TargetMapFull,
     /// The child could not be announced to user space.
     NotAnnounced,
+}
+
+/// What the stack tools count when following a fork lost something (in their counters).
+#[inline(always)]
+pub fn count_in_stack_counters(lost: Lost) {
+    stacks::count(match lost {
+        Lost::TargetMapFull => Counter::TargetMapFull,
+        Lost::NotAnnounced => Counter::NewProcessNotAnnounced,
+    });
 }
 
 /// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`, run by the

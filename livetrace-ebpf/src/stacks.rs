@@ -223,15 +223,6 @@ pub fn announce_first_sight(tgid: u32, not_announced: impl FnOnce()) {
     }
 }
 
-/// What the stack tools count when following a fork lost something.
-#[inline(always)]
-pub fn count_fork_loss(lost: crate::follow::Lost) {
-    count(match lost {
-        crate::follow::Lost::TargetMapFull => Counter::TargetMapFull,
-        crate::follow::Lost::NotAnnounced => Counter::NewProcessNotAnnounced,
-    });
-}
-
 /// [`announce_first_sight`], counted in the stack tools' counters.
 #[inline(always)]
 pub fn announce(tgid: u32) {

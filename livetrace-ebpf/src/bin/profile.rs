@@ -22,7 +22,7 @@ livetrace_ebpf::stack_maps!();
 livetrace_ebpf::unwind_maps!();
 livetrace_ebpf::follow_exec!();
 livetrace_ebpf::follow_fork!(
-    livetrace_ebpf::stacks::count_fork_loss,
+    livetrace_ebpf::follow::count_in_stack_counters,
     livetrace_ebpf::unwind::forked
 );
 
