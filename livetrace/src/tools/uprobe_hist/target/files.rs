@@ -184,7 +184,12 @@ fn in_system_libraries(name: &str) -> anyhow::Result<Search> {
             continue;
         };
         tried.push(format!("{}/{name}*", dir.display()));
-        let mut names: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        // Files only: `python3.11` is also a directory of modules beside libpython3.11.so.
+        let mut names: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
         names.sort();
         for path in pick_library(name, names.iter().map(|p| p.as_path())) {
             let canonical = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
