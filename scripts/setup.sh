@@ -84,6 +84,19 @@ if ! command -v java >/dev/null || ! command -v jcmd >/dev/null; then
     apt_install default-jdk-headless
 fi
 
+if [ ! -e /usr/include/x86_64-linux-gnu/sys/sdt.h ] && [ ! -e /usr/include/sys/sdt.h ]; then
+    say "installing systemtap-sdt-dev (sys/sdt.h: the USDT test fixture declares its probes with it)"
+    apt_install systemtap-sdt-dev
+fi
+if ! command -v bpftrace >/dev/null; then
+    say "installing bpftrace (the oracle for the USDT probes livetrace lists and times)"
+    apt_install bpftrace
+fi
+if [ ! -x /usr/lib/postgresql/15/bin/postgres ]; then
+    say "installing postgresql-15 (a real program with USDT probes, for the tests)"
+    apt_install postgresql-15
+fi
+
 # Pinned: the speedscope test hooks into this release's bundled importer.
 SPEEDSCOPE_VERSION=1.25.0
 AJV_VERSION=8.17.1

@@ -290,3 +290,25 @@ fn names_are_always_made_harmless() {
         crate::names::check(&clean.replace(['\n', '\t'], " "));
     }
 }
+
+/// USDT notes (mutations of the stripped fixture, whose notes survive `strip`) and argument
+/// specs (mutations of every form): read or refused, never a panic.
+#[test]
+fn usdt_notes_and_specs_never_panic() {
+    use crate::usdt::{args, notes};
+    let fixture: &[u8] = include_bytes!("../../fuzz/seeds/usdt_notes/fixture-stripped");
+    let found = notes::read(fixture).expect("the seed has notes");
+    assert_eq!(found.sites.len(), 6, "{:?}", found.skipped);
+    for file in mutations(&[fixture], 300, 11) {
+        if let Ok(found) = notes::read(&file) {
+            for site in found.sites {
+                let _ = args::parse(&site.args);
+            }
+        }
+    }
+    let specs = include_str!("../../fuzz/seeds/usdt_notes/specs.txt");
+    assert_eq!(args::parse(specs).map(|a| a.len()), Ok(8));
+    for text in texts(&[specs], 2000, 12) {
+        let _ = args::parse(&text);
+    }
+}

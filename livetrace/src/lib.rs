@@ -24,6 +24,7 @@ pub mod stacks;
 pub mod symbolize;
 pub mod tools;
 pub mod unwind;
+pub mod usdt;
 
 /// A mistake in the command line that clap cannot see by itself (options that contradict each
 /// other): reported like clap's own errors, with exit status 2.

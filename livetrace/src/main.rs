@@ -56,6 +56,8 @@ enum Command {
     Diff(tools::diff::Args),
     /// Latency histogram of one function: what are its p50, p99 and p99.9?
     UprobeHist(tools::uprobe_hist::Args),
+    /// The USDT probes of a binary, library or process: provider, name, semaphore, arguments.
+    Probes(tools::probes::Args),
     /// What this host supports and lacks for each subcommand, and how to fix what is missing.
     Check(tools::check::Args),
     /// Shell completions, e.g. `source <(livetrace completions bash)`.
@@ -132,6 +134,7 @@ fn main() -> ExitCode {
         Command::Offcpu(args) => tools::offcpu::run(args),
         Command::Diff(args) => tools::diff::run(args),
         Command::UprobeHist(args) => tools::uprobe_hist::run(args),
+        Command::Probes(args) => tools::probes::run(args),
         Command::Check(args) => tools::check::run(&args),
         Command::Completions { shell } => {
             completions(shell);

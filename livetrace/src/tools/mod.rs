@@ -4,6 +4,7 @@
 pub mod check;
 pub mod diff;
 pub mod offcpu;
+pub mod probes;
 pub mod profile;
 pub mod uprobe_hist;
 
