@@ -12,3 +12,4 @@ pub mod offcpu;
 pub mod stacks;
 pub mod unwind;
 pub mod uprobe_hist;
+pub mod usdt;

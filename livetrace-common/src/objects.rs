@@ -37,7 +37,18 @@ pub mod uprobe_hist {
     pub const OBJECT: &str = "uprobe-hist";
     pub const ENTRY: &str = "uprobe_hist_entry";
     pub const RETURN: &str = "uprobe_hist_return";
+    /// `--from`: a USDT probe that opens a span on its thread.
+    pub const SPAN_FROM: &str = "uprobe_hist_span_from";
+    /// `--to`: a USDT probe that closes the thread's span and records it.
+    pub const SPAN_TO: &str = "uprobe_hist_span_to";
     /// `sched_process_exit`: calls a thread still had open when it exited.
     pub const THREAD_EXIT: &str = "uprobe_hist_thread_exit";
-    pub const PROGRAMS: &[&str] = &[ENTRY, RETURN, THREAD_EXIT, crate::follow::FOLLOW_FORK];
+    pub const PROGRAMS: &[&str] = &[
+        ENTRY,
+        RETURN,
+        SPAN_FROM,
+        SPAN_TO,
+        THREAD_EXIT,
+        crate::follow::FOLLOW_FORK,
+    ];
 }

@@ -28,6 +28,55 @@ pub const COUNTERS: &str = "UPROBE_COUNTERS";
 /// Load-time global (`u64`): calls at least this long (ns) are sent to [`SLOW_CALLS`]; 0 = off.
 pub const SLOW_NS: &str = "UPROBE_SLOW_NS";
 
+// Spans between two USDT probes (`--from`, `--to`), and their breakdown by an argument (`--by`).
+
+/// Hash map of thread id (`u32`) to its [`OpenSpan`]: one span open per thread.
+pub const SPANS: &str = "UPROBE_SPANS";
+/// Per-CPU array with one [`OpenSpan`], where the `--from` probe builds a span (with its key)
+/// before storing it.
+pub const SPAN_SCRATCH: &str = "UPROBE_SPAN_SCRATCH";
+/// Array of `usdt::ArgSpec`: the `--by` argument at each `--from` site, by the site's cookie.
+pub const ARG_SPECS: &str = "UPROBE_ARG_SPECS";
+/// Hash map of [`SpanKey`] to its own [`LatencyHistogram`] (`--by`), not preallocated.
+pub const BY_KEY: &str = "UPROBE_BY_KEY";
+/// Per-CPU array with one [`LatencyHistogram`] that stays zero: a new key's first value.
+pub const EMPTY_HISTOGRAM: &str = "UPROBE_EMPTY_HISTOGRAM";
+/// Load-time global (`u8`): what `--by` keys on, one of the `BY_*` values.
+pub const BY: &str = "UPROBE_BY";
+/// Load-time global (`u32`): the bytes of a string key kept (`--by-length`), below [`KEY_BYTES`].
+pub const BY_LENGTH: &str = "UPROBE_BY_LENGTH";
+
+/// No breakdown.
+pub const BY_NONE: u8 = 0;
+/// `--by argN`: the argument's value.
+pub const BY_INTEGER: u8 = 1;
+/// `--by str(argN)`: the NUL-terminated string the argument points to.
+pub const BY_STRING: u8 = 2;
+
+/// The bytes of a string key, its terminating NUL included.
+pub const KEY_BYTES: usize = 128;
+/// The most distinct keys `--by` keeps by default.
+pub const DEFAULT_MAX_KEYS: u32 = 1024;
+
+/// What a span is broken down by.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpanKey {
+    /// Nonzero when the argument could not be read (the bytes are then zero).
+    pub unreadable: u64,
+    /// The integer (8 bytes, little-endian), or the string up to its NUL.
+    pub bytes: [u8; KEY_BYTES],
+}
+
+/// A span begun on a thread: when, and its key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenSpan {
+    /// 0 when no span is open.
+    pub start_ns: u64,
+    pub key: SpanKey,
+}
+
 /// Nested calls of the probed function one thread can have open: the kernel's own limit
 /// (`MAX_URETPROBE_DEPTH`), beyond which it stops hijacking return addresses, so deeper calls
 /// never return through a uretprobe anyway.
@@ -135,10 +184,14 @@ pub enum Counter {
     /// A child of the command could not be announced to user space (its ring buffer was
     /// full): it is probed only once found otherwise, and its calls until then are not timed.
     NewProcessNotAnnounced = 16,
+    /// The `--by` argument could not be read (the span is timed under an "unreadable" key).
+    ArgUnreadable = 17,
+    /// A span was timed but not broken down: `--by` had no room for another key.
+    KeysMapFull = 18,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_SLOTS: u32 = 17;
+pub const COUNTER_SLOTS: u32 = 19;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -147,6 +200,8 @@ mod pod {
     unsafe impl aya::Pod for super::Window {}
     unsafe impl aya::Pod for super::ThreadCalls {}
     unsafe impl aya::Pod for super::SlowCall {}
+    unsafe impl aya::Pod for super::SpanKey {}
+    unsafe impl aya::Pod for super::OpenSpan {}
 }
 
 #[cfg(test)]
@@ -160,6 +215,8 @@ mod tests {
         assert_eq!(size_of::<LatencyHistogram>(), 8 * (4 + BUCKETS));
         assert_eq!(size_of::<ThreadCalls>(), 8 + 16 * MAX_NESTING);
         assert_eq!(size_of::<SlowCall>(), 32);
+        assert_eq!(size_of::<SpanKey>(), 8 + KEY_BYTES);
+        assert_eq!(size_of::<OpenSpan>(), 16 + KEY_BYTES);
         // Per-CPU values are limited to 32 KiB by the kernel.
         assert!(size_of::<LatencyHistogram>() <= 32 * 1024);
     }

@@ -27,6 +27,8 @@ pub mod stacks;
 pub mod task;
 #[cfg(target_arch = "bpf")]
 pub mod unwind;
+#[cfg(target_arch = "bpf")]
+pub mod usdt;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

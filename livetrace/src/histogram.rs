@@ -386,6 +386,32 @@ pub struct LatencyReport {
     pub slow: Option<SlowCalls>,
     pub quality: LatencyQuality,
     pub max_threads: u32,
+    /// Spans between two USDT probes (`--from`, `--to`), and their breakdown (`--by`).
+    pub spans: Option<Spans>,
+}
+
+/// What `uprobe-hist --from --to` adds to the report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Spans {
+    /// The probes, `provider:name`.
+    pub from: String,
+    pub to: String,
+    /// Probe sites whose semaphore the kernel raised while attached.
+    pub guarded_sites: usize,
+    pub by: Option<ByKeys>,
+}
+
+/// Spans broken down by an argument of the `--from` probe.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ByKeys {
+    /// `str(arg0)`.
+    pub argument: String,
+    /// Every key seen, with its spans.
+    pub keys: Vec<(String, Histogram)>,
+    /// Spans timed but not broken down: no room for another key (`--max-keys`).
+    pub keys_map_full: u64,
+    /// Spans whose argument could not be read (under the key "(unreadable)").
+    pub unreadable: u64,
 }
 
 #[cfg(test)]

@@ -8,24 +8,29 @@
 #![no_main]
 
 use aya_ebpf::{
-    Global,
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST, pt_regs},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    EbpfContext, Global,
+    bindings::{BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST, pt_regs},
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_probe_read_user_str_bytes,
+    },
     macros::{btf_tracepoint, map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
+    maps::{Array, HashMap, PerCpuArray, RingBuf, StackTrace},
     programs::{BtfTracePointContext, ProbeContext, RetProbeContext, tracing::StackIdContext},
 };
 use livetrace_common::{
     histogram::{BUCKETS, bucket_index},
     uprobe_hist::{
-        COUNTER_SLOTS, Counter, LatencyHistogram, MAX_NESTING, OpenCall, SlowCall, ThreadCalls,
-        Window,
+        BY_INTEGER, BY_STRING, COUNTER_SLOTS, Counter, KEY_BYTES, LatencyHistogram, MAX_NESTING,
+        OpenCall, OpenSpan, SlowCall, SpanKey, ThreadCalls, Window,
     },
+    usdt::ArgSpec,
 };
 
 use livetrace_ebpf::{
     control,
     stacks::{atomic_add, is_target},
+    usdt,
 };
 
 livetrace_ebpf::license!();
@@ -57,8 +62,24 @@ static UPROBE_STACKS: StackTrace = StackTrace::with_max_entries(1, 0);
 #[map]
 static UPROBE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
+#[map]
+static UPROBE_SPANS: HashMap<u32, OpenSpan> = HashMap::with_max_entries(1, 0);
+#[map]
+static UPROBE_SPAN_SCRATCH: PerCpuArray<OpenSpan> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static UPROBE_ARG_SPECS: Array<ArgSpec> = Array::with_max_entries(1, 0);
+#[map]
+static UPROBE_BY_KEY: HashMap<SpanKey, LatencyHistogram> =
+    HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+#[map]
+static UPROBE_EMPTY_HISTOGRAM: PerCpuArray<LatencyHistogram> = PerCpuArray::with_max_entries(1, 0);
+
 #[unsafe(no_mangle)]
 static UPROBE_SLOW_NS: Global<u64> = Global::new(0);
+#[unsafe(no_mangle)]
+static UPROBE_BY: Global<u8> = Global::new(0);
+#[unsafe(no_mangle)]
+static UPROBE_BY_LENGTH: Global<u32> = Global::new(0);
 
 /// `calls[depth & MASK]`: a bound the verifier can see.
 const MASK: usize = MAX_NESTING - 1;
@@ -184,6 +205,14 @@ fn unmatched(counter: Counter) -> Counter {
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn uprobe_hist_thread_exit(_ctx: BtfTracePointContext) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
+    if let Some(span) = UPROBE_SPANS.get_ptr(tid) {
+        if unsafe { (*span).start_ns } != 0 {
+            add(Counter::ExitedInside, 1);
+        }
+        if UPROBE_SPANS.remove(tid).is_err() {
+            add(Counter::HelperFailed, 1);
+        }
+    }
     let Some(calls) = UPROBE_THREADS.get_ptr(tid) else {
         return 0;
     };
@@ -231,33 +260,13 @@ fn thread_calls(tid: u32) -> Option<*mut ThreadCalls> {
 /// Adds one call of `duration` ns to this CPU's histogram and, if it is slow, sends it to the
 /// ring buffer with its caller's stack.
 #[inline(always)]
-fn record(ctx: &RetProbeContext, duration: u64, tgid: u32, tid: u32) {
+fn record<C: StackIdContext>(ctx: &C, duration: u64, tgid: u32, tid: u32) {
     let Some(hist) = UPROBE_HIST.get_ptr_mut(0) else {
         add(Counter::HelperFailed, 1);
         return;
     };
-    // bucket_index never returns more than the last bucket, and LLVM knows it, so it would drop
-    // this check; the verifier cannot follow the bit tricks of leading_zeros and needs it.
-    // Reading the index back through a volatile load hides it from LLVM.
-    let bucket = bucket_index(duration) as usize;
-    let bucket = unsafe { core::ptr::read_volatile(&bucket) };
-    if bucket >= BUCKETS {
-        add(Counter::HelperFailed, 1);
+    if !add_to_histogram(hist, duration) {
         return;
-    }
-    // SAFETY: this CPU's value. Uprobe programs can be preempted by another thread's on the
-    // same CPU, so counts are added atomically; min and max are compared and stored, and a race
-    // there could at worst miss one extreme by a hair.
-    unsafe {
-        atomic_add(&raw mut (*hist).buckets[bucket], 1);
-        atomic_add(&raw mut (*hist).count, 1);
-        atomic_add(&raw mut (*hist).sum_ns, duration);
-        if (*hist).min_ns == 0 || duration < (*hist).min_ns {
-            (*hist).min_ns = duration;
-        }
-        if duration > (*hist).max_ns {
-            (*hist).max_ns = duration;
-        }
     }
     if let Some(window) = UPROBE_WINDOW.get_ptr_mut(0) {
         unsafe {
@@ -281,7 +290,8 @@ fn record(ctx: &RetProbeContext, duration: u64, tgid: u32, tid: u32) {
         add(Counter::SlowRingFull, 1);
         return;
     };
-    // At the return probe the registers are the caller's: its stack is the caller's stack.
+    // At the return probe the registers are the caller's: its stack is the caller's stack (at
+    // a `--to` probe, the stack that reached it).
     let user_stack_id = match ctx.get_stackid(&UPROBE_STACKS, u64::from(BPF_F_USER_STACK)) {
         Ok(id) => id as i32,
         Err(err) => {
@@ -299,6 +309,168 @@ fn record(ctx: &RetProbeContext, duration: u64, tgid: u32, tid: u32) {
     });
     entry.submit(0);
     add(Counter::SlowRecorded, 1);
+}
+
+/// Adds one call of `duration` ns to a histogram (this CPU's, or a `--by` key's); false when
+/// the bucket could not be computed (counted).
+#[inline(always)]
+fn add_to_histogram(hist: *mut LatencyHistogram, duration: u64) -> bool {
+    // bucket_index never returns more than the last bucket, and LLVM knows it, so it would drop
+    // this check; the verifier cannot follow the bit tricks of leading_zeros and needs it.
+    // Reading the index back through a volatile load hides it from LLVM.
+    let bucket = bucket_index(duration) as usize;
+    let bucket = unsafe { core::ptr::read_volatile(&bucket) };
+    if bucket >= BUCKETS {
+        add(Counter::HelperFailed, 1);
+        return false;
+    }
+    // SAFETY: a map value. Uprobe programs can be preempted by another thread's on the same
+    // CPU (and a `--by` key is shared by every CPU), so counts are added atomically; min and max
+    // are compared and stored, and a race there could at worst miss one extreme by a hair.
+    unsafe {
+        atomic_add(&raw mut (*hist).buckets[bucket], 1);
+        atomic_add(&raw mut (*hist).count, 1);
+        atomic_add(&raw mut (*hist).sum_ns, duration);
+        if (*hist).min_ns == 0 || duration < (*hist).min_ns {
+            (*hist).min_ns = duration;
+        }
+        if duration > (*hist).max_ns {
+            (*hist).max_ns = duration;
+        }
+    }
+    true
+}
+
+/// `--from`: opens a span on this thread, keyed by the `--by` argument. A span already open
+/// (its `--to` never came) is abandoned, and counted.
+#[uprobe]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "passing the value itself would copy it onto the 512-byte BPF stack"
+)]
+pub fn uprobe_hist_span_from(ctx: ProbeContext) -> u32 {
+    if control::stopped() {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if !is_target(tgid, tid) {
+        add(Counter::NotTarget, 1);
+        return 0;
+    }
+    add(Counter::Entries, 1);
+    let Some(span) = UPROBE_SPAN_SCRATCH.get_ptr_mut(0) else {
+        add(Counter::HelperFailed, 1);
+        return 0;
+    };
+    // SAFETY: this CPU's scratch value, written here and copied into the map below.
+    let span = unsafe { &mut *span };
+    span_key(&ctx, &mut span.key);
+    if let Some(open) = UPROBE_SPANS.get_ptr(tid)
+        && unsafe { (*open).start_ns } != 0
+    {
+        add(Counter::Abandoned, 1);
+    }
+    // Read last, so the probe's own cost before the span is left out.
+    span.start_ns = unsafe { bpf_ktime_get_ns() };
+    if UPROBE_SPANS.insert(tid, &*span, 0).is_err() {
+        add(Counter::ThreadMapFull, 1);
+    }
+    0
+}
+
+/// The `--by` key of a span, from the argument this site's cookie names.
+#[inline(always)]
+fn span_key(ctx: &ProbeContext, key: &mut SpanKey) {
+    let by = UPROBE_BY.load();
+    if by != BY_INTEGER && by != BY_STRING {
+        return;
+    }
+    // SAFETY: a helper reading the cookie the link was created with.
+    let site = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    let value = UPROBE_ARG_SPECS
+        .get(site)
+        .and_then(|spec| usdt::read(ctx, spec));
+    key.unreadable = 0;
+    key.bytes = [0; KEY_BYTES];
+    let Some(value) = value else {
+        key.unreadable = 1;
+        add(Counter::ArgUnreadable, 1);
+        return;
+    };
+    if by == BY_INTEGER {
+        let bytes = value.to_le_bytes();
+        key.bytes[..8].copy_from_slice(&bytes);
+        return;
+    }
+    // The mask gives the verifier its bound; user space keeps the length below KEY_BYTES.
+    let length = (UPROBE_BY_LENGTH.load() as usize) & (KEY_BYTES - 1);
+    // SAFETY: a read of the traced process's memory, checked by the helper.
+    if unsafe { bpf_probe_read_user_str_bytes(value as *const u8, &mut key.bytes[..length]) }
+        .is_err()
+    {
+        key.unreadable = 1;
+        add(Counter::ArgUnreadable, 1);
+    }
+}
+
+/// `--to`: closes this thread's span and records it, in the total and under its key.
+#[uprobe]
+pub fn uprobe_hist_span_to(ctx: ProbeContext) -> u32 {
+    // Read first, so the probe's own cost after the span is left out.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if !is_target(tgid, tid) {
+        add(Counter::NotTarget, 1);
+        return 0;
+    }
+    add(Counter::Returns, 1);
+    let Some(span) = UPROBE_SPANS.get_ptr_mut(tid) else {
+        add(unmatched(Counter::ReturnWithoutEntry), 1);
+        return 0;
+    };
+    // SAFETY: this thread's own map value.
+    let span = unsafe { &mut *span };
+    if span.start_ns == 0 {
+        add(unmatched(Counter::ReturnWithoutEntry), 1);
+        return 0;
+    }
+    let duration = now.saturating_sub(span.start_ns);
+    span.start_ns = 0;
+    record(&ctx, duration, tgid, tid);
+    if UPROBE_BY.load() == BY_INTEGER || UPROBE_BY.load() == BY_STRING {
+        record_by_key(&span.key, duration);
+    }
+    0
+}
+
+/// Adds a span to its key's histogram, creating it (from a value that stays zero) if new.
+#[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "passing the value itself would copy 9 KiB onto the 512-byte BPF stack"
+)]
+fn record_by_key(key: &SpanKey, duration: u64) {
+    let hist = match UPROBE_BY_KEY.get_ptr_mut(key) {
+        Some(hist) => hist,
+        None => {
+            let Some(empty) = UPROBE_EMPTY_HISTOGRAM.get_ptr(0) else {
+                add(Counter::HelperFailed, 1);
+                return;
+            };
+            // Another CPU may have added the key meanwhile: then the lookup below finds it.
+            let _ = UPROBE_BY_KEY.insert(key, unsafe { &*empty }, u64::from(BPF_NOEXIST));
+            match UPROBE_BY_KEY.get_ptr_mut(key) {
+                Some(hist) => hist,
+                None => {
+                    add(Counter::KeysMapFull, 1);
+                    return;
+                }
+            }
+        }
+    };
+    add_to_histogram(hist, duration);
 }
 
 #[inline(always)]

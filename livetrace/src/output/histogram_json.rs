@@ -23,7 +23,66 @@ struct Report<'a> {
     slow_calls: Option<SlowJson<'a>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     intervals: Vec<IntervalJson>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spans: Option<SpansJson<'a>>,
     data_quality: QualityJson<'a>,
+}
+
+#[derive(Serialize)]
+struct SpansJson<'a> {
+    from: &'a str,
+    to: &'a str,
+    guarded_sites: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    by: Option<ByJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct ByJson<'a> {
+    argument: &'a str,
+    /// Every key, most total time first.
+    keys: Vec<KeyJson<'a>>,
+    keys_map_full: u64,
+    unreadable: u64,
+}
+
+#[derive(Serialize)]
+struct KeyJson<'a> {
+    key: &'a str,
+    count: u64,
+    total_ns: u64,
+    p50_ns: Option<u64>,
+    p99_ns: Option<u64>,
+    max_ns: Option<u64>,
+}
+
+fn spans_json(spans: &crate::histogram::Spans) -> SpansJson<'_> {
+    SpansJson {
+        from: &spans.from,
+        to: &spans.to,
+        guarded_sites: spans.guarded_sites,
+        by: spans.by.as_ref().map(|by| {
+            let mut keys: Vec<KeyJson<'_>> = by
+                .keys
+                .iter()
+                .map(|(key, h)| KeyJson {
+                    key,
+                    count: h.count(),
+                    total_ns: h.sum_ns,
+                    p50_ns: h.percentile(50.0, "p50").map(|p| p.estimate_ns),
+                    p99_ns: h.percentile(99.0, "p99").map(|p| p.estimate_ns),
+                    max_ns: h.percentile(100.0, "max").map(|p| p.estimate_ns),
+                })
+                .collect();
+            keys.sort_by(|a, b| b.total_ns.cmp(&a.total_ns).then(a.key.cmp(b.key)));
+            ByJson {
+                argument: &by.argument,
+                keys,
+                keys_map_full: by.keys_map_full,
+                unreadable: by.unreadable,
+            }
+        }),
+    }
 }
 
 #[derive(Serialize)]
@@ -184,6 +243,7 @@ pub fn write<W: Write>(report: &LatencyReport, mut out: W) -> io::Result<()> {
                 histogram: histogram_json(&interval.histogram),
             })
             .collect(),
+        spans: report.spans.as_ref().map(spans_json),
         data_quality: quality_json(&report.quality, report.max_threads),
     };
     serde_json::to_writer_pretty(&mut out, &json).map_err(io::Error::other)?;
@@ -223,6 +283,7 @@ mod tests {
                 ..LatencyQuality::default()
             },
             max_threads: 8192,
+            spans: None,
         };
         let mut out = Vec::new();
         write(&report, &mut out).unwrap();

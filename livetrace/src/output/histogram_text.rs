@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::histogram::{
-    Histogram, Interval, LatencyQuality, LatencyReport, SlowCalls, format_ns, format_ns_f64,
+    ByKeys, Histogram, Interval, LatencyQuality, LatencyReport, SlowCalls, format_ns, format_ns_f64,
 };
 
 /// Width of the bar column.
@@ -38,8 +38,69 @@ pub fn report_text(report: &LatencyReport) -> String {
         let _ = writeln!(out, "total over the whole capture:");
     }
     out.push_str(&histogram_text(&report.total));
+    if let Some(by) = report.spans.as_ref().and_then(|s| s.by.as_ref()) {
+        out.push_str(&by_keys_text(
+            by,
+            report.spans.as_ref().map_or("", |s| &s.from),
+        ));
+    }
     if let Some(slow) = &report.slow {
         out.push_str(&slow_text(slow));
+    }
+    out
+}
+
+/// How many keys each `--by` table lists.
+const TOP_KEYS: usize = 10;
+/// How much of a key a table shows (the JSON report has it whole).
+const KEY_WIDTH: usize = 48;
+
+/// `--by`: the keys with the most spans, then those with the most time.
+pub fn by_keys_text(by: &ByKeys, from: &str) -> String {
+    let mut out = format!(
+        "\nby {} of {from}: {} distinct\n",
+        by.argument,
+        by.keys.len()
+    );
+    let mut by_count: Vec<&(String, Histogram)> = by.keys.iter().collect();
+    by_count.sort_by(|a, b| b.1.count().cmp(&a.1.count()).then(a.0.cmp(&b.0)));
+    let mut by_time = by_count.clone();
+    by_time.sort_by(|a, b| b.1.sum_ns.cmp(&a.1.sum_ns).then(a.0.cmp(&b.0)));
+    for (title, rows) in [("most spans", by_count), ("most time", by_time)] {
+        let _ = writeln!(
+            out,
+            "  {:<KEY_WIDTH$}  {:>8} {:>10} {:>10} {:>10} {:>10}",
+            format!("by {title}"),
+            "count",
+            "total",
+            "p50",
+            "p99",
+            "max"
+        );
+        for (key, histogram) in rows.into_iter().take(TOP_KEYS) {
+            let percentile = |p: f64, label| {
+                histogram
+                    .percentile(p, label)
+                    .map_or("-".to_owned(), |p| format_ns(p.estimate_ns))
+            };
+            let shown: String = if key.chars().count() > KEY_WIDTH {
+                key.chars()
+                    .take(KEY_WIDTH - 3)
+                    .chain("...".chars())
+                    .collect()
+            } else {
+                key.clone()
+            };
+            let _ = writeln!(
+                out,
+                "  {shown:<KEY_WIDTH$}  {:>8} {:>10} {:>10} {:>10} {:>10}",
+                histogram.count(),
+                format_ns(histogram.sum_ns),
+                percentile(50.0, "p50"),
+                percentile(99.0, "p99"),
+                percentile(100.0, "max"),
+            );
+        }
     }
     out
 }
@@ -167,15 +228,46 @@ fn slow_text(slow: &SlowCalls) -> String {
 pub fn footer(report: &LatencyReport) -> String {
     let q = &report.quality;
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "data quality: {:.2} s, {} calls measured ({} entries, {} returns seen)",
-        q.duration.as_secs_f64(),
-        q.recorded,
-        q.entries,
-        q.returns
-    );
-    let losses = losses(q);
+    match &report.spans {
+        // Every probe's hit count: a guarded probe that never fired shows 0 here.
+        Some(spans) => {
+            let _ = writeln!(
+                out,
+                "data quality: {:.2} s, {} spans measured ({} fired {} times, {} fired {} times)",
+                q.duration.as_secs_f64(),
+                q.recorded,
+                spans.from,
+                q.entries,
+                spans.to,
+                q.returns
+            );
+            if let Some(by) = &spans.by
+                && (by.keys_map_full > 0 || by.unreadable > 0)
+            {
+                let _ = writeln!(
+                    out,
+                    "  not broken down by {}: {} spans with no room for their key (raise \
+                     --max-keys), {} whose argument could not be read",
+                    by.argument, by.keys_map_full, by.unreadable
+                );
+            }
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "data quality: {:.2} s, {} calls measured ({} entries, {} returns seen)",
+                q.duration.as_secs_f64(),
+                q.recorded,
+                q.entries,
+                q.returns
+            );
+        }
+    }
+    let losses = if report.spans.is_some() {
+        span_losses(q)
+    } else {
+        losses(q)
+    };
     if losses.is_empty() {
         let _ = writeln!(out, "  not measured: nothing");
     } else {
@@ -259,6 +351,29 @@ pub fn losses(q: &LatencyQuality) -> Vec<(u64, &'static str)> {
     .collect()
 }
 
+/// The same for spans between two probes, in their words.
+pub fn span_losses(q: &LatencyQuality) -> Vec<(u64, &'static str)> {
+    [
+        (
+            q.abandoned,
+            "spans whose end never came (their thread began another first)",
+        ),
+        (q.still_open, "spans still open when the capture ended"),
+        (
+            q.thread_map_full,
+            "spans on threads the span map had no room for (raise --max-threads)",
+        ),
+        (
+            q.return_without_entry,
+            "ends without a begin on their thread (begun before the probes were attached)",
+        ),
+        (q.helper_failed, "spans lost to failed BPF map operations"),
+    ]
+    .into_iter()
+    .filter(|(count, _)| *count > 0)
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +414,7 @@ mod tests {
                 ..LatencyQuality::default()
             },
             max_threads: 8192,
+            spans: None,
         }
     }
 

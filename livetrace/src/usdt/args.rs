@@ -78,6 +78,12 @@ const REGISTERS: &[(&str, &[&str], u8)] = &[
 ];
 
 impl Register {
+    /// The instruction pointer: at a uprobe hit, the probed address.
+    pub const RIP: Self = Self {
+        name: "rip",
+        pt_regs_offset: 128,
+    };
+
     fn named(name: &str) -> Option<Self> {
         REGISTERS
             .iter()

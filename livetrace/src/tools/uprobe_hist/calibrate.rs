@@ -18,7 +18,7 @@ use livetrace_common::control::RUNNING;
 use super::{
     maps::Maps,
     probes::{attach, detach},
-    sites::Site,
+    sites::{Probed, Site},
 };
 use crate::{
     histogram::{Histogram, LatencyQuality},
@@ -126,15 +126,17 @@ pub fn probe_cost(first: FirstInstruction) -> anyhow::Result<u64> {
         stack_storage: 1,
         slow_buffer: 4096,
         follow: None,
+        spans: None,
     })?;
-    attach(&mut ebpf, std::slice::from_ref(&site), None)?;
+    let probed = Probed::Function(vec![site]);
+    attach(&mut ebpf, &probed, None)?;
     crate::bpf::set_control(&mut ebpf, RUNNING)?;
     let maps = Maps::take(&mut ebpf)?;
     for _ in 0..CALLS {
         black_box(function)();
     }
     let median = maps.histogram()?.percentile(50.0, "p50");
-    detach(&mut ebpf)?;
+    detach(&mut ebpf, None)?;
     median
         .map(|p| p.estimate_ns)
         .context("the calibration probes measured no call")

@@ -8,8 +8,8 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues, RingBuf, StackTraceMap},
 };
 use livetrace_common::uprobe_hist::{
-    COUNTER_SLOTS, COUNTERS, HISTOGRAM, LatencyHistogram, SLOW_CALLS, STACKS, THREADS, ThreadCalls,
-    WINDOW, Window,
+    BY_KEY, COUNTER_SLOTS, COUNTERS, HISTOGRAM, LatencyHistogram, OpenSpan, SLOW_CALLS, SPANS,
+    STACKS, SpanKey, THREADS, ThreadCalls, WINDOW, Window,
 };
 
 use crate::{bpf, histogram::Histogram};
@@ -22,6 +22,8 @@ pub(super) struct Maps {
     window: PerCpuArray<MapData, Window>,
     pub(super) counters: PerCpuArray<MapData, u64>,
     threads: BpfHashMap<MapData, u32, ThreadCalls>,
+    spans: BpfHashMap<MapData, u32, OpenSpan>,
+    by_key: BpfHashMap<MapData, SpanKey, LatencyHistogram>,
     pub(super) ring: RingBuf<MapData>,
     pub(super) stacks: StackTraceMap<MapData>,
 }
@@ -33,6 +35,8 @@ impl Maps {
             window: PerCpuArray::try_from(bpf::take_map(ebpf, WINDOW)?)?,
             counters: PerCpuArray::try_from(bpf::take_map(ebpf, COUNTERS)?)?,
             threads: BpfHashMap::try_from(bpf::take_map(ebpf, THREADS)?)?,
+            spans: BpfHashMap::try_from(bpf::take_map(ebpf, SPANS)?)?,
+            by_key: BpfHashMap::try_from(bpf::take_map(ebpf, BY_KEY)?)?,
             ring: RingBuf::try_from(bpf::take_map(ebpf, SLOW_CALLS)?)?,
             stacks: StackTraceMap::try_from(bpf::take_map(ebpf, STACKS)?)?,
         })
@@ -77,14 +81,35 @@ impl Maps {
         Ok(totals)
     }
 
-    /// Calls still open on threads that have not exited.
+    /// Calls (or spans) still open on threads that have not exited.
     pub(super) fn still_open(&self) -> anyhow::Result<u64> {
         let mut open = 0;
         for entry in self.threads.iter() {
             let (_, calls) = entry.context("failed to read the thread map")?;
             open += u64::from(calls.depth);
         }
+        for entry in self.spans.iter() {
+            let (_, span) = entry.context("failed to read the span map")?;
+            open += u64::from(span.start_ns != 0);
+        }
         Ok(open)
+    }
+
+    /// Every `--by` key with its spans; `signed`: show integer keys as signed.
+    pub(super) fn by_key(
+        &self,
+        string: bool,
+        signed: bool,
+    ) -> anyhow::Result<Vec<(String, Histogram)>> {
+        let mut keys = Vec::new();
+        for entry in self.by_key.iter() {
+            let (key, histogram) = entry.context("failed to read the --by map")?;
+            keys.push((
+                key_text(&key, string, signed),
+                Histogram::from_per_cpu([&histogram]),
+            ));
+        }
+        Ok(keys)
     }
 
     /// The slow calls' stacks, leaf (the caller) first.
@@ -100,5 +125,29 @@ impl Maps {
             }
         }
         Ok(traces)
+    }
+}
+
+/// A key as the report shows it: the string up to its NUL (sanitised: it is the traced
+/// program's), or the integer.
+fn key_text(key: &SpanKey, string: bool, signed: bool) -> String {
+    if key.unreadable != 0 {
+        return "(unreadable)".to_owned();
+    }
+    if string {
+        let end = key
+            .bytes
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(key.bytes.len());
+        return crate::names::sanitized(&String::from_utf8_lossy(&key.bytes[..end]));
+    }
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&key.bytes[..8]);
+    let value = u64::from_le_bytes(bytes);
+    if signed {
+        (value as i64).to_string()
+    } else {
+        value.to_string()
     }
 }

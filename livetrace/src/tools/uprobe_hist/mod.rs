@@ -9,6 +9,7 @@
 //! [`maps`] reads what the kernel counted, [`intervals`] prints `-i` histograms as they end, and
 //! [`slow`] keeps `--slow` calls and their callers.
 
+mod args;
 mod bpf;
 mod calibrate;
 mod intervals;
@@ -18,6 +19,7 @@ mod report;
 mod sites;
 mod slow;
 pub mod target;
+pub mod usdt;
 
 use std::{
     collections::HashMap,
@@ -25,27 +27,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::bail;
-use clap::Args as ClapArgs;
+use anyhow::{Context as _, bail};
 use livetrace_common::uprobe_hist::{
-    DEFAULT_MAX_THREADS, DEFAULT_SLOW_BUFFER, DEFAULT_STACK_STORAGE,
+    BY_INTEGER, BY_NONE, BY_STRING, Counter, DEFAULT_SLOW_BUFFER, DEFAULT_STACK_STORAGE,
 };
 
+pub use self::args::{Args, HistOutput};
 pub use self::bpf::objects_for_verifier;
 use crate::{
     UsageError,
-    duration::parse_positive_duration,
-    histogram::{Histogram, LatencyQuality, LatencyReport},
+    histogram::{ByKeys, Histogram, LatencyQuality, LatencyReport, Spans},
     kernel_btf::KernelBtf,
     output::{Format, OutputSpec, histogram_text},
     privileges,
     session::{
         self, Privileges, Running, Session, Tool,
         capture::{self, StopReason, monotonic_ns},
-        targets::{ProcessArgs, Target},
+        targets::Target,
     },
     stacks,
-    tools::uprobe_hist::target::SymbolSpec,
 };
 
 use self::{
@@ -54,108 +54,10 @@ use self::{
     maps::Maps,
     probes::{Children, attach, detach, probe_cost},
     report::{latency_quality, write_files, write_report_to_stdout, write_snapshot},
-    sites::{find_sites, wait_until_loaded},
+    sites::{Probed, find_sites, wait_until_loaded},
     slow::SlowCollector,
+    usdt::{By, Links, arg_specs, find_spans},
 };
-
-const EXAMPLES: &str = "\
-Examples:
-  livetrace uprobe-hist livetrace_demo::validate_subtitle_track -p 1234 -d 10
-                                  # a Rust function of pid 1234, by its demangled path
-  livetrace uprobe-hist libc:malloc -p 1234 -i 1   # malloc in pid 1234, a histogram a second
-  livetrace uprobe-hist parse_request --slow 5ms -o slow.svg -- ./server
-                                  # start ./server; calls over 5 ms with their callers
-  livetrace uprobe-hist /usr/lib/libssl.so.3:SSL_read -d 30 --json   # every process, JSON
-  livetrace uprobe-hist 'helper@0x1139' -p 1234    # one of several functions named helper
-
-TARGET is a path or a library name (libc, libc.so.6); without it the executable of -p (or of
-the command) is searched, then the libraries it has loaded (or links). SYMBOL is a C name, or
-a Rust or C++ function by its demangled path (a Rust ::h<hash> suffix is optional), or a
-mangled name. Go programs are refused: uretprobes corrupt Go stacks.";
-
-#[derive(ClapArgs, Debug)]
-#[command(after_help = EXAMPLES)]
-pub struct Args {
-    /// The function to time: [TARGET:]SYMBOL[@0xADDR].
-    #[arg(value_name = "[TARGET:]SYMBOL", value_parser = SymbolSpec::parse)]
-    pub symbol: SymbolSpec,
-    #[command(flatten)]
-    pub processes: ProcessArgs,
-    /// How long to trace (30, 1.5s, 500ms); default: until Ctrl-C or the targets exit.
-    #[arg(short = 'd', long = "duration", value_name = "SECS", value_parser = parse_positive_duration,
-          allow_hyphen_values = true)]
-    pub duration: Option<Duration>,
-    /// Also print a histogram every SECS (at least 1 s), then the total.
-    #[arg(short = 'i', long = "interval", value_name = "SECS", value_parser = parse_interval,
-          allow_hyphen_values = true)]
-    pub interval: Option<Duration>,
-    /// Print one JSON object on stdout instead of the text report.
-    #[arg(long = "json")]
-    pub json: bool,
-    /// Record calls at least this long (5ms, 250us) with their caller's stack; list the slowest.
-    #[arg(long = "slow", value_name = "DUR", value_parser = parse_positive_duration,
-          allow_hyphen_values = true)]
-    pub slow: Option<Duration>,
-    /// Write an output; the format follows the extension: .txt (the text report), .json, or
-    /// with --slow the slow calls' callers, weighted by their total time in us: .svg, .folded,
-    /// .pb.gz (pprof) or .speedscope.json; - is the text report on stdout. Repeatable.
-    #[arg(short = 'o', long = "output", value_name = "PATH", value_parser = HistOutput::parse)]
-    pub outputs: Vec<HistOutput>,
-    /// Threads that can be inside the function at the same time.
-    #[arg(long = "max-threads", value_name = "N", default_value_t = DEFAULT_MAX_THREADS,
-          value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
-    pub max_threads: u32,
-}
-
-/// Where one `-o` goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HistOutput {
-    /// The text report; `None` is stdout.
-    Text(Option<PathBuf>),
-    Json(PathBuf),
-    /// A flamegraph or folded stacks of the slow calls.
-    Stacks(OutputSpec),
-}
-
-impl HistOutput {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        if text == "-" {
-            return Ok(Self::Text(None));
-        }
-        let lower = text.to_ascii_lowercase();
-        if lower.ends_with(".txt") {
-            return Ok(Self::Text(Some(PathBuf::from(text))));
-        }
-        if lower.ends_with(".json") {
-            return Ok(Self::Json(PathBuf::from(text)));
-        }
-        OutputSpec::parse(text).map(Self::Stacks).map_err(|_| {
-            format!(
-                "cannot tell the format of '{text}' from its extension: use .txt (the \
-                     histogram), .json, .svg, .folded, .pb.gz or .speedscope.json (slow calls' \
-                     stacks, with --slow), or - (the histogram on stdout)"
-            )
-        })
-    }
-
-    fn path(&self) -> Option<&PathBuf> {
-        match self {
-            Self::Text(path) => path.as_ref(),
-            Self::Json(path) => Some(path),
-            Self::Stacks(spec) => spec.path.as_ref(),
-        }
-    }
-}
-
-fn parse_interval(text: &str) -> Result<Duration, String> {
-    let interval = parse_positive_duration(text)?;
-    if interval < Duration::from_secs(1) {
-        return Err(format!(
-            "'{text}' is shorter than a second: -i takes 1 s or more"
-        ));
-    }
-    Ok(interval)
-}
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Usage first, then targets and the function, then outputs: all before the kernel is touched.
@@ -173,6 +75,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "--json and -o - both write to stdout: pick one",
         ));
     }
+    if args.from.is_some() && std::env::consts::ARCH != "x86_64" {
+        bail!(
+            "USDT argument specs are read for x86_64 only (this is {})",
+            std::env::consts::ARCH
+        );
+    }
     if !matches!(std::env::consts::ARCH, "x86_64" | "aarch64") {
         bail!(
             "uprobe-hist pairs calls by stack pointer, which livetrace only knows how to read on \
@@ -185,7 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     session::run(
         UprobeHist {
             args,
-            sites: Vec::new(),
+            probed: None,
             outputs: Vec::new(),
         },
         target,
@@ -197,8 +105,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// `livetrace uprobe-hist`, before anything is loaded.
 struct UprobeHist {
     args: Args,
-    /// Where the function is, found while planning (before the kernel is touched).
-    sites: Vec<sites::Site>,
+    /// Where the function (or the probes) are, found while planning (before the kernel is
+    /// touched).
+    probed: Option<Probed>,
     outputs: Vec<HistOutput>,
 }
 
@@ -206,7 +115,9 @@ struct UprobeHist {
 struct Timing {
     args: Args,
     ebpf: aya::Ebpf,
-    sites: Vec<sites::Site>,
+    probed: Probed,
+    /// The USDT probes' links (spans), closed on stop.
+    links: Option<Links>,
     function: String,
     outputs: Vec<HistOutput>,
     maps: Maps,
@@ -241,13 +152,25 @@ impl Tool for UprobeHist {
     }
 
     fn prepare(&mut self, target: &Target) -> anyhow::Result<Vec<OutputSpec>> {
-        self.sites = find_sites(&self.args.symbol, target)?;
+        let probed = match (&self.args.symbol, &self.args.from, &self.args.to) {
+            (Some(symbol), _, _) => Probed::Function(find_sites(symbol, target)?),
+            (None, Some(from), Some(to)) => Probed::Spans(find_spans(from, to, target)?),
+            _ => {
+                return Err(UsageError::error(
+                    "give a function to time, or --from and --to (two USDT probes)",
+                ));
+            }
+        };
         self.outputs = self.args.outputs.clone();
         if self.outputs.is_empty() && !self.args.json {
-            let function = &self.sites[0].symbol.demangled;
+            let name = match (&probed, &self.args.to) {
+                (Probed::Spans(_), Some(to)) => to.name.clone(),
+                _ => probed.name(None),
+            };
             self.outputs
-                .push(HistOutput::Text(Some(default_output_path(function))));
+                .push(HistOutput::Text(Some(default_output_path(&name))));
         }
+        self.probed = Some(probed);
         // The preflight only looks at paths; the format tag is irrelevant there.
         Ok(self
             .outputs
@@ -266,6 +189,25 @@ impl Tool for UprobeHist {
             .slow
             .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64);
         let command_pid = session.command_pid;
+        let probed = self
+            .probed
+            .context("uprobe-hist started before it was planned")?;
+        let (specs, spec_notes) = match &probed {
+            Probed::Spans(spans) => arg_specs(spans, args.by)?,
+            Probed::Function(_) => (Vec::new(), Vec::new()),
+        };
+        session.notes.extend(spec_notes);
+        let spans = matches!(probed, Probed::Spans(_)).then(|| bpf::SpanSettings {
+            by: match args.by {
+                None => BY_NONE,
+                Some(By::Integer(_)) => BY_INTEGER,
+                Some(By::String(_)) => BY_STRING,
+            },
+            // The NUL needs a byte of its own.
+            by_length: args.by_length + 1,
+            max_keys: args.max_keys,
+            from_sites: specs.len() as u32,
+        });
         let mut ebpf = bpf::load(&bpf::UprobeHistSettings {
             slow_ns,
             max_threads: args.max_threads,
@@ -286,38 +228,47 @@ impl Tool for UprobeHist {
                 )),
                 None => None,
             },
+            spans,
         })?;
-        let sites = self.sites;
-        attach(&mut ebpf, &sites, command_pid)?;
+        if !specs.is_empty() {
+            bpf::fill_arg_specs(&mut ebpf, &specs)?;
+        }
+        let links = attach(&mut ebpf, &probed, command_pid)?;
         // The command's children: announced by `follow_fork`, probed here as they appear.
         let children = match command_pid {
             Some(_) => Some(Children::new(stacks::new_processes(&mut ebpf)?)),
             None => None,
         };
         let maps = Maps::take(&mut ebpf)?;
-        for site in &sites {
-            if let Some(pid) = site.pid {
-                session.symbolizer.note_process(pid);
-            }
+        for pid in probed.pids() {
+            session.symbolizer.note_process(pid);
         }
-        let function = sites[0].symbol.demangled.clone();
+        let from_to = args.from.as_ref().zip(args.to.as_ref());
+        let function = probed.name(from_to);
         let snapshot_base = LatencyReport {
             function: function.clone(),
-            sites: sites.iter().map(|s| s.describe(command_pid)).collect(),
+            sites: probed.describe(command_pid),
             title: session.title(),
             total: Histogram::default(),
             intervals: Vec::new(),
             slow: None,
             quality: LatencyQuality::default(),
             max_threads: args.max_threads,
+            spans: from_to.map(|(from, to)| Spans {
+                from: from.full_name(),
+                to: to.full_name(),
+                guarded_sites: links.as_ref().map_or(0, |l| l.guarded),
+                by: None,
+            }),
         };
         Ok(Timing {
-            cost_before: probe_cost(&ebpf),
+            cost_before: probe_cost(&ebpf, links.is_some()),
             slow: SlowCollector::new(slow_ns),
             intervals: IntervalClock::new(args.interval),
             args,
             ebpf,
-            sites,
+            probed,
+            links,
             function,
             outputs: self.outputs,
             maps,
@@ -348,7 +299,7 @@ impl Running for Timing {
         if self.slow.threshold_ns > 0 {
             // A short command may exit before the first tick: snapshot its memory map as soon
             // as the loader has mapped its libraries, for symbolising slow calls' callers.
-            wait_until_loaded(pid, &self.sites[0].file.path);
+            wait_until_loaded(pid, self.probed.first_file());
             session.symbolizer.note_process(pid);
         }
     }
@@ -356,7 +307,11 @@ impl Running for Timing {
     fn on_event(&mut self, event: capture::Event, session: &mut Session) {
         let symbolizer = &mut session.symbolizer;
         if let Some(children) = &mut self.children {
-            children.probe_new(&mut self.ebpf, &self.sites[0], symbolizer);
+            let site = match &self.probed {
+                Probed::Function(sites) => Some(&sites[0]),
+                Probed::Spans(_) => None,
+            };
+            children.probe_new(&mut self.ebpf, site, symbolizer);
         }
         if event == capture::Event::FastTick {
             return; // nothing else here is that urgent
@@ -390,9 +345,9 @@ impl Running for Timing {
     }
 
     fn stopped(&mut self, _session: &mut Session) -> anyhow::Result<()> {
-        self.cost_after = probe_cost(&self.ebpf);
+        self.cost_after = probe_cost(&self.ebpf, self.links.is_some());
         // Entry probes first, so that no call is opened whose return could not be seen.
-        detach(&mut self.ebpf)
+        detach(&mut self.ebpf, self.links.take())
     }
 
     fn finish(
@@ -432,7 +387,16 @@ impl Running for Timing {
                 .notes
                 .push(format!("capture ended early: {}", stop.describe()));
         }
-        note_probe_overhead(&mut quality, &self.sites[0], &total, &self.function);
+        if let Probed::Function(sites) = &self.probed {
+            note_probe_overhead(&mut quality, &sites[0], &total, &self.function);
+        }
+        let spans = self.spans_report()?;
+        if spans.is_some() {
+            quality.notes.extend(usdt::rate_warning(
+                quality.entries + quality.returns,
+                elapsed,
+            ));
+        }
         let slow_ns = self.slow.threshold_ns;
         let traces = if slow_ns > 0 {
             self.maps.stack_traces(&self.slow)?
@@ -449,6 +413,7 @@ impl Running for Timing {
             intervals: std::mem::take(&mut self.intervals.done),
             slow: slow_report,
             quality,
+            spans,
             ..self.snapshot_base.clone()
         };
         drop(self.ebpf);
@@ -463,6 +428,31 @@ impl Running for Timing {
         crate::say_raw!("{}", histogram_text::footer(&report));
         written.report();
         written.finish()
+    }
+}
+
+impl Timing {
+    /// The spans' part of the report, with the `--by` keys read from their map.
+    fn spans_report(&self) -> anyhow::Result<Option<Spans>> {
+        let Some(mut spans) = self.snapshot_base.spans.clone() else {
+            return Ok(None);
+        };
+        if let (Some(by), Probed::Spans(sites)) = (self.args.by, &self.probed) {
+            // Integer keys show signed when the first site's argument is.
+            let signed = sites[0].from.sites[0]
+                .args
+                .split_ascii_whitespace()
+                .nth(by.index())
+                .is_some_and(|a| a.starts_with('-'));
+            let counters = self.maps.counters()?;
+            spans.by = Some(ByKeys {
+                argument: by.to_string(),
+                keys: self.maps.by_key(matches!(by, By::String(_)), signed)?,
+                keys_map_full: counters[Counter::KeysMapFull as usize],
+                unreadable: counters[Counter::ArgUnreadable as usize],
+            });
+        }
+        Ok(Some(spans))
     }
 }
 
@@ -486,42 +476,4 @@ fn default_output_path(function: &str) -> PathBuf {
         "livetrace-uprobe-hist-{short}-{}.txt",
         crate::timestamp()
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Output formats come from extensions; stack formats need --slow (checked in run), and an
-    /// unknown extension names the supported ones.
-    #[test]
-    fn picks_output_format_from_extension() {
-        assert_eq!(HistOutput::parse("-").unwrap(), HistOutput::Text(None));
-        assert!(matches!(
-            HistOutput::parse("h.TXT").unwrap(),
-            HistOutput::Text(Some(_))
-        ));
-        assert!(matches!(
-            HistOutput::parse("h.json").unwrap(),
-            HistOutput::Json(_)
-        ));
-        assert!(matches!(
-            HistOutput::parse("s.svg").unwrap(),
-            HistOutput::Stacks(_)
-        ));
-        assert!(matches!(
-            HistOutput::parse("s.folded").unwrap(),
-            HistOutput::Stacks(_)
-        ));
-        let err = HistOutput::parse("h.png").unwrap_err();
-        assert!(err.contains("'h.png'") && err.contains(".txt"), "{err}");
-    }
-
-    /// -i below a second is refused with a message naming the value.
-    #[test]
-    fn interval_must_be_at_least_a_second() {
-        assert!(parse_interval("1").is_ok());
-        assert!(parse_interval("2.5s").is_ok());
-        assert!(parse_interval("500ms").unwrap_err().contains("'500ms'"));
-    }
 }

@@ -16,33 +16,41 @@ use aya::{
 
 use crate::{bpf, symbolize::Symbolizer};
 
-use super::sites::Site;
+use super::{
+    sites::{Probed, Site},
+    usdt::{self, Links},
+};
 
 use livetrace_common::{
     follow::FOLLOW_FORK,
-    objects::uprobe_hist::{ENTRY, RETURN, THREAD_EXIT},
+    objects::uprobe_hist::{ENTRY, RETURN, SPAN_FROM, SPAN_TO, THREAD_EXIT},
 };
 
 /// Loads the programs and attaches them: the thread-exit tracepoint first, so no exit is missed,
 /// then (for a command) the fork follower, then each site's return probe before its entry probe,
-/// so that no entry is recorded whose return could not be seen.
+/// so that no entry is recorded whose return could not be seen (for spans, the `--to` probes
+/// before the `--from` ones, whose links are returned).
 pub(super) fn attach(
     ebpf: &mut Ebpf,
-    sites: &[Site],
+    probed: &Probed,
     command_pid: Option<u32>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<Links>> {
     let btf = crate::kernel_btf::aya_btf().context(
         "uprobe-hist needs the kernel's BTF to notice threads that exit inside the function",
     )?;
     bpf::attach_btf_tracepoint(ebpf, THREAD_EXIT, "sched_process_exit", &btf)?;
+    if command_pid.is_some() {
+        bpf::attach_btf_tracepoint(ebpf, FOLLOW_FORK, "sched_process_fork", &btf)?;
+    }
+    let sites = match probed {
+        Probed::Function(sites) => sites,
+        Probed::Spans(spans) => return usdt::attach(ebpf, spans).map(Some),
+    };
     for name in [RETURN, ENTRY] {
         let program = uprobe(ebpf, name)?;
         program
             .load()
             .map_err(|e| bpf::program_error(e, &format!("load the {name} BPF program")))?;
-    }
-    if command_pid.is_some() {
-        bpf::attach_btf_tracepoint(ebpf, FOLLOW_FORK, "sched_process_fork", &btf)?;
     }
     for site in sites {
         // The command's own executable: every process running it, filtered to the command's
@@ -53,7 +61,7 @@ pub(super) fn attach(
         };
         probe_site(ebpf, site, pid)?;
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The entry or return probe program of the object.
@@ -115,7 +123,14 @@ impl Children {
 
     /// Probes the children announced since the last call (each within a tick of its fork),
     /// unless the probe on the command's executable already covers them.
-    pub(super) fn probe_new(&mut self, ebpf: &mut Ebpf, site: &Site, symbolizer: &mut Symbolizer) {
+    /// `site` None: the probes are on every process of their files (USDT spans), filtered in
+    /// the kernel, so each child is covered from its birth.
+    pub(super) fn probe_new(
+        &mut self,
+        ebpf: &mut Ebpf,
+        site: Option<&Site>,
+        symbolizer: &mut Symbolizer,
+    ) {
         while let Some(item) = self.ring.next() {
             let Some(&[a, b, c, d]) = item.get(..4) else {
                 continue;
@@ -123,10 +138,10 @@ impl Children {
             let pid = u32::from_ne_bytes([a, b, c, d]);
             drop(item);
             symbolizer.note_process(pid);
-            if site.in_command_executable {
+            let Some(site) = site.filter(|s| !s.in_command_executable) else {
                 self.covered += 1;
                 continue;
-            }
+            };
             match probe_site(ebpf, site, Some(pid)) {
                 Ok(()) => self.probed.push(pid),
                 Err(err) => self.failed.push((pid, format!("{err:#}"))),
@@ -146,7 +161,7 @@ impl Children {
         if self.covered > 0 {
             notes.push(format!(
                 "followed {} child processes of the command, each timed from its birth by the \
-                 probe on the command's executable",
+                 probes on the command's files",
                 self.covered
             ));
         }
@@ -170,8 +185,15 @@ impl Children {
 
 /// Stops new calls from being timed first, gives calls in flight a moment to return, then
 /// detaches the rest; what is still open after that is counted from the thread map.
-pub(super) fn detach(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    for name in [ENTRY, RETURN] {
+pub(super) fn detach(ebpf: &mut Ebpf, links: Option<Links>) -> anyhow::Result<()> {
+    let names = match links {
+        Some(links) => {
+            links.close();
+            [SPAN_FROM, SPAN_TO]
+        }
+        None => [ENTRY, RETURN],
+    };
+    for name in names {
         let program = uprobe(ebpf, name)?;
         program
             .unload()
@@ -191,9 +213,14 @@ pub(super) fn detach(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 
 /// The kernel's own accounting of the probes' run time (`kernel.bpf_stats_enabled=1`):
 /// (run_time_ns, run_cnt) summed over the entry and return programs.
-pub(super) fn probe_cost(ebpf: &Ebpf) -> Option<(u64, u64)> {
+pub(super) fn probe_cost(ebpf: &Ebpf, spans: bool) -> Option<(u64, u64)> {
     let mut total = (0, 0);
-    for name in [ENTRY, RETURN] {
+    let names = if spans {
+        [SPAN_FROM, SPAN_TO]
+    } else {
+        [ENTRY, RETURN]
+    };
+    for name in names {
         let program: &UProbe = ebpf.program(name)?.try_into().ok()?;
         let fd = program.fd().ok()?.as_fd().as_raw_fd();
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;

@@ -115,6 +115,7 @@ pub(super) fn write_snapshot(
         slow: (slow.threshold_ns > 0).then(|| slow.report(&traces, symbolizer, start_mono_ns)),
         quality,
         max_threads: base.max_threads,
+        spans: base.spans.clone(),
     };
     let stacks = outputs
         .iter()

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
+use super::usdt::{SpanSites, UsdtPoint};
 use crate::{
     proc::{self, maps::Maps, task},
     session::targets::Target,
@@ -29,6 +30,48 @@ impl Site {
         match self.pid.or(command_pid) {
             Some(pid) => format!("{} (pid {pid})", self.file.shown),
             None => format!("{} (every process)", self.file.shown),
+        }
+    }
+}
+
+/// What uprobe-hist times: a function's calls, or the spans between two USDT probes.
+pub(super) enum Probed {
+    Function(Vec<Site>),
+    Spans(Vec<SpanSites>),
+}
+
+impl Probed {
+    /// The function's name, or `from → to`.
+    pub(super) fn name(&self, from_to: Option<(&UsdtPoint, &UsdtPoint)>) -> String {
+        match (self, from_to) {
+            (Self::Spans(_), Some((from, to))) => {
+                format!("{} → {}", from.full_name(), to.full_name())
+            }
+            (Self::Function(sites), _) => sites[0].symbol.demangled.clone(),
+            (Self::Spans(_), None) => String::new(),
+        }
+    }
+
+    pub(super) fn describe(&self, command_pid: Option<u32>) -> Vec<String> {
+        match self {
+            Self::Function(sites) => sites.iter().map(|s| s.describe(command_pid)).collect(),
+            Self::Spans(spans) => spans.iter().map(|s| s.describe(command_pid)).collect(),
+        }
+    }
+
+    /// The file whose loading a started command is waited for.
+    pub(super) fn first_file(&self) -> &std::path::Path {
+        match self {
+            Self::Function(sites) => &sites[0].file.path,
+            Self::Spans(spans) => &spans[0].from.file.path,
+        }
+    }
+
+    /// Processes whose memory maps the symboliser should snapshot.
+    pub(super) fn pids(&self) -> Vec<u32> {
+        match self {
+            Self::Function(sites) => sites.iter().filter_map(|s| s.pid).collect(),
+            Self::Spans(spans) => spans.iter().filter_map(|s| s.pid).collect(),
         }
     }
 }
