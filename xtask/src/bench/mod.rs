@@ -53,6 +53,7 @@ enum Only {
     Unwind,
     Offcpu,
     Uprobe,
+    Usdt,
 }
 
 /// What every section's measurements share: where things are, and how hard to try.
@@ -258,6 +259,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             sections.push(Section::from_markdown(
                 "uprobe-hist: cost per traced call",
                 uprobe::run(&livetrace, ctx.runs.min(5))?,
+            ));
+        }
+        if wanted(Only::Usdt) {
+            sections.push(Section::from_markdown(
+                "uprobe-hist --from --to: cost per span between two USDT probes",
+                uprobe::run_usdt(&livetrace, ctx.runs.min(5))?,
             ));
         }
     } else {

@@ -1,4 +1,5 @@
-//! The uprobe-hist benchmark: nanoseconds a tracer adds to each call of a tiny function.
+//! The uprobe-hist benchmarks: nanoseconds a tracer adds to each call of a tiny function, and to
+//! each span between two USDT probes.
 //!
 //! `tests/fixtures/tight_loop.c` times N calls of `tiny()` with CLOCK_MONOTONIC and prints
 //! ns/call. It runs under four conditions, in the same run and interleaved round by round so
@@ -7,6 +8,10 @@
 //! and bpftrace's `uprobe`/`uretprobe` + `hist()` one-liner. Each tracer is scoped to the
 //! fixture's pid and attached before the timed loop starts. The median of the rounds is
 //! reported, with what each adds per call and that as a ratio to the floor.
+//!
+//! `tests/fixtures/usdt/tight_usdt.c` does the same around a pair of semaphore-guarded USDT
+//! probes: no tracer; bpftrace's `usdt:` probes with empty bodies (the floor); `livetrace
+//! uprobe-hist --from --to`, without and with `--by arg0`; and bpftrace's `usdt:` + `hist()`.
 
 use std::{
     io::Read as _,
@@ -31,34 +36,35 @@ const CALLS: u64 = 100_000;
 /// ("Attaching N probes..." comes before the attaching).
 const READY: &str = "livetrace-bench-ready";
 
-/// One tracer condition.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Tracer {
-    None,
-    EmptyPair,
-    Livetrace,
-    BpftraceHist,
+/// Starts a tracer on the fixture's pid (given its path), or nothing for the baseline.
+type Start<'a> = Box<dyn Fn(&str, &str) -> anyhow::Result<Option<Proc>> + 'a>;
+
+/// bpftrace on one pid with `script`, ready once its BEGIN probe has printed.
+fn bpftrace(pid: &str, script: String) -> anyhow::Result<Option<Proc>> {
+    start_tracer(
+        "bpftrace",
+        Command::new("bpftrace").args(["-p", pid, "-e", &script]),
+        READY,
+        READY_TIMEOUT,
+    )
+    .map(Some)
 }
 
-impl Tracer {
-    const ALL: [Self; 4] = [
-        Self::None,
-        Self::EmptyPair,
-        Self::Livetrace,
-        Self::BpftraceHist,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::None => "no tracer",
-            Self::EmptyPair => "empty uprobe + uretprobe (floor; bpftrace, empty bodies)",
-            Self::Livetrace => "livetrace uprobe-hist",
-            Self::BpftraceHist => "bpftrace uprobe/uretprobe + hist()",
-        }
-    }
+/// livetrace with `args` and `-p PID --json`, ready once it says it is timing.
+fn livetrace_on(livetrace: &Path, pid: &str, args: &[&str]) -> anyhow::Result<Option<Proc>> {
+    start_tracer(
+        "livetrace uprobe-hist",
+        Command::new(livetrace)
+            .arg("uprobe-hist")
+            .args(args)
+            .args(["-p", pid, "--json"]),
+        "livetrace: timing",
+        READY_TIMEOUT,
+    )
+    .map(Some)
 }
 
-/// Runs the benchmark with the livetrace binary at `livetrace` and returns a markdown table.
+/// Runs the function benchmark with the livetrace binary at `livetrace`; a markdown table.
 pub fn run(livetrace: &Path, rounds: usize) -> anyhow::Result<String> {
     let dir = workspace_root().join("target/bench-uprobe");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -69,16 +75,129 @@ pub fn run(livetrace: &Path, rounds: usize) -> anyhow::Result<String> {
             .arg(&fixture)
             .arg(workspace_root().join("tests/fixtures/tight_loop.c")),
     )?;
+    let conditions: Vec<(&str, Start<'_>)> = vec![
+        ("no tracer", Box::new(|_, _| Ok(None))),
+        (
+            "empty uprobe + uretprobe (floor; bpftrace, empty bodies)",
+            Box::new(|pid, path| {
+                bpftrace(
+                    pid,
+                    format!(
+                        "BEGIN {{ printf(\"{READY}\\n\"); }} \
+                         uprobe:{path}:tiny {{}} uretprobe:{path}:tiny {{}}"
+                    ),
+                )
+            }),
+        ),
+        (
+            "livetrace uprobe-hist",
+            Box::new(|pid, _| livetrace_on(livetrace, pid, &["tiny"])),
+        ),
+        (
+            "bpftrace uprobe/uretprobe + hist()",
+            Box::new(|pid, path| {
+                bpftrace(
+                    pid,
+                    format!(
+                        "BEGIN {{ printf(\"{READY}\\n\"); }} \
+                         uprobe:{path}:tiny {{ @start[tid] = nsecs; }} \
+                         uretprobe:{path}:tiny /@start[tid]/ {{ \
+                         @ns = hist(nsecs - @start[tid]); delete(@start[tid]); }}"
+                    ),
+                )
+            }),
+        ),
+    ];
+    let title = format!(
+        "uprobe cost per call of a tiny function ({CALLS} calls, median of {rounds} rounds, \
+         `tests/fixtures/tight_loop.c`)"
+    );
+    table(&title, &fixture, &dir, &conditions, rounds)
+}
 
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); Tracer::ALL.len()];
+/// Runs the USDT span benchmark; a markdown table.
+pub fn run_usdt(livetrace: &Path, rounds: usize) -> anyhow::Result<String> {
+    let dir = workspace_root().join("target/bench-uprobe");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let fixture = dir.join("tight_usdt");
+    run_command(
+        Command::new("cc")
+            .args(["-O2", "-o"])
+            .arg(&fixture)
+            .arg(workspace_root().join("tests/fixtures/usdt/tight_usdt.c")),
+    )?;
+    let usdt = |path: &str, name: &str| format!("usdt:{path}:lt:{name}");
+    let conditions: Vec<(&str, Start<'_>)> = vec![
+        ("no tracer", Box::new(|_, _| Ok(None))),
+        (
+            "empty usdt pair (floor; bpftrace, empty bodies)",
+            Box::new(|pid, path| {
+                bpftrace(
+                    pid,
+                    format!(
+                        "BEGIN {{ printf(\"{READY}\\n\"); }} {} {{}} {} {{}}",
+                        usdt(path, "op__start"),
+                        usdt(path, "op__done")
+                    ),
+                )
+            }),
+        ),
+        (
+            "livetrace uprobe-hist --from --to",
+            Box::new(|pid, path| {
+                let (from, to) = (usdt(path, "op__start"), usdt(path, "op__done"));
+                livetrace_on(livetrace, pid, &["--from", &from, "--to", &to])
+            }),
+        ),
+        (
+            "livetrace uprobe-hist --from --to --by arg0",
+            Box::new(|pid, path| {
+                let (from, to) = (usdt(path, "op__start"), usdt(path, "op__done"));
+                livetrace_on(
+                    livetrace,
+                    pid,
+                    &["--from", &from, "--to", &to, "--by", "arg0"],
+                )
+            }),
+        ),
+        (
+            "bpftrace usdt + hist()",
+            Box::new(|pid, path| {
+                bpftrace(
+                    pid,
+                    format!(
+                        "BEGIN {{ printf(\"{READY}\\n\"); }} \
+                         {} {{ @start[tid] = nsecs; }} \
+                         {} /@start[tid]/ {{ @ns = hist(nsecs - @start[tid]); \
+                         delete(@start[tid]); }}",
+                        usdt(path, "op__start"),
+                        usdt(path, "op__done")
+                    ),
+                )
+            }),
+        ),
+    ];
+    let title = format!(
+        "USDT cost per span between two semaphore-guarded probes ({CALLS} spans, median of \
+         {rounds} rounds, `tests/fixtures/usdt/tight_usdt.c`)"
+    );
+    table(&title, &fixture, &dir, &conditions, rounds)
+}
+
+/// Times the fixture under each condition, interleaved round by round; the medians as a table
+/// with what each tracer adds and that as a ratio to the floor (the second condition).
+fn table(
+    title: &str,
+    fixture: &Path,
+    dir: &Path,
+    conditions: &[(&str, Start<'_>)],
+    rounds: usize,
+) -> anyhow::Result<String> {
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); conditions.len()];
     for round in 0..rounds {
-        for (index, tracer) in Tracer::ALL.into_iter().enumerate() {
-            let ns = measure(tracer, &fixture, livetrace, &dir, round)?;
-            eprintln!(
-                "bench: round {} {}: {ns:.1} ns/call",
-                round + 1,
-                tracer.name()
-            );
+        for (index, (name, start)) in conditions.iter().enumerate() {
+            let ns = measure(fixture, dir, round, name, start)?;
+            eprintln!("bench: round {} {name}: {ns:.1} ns/call", round + 1);
             samples[index].push(ns);
         }
     }
@@ -89,43 +208,36 @@ pub fn run(livetrace: &Path, rounds: usize) -> anyhow::Result<String> {
     let base = medians[0];
     let floor = medians[1] - base;
     let mut table = format!(
-        "uprobe cost per call of a tiny function ({CALLS} calls, median of {rounds} rounds, \
-         `tests/fixtures/tight_loop.c`)\n\n\
+        "{title}\n\n\
          | tracer | ns/call | added ns/call | added / floor |\n\
          | --- | ---: | ---: | ---: |\n"
     );
-    for (tracer, ns) in Tracer::ALL.into_iter().zip(&medians) {
+    for (index, ((name, _), ns)) in conditions.iter().zip(&medians).enumerate() {
         let added = ns - base;
-        let ratio = if tracer == Tracer::None || floor <= 0.0 {
-            "-".to_owned()
+        let (added, ratio) = if index == 0 {
+            ("-".to_owned(), "-".to_owned())
+        } else if floor <= 0.0 {
+            (format!("{added:.0}"), "-".to_owned())
         } else {
-            format!("{:.2}", added / floor)
+            (format!("{added:.0}"), format!("{:.2}", added / floor))
         };
-        table.push_str(&format!(
-            "| {} | {ns:.0} | {} | {ratio} |\n",
-            tracer.name(),
-            if tracer == Tracer::None {
-                "-".to_owned()
-            } else {
-                format!("{added:.0}")
-            }
-        ));
+        table.push_str(&format!("| {name} | {ns:.0} | {added} | {ratio} |\n"));
     }
     Ok(table)
 }
 
-/// One timed run of the fixture under `tracer`; returns ns per call.
+/// One timed run of the fixture under the tracer `start` starts; returns ns per call.
 fn measure(
-    tracer: Tracer,
     fixture: &Path,
-    livetrace: &Path,
     dir: &Path,
     round: usize,
+    name: &str,
+    start: &Start<'_>,
 ) -> anyhow::Result<f64> {
     let go = dir.join(format!("go-{round}"));
     let _ = std::fs::remove_file(&go);
     let mut target = Proc::spawn(
-        "tight_loop",
+        "fixture",
         Command::new(fixture)
             .arg(CALLS.to_string())
             .arg(&go)
@@ -133,44 +245,18 @@ fn measure(
     )?;
     let pid = target.pid().to_string();
     let path = fixture.to_string_lossy().into_owned();
-    let bpftrace = |script: String| {
-        start_tracer(
-            "bpftrace",
-            Command::new("bpftrace").args(["-p", &pid, "-e", &script]),
-            READY,
-            READY_TIMEOUT,
-        )
-    };
-    let tracer_process = match tracer {
-        Tracer::None => None,
-        Tracer::EmptyPair => Some(bpftrace(format!(
-            "BEGIN {{ printf(\"{READY}\\n\"); }} \
-             uprobe:{path}:tiny {{}} uretprobe:{path}:tiny {{}}"
-        ))?),
-        Tracer::BpftraceHist => Some(bpftrace(format!(
-            "BEGIN {{ printf(\"{READY}\\n\"); }} \
-             uprobe:{path}:tiny {{ @start[tid] = nsecs; }} \
-             uretprobe:{path}:tiny /@start[tid]/ {{ \
-             @ns = hist(nsecs - @start[tid]); delete(@start[tid]); }}"
-        ))?),
-        Tracer::Livetrace => Some(start_tracer(
-            "livetrace uprobe-hist",
-            Command::new(livetrace).args(["uprobe-hist", "tiny", "-p", &pid, "--json"]),
-            "livetrace: timing",
-            READY_TIMEOUT,
-        )?),
-    };
+    let tracer_process = start(&pid, &path)?;
     std::fs::write(&go, "").context("creating the go file")?;
     let mut output = String::new();
     target
         .child
         .stdout
         .take()
-        .context("no stdout from tight_loop")?
+        .context("no stdout from the fixture")?
         .read_to_string(&mut output)?;
     target
         .wait_success(Duration::from_secs(120))
-        .with_context(|| format!("tight_loop under {}", tracer.name()))?;
+        .with_context(|| format!("{} under {name}", fixture.display()))?;
     if let Some(mut tracer_process) = tracer_process {
         // livetrace ends by itself when its target exits; bpftrace needs a signal.
         stop_tracer(&mut tracer_process, READY_TIMEOUT)?;
@@ -179,5 +265,5 @@ fn measure(
         .trim()
         .strip_prefix("ns_per_call=")
         .and_then(|v| v.parse().ok())
-        .with_context(|| format!("tight_loop printed {output:?}"))
+        .with_context(|| format!("{} printed {output:?}", fixture.display()))
 }
