@@ -372,6 +372,51 @@ fn times_guarded_probes_and_breaks_them_down() {
     assert_eq!(by, keys([("fast", 45), ("slow", 5)]));
 }
 
+/// Spans take --slow like calls: the slow ones, with the stack that reached the --to probe.
+#[test]
+fn slow_spans_keep_their_stacks() {
+    require_root();
+    let fixture = usdt_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let folded = dir.path().join("slow.folded");
+    let run = run_livetrace(
+        [
+            "uprobe-hist",
+            "--from",
+            "usdt:lt:query__start",
+            "--to",
+            "usdt:lt:query__done",
+            "--slow",
+            "10ms",
+            "-o",
+            path_arg(&folded),
+            "--json",
+            "--",
+            path_arg(&fixture),
+            "60",
+            "10",
+        ],
+        SLACK,
+    );
+    run.assert_success();
+    let json = &run.stdout[run.stdout.find('{').expect("a JSON report")..];
+    let report: Value = serde_json::from_str(json).unwrap();
+    assert_eq!(report["count"], 60);
+    assert_eq!(
+        report["slow_calls"]["count"], 6,
+        "{:#}",
+        report["slow_calls"]
+    );
+    let stacks = fs::read_to_string(&folded).unwrap();
+    assert!(
+        stacks
+            .lines()
+            .all(|l| l.contains(";query ") || l.contains(";query;"))
+            && !stacks.is_empty(),
+        "{stacks}"
+    );
+}
+
 /// What cannot be keyed on is refused before anything is attached, naming the culprit.
 #[test]
 fn refuses_what_it_cannot_key_on() {

@@ -37,7 +37,7 @@ pub fn report_text(report: &LatencyReport) -> String {
     if !report.intervals.is_empty() {
         let _ = writeln!(out, "total over the whole capture:");
     }
-    out.push_str(&histogram_text(&report.total));
+    out.push_str(&histogram_text(&report.total, noun(&report.function)));
     if let Some(by) = report.spans.as_ref().and_then(|s| s.by.as_ref()) {
         out.push_str(&by_keys_text(
             by,
@@ -62,6 +62,9 @@ pub fn by_keys_text(by: &ByKeys, from: &str) -> String {
         by.argument,
         by.keys.len()
     );
+    if by.keys.is_empty() {
+        return out;
+    }
     let mut by_count: Vec<&(String, Histogram)> = by.keys.iter().collect();
     by_count.sort_by(|a, b| b.1.count().cmp(&a.1.count()).then(a.0.cmp(&b.0)));
     let mut by_time = by_count.clone();
@@ -112,16 +115,25 @@ pub fn interval_text(function: &str, interval: &Interval) -> String {
         interval.start.as_secs_f64(),
         interval.end.as_secs_f64()
     );
-    out.push_str(&histogram_text(&interval.histogram));
+    out.push_str(&histogram_text(&interval.histogram, noun(function)));
     out
 }
 
+/// What is measured: a function's calls, or the spans between two probes (named `from → to`).
+fn noun(function: &str) -> &'static str {
+    if function.contains(" → ") {
+        "spans"
+    } else {
+        "calls"
+    }
+}
+
 /// The rows, then the summary and percentiles.
-pub fn histogram_text(histogram: &Histogram) -> String {
+pub fn histogram_text(histogram: &Histogram, noun: &str) -> String {
     let mut out = String::new();
     let count = histogram.count();
     if count == 0 {
-        let _ = writeln!(out, "  no calls completed");
+        let _ = writeln!(out, "  no {noun} completed");
         return out;
     }
     let rows = histogram.power_of_two_rows();
@@ -160,7 +172,7 @@ pub fn histogram_text(histogram: &Histogram) -> String {
     }
     let _ = writeln!(
         out,
-        "\n  calls {count}   min {}   mean {}   max {}",
+        "\n  {noun} {count}   min {}   mean {}   max {}",
         histogram.min_ns.map_or("-".into(), format_ns),
         histogram.mean_ns().map_or("-".into(), format_ns_f64),
         histogram.max_ns.map_or("-".into(), format_ns),
@@ -358,6 +370,7 @@ pub fn span_losses(q: &LatencyQuality) -> Vec<(u64, &'static str)> {
             q.abandoned,
             "spans whose end never came (their thread began another first)",
         ),
+        (q.exited_inside, "spans still open when their thread exited"),
         (q.still_open, "spans still open when the capture ended"),
         (
             q.thread_map_full,
@@ -457,7 +470,7 @@ longer if the function is slow
     #[test]
     fn empty_histogram_says_so() {
         assert_eq!(
-            histogram_text(&Histogram::default()),
+            histogram_text(&Histogram::default(), "calls"),
             "  no calls completed\n"
         );
     }

@@ -20,8 +20,9 @@ Examples:
                                   # start ./server; calls over 5 ms with their callers
   livetrace uprobe-hist /usr/lib/libssl.so.3:SSL_read -d 30 --json   # every process, JSON
   livetrace uprobe-hist 'helper@0x1139' -p 1234    # one of several functions named helper
-  livetrace uprobe-hist --from usdt:postgresql:query__start --to usdt:postgresql:query__done \
-      --by 'str(arg0)' -p 4321 -d 30             # query latency, and which queries make the tail
+  livetrace uprobe-hist --from usdt:/usr/lib/postgresql/15/bin/postgres:postgresql:query__start \
+      --to usdt:postgresql:query__done --by 'str(arg0)' -d 30
+                                  # every PostgreSQL backend's queries: latency, and by text
 
 TARGET is a path or a library name (libc, libc.so.6); without it the executable of -p (or of
 the command) is searched, then the libraries it has loaded (or links). SYMBOL is a C name, or
@@ -39,7 +40,8 @@ pub struct Args {
     /// (usdt:[TARGET:]PROVIDER:NAME; `livetrace probes` lists them).
     #[arg(long = "from", value_name = "USDT", value_parser = UsdtPoint::parse, requires = "to")]
     pub from: Option<UsdtPoint>,
-    /// Where each span ends: a USDT probe, usdt:[TARGET:]PROVIDER:NAME.
+    /// Where each span ends: a USDT probe, usdt:[TARGET:]PROVIDER:NAME (without TARGET, in
+    /// --from's).
     #[arg(long = "to", value_name = "USDT", value_parser = UsdtPoint::parse, requires = "from")]
     pub to: Option<UsdtPoint>,
     /// Break spans down by an argument of the --from probe: argN (its value) or str(argN)

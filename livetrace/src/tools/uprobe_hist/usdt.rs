@@ -152,6 +152,11 @@ pub fn find_spans(
     to: &UsdtPoint,
     target: &Target,
 ) -> anyhow::Result<Vec<SpanSites>> {
+    // `--to` without TARGET is in `--from`'s file.
+    let to = &UsdtPoint {
+        target: to.target.clone().or_else(|| from.target.clone()),
+        ..to.clone()
+    };
     let find = |scope: &Scope<'_>, pid| -> anyhow::Result<SpanSites> {
         Ok(SpanSites {
             pid,
