@@ -133,6 +133,14 @@ fn build_static_fixtures(dir: &Path) -> anyhow::Result<PathBuf> {
                 .arg(sources.join(format!("{name}.c"))),
         )?;
     }
+    // The USDT fixture: -O2 (every argument form), its probes in two files.
+    run_command(
+        Command::new("cc")
+            .args(["-static", "-O2", "-g", "-o"])
+            .arg(dir.join("usdt"))
+            .arg(sources.join("usdt/usdt.c"))
+            .arg(sources.join("usdt/forms.c")),
+    )?;
     Ok(dir.to_path_buf())
 }
 
@@ -326,6 +334,12 @@ kill $P"#,
         body: r#"$LT uprobe-hist timed_work --json -- $FIX/latency mix"#,
         verify: verify_latency,
     },
+    Check {
+        id: "usdt",
+        name: "uprobe-hist USDT spans --by",
+        body: r#"$LT uprobe-hist --from usdt:lt:query__start --to usdt:lt:query__done --by 'str(arg0)' --json -- $FIX/usdt 50 10"#,
+        verify: verify_usdt,
+    },
 ];
 
 /// Each check's name and outcome.
@@ -507,6 +521,33 @@ fn verify_latency(o: &Outputs) -> Result<(), String> {
         format!("p99.9 {}", p("p99.9"))
     })?;
     Ok(())
+}
+
+/// usdt 50 10: 50 spans between two semaphore-guarded probes, 5 keyed "slow" and 45 "fast".
+fn verify_usdt(o: &Outputs) -> Result<(), String> {
+    check(o.status == Some(0), || {
+        format!("exit {:?}: {}", o.status, o.stderr())
+    })?;
+    let stdout = o.file("stdout")?;
+    // The fixture's own line comes first.
+    let json = stdout.find('{').map_or("", |at| &stdout[at..]);
+    let report: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
+    check(report["count"] == 50, || {
+        format!("count {}", report["count"])
+    })?;
+    let keys = &report["spans"]["by"]["keys"];
+    let count = |key: &str| {
+        keys.as_array()
+            .into_iter()
+            .flatten()
+            .find(|k| k["key"] == key)
+            .map(|k| k["count"].clone())
+    };
+    check(
+        count("fast") == Some(45.into()) && count("slow") == Some(5.into()),
+        || format!("keys {keys}"),
+    )
 }
 
 /// `livetrace check` on a kernel where every tool passed: it must say so, with the verifier's
