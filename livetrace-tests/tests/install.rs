@@ -39,7 +39,7 @@ fn bash_completions_load_and_complete() {
         lines[0].starts_with("complete ") && lines[0].ends_with(" livetrace"),
         "{stdout}"
     );
-    assert_eq!(lines[1], "profile", "{stdout}");
+    assert_eq!(lines[1], "profile probes", "{stdout}");
     assert!(lines[2].split(' ').any(|w| w == "--unwind"), "{stdout}");
     assert_eq!(lines[3], "fp dwarf auto", "{stdout}");
 }
