@@ -114,9 +114,11 @@ fn test(cargo_args: &[String]) -> anyhow::Result<()> {
     run_command(
         Command::new("cargo")
             .current_dir(workspace_root())
+            // Every test binary runs even after one fails, so a red run shows every failure.
             .args([
                 "test",
                 "--release",
+                "--no-fail-fast",
                 "--workspace",
                 "--exclude",
                 "livetrace-ebpf",
