@@ -576,4 +576,13 @@ mod tests {
             assert!(By::parse(bad).is_err(), "{bad}");
         }
     }
+
+    /// Thousands of hits a second per CPU get a warning with the rate; a query rate does not.
+    #[test]
+    fn warns_of_high_probe_rates() {
+        let second = std::time::Duration::from_secs(1);
+        let warning = rate_warning(50_000_000, second).expect("a warning");
+        assert!(warning.contains("times a second per CPU"), "{warning}");
+        assert_eq!(rate_warning(500, second), None);
+    }
 }
