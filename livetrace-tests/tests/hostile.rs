@@ -310,6 +310,77 @@ fn signals_before_the_capture_loop_are_not_fatal() {
     }
 }
 
+/// Snapshot signals sent without pause while livetrace loads and verifies its programs do not
+/// fail the load: a signal pending on the loading thread makes the kernel's verifier give up
+/// (EAGAIN), and made aya's feature probes decide the kernel had no global data; the signals are
+/// now held back until the capture loop, where each is a snapshot.
+#[test]
+fn a_storm_of_signals_while_loading_does_not_fail_it() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    require_root();
+    let _cpus = cpu_shared();
+    let chain = start_fixture("chain", &["30"]);
+    let pid = chain.pid().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.folded");
+    for unwind in ["dwarf", "fp"] {
+        let mut run = Livetrace::start([
+            "profile",
+            "-p",
+            &pid,
+            "-d",
+            "1",
+            "--unwind",
+            unwind,
+            "-o",
+            path_arg(&out),
+        ]);
+        let livetrace = run.pid() as libc::pid_t;
+        // From when its handlers are in place (before that, SIGUSR1 would kill any program).
+        wait_until("livetrace catches SIGUSR1", SLACK, || {
+            catches_sigusr1(run.pid())
+        });
+        let done = Arc::new(AtomicBool::new(false));
+        let storm = {
+            let done = Arc::clone(&done);
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    // SAFETY: a signal to the livetrace this test started, by its pid.
+                    unsafe { libc::kill(livetrace, libc::SIGUSR1) };
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            })
+        };
+        run.wait_for("it starts profiling or fails", SLACK, |_, stderr| {
+            stderr.contains("livetrace: profiling") || stderr.contains("error")
+        });
+        done.store(true, Ordering::SeqCst);
+        storm.join().unwrap();
+        let run = run.finish(SLACK);
+        run.assert_success();
+        assert!(
+            !run.stderr.contains("could not be loaded"),
+            "{unwind}: {}",
+            run.stderr
+        );
+        assert!(out.exists(), "{unwind}: {}", run.stderr);
+    }
+}
+
+/// Whether the process has a handler for SIGUSR1 (`SigCgt` in /proc/PID/status).
+fn catches_sigusr1(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let mask = status.lines().find_map(|l| l.strip_prefix("SigCgt:"))?;
+            u64::from_str_radix(mask.trim(), 16).ok()
+        })
+        .is_some_and(|mask| mask & (1 << (libc::SIGUSR1 - 1)) != 0)
+}
+
 /// A command that cannot be started (a file that is not a program) fails with exit 1 and the
 /// reason, rather than an empty profile and exit 0.
 #[test]

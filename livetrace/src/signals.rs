@@ -49,6 +49,41 @@ extern "C" fn on_signal(signal: libc::c_int) {
     }
 }
 
+/// The signals livetrace answers, held back on this thread while a [`Deferred`] lives.
+///
+/// The kernel's verifier gives up on a program with EAGAIN when a signal is pending for the
+/// thread that loads it, and aya's feature probes, run on the first load, then conclude that the
+/// kernel lacks what it has (global data, for one): a SIGUSR1 or SIGHUP sent while livetrace
+/// loads its programs made the load fail. Held back, such a signal is delivered when the guard
+/// drops, and takes effect in the capture loop as it would have anyway. Threads started
+/// meanwhile inherit the mask and keep it, so the signals go to this thread.
+pub struct Deferred {
+    previous: libc::sigset_t,
+}
+
+/// Holds back the signals livetrace answers on this thread until the guard drops.
+pub fn defer() -> Deferred {
+    // SAFETY: sigset_t is plain data that sigemptyset initialises; pthread_sigmask reads the
+    // new set and writes the old one, both valid.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in STOP_SIGNALS.into_iter().chain([libc::SIGUSR1]) {
+            libc::sigaddset(&mut set, signal);
+        }
+        let mut previous: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut previous);
+        Deferred { previous }
+    }
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `defer`; pending signals are delivered now.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.previous, std::ptr::null_mut()) };
+    }
+}
+
 /// Installs the handler for every signal livetrace answers. Call first thing in `main`.
 pub fn install() -> io::Result<()> {
     let mut fds = [0 as RawFd; 2];

@@ -134,6 +134,9 @@ pub fn run<T: Tool>(
         symbolizer: Symbolizer::new(),
         notes: Vec::new(),
     };
+    // Loading and attaching with the signals held back: a pending signal makes the verifier
+    // give up (see signals::defer). They take effect in the capture loop.
+    let deferred = crate::signals::defer();
     let mut running = tool.start(&mut session)?;
     session.note_targets();
     bpf::set_control(running.ebpf(), control::RUNNING)?;
@@ -148,6 +151,7 @@ pub fn run<T: Tool>(
         capture::how_it_ends(duration)
     );
 
+    drop(deferred);
     let runtime = capture::runtime()?;
     let target = session.target.clone();
     let watch = Watch::for_target(&target, command.as_mut());

@@ -94,6 +94,8 @@ impl Facts {
                 && privileges::has(eff, privileges::Cap::Perfmon)
         });
         let refusal = |dwarf| {
+            // A signal pending while the verifier runs would read as a refusal.
+            let _deferred = crate::signals::defer();
             crate::tools::profile::verifier_accepts(dwarf)
                 .err()
                 .map(|err| format!("{err:#}"))
