@@ -235,9 +235,21 @@ fn outlasting_block(mode: &str) {
         profile.summary(),
         run.stderr
     );
-    assert!(
-        !run.stderr.contains("stack missing") && !profile.has_frame("[lost user stack]"),
-        "{mode}: {}",
+    // The outlasting block keeps both its stacks. (Another, brief block can lose its user stack
+    // for a reason of its own, counted in the footer: a 15 us one once failed its walk with
+    // EFAULT, around the command's exec.)
+    let sleep_lost: u64 = profile
+        .stacks
+        .iter()
+        .filter(|s| s.contains("do_nanosleep_[k]"))
+        .filter(|s| s.frames.iter().any(|f| f.starts_with("[lost ")))
+        .map(|s| s.count)
+        .sum();
+    assert_eq!(
+        sleep_lost,
+        0,
+        "{mode}: {}\n{}",
+        profile.summary(),
         run.stderr
     );
 }
