@@ -94,18 +94,9 @@ const RETURN_SP_OFFSET: u64 = 0;
 
 #[uprobe]
 pub fn uprobe_hist_entry(ctx: ProbeContext) -> u32 {
-    // A call that begins once the capture has stopped is not timed (its return will count as
-    // outside the capture).
-    if control::stopped() {
+    let Some((_, tid)) = opening_thread() else {
         return 0;
-    }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    if !is_target(tgid, tid) {
-        add(Counter::NotTarget, 1);
-        return 0;
-    }
-    add(Counter::Entries, 1);
+    };
     let sp = stack_pointer(ctx.regs);
     let Some(calls) = thread_calls(tid) else {
         return 0;
@@ -144,13 +135,9 @@ pub fn uprobe_hist_entry(ctx: ProbeContext) -> u32 {
 pub fn uprobe_hist_return(ctx: RetProbeContext) -> u32 {
     // Read first, so the probe's own cost after the function returned is left out.
     let now = unsafe { bpf_ktime_get_ns() };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    if !is_target(tgid, tid) {
-        add(Counter::NotTarget, 1);
+    let Some((tgid, tid)) = closing_thread() else {
         return 0;
-    }
-    add(Counter::Returns, 1);
+    };
     let entry_sp = stack_pointer(ctx.regs).wrapping_sub(RETURN_SP_OFFSET);
     let Some(calls) = UPROBE_THREADS.get_ptr_mut(tid) else {
         add(unmatched(Counter::ReturnWithoutEntry), 1);
@@ -187,6 +174,44 @@ pub fn uprobe_hist_return(ctx: RetProbeContext) -> u32 {
     calls.depth = index as u32;
     record(&ctx, now.saturating_sub(start_ns), tgid, tid);
     0
+}
+
+/// The thread (tgid, tid) a call's (or span's) first probe fired on, if it is timed: not once
+/// the capture has stopped (its end will count as outside the capture), and only in targets.
+#[inline(always)]
+fn opening_thread() -> Option<(u32, u32)> {
+    if control::stopped() {
+        return None;
+    }
+    let thread = target_thread()?;
+    add(Counter::Entries, 1);
+    Some(thread)
+}
+
+/// The thread a call's (or span's) last probe fired on, if it is a target.
+#[inline(always)]
+fn closing_thread() -> Option<(u32, u32)> {
+    let thread = target_thread()?;
+    add(Counter::Returns, 1);
+    Some(thread)
+}
+
+/// The current thread, if it is a target (counted otherwise).
+#[inline(always)]
+fn target_thread() -> Option<(u32, u32)> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if !is_target(tgid, tid) {
+        add(Counter::NotTarget, 1);
+        return None;
+    }
+    Some((tgid, tid))
+}
+
+/// Whether spans are broken down by an argument (`--by`).
+#[inline(always)]
+fn broken_down() -> bool {
+    matches!(UPROBE_BY.load(), BY_INTEGER | BY_STRING)
 }
 
 /// How to count a return that matched no entry: as `counter` while the capture runs, or as a
@@ -349,16 +374,9 @@ fn add_to_histogram(hist: *mut LatencyHistogram, duration: u64) -> bool {
     reason = "passing the value itself would copy it onto the 512-byte BPF stack"
 )]
 pub fn uprobe_hist_span_from(ctx: ProbeContext) -> u32 {
-    if control::stopped() {
+    let Some((_, tid)) = opening_thread() else {
         return 0;
-    }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    if !is_target(tgid, tid) {
-        add(Counter::NotTarget, 1);
-        return 0;
-    }
-    add(Counter::Entries, 1);
+    };
     let Some(span) = UPROBE_SPAN_SCRATCH.get_ptr_mut(0) else {
         add(Counter::HelperFailed, 1);
         return 0;
@@ -382,8 +400,7 @@ pub fn uprobe_hist_span_from(ctx: ProbeContext) -> u32 {
 /// The `--by` key of a span, from the argument this site's cookie names.
 #[inline(always)]
 fn span_key(ctx: &ProbeContext, key: &mut SpanKey) {
-    let by = UPROBE_BY.load();
-    if by != BY_INTEGER && by != BY_STRING {
+    if !broken_down() {
         return;
     }
     // SAFETY: a helper reading the cookie the link was created with.
@@ -398,7 +415,7 @@ fn span_key(ctx: &ProbeContext, key: &mut SpanKey) {
         add(Counter::ArgUnreadable, 1);
         return;
     };
-    if by == BY_INTEGER {
+    if UPROBE_BY.load() == BY_INTEGER {
         let bytes = value.to_le_bytes();
         key.bytes[..8].copy_from_slice(&bytes);
         return;
@@ -419,13 +436,9 @@ fn span_key(ctx: &ProbeContext, key: &mut SpanKey) {
 pub fn uprobe_hist_span_to(ctx: ProbeContext) -> u32 {
     // Read first, so the probe's own cost after the span is left out.
     let now = unsafe { bpf_ktime_get_ns() };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    if !is_target(tgid, tid) {
-        add(Counter::NotTarget, 1);
+    let Some((tgid, tid)) = closing_thread() else {
         return 0;
-    }
-    add(Counter::Returns, 1);
+    };
     let Some(span) = UPROBE_SPANS.get_ptr_mut(tid) else {
         add(unmatched(Counter::ReturnWithoutEntry), 1);
         return 0;
@@ -439,7 +452,7 @@ pub fn uprobe_hist_span_to(ctx: ProbeContext) -> u32 {
     let duration = now.saturating_sub(span.start_ns);
     span.start_ns = 0;
     record(&ctx, duration, tgid, tid);
-    if UPROBE_BY.load() == BY_INTEGER || UPROBE_BY.load() == BY_STRING {
+    if broken_down() {
         record_by_key(&span.key, duration);
     }
     0
