@@ -390,6 +390,16 @@ pub struct LatencyReport {
     pub spans: Option<Spans>,
 }
 
+/// How a report names spans between two probes: `from → to`.
+pub fn span_name(from: &str, to: &str) -> String {
+    format!("{from} → {to}")
+}
+
+/// Whether a report's name is that of spans ([`span_name`]) rather than of a function.
+pub fn is_span_name(name: &str) -> bool {
+    name.contains(" → ")
+}
+
 /// What `uprobe-hist --from --to` adds to the report.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Spans {

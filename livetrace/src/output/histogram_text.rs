@@ -119,9 +119,9 @@ pub fn interval_text(function: &str, interval: &Interval) -> String {
     out
 }
 
-/// What is measured: a function's calls, or the spans between two probes (named `from → to`).
+/// What is measured: a function's calls, or the spans between two probes.
 fn noun(function: &str) -> &'static str {
-    if function.contains(" → ") {
+    if crate::histogram::is_span_name(function) {
         "spans"
     } else {
         "calls"

@@ -165,7 +165,7 @@ impl Tool for UprobeHist {
         if self.outputs.is_empty() && !self.args.json {
             let name = match (&probed, &self.args.to) {
                 (Probed::Spans(_), Some(to)) => to.name.clone(),
-                _ => probed.name(None),
+                _ => probed.name(),
             };
             self.outputs
                 .push(HistOutput::Text(Some(default_output_path(&name))));
@@ -244,7 +244,7 @@ impl Tool for UprobeHist {
             session.symbolizer.note_process(pid);
         }
         let from_to = args.from.as_ref().zip(args.to.as_ref());
-        let function = probed.name(from_to);
+        let function = probed.name();
         let snapshot_base = LatencyReport {
             function: function.clone(),
             sites: probed.describe(command_pid),

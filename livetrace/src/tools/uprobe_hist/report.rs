@@ -72,20 +72,21 @@ pub(super) fn latency_quality(
         notes: Vec::new(),
     };
     if quality.entries == 0 {
-        // Spans are named `from → to`.
-        quality.notes.push(if function.contains(" → ") {
-            format!(
-                "{function}: the first probe never fired: check that the target reaches it now \
+        quality
+            .notes
+            .push(if crate::histogram::is_span_name(function) {
+                format!(
+                    "{function}: the first probe never fired: check that the target reaches it now \
                  (`livetrace probes` lists where it is), and that the process probed is the one \
                  that runs it (a server that forks per connection: name the binary in --from \
                  instead of -p, to probe every process that runs it)"
-            )
-        } else {
-            format!(
-                "{function} was not called during the capture: check that the target calls it \
+                )
+            } else {
+                format!(
+                    "{function} was not called during the capture: check that the target calls it \
                  (it may be inlined at its call sites, and then never runs as its own function)"
-            )
-        });
+                )
+            });
     }
 
     Ok(quality)

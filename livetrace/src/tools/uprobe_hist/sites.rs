@@ -4,8 +4,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-use super::usdt::{SpanSites, UsdtPoint};
+use super::usdt::SpanSites;
 use crate::{
+    histogram::span_name,
     proc::{self, maps::Maps, task},
     session::targets::Target,
     tools::uprobe_hist::target::{
@@ -41,14 +42,18 @@ pub(super) enum Probed {
 }
 
 impl Probed {
-    /// The function's name, or `from → to`.
-    pub(super) fn name(&self, from_to: Option<(&UsdtPoint, &UsdtPoint)>) -> String {
-        match (self, from_to) {
-            (Self::Spans(_), Some((from, to))) => {
-                format!("{} → {}", from.full_name(), to.full_name())
+    /// The function's name, or the two probes' (`from → to`).
+    pub(super) fn name(&self) -> String {
+        match self {
+            Self::Function(sites) => sites[0].symbol.demangled.clone(),
+            Self::Spans(spans) => {
+                let probe =
+                    |site: &crate::usdt::ProbeSite| format!("{}:{}", site.provider, site.name);
+                span_name(
+                    &probe(&spans[0].from.sites[0]),
+                    &probe(&spans[0].to.sites[0]),
+                )
             }
-            (Self::Function(sites), _) => sites[0].symbol.demangled.clone(),
-            (Self::Spans(_), None) => String::new(),
         }
     }
 

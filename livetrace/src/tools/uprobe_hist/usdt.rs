@@ -9,12 +9,13 @@
 //! reads the `--by` argument where that site keeps it.
 
 use std::{
+    collections::HashMap,
     ffi::CString,
     os::{
         fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
     },
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, bail};
@@ -157,11 +158,12 @@ pub fn find_spans(
         target: to.target.clone().or_else(|| from.target.clone()),
         ..to.clone()
     };
-    let find = |scope: &Scope<'_>, pid| -> anyhow::Result<SpanSites> {
+    let mut files = ProbeFiles::default();
+    let mut find = |scope: &Scope<'_>, pid| -> anyhow::Result<SpanSites> {
         Ok(SpanSites {
             pid,
-            from: find_point(from, scope)?,
-            to: find_point(to, scope)?,
+            from: find_point(from, scope, &mut files)?,
+            to: find_point(to, scope, &mut files)?,
         })
     };
     match target {
@@ -174,13 +176,31 @@ pub fn find_spans(
     }
 }
 
+/// Each file's probes, read once however many probes and processes are looked for in it (the
+/// files without probes, or unreadable, as None).
+#[derive(Default)]
+struct ProbeFiles(HashMap<PathBuf, Option<usdt::FileProbes>>);
+
+impl ProbeFiles {
+    fn get(&mut self, path: &Path) -> Option<&usdt::FileProbes> {
+        self.0
+            .entry(path.to_path_buf())
+            .or_insert_with(|| usdt::probes_in(path).ok().and_then(Result::ok))
+            .as_ref()
+    }
+}
+
 /// The first file of the search that declares the probe.
-fn find_point(point: &UsdtPoint, scope: &Scope<'_>) -> anyhow::Result<PointSites> {
+fn find_point(
+    point: &UsdtPoint,
+    scope: &Scope<'_>,
+    files: &mut ProbeFiles,
+) -> anyhow::Result<PointSites> {
     let search = files_to_search(scope, point.target.as_deref())?;
     let mut others: Vec<String> = Vec::new();
     let mut searched = Vec::new();
     for file in &search.files {
-        let Ok(Ok(found)) = usdt::probes_in(&file.path) else {
+        let Some(found) = files.get(&file.path) else {
             continue;
         };
         searched.push(file.shown.clone());
