@@ -237,6 +237,12 @@ fn says_what_is_missing() {
 // ---------------------------------------------------------------------------------------------
 // Spans
 
+/// livetrace's JSON report on the stdout it shares with the fixture, whose own line comes first.
+fn report_after_fixture_line(stdout: &str) -> Value {
+    let json = &stdout[stdout.find('{').expect("a JSON report")..];
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"))
+}
+
 /// `uprobe-hist --from usdt:lt:FROM --to usdt:lt:TO --by BY --json -- fixture QUERIES
 /// SLOW_EVERY`: the keys and their counts.
 fn fixture_keys(
@@ -266,9 +272,7 @@ fn fixture_keys(
         SLACK,
     );
     run.assert_success();
-    // The fixture's own line comes first on the shared stdout.
-    let json = &run.stdout[run.stdout.find('{').expect("a JSON report")..];
-    let report: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    let report = report_after_fixture_line(&run.stdout);
     assert_eq!(
         report["count"],
         u64::from(queries.parse::<u32>().unwrap()),
@@ -399,8 +403,7 @@ fn slow_spans_keep_their_stacks() {
         SLACK,
     );
     run.assert_success();
-    let json = &run.stdout[run.stdout.find('{').expect("a JSON report")..];
-    let report: Value = serde_json::from_str(json).unwrap();
+    let report = report_after_fixture_line(&run.stdout);
     assert_eq!(report["count"], 60);
     assert_eq!(
         report["slow_calls"]["count"], 6,
