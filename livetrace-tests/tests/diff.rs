@@ -79,8 +79,10 @@ fn diff_shows_a_moved_hot_function_in_leaves_and_callers() {
     let dir = tempfile::tempdir().unwrap();
     let out = |name: &str| dir.path().join(name);
     let secs = CAPTURE_SECS.to_string();
-    let before_fixture = MeasuredFixture::start("shift", &["15", "6", "3", "1", "0"]);
-    let after_fixture = MeasuredFixture::start("shift", &["15", "2", "3", "1", "4"]);
+    let mut before_fixture = MeasuredFixture::start("shift", &["15", "6", "3", "1", "0"]);
+    let mut after_fixture = MeasuredFixture::start("shift", &["15", "2", "3", "1", "4"]);
+    // Each fixture's truth over the window that was profiled.
+    let (before_start, after_start) = (before_fixture.mark(), after_fixture.mark());
     let capture = |pid: u32, name: &str| {
         Livetrace::start([
             "profile".to_owned(),
@@ -99,7 +101,8 @@ fn diff_shows_a_moved_hot_function_in_leaves_and_callers() {
     let timeout = Duration::from_secs(CAPTURE_SECS) + SLACK;
     before_run.finish(timeout).assert_success();
     after_run.finish(timeout).assert_success();
-    let (before, after) = (before_fixture.stop(), after_fixture.stop());
+    let before = before_start.until(&before_fixture.mark());
+    let after = after_start.until(&after_fixture.mark());
 
     let svg = out("diff.svg");
     let table = diff(&out("before.pb.gz"), &out("after.folded"), &svg);

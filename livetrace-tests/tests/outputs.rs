@@ -93,9 +93,9 @@ fn pprof_flat_shares(top: &str) -> BTreeMap<String, f64> {
 }
 
 /// Profiles a fresh chain fixture for CAPTURE_SECS with `extra` arguments and these outputs;
-/// returns what the fixture measured of its own CPU time.
+/// returns what the fixture measured of its own CPU time while it was profiled.
 fn capture_chain(outputs: &[&Path], extra: &[&str]) -> Truth {
-    let chain = MeasuredFixture::start("chain", &["15"]);
+    let mut chain = MeasuredFixture::start("chain", &["15"]);
     let pid = chain.pid().to_string();
     let secs = CAPTURE_SECS.to_string();
     let mut args = vec!["profile", "-p", &pid, "-d", &secs];
@@ -103,9 +103,10 @@ fn capture_chain(outputs: &[&Path], extra: &[&str]) -> Truth {
     for output in outputs {
         args.extend(["-o", path_arg(output)]);
     }
-    let run = run_livetrace(&args, Duration::from_secs(CAPTURE_SECS) + SLACK);
+    let (run, truth) =
+        chain.during(|| run_livetrace(&args, Duration::from_secs(CAPTURE_SECS) + SLACK));
     run.assert_success();
-    chain.stop()
+    truth
 }
 
 /// `go tool pprof -top` reads the .pb.gz and shows the fixture's split; the fixture's mapping

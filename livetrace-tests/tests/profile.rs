@@ -77,11 +77,12 @@ fn profile_and_check_count(pid: u32, hz: u32, seconds: u32, out: &std::path::Pat
 fn pid_profile_has_complete_stacks_and_right_shares() {
     require_root();
     let _cpus = cpu_exclusive();
-    let chain = MeasuredFixture::start("chain", &["15"]);
+    let mut chain = MeasuredFixture::start("chain", &["15"]);
+    let pid = chain.pid();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.folded");
 
-    let profile = profile_and_check_count(chain.pid(), DEFAULT_HZ, 4, &out);
+    let (profile, truth) = chain.during(|| profile_and_check_count(pid, DEFAULT_HZ, 4, &out));
     for stack in &profile.stacks {
         assert_eq!(
             stack.root(),
@@ -119,7 +120,6 @@ fn pid_profile_has_complete_stacks_and_right_shares() {
         profile.summary()
     );
 
-    let truth = chain.stop();
     for leaf in HOT_LEAVES {
         assert_share(
             &format!("the share of {leaf}"),

@@ -93,21 +93,22 @@ fn static_binary_in_an_empty_root_profiles_a_host_process_with_names() {
         version.stdout
     );
 
-    let chain = MeasuredFixture::start("chain", &["20"]);
+    let mut chain = MeasuredFixture::start("chain", &["20"]);
     let pid = chain.pid().to_string();
-    let run = root.run(
-        &[
-            "profile",
-            "-p",
-            &pid,
-            "-d",
-            "3",
-            "-o",
-            "/tmp/profile.folded",
-        ],
-        Duration::from_secs(3) + SLACK,
-    );
-    let truth = chain.stop();
+    let (run, truth) = chain.during(|| {
+        root.run(
+            &[
+                "profile",
+                "-p",
+                &pid,
+                "-d",
+                "3",
+                "-o",
+                "/tmp/profile.folded",
+            ],
+            Duration::from_secs(3) + SLACK,
+        )
+    });
     let profile = Profile::read(&root.path().join("tmp/profile.folded"));
     let total = profile.total();
     let named = profile.share_where(|s| s.contains_run(&["main", "a", "b", "c"]));

@@ -61,10 +61,11 @@ fn profile(args: &[&str], seconds: u64) -> (Profile, String) {
 fn dwarf_completes_stacks_that_frame_pointers_cannot() {
     require_root();
     let _cpus = cpu_exclusive();
-    let chain = MeasuredFixture::start_path(&chain_without_frame_pointers(), &["12"]);
+    let mut chain = MeasuredFixture::start_path(&chain_without_frame_pointers(), &["12"]);
     let pid = chain.pid().to_string();
 
-    let (dwarf, stderr) = profile(&["-p", &pid, "-U", "--unwind", "dwarf", "-d", "4"], 4);
+    let ((dwarf, stderr), truth) =
+        chain.during(|| profile(&["-p", &pid, "-U", "--unwind", "dwarf", "-d", "4"], 4));
     assert!(
         stderr.contains("unwound with DWARF CFI"),
         "the footer names the unwinding mode:\n{stderr}"
@@ -90,7 +91,6 @@ fn dwarf_completes_stacks_that_frame_pointers_cannot() {
          of its samples have it: the fixture no longer tests unwinding without frame pointers\n{}",
         fp.summary()
     );
-    let truth = chain.stop();
     for leaf in HOT_LEAVES {
         assert_share(
             &format!("dwarf mode: the share of {leaf}"),

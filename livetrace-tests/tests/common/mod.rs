@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs::{self, File};
-use std::io::Read as _;
+use std::io::{BufRead as _, BufReader};
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::{OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -201,10 +201,12 @@ pub fn start_fixture(name: &str, args: &[&str]) -> Process {
     Process::spawn(command)
 }
 
-/// A fixture that measures where its CPU time goes (`tests/fixtures/work.h`) and says so when it
-/// stops. It is killed when dropped, like a [`Process`].
+/// A fixture that measures where its CPU time goes (`tests/fixtures/work.h`) and says so over a
+/// window between two marks ([`MeasuredFixture::during`]). It is killed when dropped, like a
+/// [`Process`].
 pub struct MeasuredFixture {
     process: Process,
+    stdout: BufReader<ChildStdout>,
 }
 
 impl MeasuredFixture {
@@ -220,8 +222,11 @@ impl MeasuredFixture {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
+        let mut process = Process::spawn(command);
+        let stdout = process.child.stdout.take().expect("the stdout is piped");
         MeasuredFixture {
-            process: Process::spawn(command),
+            process,
+            stdout: BufReader::new(stdout),
         }
     }
 
@@ -229,28 +234,106 @@ impl MeasuredFixture {
         self.process.pid()
     }
 
-    /// Stops the fixture (SIGTERM) and returns what it measured of itself.
-    pub fn stop(mut self) -> Truth {
-        self.process.signal(libc::SIGTERM);
-        let status = self.process.wait_timeout(Duration::from_secs(10));
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "the fixture did not end cleanly on SIGTERM: {status:?}"
+    /// Asks the fixture for its clocks so far (SIGUSR1) and waits for its `mark` line. The
+    /// fixture answers between two rounds, within a few milliseconds.
+    pub fn mark(&mut self) -> Mark {
+        // Until the fixture has set its handler, SIGUSR1 would kill it.
+        let pid = self.pid();
+        wait_until(
+            "the fixture to catch SIGUSR1",
+            Duration::from_secs(10),
+            || catches_signal(pid, libc::SIGUSR1),
         );
-        let mut out = String::new();
-        self.process
-            .child
-            .stdout
-            .take()
-            .expect("the fixture's stdout is piped")
-            .read_to_string(&mut out)
-            .expect("cannot read the fixture's stdout");
-        Truth::parse(&out)
+        self.process.signal(libc::SIGUSR1);
+        loop {
+            let mut line = String::new();
+            let read = self
+                .stdout
+                .read_line(&mut line)
+                .expect("cannot read the fixture's stdout");
+            assert!(read > 0, "the fixture ended before it printed a mark");
+            if line.starts_with("mark ") {
+                let mut seconds = parse_fields(line.trim_end());
+                let cpu_seconds = seconds
+                    .remove("cpu")
+                    .unwrap_or_else(|| panic!("no cpu= in {line:?}"));
+                return Mark {
+                    cpu_seconds,
+                    seconds,
+                };
+            }
+        }
+    }
+
+    /// Runs `capture` (a profile of this fixture) and returns its result with the fixture's
+    /// truth over the same window: the profile is held to what the fixture did while it ran,
+    /// not over a whole life that may have had slower phases.
+    pub fn during<T>(&mut self, capture: impl FnOnce() -> T) -> (T, Truth) {
+        let before = self.mark();
+        let result = capture();
+        let after = self.mark();
+        (result, before.until(&after))
     }
 }
 
+/// Whether process `pid` has a handler for `signal` (its SigCgt mask in /proc/PID/status).
+fn catches_signal(pid: u32, signal: libc::c_int) -> bool {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
+}
+
+/// A fixture's clocks at one moment: its thread CPU time and each timed function's, in seconds.
+#[derive(Debug, Clone)]
+pub struct Mark {
+    cpu_seconds: f64,
+    seconds: BTreeMap<String, f64>,
+}
+
+impl Mark {
+    /// The shares of the CPU time spent between this mark and a `later` one.
+    pub fn until(&self, later: &Mark) -> Truth {
+        let cpu_seconds = later.cpu_seconds - self.cpu_seconds;
+        assert!(
+            cpu_seconds > 0.0,
+            "no CPU time between {self:?} and {later:?}"
+        );
+        let shares = later
+            .seconds
+            .iter()
+            .map(|(name, &end)| {
+                let start = self.seconds.get(name).copied().unwrap_or(0.0);
+                (name.clone(), (end - start) / cpu_seconds)
+            })
+            .collect();
+        Truth {
+            cpu_seconds,
+            shares,
+        }
+    }
+}
+
+/// `NAME=NUMBER` fields after a line's first word (a fixture's `mark` line).
+fn parse_fields(line: &str) -> BTreeMap<String, f64> {
+    line.split_whitespace()
+        .skip(1)
+        .map(|field| {
+            let (name, value) = field
+                .split_once('=')
+                .unwrap_or_else(|| panic!("bad field {field:?} in {line:?}"));
+            let value = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value {field:?} in {line:?}"));
+            (name.to_owned(), value)
+        })
+        .collect()
+}
+
 /// What a fixture measured of itself with its thread CPU clock: each timed function's share of
-/// its CPU time, from its `truth cpu=SECONDS NAME=SHARE...` line.
+/// its CPU time between two marks.
 #[derive(Debug, Clone)]
 pub struct Truth {
     pub cpu_seconds: f64,
@@ -258,33 +341,6 @@ pub struct Truth {
 }
 
 impl Truth {
-    pub fn parse(text: &str) -> Truth {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("truth "))
-            .unwrap_or_else(|| panic!("the fixture printed no truth line: {text:?}"));
-        let mut values: BTreeMap<String, f64> = line
-            .split_whitespace()
-            .skip(1)
-            .map(|field| {
-                let (name, value) = field
-                    .split_once('=')
-                    .unwrap_or_else(|| panic!("bad truth field {field:?} in {line:?}"));
-                let value = value
-                    .parse()
-                    .unwrap_or_else(|_| panic!("bad truth value {field:?} in {line:?}"));
-                (name.to_owned(), value)
-            })
-            .collect();
-        let cpu_seconds = values
-            .remove("cpu")
-            .unwrap_or_else(|| panic!("no cpu= in {line:?}"));
-        Truth {
-            cpu_seconds,
-            shares: values,
-        }
-    }
-
     /// The share of the fixture's CPU time that `function` used.
     pub fn share(&self, function: &str) -> f64 {
         *self
@@ -297,14 +353,15 @@ impl Truth {
 /// How far a share measured from `samples` samples may stray from the fixture's measured truth
 /// `p`: four binomial standard errors, sqrt(p(1-p)/n), plus 0.02.
 ///
-/// The standard errors cover sampling: a sample lands in a function with probability p, and at
-/// 99 Hz against a ~1 ms round the samples fall at unrelated points of the round, so they behave
-/// as independent draws. Four of them make a false alarm about 1 in 15,000 per assertion if that
-/// held exactly; 0.02 covers what does not: the truth is measured over the fixture's whole life
-/// and the profile over the capture window, and samples in the clock reads themselves count for
-/// neither. Checked on 46 captures of the chain fixture (3 s at 99 Hz, three at once, or two
-/// beside a niced CPU loop): they spread 0.8 times as wide as independent draws would, and the
-/// worst was 2.5 standard errors.
+/// The standard errors cover sampling: a sample lands in a function with probability p, and the
+/// fixture's rounds vary in length at random (work.h), so the samples fall at unrelated points of
+/// the rounds and behave as independent draws. Four of them make a false alarm about 1 in 15,000
+/// per assertion if that held exactly; 0.02 covers what does not: the marks that bound the truth
+/// also take in livetrace's start and its writing of outputs, and samples in the clock reads
+/// themselves count for neither. Checked on 100 captures of the chain fixture (3 s at 99 Hz,
+/// three at once on two CPUs, or two beside a niced CPU loop), each held to its own marks: they
+/// spread as wide as independent draws would (0.96 and 1.00 standard errors), and the worst of
+/// the 300 shares was 3.5 standard errors off.
 pub fn share_tolerance(p: f64, samples: u64) -> f64 {
     assert!(
         samples >= 60,
