@@ -241,6 +241,10 @@ fn python_functions_by_name_over_complete_native_stacks() {
 
     let (profile, stderr) = profile(&["-p", &pid, "-U", "-d", "4"], 4);
     let _ = std::fs::remove_file(format!("/tmp/perf-{pid}.map"));
+    assert!(
+        !stderr.contains("shown as the interpreter"),
+        "named Python functions are counted as unnamed:\n{stderr}"
+    );
     assert_incident_stacks(
         &profile,
         &stderr,

@@ -58,14 +58,23 @@ impl Runtime {
             Self::Node => "start it with --perf-basic-prof (add \
                            --interpreted-frames-native-stack to name interpreted functions too)"
                 .into(),
-            Self::Python(Some(version)) if version < (3, 12) => {
-                "its Python functions show as the interpreter's frames: CPython before 3.12 \
-                 writes no perf map"
-                    .into()
-            }
-            Self::Python(_) => "start it with -X perf (or PYTHONPERFSUPPORT=1; CPython 3.12+) \
-                                to name its Python functions"
-                .into(),
+            // livetrace does not read CPython's own frames yet: py-spy does, from outside, and
+            // needs no restart.
+            Self::Python(Some(version)) if version < (3, 12) => format!(
+                "its Python functions show as the interpreter's frames ({}): \
+                 CPython before 3.12 writes no perf map, and livetrace does not read the \
+                 interpreter's frames yet; `py-spy dump --pid {pid}` names them without a restart",
+                if version < (3, 6) {
+                    "PyEval_EvalFrameEx"
+                } else {
+                    "_PyEval_EvalFrameDefault"
+                }
+            ),
+            Self::Python(_) => format!(
+                "its Python functions show as the interpreter's frames (_PyEval_EvalFrameDefault) \
+                 unless it was started with -X perf (or PYTHONPERFSUPPORT=1; CPython 3.12+); \
+                 without a restart, `py-spy dump --pid {pid}` names them"
+            ),
         }
     }
 }

@@ -73,6 +73,20 @@ pub(super) struct KeyFindings {
     pub(super) map_full: bool,
     /// (a process that mapped it, module), for build IDs.
     pub(super) modules: Vec<(u32, Arc<str>)>,
+    /// The process, if this stack runs Python code that is shown only as the interpreter.
+    pub(super) python_unnamed: Option<u32>,
+}
+
+/// The reason counted for a stack whose Python functions are shown as CPython's evaluation
+/// function: no perf map names them (the process was not started with `-X perf`).
+pub(super) const PYTHON_UNNAMED: &str = "Python functions shown as the interpreter's frames";
+
+/// CPython's bytecode evaluation function: where a Python function runs, as the native stack
+/// sees it (`PyEval_EvalFrameEx` before 3.6; a `.cold` part where the compiler split it). The
+/// names are CPython's own, whether libpython is a library or linked into the program.
+fn is_python_eval(frame: &Frame) -> bool {
+    let name = frame.name.split('.').next().unwrap_or_default();
+    name == "_PyEval_EvalFrameDefault" || name == "PyEval_EvalFrameEx"
 }
 
 /// The frames of one key, root first: process, optional thread, user frames, kernel frames.
@@ -171,6 +185,16 @@ fn push_stack(
         };
         push_resolved(frames, kind, key.tgid, resolved, findings);
     }
+    let pushed = &frames[first_frame..];
+    // With -X perf, every Python function has its own frame (py::name from the perf map)
+    // beside the evaluation function's; without it, the evaluation function is all there is.
+    if kind == FrameKind::User
+        && pushed.iter().any(is_python_eval)
+        && !pushed.iter().any(|f| f.name.starts_with("py::"))
+    {
+        findings.python_unnamed = Some(key.tgid);
+        findings.unknown_reasons.push(PYTHON_UNNAMED);
+    }
     if kind == FrameKind::Kernel {
         // A stack taken from a tracepoint ends in the tracer's own frames (the trampoline and
         // the BPF program): they say nothing about the traced thread.
@@ -247,4 +271,22 @@ fn is_tracer_frame(name: &str) -> bool {
         || name.starts_with("__traceiter_")
         || name.starts_with("__bpf_trace_")
         || name.starts_with("bpf_prog_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(name: &str) -> Frame {
+        Frame::new(FrameKind::User, name)
+    }
+
+    #[test]
+    fn the_evaluation_function_is_recognised() {
+        assert!(is_python_eval(&frame("_PyEval_EvalFrameDefault")));
+        assert!(is_python_eval(&frame("_PyEval_EvalFrameDefault.cold")));
+        assert!(is_python_eval(&frame("PyEval_EvalFrameEx")));
+        assert!(!is_python_eval(&frame("_PyEval_Vector")));
+        assert!(!is_python_eval(&frame("py::serve_request")));
+    }
 }

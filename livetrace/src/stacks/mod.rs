@@ -20,7 +20,7 @@ use livetrace_common::{
 mod frames;
 mod stack_ref;
 
-use self::frames::{KeyFindings, Names, key_frames};
+use self::frames::{KeyFindings, Names, PYTHON_UNNAMED, key_frames};
 use self::stack_ref::RING_FULL;
 pub use self::stack_ref::StackRef;
 use crate::{
@@ -210,6 +210,7 @@ pub fn build_profile(
     let mut stacks = Vec::with_capacity(raw.entries.len() + raw.wake_entries.len());
     let mut map_full = false;
     let mut modules: BTreeSet<(u32, Arc<str>)> = BTreeSet::new();
+    let mut python_unnamed: BTreeSet<u32> = BTreeSet::new();
     let mut record = |frames: Vec<Frame>, findings: KeyFindings, weight: u64| {
         if !findings.unknown_reasons.is_empty() {
             quality.unknown_weight += weight;
@@ -225,6 +226,7 @@ pub fn build_profile(
         }
         map_full |= findings.map_full;
         modules.extend(findings.modules);
+        python_unnamed.extend(findings.python_unnamed);
         stacks.push(WeightedStack { frames, weight });
     };
     for (key, weight) in &raw.entries {
@@ -261,6 +263,9 @@ pub fn build_profile(
     }
 
     add_advice(&mut quality, options, map_full, symbolizer);
+    quality
+        .advice
+        .extend(python_advice(&python_unnamed, symbolizer));
     let build_ids = build_ids(symbolizer, modules);
     let mut profile = StackProfile {
         title: options.title.clone(),
@@ -338,8 +343,22 @@ fn build_ids(
     build_ids
 }
 
+/// How to get Python functions named, for the first few processes whose stacks showed them only
+/// as the interpreter.
+fn python_advice(pids: &BTreeSet<u32>, symbolizer: &Symbolizer) -> Vec<String> {
+    pids.iter()
+        .take(3)
+        .map(|&pid| {
+            let runtime = symbolizer
+                .runtime_of(pid)
+                .unwrap_or(crate::runtimes::Runtime::Python(None));
+            format!("pid {pid} ({}): {}", runtime.name(), runtime.advice(pid))
+        })
+        .collect()
+}
+
 /// What to do about frames left unnamed, by why they were (`unknown_frames`' reasons); JIT
-/// frames get their runtime's own advice elsewhere.
+/// and Python frames get their runtime's own advice elsewhere.
 fn unknown_frame_advice<'a>(
     reasons: impl Iterator<Item = &'a str> + Clone,
     dwarf: bool,
@@ -357,7 +376,7 @@ fn unknown_frame_advice<'a>(
     }
     if !reasons
         .into_iter()
-        .any(|r| !r.starts_with("JIT") && !exited(r))
+        .any(|r| !r.starts_with("JIT") && r != PYTHON_UNNAMED && !exited(r))
     {
         return advice;
     }

@@ -347,27 +347,28 @@ impl Symbolizer {
         self.unnamed_jit
             .iter()
             .take(3)
-            .map(|&pid| {
-                let snapshot = self.snapshots.get(&pid);
-                let exe = snapshot
-                    .and_then(|s| s.exe.as_ref())
-                    .and_then(|e| e.file_name())
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let mapped = snapshot
-                    .into_iter()
-                    .flat_map(|s| s.mappings.iter().map(|m| m.path.as_path()));
-                match Runtime::detect(&exe, mapped) {
-                    Some(runtime) => {
-                        format!("pid {pid} ({}): {}", runtime.name(), runtime.advice(pid))
-                    }
-                    None => format!(
-                        "pid {pid} runs JIT code that no perf map names: its runtime can \
-                         usually write /tmp/perf-{pid}.map (perf's JIT interface)"
-                    ),
+            .map(|&pid| match self.runtime_of(pid) {
+                Some(runtime) => {
+                    format!("pid {pid} ({}): {}", runtime.name(), runtime.advice(pid))
                 }
+                None => format!(
+                    "pid {pid} runs JIT code that no perf map names: its runtime can usually \
+                     write /tmp/perf-{pid}.map (perf's JIT interface)"
+                ),
             })
             .collect()
+    }
+
+    /// The language runtime a process runs, from its executable and mapped files as first seen.
+    pub fn runtime_of(&self, pid: u32) -> Option<Runtime> {
+        let snapshot = self.snapshots.get(&pid)?;
+        let exe = snapshot
+            .exe
+            .as_ref()
+            .and_then(|e| e.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Runtime::detect(&exe, snapshot.mappings.iter().map(|m| m.path.as_path()))
     }
 
     /// For processes that are gone: map each address to (file, offset) through the snapshot and
