@@ -126,3 +126,44 @@ fn python_without_perf_maps_is_counted_and_named_by_version() {
         }
     }
 }
+
+/// offcpu builds its stacks the same way: a CPython thread sleeping in a Python function has its
+/// blocked time counted as Python shown as the interpreter, with the same hint.
+#[test]
+fn offcpu_counts_python_without_perf_maps_too() {
+    require_root();
+    let _cpus = cpu_shared();
+    let (_, interpreter) = interpreters()
+        .into_iter()
+        .find(|(version, _)| *version == "3.11")
+        .expect("3.11 is listed");
+    let mut command = Command::new(&interpreter);
+    command
+        .args([
+            "-c",
+            "import time\ndef nap():\n    time.sleep(0.01)\nend = time.time() + 20\n\
+             while time.time() < end:\n    nap()\n",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let python = Process::spawn(command);
+    wait_for_cpu(python.pid(), 0.02);
+    let pid = python.pid().to_string();
+
+    let (profile, run) = run_folded(&["offcpu", "-p", &pid, "-d", "1"], SLACK);
+    drop(python);
+    let context = format!("{}\n{}", profile.summary(), run.stderr);
+    let total = profile.total();
+    let unnamed = count_after(&run.stderr, "shown as the interpreter's frames")
+        .unwrap_or_else(|| panic!("the footer does not count the unnamed Python\n{context}"));
+    assert!(
+        unnamed as f64 >= 0.9 * total as f64 && unnamed <= total,
+        "{unnamed} of {total} us counted as Python shown as the interpreter\n{context}"
+    );
+    assert!(
+        run.stderr.contains(&format!("pid {pid} (CPython 3.11)"))
+            && run.stderr.contains(&format!("`py-spy dump --pid {pid}`")),
+        "no hint for pid {pid}\n{context}"
+    );
+}
