@@ -9,6 +9,7 @@ pub mod follow;
 pub mod histogram;
 pub mod objects;
 pub mod offcpu;
+pub mod python;
 pub mod stacks;
 pub mod unwind;
 pub mod uprobe_hist;

@@ -22,6 +22,8 @@ pub mod control;
 #[cfg(target_arch = "bpf")]
 pub mod follow;
 #[cfg(target_arch = "bpf")]
+pub mod python;
+#[cfg(target_arch = "bpf")]
 pub mod stacks;
 #[cfg(target_arch = "bpf")]
 pub mod task;

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use livetrace_common::stacks::Counter;
 
 use livetrace_ebpf::{
-    control,
+    control, python,
     stacks::{add_weight, count, current_key, is_target, wants_user_stacks},
     unwind,
 };
@@ -20,6 +20,7 @@ livetrace_ebpf::control_map!();
 livetrace_ebpf::target_maps!();
 livetrace_ebpf::stack_maps!();
 livetrace_ebpf::unwind_maps!();
+livetrace_ebpf::python_maps!();
 livetrace_ebpf::follow_exec!();
 livetrace_ebpf::follow_fork!(
     livetrace_ebpf::follow::count_in_stack_counters,
@@ -44,6 +45,8 @@ pub fn profile_cpu(ctx: PerfEventContext) -> u32 {
     }
     let in_kernel = interrupted_kernel_mode(&ctx);
     if unwind::enabled() && wants_user_stacks() {
+        // A Python thread's frames first: user space joins them to the sample that follows.
+        python::submit(tgid, tid);
         // A copy that could not be sent keeps its sample, under a user stack marked lost.
         if let Some(key) = unwind::submit(&ctx, tgid, tid, in_kernel) {
             add_weight(&key, 1);
