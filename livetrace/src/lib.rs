@@ -17,6 +17,7 @@ pub mod names;
 pub mod output;
 pub mod privileges;
 pub mod proc;
+pub mod python;
 pub mod runtimes;
 pub mod session;
 pub mod signals;

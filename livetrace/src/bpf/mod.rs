@@ -285,7 +285,9 @@ mod tests {
     /// no object holds another tool's maps.
     #[test]
     fn map_and_global_names_match_the_objects() {
-        use livetrace_common::{follow, offcpu, stacks as s, unwind as u, uprobe_hist as h};
+        use livetrace_common::{
+            follow, offcpu, python as py, stacks as s, unwind as u, uprobe_hist as h,
+        };
         let shared = [
             control::CONTROL,
             s::TARGET_TGIDS,
@@ -333,6 +335,7 @@ mod tests {
             h::COUNTERS,
             h::SLOW_NS,
         ];
+        let python = [py::PY_PROCESSES, py::PY_THREADS, py::PY_SCRATCH];
         let has = |object: Object, names: &[&str]| {
             let symbols = symbols_in(object);
             names.iter().all(|n| symbols.iter().any(|s| s == n))
@@ -345,6 +348,7 @@ mod tests {
             assert!(has(object, &shared), "{}", object.name());
         }
         assert!(has(Object::Profile, &stack) && has(Object::Offcpu, &stack));
+        assert!(has(Object::Profile, &python) && has_none(Object::Offcpu, &python));
         assert!(has(Object::Offcpu, &offcpu_own) && has_none(Object::Profile, &offcpu_own));
         assert!(has(Object::UprobeHist, &uprobe_own));
         assert!(has_none(Object::Profile, &uprobe_own) && has_none(Object::Offcpu, &uprobe_own));

@@ -21,7 +21,13 @@ fn lookup_addrs(trace: &[u64]) -> Vec<u64> {
     trace
         .iter()
         .enumerate()
-        .map(|(i, &a)| if i == 0 { a } else { a.saturating_sub(1) })
+        .map(|(i, &a)| {
+            if i == 0 || crate::python::is_python(a) {
+                a
+            } else {
+                a.saturating_sub(1)
+            }
+        })
         .collect()
 }
 
@@ -49,7 +55,14 @@ impl Names {
         }
         let mut user = HashMap::new();
         for (pid, addrs) in user_addrs {
-            let addrs: Vec<u64> = addrs.into_iter().collect();
+            let (python, addrs): (Vec<u64>, Vec<u64>) = addrs
+                .into_iter()
+                .partition(|&a| crate::python::is_python(a));
+            for tagged in python {
+                let frame =
+                    crate::python::python_index(tagged).and_then(|i| raw.python_frames.get(i));
+                user.insert((pid, tagged), python_resolved(frame));
+            }
             for (addr, resolved) in addrs.iter().zip(symbolizer.user(pid, &addrs)) {
                 user.insert((pid, *addr), resolved);
             }
@@ -61,6 +74,26 @@ impl Names {
             .zip(symbolizer.kernel(&kernel_addrs))
             .collect();
         Self { user, kernel }
+    }
+}
+
+/// A Python frame as the symbolizer would name a native one: `py::qualified.name`, as `-X perf`
+/// names it, with its file and line.
+fn python_resolved(frame: Option<&crate::python::PythonFrame>) -> Resolved {
+    match frame {
+        Some(frame) => Resolved::Frames(crate::symbolize::Located {
+            module: None,
+            address: 0,
+            symbols: vec![crate::symbolize::Symbol {
+                name: format!("py::{}", frame.name),
+                file: Some(Arc::from(frame.file.as_str())),
+                line: frame.line,
+            }],
+        }),
+        None => Resolved::Unknown {
+            name: "[unknown]".into(),
+            reason: "Python frame missing from the capture's list (a livetrace bug)",
+        },
     }
 }
 

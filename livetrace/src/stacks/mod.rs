@@ -46,6 +46,11 @@ pub struct RawStacks {
     pub recovered: HashMap<u32, RecoveredStacks>,
     /// `--unwind dwarf`: why a synthetic user stack (by id) stops short of its root.
     pub cut_short: HashMap<u32, String>,
+    /// `--unwind dwarf`: the Python frames that synthetic user stacks hold as tagged values
+    /// (`crate::python::merge::PYTHON_TAG`), by index.
+    pub python_frames: Vec<crate::python::PythonFrame>,
+    /// Samples of Python processes without some or all of their Python frames, by cause.
+    pub python_losses: BTreeMap<String, u64>,
 }
 
 /// A thread's stacks recovered from /proc rather than by the BPF programs (offcpu: threads
@@ -120,7 +125,9 @@ pub fn drain(
             .push(entry.context("failed to read the stack counts map")?);
     }
     let mut synthetic = HashMap::new();
-    if let Some(unwound) = unwound {
+    if let Some(mut unwound) = unwound {
+        raw.python_frames = std::mem::take(&mut unwound.python_frames);
+        raw.python_losses = std::mem::take(&mut unwound.python_losses);
         let (entries, traces, cut_short) = unwound.into_entries();
         raw.entries.extend(entries);
         synthetic = traces;

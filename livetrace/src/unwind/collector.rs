@@ -12,13 +12,17 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use livetrace_common::unwind::{
-    RECORD_BLOCK_END, RECORD_BLOCK_START, RECORD_EXEC, RECORD_FORK, RECORD_SAMPLE,
+use livetrace_common::{
+    python::RECORD_PYTHON,
+    unwind::{RECORD_BLOCK_END, RECORD_BLOCK_START, RECORD_EXEC, RECORD_FORK, RECORD_SAMPLE},
 };
 
-use crate::symbolize::{Mapping, Symbolizer};
+use crate::{
+    python::Interpreters,
+    symbolize::{Mapping, Symbolizer},
+};
 
-use super::{CopyLimits, DwarfUnwinder, POLL, Unwound, YOUNG_POLL};
+use super::{CopyLimits, DwarfUnwinder, POLL, Unwound, YOUNG_POLL, python::PythonFrames};
 
 /// A process's executable mappings, as the unwinding thread read them.
 #[derive(Clone, Debug, Default)]
@@ -49,18 +53,23 @@ pub struct Collector {
 
 impl Collector {
     /// Starts draining `ring`. `per_thread` keeps thread ids in the keys. `limits`: the
-    /// per-thread copy sizes, learnt here from the stacks unwound.
+    /// per-thread copy sizes, learnt here from the stacks unwound. `pythons`: the interpreters
+    /// whose Python frames the samples carry, to name and merge them here.
     pub fn start(
         ring: RingBuf<MapData>,
         per_thread: bool,
         limits: Option<CopyLimits>,
+        pythons: Option<Interpreters>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Sightings::default()));
         let unwound = Arc::new(Mutex::new(Unwound::default()));
         let thread = std::thread::Builder::new().name("unwind".into()).spawn({
             let (stop, seen, unwound) = (stop.clone(), seen.clone(), unwound.clone());
-            move || drain_loop(ring, per_thread, limits, &stop, &seen, &unwound)
+            move || {
+                let python = PythonFrames::new(pythons.unwrap_or_default());
+                drain_loop(ring, per_thread, limits, python, &stop, &seen, &unwound);
+            }
         })?;
         Ok(Self {
             stop,
@@ -112,6 +121,7 @@ fn drain_loop(
     mut ring: RingBuf<MapData>,
     per_thread: bool,
     mut limits: Option<CopyLimits>,
+    mut python: PythonFrames,
     stop: &AtomicBool,
     seen: &Mutex<Sightings>,
     shared: &Mutex<Unwound>,
@@ -136,7 +146,11 @@ fn drain_loop(
                 new_pids.push(header.tgid);
             }
             match (header.kind, key) {
-                (RECORD_SAMPLE, Some(key)) => *out.counts.entry(key).or_default() += header.weight,
+                (RECORD_PYTHON, _) => python.arrived(&header, &item),
+                (RECORD_SAMPLE, Some(mut key)) => {
+                    python.attach(&header, &mut key, &mut out);
+                    *out.counts.entry(key).or_default() += header.weight;
+                }
                 (RECORD_BLOCK_START, Some(key)) => {
                     out.pending.insert(header.tid, (header.start_ns, key));
                 }

@@ -14,9 +14,13 @@ mod collector;
 mod cpython;
 mod elf;
 mod limits;
+mod python;
 mod unwinder;
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use livetrace_common::{
     stacks::{STACK_KIND_USER, StackKey},
@@ -189,6 +193,12 @@ pub struct Unwound {
     pending: HashMap<u32, (u64, SampleKey)>,
     /// Samples that could not be parsed (never expected: a layout mismatch).
     pub malformed: u64,
+    /// The Python frames in the stacks, by the index their tagged values carry
+    /// ([`crate::python::merge::PYTHON_TAG`]), and that index by frame.
+    pub python_frames: Vec<crate::python::PythonFrame>,
+    python_ids: HashMap<crate::python::PythonFrame, u32>,
+    /// Samples of Python processes without some or all of their Python frames, by cause.
+    pub python_losses: BTreeMap<String, u64>,
     /// Off-CPU: blocks whose end came without their stack (its copy was lost to a full ring
     /// buffer, counted there), and the nanoseconds they lasted.
     pub unmatched_blocks: u64,
@@ -196,6 +206,21 @@ pub struct Unwound {
 }
 
 impl Unwound {
+    /// The index of `frame` among the capture's Python frames.
+    fn intern_python(&mut self, frame: crate::python::PythonFrame) -> u32 {
+        if let Some(&id) = self.python_ids.get(&frame) {
+            return id;
+        }
+        let id = self.python_frames.len() as u32;
+        self.python_frames.push(frame.clone());
+        self.python_ids.insert(frame, id);
+        id
+    }
+
+    fn lose_python(&mut self, cause: &str, weight: u64) {
+        *self.python_losses.entry(cause.to_owned()).or_default() += weight;
+    }
+
     /// Adds the weight of the block that `tid` began at `start_ns` to the stack it blocked in;
     /// `false` when that stack never arrived (its block is then counted as unmatched).
     pub fn end_block(&mut self, tid: u32, start_ns: u64, weight: u64) -> bool {

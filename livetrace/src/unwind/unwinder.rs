@@ -154,7 +154,10 @@ impl DwarfUnwinder {
         // SAFETY: `UnwindSampleHeader` is plain integers; read_unaligned copes with alignment.
         let header: UnwindSampleHeader =
             unsafe { std::ptr::read_unaligned(header_bytes.as_ptr().cast()) };
-        if matches!(header.kind, RECORD_BLOCK_END | RECORD_EXEC | RECORD_FORK) {
+        if matches!(
+            header.kind,
+            RECORD_BLOCK_END | RECORD_EXEC | RECORD_FORK | livetrace_common::python::RECORD_PYTHON
+        ) {
             return Some((header, None));
         }
         let key = self.sample(&header, record, per_thread)?;

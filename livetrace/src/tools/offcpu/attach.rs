@@ -216,7 +216,7 @@ fn try_tp_btf(
             settings.stack_copy_bytes,
         );
         Some(
-            unwind::Collector::start(ring, true, Some(limits))
+            unwind::Collector::start(ring, true, Some(limits), None)
                 .context("failed to start the unwinding thread")?,
         )
     } else {

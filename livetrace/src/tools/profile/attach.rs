@@ -28,6 +28,7 @@ use crate::{
 pub(super) fn load(
     settings: StackSettings,
     per_thread: bool,
+    pythons: &crate::python::Interpreters,
     notes: &mut Vec<String>,
 ) -> anyhow::Result<(aya::Ebpf, Option<unwind::Collector>)> {
     if settings.stack_copy_bytes != 0 {
@@ -38,8 +39,9 @@ pub(super) fn load(
                     aya::maps::HashMap::try_from(bpf::take_map(&mut ebpf, COPY_LIMITS)?)?,
                     settings.stack_copy_bytes,
                 );
-                let collector = unwind::Collector::start(ring, per_thread, Some(limits))
-                    .context("failed to start the unwinding thread")?;
+                let collector =
+                    unwind::Collector::start(ring, per_thread, Some(limits), Some(pythons.clone()))
+                        .context("failed to start the unwinding thread")?;
                 return Ok((ebpf, Some(collector)));
             }
             Err(err) => {

@@ -116,6 +116,10 @@ struct Profile {
 struct Sampling {
     ebpf: aya::Ebpf,
     collector: Option<unwind::Collector>,
+    /// The targets' CPython interpreters, whose frames the program reads (`--unwind dwarf`).
+    python: crate::python::Watch,
+    /// The processes to look for CPython in: those given, and the command.
+    python_pids: Vec<u32>,
     new_processes: RingBuf<aya::maps::MapData>,
     context: BuildContext,
     outputs: Vec<OutputSpec>,
@@ -183,7 +187,13 @@ impl Tool for Profile {
             held_command: command,
             fork_tgid_offset: follow.as_ref().map(|(_, offset)| *offset),
         };
-        let (mut ebpf, collector) = load(settings, args.per_thread, &mut notes)?;
+        let python_pids: Vec<u32> = settings.tgids.iter().copied().chain(command).collect();
+        let mut python = crate::python::Watch::default();
+        let (mut ebpf, collector) =
+            load(settings, args.per_thread, &python.interpreters, &mut notes)?;
+        if collector.is_some() {
+            python.refresh(&mut ebpf, python_pids.iter().copied());
+        }
         let program: &mut PerfEvent = bpf::program_mut(&mut ebpf, SAMPLE)?.try_into()?;
         // Without BTF a command's processes are sampled each on its own clock.
         let per_task = command.filter(|_| follow.is_none());
@@ -217,6 +227,8 @@ impl Tool for Profile {
             new_processes: stacks::new_processes(&mut ebpf)?,
             ebpf,
             collector,
+            python,
+            python_pids,
             context,
             outputs: self.outputs,
             event_name,
@@ -273,6 +285,8 @@ impl Running for Sampling {
         }
         if let Some(collector) = &self.collector {
             collector.tell(symbolizer);
+            self.python
+                .refresh(&mut self.ebpf, self.python_pids.iter().copied());
         }
         if event == capture::Event::Snapshot {
             let unwound = self.collector.as_ref().map(unwind::Collector::snapshot);
@@ -408,6 +422,9 @@ fn build(
         notes: context.notes.clone(),
         ..DataQuality::default()
     };
+    for (cause, samples) in &raw.python_losses {
+        *quality.stack_losses.entry(cause.clone()).or_default() += samples;
+    }
     if let Some(start) = &context.cpu_times_at_start {
         quality
             .notes

@@ -1,0 +1,216 @@
+//! Naming the code objects the BPF walk recorded: a code object's qualified name, file and first
+//! line, read once from the process and kept, and the line an instruction pointer is on, from its
+//! location table (CPython 3.11+, `Objects/locations.md`).
+
+use std::{collections::HashMap, sync::Arc};
+
+use super::process::Interpreter;
+use crate::proc;
+
+/// What a code object says of itself.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Code {
+    pub qualname: String,
+    pub filename: String,
+    firstlineno: i32,
+    linetable: Vec<u8>,
+}
+
+/// Longest string or line table read: a bound against a pointer gone astray.
+const MAX_STRING: usize = 4096;
+const MAX_LINETABLE: usize = 1 << 16;
+
+/// A process's code objects, each read once.
+pub struct Codes {
+    pub interpreter: Interpreter,
+    known: HashMap<u64, Option<Arc<Code>>>,
+}
+
+impl Codes {
+    pub fn new(interpreter: Interpreter) -> Self {
+        Self {
+            interpreter,
+            known: HashMap::new(),
+        }
+    }
+
+    /// The code object at `address`; `None` if it is not one (a freed one, say) or cannot be read.
+    pub fn get(&mut self, address: u64) -> Option<Arc<Code>> {
+        if let Some(known) = self.known.get(&address) {
+            return known.clone();
+        }
+        let code = self.read(address).map(Arc::new);
+        self.known.insert(address, code.clone());
+        code
+    }
+
+    fn read(&self, address: u64) -> Option<Code> {
+        let interpreter = &self.interpreter;
+        let layout = interpreter.layout.code;
+        let header = proc::memory::read(interpreter.pid, address, layout.bytecode as usize)?;
+        let u64_at = |offset: u64| -> Option<u64> {
+            let at = offset as usize;
+            Some(u64::from_le_bytes(header.get(at..at + 8)?.try_into().ok()?))
+        };
+        if u64_at(8)? != interpreter.code_type {
+            return None;
+        }
+        let firstlineno = u64_at(layout.firstlineno)? as u32 as i32;
+        let linetable = u64_at(layout.linetable)?;
+        let table_len = usize::try_from(self.read_u64(linetable + 16)?)
+            .ok()?
+            .min(MAX_LINETABLE);
+        Some(Code {
+            qualname: self.string(u64_at(layout.qualname)?)?,
+            filename: self.string(u64_at(layout.filename)?)?,
+            firstlineno,
+            linetable: proc::memory::read(interpreter.pid, linetable + 32, table_len)?,
+        })
+    }
+
+    fn read_u64(&self, address: u64) -> Option<u64> {
+        self.interpreter.read_u64(address)
+    }
+
+    /// A `str` object's text: compact strings only (every name and file name is one).
+    fn string(&self, address: u64) -> Option<String> {
+        let pid = self.interpreter.pid;
+        let header = proc::memory::read(pid, address, 40)?;
+        let length = usize::try_from(i64::from_le_bytes(header.get(16..24)?.try_into().ok()?))
+            .ok()?
+            .min(MAX_STRING);
+        let state = u32::from_le_bytes(header.get(32..36)?.try_into().ok()?);
+        let (kind, compact, ascii) = (
+            (state >> 2) & 7,
+            state & (1 << 5) != 0,
+            state & (1 << 6) != 0,
+        );
+        if !compact {
+            return None;
+        }
+        let layout = &self.interpreter.layout;
+        if ascii {
+            let bytes = proc::memory::read(pid, address + layout.ascii_data, length)?;
+            return String::from_utf8(bytes).ok();
+        }
+        let bytes = proc::memory::read(pid, address + layout.compact_data, length * kind as usize)?;
+        let chars = match kind {
+            1 => bytes.iter().map(|&b| char::from(b)).collect(),
+            2 => bytes
+                .chunks_exact(2)
+                .map(|c| char::from_u32(u32::from(u16::from_le_bytes([c[0], c[1]]))))
+                .collect::<Option<String>>()?,
+            4 => bytes
+                .chunks_exact(4)
+                .map(|c| char::from_u32(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect::<Option<String>>()?,
+            _ => return None,
+        };
+        Some(chars)
+    }
+}
+
+impl Code {
+    /// The line of the instruction at `instr` in code object `address` of `interpreter`.
+    pub fn line(&self, interpreter: &Interpreter, address: u64, instr: u64) -> Option<u32> {
+        let start = address + interpreter.layout.code.bytecode;
+        let offset = instr as i64 - start as i64;
+        line_at(&self.linetable, self.firstlineno, offset).and_then(|l| u32::try_from(l).ok())
+    }
+}
+
+/// The line of the code unit at byte `offset`, from a 3.11+ location table: entries of a header
+/// byte (bit 7 set; bits 3-6 the kind; bits 0-2 the code units covered, less one) and their
+/// operands. A line delta is a signed varint for kinds 13 and 14, 0 to 2 for kinds 10 to 12, 0
+/// for the short kinds 0 to 9; kind 15 has no line (and does not reset the running one). An
+/// offset before the first instruction (a frame that has not started) is on the first line.
+fn line_at(table: &[u8], firstlineno: i32, offset: i64) -> Option<i32> {
+    if offset < 0 {
+        return Some(firstlineno);
+    }
+    let mut line = firstlineno;
+    let mut end = 0i64;
+    let mut at = 0usize;
+    while at < table.len() {
+        let header = table[at];
+        at += 1;
+        if header & 0x80 == 0 {
+            continue;
+        }
+        let kind = (header >> 3) & 15;
+        let start = end;
+        end += (i64::from(header & 7) + 1) * 2;
+        let delta = match kind {
+            13 | 14 => {
+                let (value, used) = varint(&table[at..])?;
+                at += used;
+                if value & 1 != 0 {
+                    -((value >> 1) as i32)
+                } else {
+                    (value >> 1) as i32
+                }
+            }
+            10..=12 => i32::from(kind - 10),
+            _ => 0,
+        };
+        line += delta;
+        if (start..end).contains(&offset) {
+            return (kind != 15).then_some(line);
+        }
+        while at < table.len() && table[at] & 0x80 == 0 {
+            at += 1;
+        }
+    }
+    None
+}
+
+/// An unsigned varint of 6-bit groups, low first, bit 6 meaning "more": (value, bytes used).
+fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, &byte) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(byte & 63) << (6 * i);
+        if byte & 64 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A table as CPython 3.11 writes it for
+    ///     def f(x):        # line 1
+    ///         y = x + 1    # line 2
+    ///         return y     # line 3
+    /// (RESUME on line 1; two instructions on line 2; one on line 3; then a no-line entry).
+    #[test]
+    fn lines_from_a_location_table() {
+        let table = [
+            0x80 | (10 << 3),
+            0,
+            0, // 1 unit, ONE_LINE0 (line 1), columns
+            0x80 | (11 << 3) | 1,
+            4,
+            9, // 2 units, ONE_LINE1 (line 2)
+            0x80 | (13 << 3),
+            2,                // 1 unit, NO_COLUMNS, delta +1 (varint 2)
+            0x80 | (15 << 3), // 1 unit, no line
+        ];
+        assert_eq!(line_at(&table, 1, -2), Some(1), "not started");
+        assert_eq!(line_at(&table, 1, 0), Some(1));
+        assert_eq!(line_at(&table, 1, 2), Some(2));
+        assert_eq!(line_at(&table, 1, 4), Some(2));
+        assert_eq!(line_at(&table, 1, 6), Some(3));
+        assert_eq!(line_at(&table, 1, 8), None, "an instruction without a line");
+        assert_eq!(line_at(&table, 1, 10), None, "past the end");
+    }
+
+    #[test]
+    fn signed_varints() {
+        assert_eq!(varint(&[2]), Some((2, 1)));
+        assert_eq!(varint(&[0x40 | 1, 1]), Some((1 | (1 << 6), 2)));
+        assert_eq!(varint(&[0x40]), None, "cut short");
+    }
+}

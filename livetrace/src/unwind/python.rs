@@ -1,0 +1,113 @@
+//! The unwinding thread's side of Python frames: it keeps each thread's latest Python record
+//! until the sample it belongs to (sent just after it by the same program run) arrives, then
+//! names the frames and puts them in the sample's stack, counting every one it cannot place.
+
+use std::collections::HashMap;
+
+use livetrace_common::{
+    python::{PY_COMPLETE, PY_FAULT, PY_TOO_DEEP, PY_UNKNOWN_THREAD, PyFrame},
+    unwind::{HEADER_LEN, UnwindSampleHeader},
+};
+
+use super::{SampleKey, Unwound};
+use crate::python::{
+    Interpreters,
+    code::Codes,
+    merge::{self, PYTHON_TAG},
+};
+
+/// Why a sample of a Python process lacks some or all of its Python frames.
+const NO_RECORD: &str = "Python frames: not sent (the ring buffer was full)";
+const UNKNOWN_THREAD: &str =
+    "Python frames: the thread started during the capture and was not known yet";
+const FAULT: &str = "Python frames: a frame could not be read (outermost frames missing)";
+const TOO_DEEP: &str = "Python frames: deeper than the 48 read (outermost frames missing)";
+const UNPLACED: &str =
+    "Python frames: put at the root (the native stack stopped before their evaluation frame)";
+
+pub(super) struct PythonFrames {
+    interpreters: Interpreters,
+    /// Each process's code objects, as read.
+    codes: HashMap<u32, Codes>,
+    /// Each thread's latest record, until its sample arrives: status and frames, leaf first.
+    pending: HashMap<u32, (u32, Vec<PyFrame>)>,
+}
+
+impl PythonFrames {
+    pub(super) fn new(interpreters: Interpreters) -> Self {
+        Self {
+            interpreters,
+            codes: HashMap::new(),
+            pending: HashMap::new(),
+        }
+    }
+
+    /// A Python record: kept for the sample that follows it.
+    pub(super) fn arrived(&mut self, header: &UnwindSampleHeader, record: &[u8]) {
+        let bytes = record
+            .get(HEADER_LEN..HEADER_LEN + header.stack_len as usize)
+            .unwrap_or_default();
+        let frames = bytes
+            .chunks_exact(std::mem::size_of::<PyFrame>())
+            .map(|chunk| {
+                let word = |i: usize| {
+                    u64::from_le_bytes(chunk[i * 8..i * 8 + 8].try_into().unwrap_or_default())
+                };
+                PyFrame {
+                    code: word(0),
+                    instr: word(1),
+                    marker: word(2),
+                }
+            })
+            .collect();
+        self.pending.insert(header.tid, (header._reserved, frames));
+    }
+
+    /// Puts the Python frames of `header`'s thread into its sample's stack.
+    pub(super) fn attach(
+        &mut self,
+        header: &UnwindSampleHeader,
+        key: &mut SampleKey,
+        out: &mut Unwound,
+    ) {
+        let interpreter = self
+            .interpreters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&header.tgid)
+            .cloned();
+        let Some(interpreter) = interpreter else {
+            return;
+        };
+        let Some((status, frames)) = self.pending.remove(&header.tid) else {
+            out.lose_python(NO_RECORD, header.weight);
+            return;
+        };
+        match status {
+            PY_COMPLETE => {}
+            PY_UNKNOWN_THREAD => return out.lose_python(UNKNOWN_THREAD, header.weight),
+            PY_FAULT => out.lose_python(FAULT, header.weight),
+            PY_TOO_DEEP => out.lose_python(TOO_DEEP, header.weight),
+            _ => return out.lose_python(FAULT, header.weight),
+        }
+        let Ok(native) = &key.user else {
+            return;
+        };
+        let codes = self
+            .codes
+            .entry(header.tgid)
+            .or_insert_with(|| Codes::new(interpreter.clone()));
+        if codes.interpreter.runtime != interpreter.runtime {
+            // Another program since (an exec): its code objects are others.
+            *codes = Codes::new(interpreter.clone());
+        }
+        let calls = merge::by_evaluation_call(&frames, &interpreter.layout);
+        let merged = merge::merge(native, &calls, &interpreter.eval, |frame| {
+            PYTHON_TAG | u64::from(out.intern_python(merge::name(frame, codes)))
+        });
+        if merged.unplaced {
+            out.lose_python(UNPLACED, header.weight);
+        }
+        key.user = Ok(merged.trace);
+    }
+}
