@@ -37,6 +37,12 @@ impl Runtime {
         libpython.map(Self::Python)
     }
 
+    /// Whether livetrace names this runtime's functions without a perf map, by reading its own
+    /// frames (`crate::python`: CPython 3.11 to 3.13, with `--unwind dwarf`).
+    pub fn frames_read(self) -> bool {
+        matches!(self, Self::Python(Some(version)) if ((3, 11)..=(3, 13)).contains(&version))
+    }
+
     /// `JVM`, `Node.js`, `CPython 3.11`.
     pub fn name(self) -> String {
         match self {
@@ -60,20 +66,27 @@ impl Runtime {
                 .into(),
             // livetrace does not read CPython's own frames yet: py-spy does, from outside, and
             // needs no restart.
-            Self::Python(Some(version)) if version < (3, 12) => format!(
-                "its Python functions show as the interpreter's frames ({}): \
-                 CPython before 3.12 writes no perf map, and livetrace does not read the \
-                 interpreter's frames yet; `py-spy dump --pid {pid}` names them without a restart",
+            Self::Python(Some(version)) if version < (3, 11) => format!(
+                "its Python functions show as the interpreter's frames ({}): livetrace reads the \
+                 frames of CPython 3.11 to 3.13 only, and CPython before 3.12 writes no perf map; \
+                 `py-spy dump --pid {pid}` names them without a restart",
                 if version < (3, 6) {
                     "PyEval_EvalFrameEx"
                 } else {
                     "_PyEval_EvalFrameDefault"
                 }
             ),
+            Self::Python(Some(version)) if version > (3, 13) => format!(
+                "its Python functions show as the interpreter's frames (_PyEval_EvalFrameDefault): \
+                 livetrace reads the frames of CPython 3.11 to 3.13 only; start it with -X perf \
+                 (or PYTHONPERFSUPPORT=1) to name them, or, without a restart, \
+                 `py-spy dump --pid {pid}`"
+            ),
             Self::Python(_) => format!(
-                "its Python functions show as the interpreter's frames (_PyEval_EvalFrameDefault) \
-                 unless it was started with -X perf (or PYTHONPERFSUPPORT=1; CPython 3.12+); \
-                 without a restart, `py-spy dump --pid {pid}` names them"
+                "some samples show its Python functions as the interpreter's frames \
+                 (_PyEval_EvalFrameDefault) only: their Python frames were lost (the footer says \
+                 why); for a process livetrace cannot read, start it with -X perf (CPython 3.12+) \
+                 or use `py-spy dump --pid {pid}`"
             ),
         }
     }

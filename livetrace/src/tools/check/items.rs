@@ -421,6 +421,13 @@ pub(super) fn runtime_items(facts: &Facts, checks: &mut Vec<Item>) {
                 Status::Ok,
                 format!("{runtime}: functions named from its perf map"),
             )
+        } else if process.runtime.frames_read() {
+            Item::new(
+                section,
+                name,
+                Status::Ok,
+                format!("{runtime}: functions named from the interpreter's frames (profile)"),
+            )
         } else {
             Item::new(
                 section,
