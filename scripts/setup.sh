@@ -8,8 +8,9 @@
 #     run in an empty root),
 #   - bash's, zsh's and fish's completion machinery, which the completion tests load ours into,
 #   - the third-party readers the output tests check our files with: `go tool pprof` (Debian's
-#     golang-go) and, from npm, speedscope's own importer and the ajv JSON Schema validator.
-# Nothing is downloaded from outside rustup, crates.io, Debian's archive and npm.
+#     golang-go) and, from npm, speedscope's own importer and the ajv JSON Schema validator,
+#   - py-spy from PyPI, the oracle the Python frames are compared with.
+# Nothing is downloaded from outside rustup, crates.io, Debian's archive, npm and PyPI.
 set -euo pipefail
 
 say() { printf 'setup: %s\n' "$*" >&2; }
@@ -111,5 +112,16 @@ if [ "$(installed_version speedscope)" != "$SPEEDSCOPE_VERSION" ] ||
     mkdir -p "$node_dir"
     npm install --prefix "$node_dir" --no-audit --no-fund --silent \
         "speedscope@$SPEEDSCOPE_VERSION" "ajv@$AJV_VERSION"
+fi
+# Pinned: the Python tests compare livetrace's Python frames with this py-spy's, on the same
+# process at the same time. PyPI's wheel carries the binary; a venv of its own keeps it apart.
+PY_SPY_VERSION=0.4.3
+py_spy_dir="${XDG_CACHE_HOME:-$HOME/.cache}/livetrace/py-spy-$PY_SPY_VERSION"
+if ! "$py_spy_dir/bin/py-spy" --version 2>/dev/null | grep -qx "py-spy $PY_SPY_VERSION"; then
+    python3 -c 'import ensurepip' 2>/dev/null || apt_install python3-venv
+    say "installing py-spy $PY_SPY_VERSION from PyPI into $py_spy_dir"
+    rm -rf "$py_spy_dir"
+    python3 -m venv "$py_spy_dir"
+    "$py_spy_dir/bin/pip" install --quiet "py-spy==$PY_SPY_VERSION"
 fi
 say "ready"

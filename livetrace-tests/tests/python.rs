@@ -1,19 +1,26 @@
-//! Integration tests of profiling CPython processes that were not started with `-X perf`: every
-//! interpreter on these machines (pyenv's 2.7 to 3.13, built without frame pointers, and
-//! Debian's stripped /usr/bin/python3.11) gets complete native stacks, and the footer counts the
-//! samples whose Python functions show only as the interpreter, names the version and says what
-//! names them. They run the real binary as root.
+//! Integration tests of Python frames in CPython processes that were not started with `-X perf`.
+//! CPython 3.11 to 3.13 (pyenv's builds, without frame pointers, and Debian's stripped
+//! python3.11) get their Python functions by name, with lines, in call order among the native
+//! frames, as py-spy (pinned, installed by `cargo xtask setup`) sees the same process at the same
+//! time. Every other CPython on these machines (2.7, 3.6, 3.8 to 3.10) gets complete native
+//! stacks, and a footer that counts what it could not name and says why. They run the real
+//! binary as root.
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Process, cpu_shared, require_root, run_folded, wait_for_cpu};
+use common::{
+    Process, Profile, Stack, cpu_shared, path_arg, require_root, run_folded, run_livetrace,
+    wait_for_cpu,
+};
 
 /// Bound on a run's wall time beyond its capture; only reached when livetrace hangs.
 const SLACK: Duration = Duration::from_secs(8);
+/// How long each Python process is profiled.
+const CAPTURE_SECS: u64 = 3;
 
 /// A CPU-bound loop that runs on Python 2.7 and 3, and ends itself after 20 s.
 const HOT_LOOP: &str = "
@@ -28,23 +35,73 @@ while time.time() < end:
     hot()
 ";
 
-/// Every CPython on these machines: (version as the footer names it, interpreter).
-fn interpreters() -> Vec<(&'static str, PathBuf)> {
-    let home = PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()));
-    let pyenv = |version: &str, minor: &str| {
-        home.join(format!(".pyenv/versions/{version}/bin/python{minor}"))
-    };
+fn home() -> PathBuf {
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+}
+
+fn pyenv(version: &str, minor: &str) -> PathBuf {
+    home().join(format!(".pyenv/versions/{version}/bin/python{minor}"))
+}
+
+/// The CPythons whose frames livetrace reads: (version as the footer names it, interpreter).
+fn readable() -> Vec<(&'static str, PathBuf)> {
+    vec![
+        ("3.11", pyenv("3.11.7", "3.11")),
+        ("3.12", pyenv("3.12.1", "3.12")),
+        ("3.13", pyenv("3.13.0", "3.13")),
+        ("3.11", PathBuf::from("/usr/bin/python3.11")),
+    ]
+}
+
+/// The other CPythons on these machines.
+fn unreadable() -> Vec<(&'static str, PathBuf)> {
     vec![
         ("2.7", pyenv("2.7.18", "2.7")),
         ("3.6", pyenv("3.6.15", "3.6")),
         ("3.8", pyenv("3.8.18", "3.8")),
         ("3.9", pyenv("3.9.18", "3.9")),
         ("3.10", pyenv("3.10.13", "3.10")),
-        ("3.11", pyenv("3.11.7", "3.11")),
-        ("3.12", pyenv("3.12.1", "3.12")),
-        ("3.13", pyenv("3.13.0", "3.13")),
-        ("3.11", PathBuf::from("/usr/bin/python3.11")),
     ]
+}
+
+fn require(interpreter: &Path) {
+    assert!(
+        interpreter.is_file(),
+        "{} is missing: these tests need pyenv's CPython 2.7, 3.6 and 3.8 to 3.13 and Debian's \
+         python3.11",
+        interpreter.display()
+    );
+}
+
+fn fixture_source(name: &str) -> String {
+    format!("{}/../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// py-spy, pinned, as `cargo xtask setup` installs it.
+fn py_spy() -> PathBuf {
+    let cache =
+        std::env::var_os("XDG_CACHE_HOME").map_or_else(|| home().join(".cache"), PathBuf::from);
+    let path = cache.join("livetrace/py-spy-0.4.3/bin/py-spy");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo xtask setup` (py-spy is the oracle for Python frames)",
+        path.display()
+    );
+    path
+}
+
+/// Starts `interpreter` on a script (or `-c` code) and waits until it has run a little.
+fn start_python(interpreter: &Path, args: &[&str]) -> Process {
+    let mut command = Command::new(interpreter);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let python = Process::spawn(command);
+    // Past start-up, into the work.
+    wait_for_cpu(python.pid(), 0.2);
+    python
 }
 
 /// The number after `label` in `text` ("... shown as the interpreter's frames 97, ...").
@@ -58,32 +115,194 @@ fn count_after(text: &str, label: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// Without `-X perf`, each interpreter's stacks are complete native stacks (down to _start,
-/// through libpython without frame pointers), and the footer does not say "unresolved frames:
-/// none": it counts the samples whose Python functions show as the interpreter's frames, and its
-/// hint names the version and the way to get the names.
+fn position(stack: &Stack, frame: &str) -> Option<usize> {
+    stack.frames.iter().position(|f| f == frame)
+}
+
+/// py-spy's raw output (folded stacks of `function (file:line)` frames): the share of samples
+/// with `function` anywhere, and the line most samples with it as the leaf were on.
+fn py_spy_view(path: &Path, function: &str) -> (f64, Option<String>) {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("py-spy wrote no {}: {e}", path.display()));
+    let (mut total, mut with) = (0u64, 0u64);
+    let mut leaf_lines: std::collections::BTreeMap<String, u64> = Default::default();
+    let prefix = format!("{function} (");
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let (stack, count) = line.rsplit_once(' ').expect("py-spy's raw format");
+        let count: u64 = count.parse().expect("py-spy's raw format");
+        total += count;
+        if stack.split(';').any(|f| f.starts_with(&prefix)) {
+            with += count;
+        }
+        let leaf = stack.rsplit(';').next().unwrap_or_default();
+        if let Some(at) = leaf.strip_prefix(&prefix) {
+            let line = at
+                .trim_end_matches(')')
+                .rsplit(':')
+                .next()
+                .unwrap_or_default();
+            *leaf_lines.entry(line.to_owned()).or_default() += count;
+        }
+    }
+    let hottest = leaf_lines
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(l, _)| l);
+    (with as f64 / total.max(1) as f64, hottest)
+}
+
+/// `go tool pprof -top -lines`: the line of `function` with the most samples as the leaf.
+fn pprof_hottest_line(pprof: &Path, function: &str) -> Option<String> {
+    let out = Command::new("go")
+        .args(["tool", "pprof", "-top", "-lines"])
+        .arg(pprof)
+        .output()
+        .expect("go tool pprof (cargo xtask setup installs golang-go)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Sorted by flat time: the first row of the function is its hottest line.
+    text.lines()
+        .find(|l| l.contains(&format!(" {function} ")))
+        .and_then(|l| l.rsplit(':').next())
+        .map(|l| l.trim().to_owned())
+}
+
+/// The incident demo on every CPython livetrace reads, not started with `-X perf`:
+/// parse_subtitle_track is on at least 80% of the samples, under serve_request; its share agrees
+/// with py-spy's on the same process at the same time within 0.05, and its hottest line is
+/// py-spy's. No sample is left showing only the interpreter.
 #[test]
-fn python_without_perf_maps_is_counted_and_named_by_version() {
+fn python_functions_are_named_as_py_spy_names_them() {
     require_root();
     let _cpus = cpu_shared();
-    for (version, interpreter) in interpreters() {
-        assert!(
-            interpreter.is_file(),
-            "{} is missing: this test needs pyenv's CPython 2.7, 3.6 and 3.8 to 3.13 and \
-             Debian's python3.11 (`cargo xtask setup`)",
-            interpreter.display()
+    let py_spy = py_spy();
+    for (version, interpreter) in readable() {
+        require(&interpreter);
+        let python = start_python(&interpreter, &[&fixture_source("catalogue.py"), "30"]);
+        let pid = python.pid().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let (folded, pprof, spied) = (
+            dir.path().join("profile.folded"),
+            dir.path().join("profile.pb.gz"),
+            dir.path().join("py-spy.txt"),
         );
-        let mut command = Command::new(&interpreter);
-        command
-            .args(["-c", HOT_LOOP])
+        let mut oracle = Command::new(&py_spy);
+        oracle
+            .args(["record", "--nonblocking", "--rate", "99", "--format", "raw"])
+            .args(["--pid", &pid, "--duration", &CAPTURE_SECS.to_string(), "-o"])
+            .arg(&spied)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let python = Process::spawn(command);
-        // Past start-up, into the loop.
-        wait_for_cpu(python.pid(), 0.2);
-        let pid = python.pid().to_string();
+        let mut oracle = Process::spawn(oracle);
+        let secs = CAPTURE_SECS.to_string();
+        let run = run_livetrace(
+            [
+                "profile",
+                "-p",
+                &pid,
+                "-U",
+                "-d",
+                &secs,
+                "-o",
+                path_arg(&folded),
+                "-o",
+                path_arg(&pprof),
+            ],
+            Duration::from_secs(CAPTURE_SECS) + SLACK,
+        );
+        run.assert_success();
+        let status = oracle.wait_timeout(Duration::from_secs(CAPTURE_SECS) + SLACK);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "py-spy failed: {status:?}"
+        );
+        drop(python);
 
+        let profile = Profile::read(&folded);
+        let context = format!(
+            "CPython {version} ({})\n{}\n{}",
+            interpreter.display(),
+            profile.summary(),
+            run.stderr
+        );
+        let hot = profile.share_where(|s| position(s, "py::parse_subtitle_track").is_some());
+        let nested = profile.share_where(|s| {
+            let (outer, inner) = (
+                position(s, "py::serve_request"),
+                position(s, "py::parse_subtitle_track"),
+            );
+            outer.zip(inner).is_some_and(|(o, i)| o < i)
+        });
+        assert!(
+            hot >= 0.80,
+            "parse_subtitle_track on only {hot:.3} of samples\n{context}"
+        );
+        assert!(
+            nested >= hot - 0.01,
+            "parse_subtitle_track under serve_request on {nested:.3}, on {hot:.3} in all\n{context}"
+        );
+        let (spied_share, spied_line) = py_spy_view(&spied, "parse_subtitle_track");
+        assert!(
+            (hot - spied_share).abs() <= 0.05,
+            "parse_subtitle_track: livetrace {hot:.3}, py-spy {spied_share:.3}\n{context}"
+        );
+        let line = pprof_hottest_line(&pprof, "py::parse_subtitle_track");
+        assert!(
+            line.is_some() && line == spied_line,
+            "the hottest line of parse_subtitle_track: livetrace {line:?}, py-spy {spied_line:?}\n\
+             {context}"
+        );
+        assert!(
+            !run.stderr.contains("shown as the interpreter"),
+            "samples left with the interpreter only\n{context}"
+        );
+    }
+}
+
+/// Python called back from C keeps its place: in `rank -> sorted -> weigh`, the native frames of
+/// the sort stand between the two Python functions.
+#[test]
+fn python_called_from_c_sits_above_the_c_frames() {
+    require_root();
+    let _cpus = cpu_shared();
+    for (version, interpreter) in readable().into_iter().take(3) {
+        require(&interpreter);
+        let python = start_python(&interpreter, &[&fixture_source("ranking.py"), "30"]);
+        let pid = python.pid().to_string();
+        let (profile, run) = run_folded(&["profile", "-p", &pid, "-U", "-d", "2"], SLACK);
+        drop(python);
+        let context = format!("CPython {version}\n{}\n{}", profile.summary(), run.stderr);
+        let weighing = profile.share_where(|s| position(s, "py::weigh").is_some());
+        let in_order = profile.share_where(|s| {
+            let (Some(rank), Some(weigh)) = (position(s, "py::rank"), position(s, "py::weigh"))
+            else {
+                return false;
+            };
+            rank < weigh && s.frames[rank..weigh].iter().any(|f| f.contains("sort"))
+        });
+        assert!(
+            weighing >= 0.8,
+            "weigh on only {weighing:.3} of samples\n{context}"
+        );
+        assert!(
+            in_order >= weighing - 0.01,
+            "rank > sort > weigh on {in_order:.3}, weigh on {weighing:.3}\n{context}"
+        );
+    }
+}
+
+/// The CPythons livetrace does not read: complete native stacks (down to _start, through
+/// libpython without frame pointers), and a footer that counts the samples whose Python
+/// functions show as the interpreter's frames, with a hint that names the version and the way
+/// to get the names.
+#[test]
+fn unreadable_pythons_are_counted_and_named_by_version() {
+    require_root();
+    let _cpus = cpu_shared();
+    for (version, interpreter) in unreadable() {
+        require(&interpreter);
+        let python = start_python(&interpreter, &["-c", HOT_LOOP]);
+        let pid = python.pid().to_string();
         let (profile, run) = run_folded(&["profile", "-p", &pid, "-U", "-d", "1"], SLACK);
         drop(python);
         let context = format!(
@@ -117,6 +336,7 @@ fn python_without_perf_maps_is_counted_and_named_by_version() {
         for hint in [
             format!("pid {pid} (CPython {version})"),
             format!("({eval})"),
+            "reads the frames of CPython 3.11 to 3.13 only".to_owned(),
             format!("`py-spy dump --pid {pid}`"),
         ] {
             assert!(
@@ -127,23 +347,19 @@ fn python_without_perf_maps_is_counted_and_named_by_version() {
     }
 }
 
-/// offcpu builds its stacks the same way: a CPython thread sleeping in a Python function has its
-/// blocked time counted as Python shown as the interpreter, with the same hint.
+/// offcpu builds its stacks the same way: a CPython 3.10 thread sleeping in a Python function
+/// has its blocked time counted as Python shown as the interpreter, with the same hint.
 #[test]
-fn offcpu_counts_python_without_perf_maps_too() {
+fn offcpu_counts_unreadable_python_too() {
     require_root();
     let _cpus = cpu_shared();
-    let (_, interpreter) = interpreters()
-        .into_iter()
-        .find(|(version, _)| *version == "3.11")
-        .expect("3.11 is listed");
+    let interpreter = pyenv("3.10.13", "3.10");
+    require(&interpreter);
+    let code = "import time\ndef nap():\n    time.sleep(0.01)\nend = time.time() + 20\n\
+                while time.time() < end:\n    nap()\n";
     let mut command = Command::new(&interpreter);
     command
-        .args([
-            "-c",
-            "import time\ndef nap():\n    time.sleep(0.01)\nend = time.time() + 20\n\
-             while time.time() < end:\n    nap()\n",
-        ])
+        .args(["-c", code])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -162,7 +378,7 @@ fn offcpu_counts_python_without_perf_maps_too() {
         "{unnamed} of {total} us counted as Python shown as the interpreter\n{context}"
     );
     assert!(
-        run.stderr.contains(&format!("pid {pid} (CPython 3.11)"))
+        run.stderr.contains(&format!("pid {pid} (CPython 3.10)"))
             && run.stderr.contains(&format!("`py-spy dump --pid {pid}`")),
         "no hint for pid {pid}\n{context}"
     );

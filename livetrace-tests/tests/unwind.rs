@@ -245,6 +245,20 @@ fn python_functions_by_name_over_complete_native_stacks() {
         !stderr.contains("shown as the interpreter"),
         "named Python functions are counted as unnamed:\n{stderr}"
     );
+    // The perf map names them: livetrace must not read the frames as well and show each twice.
+    let doubled = profile.share_where(|stack| {
+        stack
+            .frames
+            .iter()
+            .filter(|f| *f == "py::parse_subtitle_track")
+            .count()
+            > 1
+    });
+    assert!(
+        doubled == 0.0,
+        "{doubled:.3} of samples show parse_subtitle_track twice\n{}",
+        profile.summary()
+    );
     assert_incident_stacks(
         &profile,
         &stderr,
