@@ -83,10 +83,10 @@ impl Runtime {
                  `py-spy dump --pid {pid}`"
             ),
             Self::Python(_) => format!(
-                "some samples show its Python functions as the interpreter's frames \
-                 (_PyEval_EvalFrameDefault) only: their Python frames were lost (the footer says \
-                 why); for a process livetrace cannot read, start it with -X perf (CPython 3.12+) \
-                 or use `py-spy dump --pid {pid}`"
+                "its Python functions show as the interpreter's frames (_PyEval_EvalFrameDefault) \
+                 where their frames were not read: `profile` reads them with --unwind dwarf (the \
+                 default for -p and a command), and counts the samples it could not read by \
+                 cause; offcpu does not read them yet (`py-spy dump --pid {pid}` names them)"
             ),
         }
     }
