@@ -44,6 +44,8 @@ struct Symbols {
 }
 
 /// Looks for a CPython in process `pid`; `None` if it runs none (or its files cannot be read).
+/// Only files named like CPython's are opened (`libpython*`, or an executable `python*`), so that
+/// looking at a process that is no Python costs a read of its memory map, not of its binaries.
 pub fn find(pid: u32) -> Option<Found> {
     let maps = Maps::of(pid).ok()?;
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
@@ -51,7 +53,9 @@ pub fn find(pid: u32) -> Option<Found> {
     for region in maps.regions() {
         if let proc::maps::Backing::File(path) = &region.backing {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            let wanted = name.starts_with("libpython") || exe.as_deref() == Some(path.as_path());
+            let executable = exe.as_deref() == Some(path.as_path());
+            let wanted =
+                name.starts_with("libpython") || (executable && name.starts_with("python"));
             if wanted && !candidates.contains(&path.as_path()) {
                 candidates.push(path);
             }

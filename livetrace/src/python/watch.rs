@@ -19,7 +19,7 @@ pub type Interpreters = Arc<Mutex<HashMap<u32, Interpreter>>>;
 
 /// How long after a look that found no CPython a process is looked at again (a command's
 /// interpreter may not have loaded yet).
-const LOOK_AGAIN: Duration = Duration::from_secs(1);
+const LOOK_AGAIN: Duration = Duration::from_millis(250);
 
 /// The capture's Python processes, and what the BPF program knows of them.
 #[derive(Default)]
