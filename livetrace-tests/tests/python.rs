@@ -13,8 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    Process, Profile, Stack, cpu_shared, path_arg, require_root, run_folded, run_livetrace,
-    wait_for_cpu,
+    Process, Profile, Stack, assert_share, cpu_seconds, cpu_shared, path_arg, require_root,
+    run_folded, run_livetrace, wait_for_cpu,
 };
 
 /// Bound on a run's wall time beyond its capture; only reached when livetrace hangs.
@@ -113,6 +113,18 @@ fn count_after(text: &str, label: &str) -> Option<u64> {
         .take_while(char::is_ascii_digit)
         .collect();
     digits.parse().ok()
+}
+
+/// CPU time (user + system) one thread has used so far, from /proc/PID/task/TID/stat.
+fn thread_cpu_seconds(pid: u32, tid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
+        .unwrap_or_else(|e| panic!("cannot read thread {tid}'s stat: {e}"));
+    let rest = stat.rsplit_once(')').expect("stat has a comm").1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime, in clock ticks: fields 14 and 15 of the line, 12 and 13 after the comm.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 fn position(stack: &Stack, frame: &str) -> Option<usize> {
@@ -288,6 +300,65 @@ fn python_called_from_c_sits_above_the_c_frames() {
             in_order >= weighing - 0.01,
             "rank > sort > weigh on {in_order:.3}, weigh on {weighing:.3}\n{context}"
         );
+    }
+}
+
+/// Three threads, each hot in a function of its own: with --per-thread, each thread's samples
+/// carry its own function (never another's), at the share of the process's CPU time the kernel
+/// measured for that thread over the capture.
+#[test]
+fn each_thread_has_its_own_python_stack() {
+    require_root();
+    let _cpus = cpu_shared();
+    for (version, interpreter) in readable().into_iter().take(3) {
+        require(&interpreter);
+        let mut command = Command::new(&interpreter);
+        command
+            .args([&fixture_source("workers.py"), "30"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = command.spawn().expect("cannot start the workers fixture");
+        let stdout = child.stdout.take().expect("piped");
+        let python = Process::from_child(child);
+        let mut threads = std::collections::BTreeMap::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).take(3) {
+            let line = line.expect("the fixture's stdout");
+            let mut words = line.split_whitespace().skip(1);
+            let (function, tid) = (words.next().unwrap(), words.next().unwrap());
+            threads.insert(function.to_owned(), tid.parse::<u32>().unwrap());
+        }
+        wait_for_cpu(python.pid(), 0.2);
+        let pid = python.pid().to_string();
+        let thread_cpu = |tid: u32| thread_cpu_seconds(python.pid(), tid);
+        let before: Vec<f64> = threads.values().map(|&tid| thread_cpu(tid)).collect();
+        let process_before = cpu_seconds(python.pid());
+        let (profile, run) = run_folded(
+            &["profile", "-p", &pid, "-U", "--per-thread", "-d", "3"],
+            Duration::from_secs(3) + SLACK,
+        );
+        let after: Vec<f64> = threads.values().map(|&tid| thread_cpu(tid)).collect();
+        let process_cpu = cpu_seconds(python.pid()) - process_before;
+        drop(python);
+        let context = format!("CPython {version}\n{}\n{}", profile.summary(), run.stderr);
+        for ((function, &tid), (start, end)) in threads.iter().zip(before.iter().zip(&after)) {
+            let frame = format!("py::{function}");
+            let thread_suffix = format!("-{tid}");
+            let of_thread =
+                |s: &Stack| s.frames.get(1).is_some_and(|t| t.ends_with(&thread_suffix));
+            let others = profile.share_where(|s| !of_thread(s) && position(s, &frame).is_some());
+            assert!(
+                others == 0.0,
+                "{frame} in other threads' stacks ({others:.3})\n{context}"
+            );
+            assert_share(
+                &format!("{frame} (thread {tid})"),
+                profile.share_where(|s| of_thread(s) && position(s, &frame).is_some()),
+                profile.total(),
+                (end - start) / process_cpu,
+                &context,
+            );
+        }
     }
 }
 
