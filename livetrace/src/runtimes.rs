@@ -84,9 +84,10 @@ impl Runtime {
             ),
             Self::Python(_) => format!(
                 "its Python functions show as the interpreter's frames (_PyEval_EvalFrameDefault) \
-                 where their frames were not read: `profile` reads them with --unwind dwarf (the \
-                 default for -p and a command), and counts the samples it could not read by \
-                 cause; offcpu does not read them yet (`py-spy dump --pid {pid}` names them)"
+                 where their frames were not read: profile and offcpu read them with --unwind \
+                 dwarf (the default for -p and a command; offcpu's for code without frame \
+                 pointers), but not yet for threads already blocked when the capture began \
+                 (`py-spy dump --pid {pid}` names them)"
             ),
         }
     }

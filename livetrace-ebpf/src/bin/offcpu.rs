@@ -18,7 +18,7 @@ use livetrace_common::{
 };
 
 use livetrace_ebpf::{
-    control,
+    control, python,
     stacks::{
         add_weight, add_weight_to, announce, count, current_key, is_target, kernel_stack_id,
         wants_user_stacks,
@@ -32,6 +32,7 @@ livetrace_ebpf::control_map!();
 livetrace_ebpf::target_maps!();
 livetrace_ebpf::stack_maps!();
 livetrace_ebpf::unwind_maps!();
+livetrace_ebpf::python_maps!();
 livetrace_ebpf::follow_exec!();
 livetrace_ebpf::follow_fork!(
     livetrace_ebpf::follow::count_in_stack_counters,
@@ -193,6 +194,8 @@ fn switch_out<C: StackIdContext>(
             kernel_stack_id: kernel_stack_id(ctx, true),
             comm: ctx.command().unwrap_or_default(),
         };
+        // A Python thread's frames first: user space joins them to the block's stack.
+        python::submit(tgid, tid);
         if !unwind::submit_block_start(&key, now) {
             // The copy could not be sent (counted): the block keeps its time and kernel stack,
             // under a user stack marked lost.

@@ -348,7 +348,8 @@ mod tests {
             assert!(has(object, &shared), "{}", object.name());
         }
         assert!(has(Object::Profile, &stack) && has(Object::Offcpu, &stack));
-        assert!(has(Object::Profile, &python) && has_none(Object::Offcpu, &python));
+        assert!(has(Object::Profile, &python) && has(Object::Offcpu, &python));
+        assert!(has_none(Object::UprobeHist, &python));
         assert!(has(Object::Offcpu, &offcpu_own) && has_none(Object::Profile, &offcpu_own));
         assert!(has(Object::UprobeHist, &uprobe_own));
         assert!(has_none(Object::Profile, &uprobe_own) && has_none(Object::Offcpu, &uprobe_own));

@@ -121,10 +121,11 @@ pub(super) fn load_and_attach(
     mut settings: StackSettings,
     mut offcpu: OffcpuSettings,
     target: &Target,
+    pythons: &crate::python::Interpreters,
     notes: &mut Vec<String>,
 ) -> anyhow::Result<(Ebpf, &'static str, Option<unwind::Collector>)> {
     if attach != Attach::Tracepoint {
-        let mut attempt = try_tp_btf(&mut settings, &mut offcpu, target, notes);
+        let mut attempt = try_tp_btf(&mut settings, &mut offcpu, target, pythons, notes);
         if let Err(err) = &attempt
             && settings.stack_copy_bytes != 0
         {
@@ -137,7 +138,7 @@ pub(super) fn load_and_attach(
             crate::say!("livetrace: warning: {note}");
             notes.push(note);
             settings.stack_copy_bytes = 0;
-            attempt = try_tp_btf(&mut settings, &mut offcpu, target, notes);
+            attempt = try_tp_btf(&mut settings, &mut offcpu, target, pythons, notes);
         }
         match attempt {
             Ok((ebpf, collector)) => return Ok((ebpf, "tp_btf/sched_switch", collector)),
@@ -198,6 +199,7 @@ fn try_tp_btf(
     settings: &mut StackSettings,
     offcpu: &mut OffcpuSettings,
     target: &Target,
+    pythons: &crate::python::Interpreters,
     notes: &mut Vec<String>,
 ) -> anyhow::Result<(Ebpf, Option<unwind::Collector>)> {
     let kernel = KernelBtf::from_sys_fs()?;
@@ -216,7 +218,7 @@ fn try_tp_btf(
             settings.stack_copy_bytes,
         );
         Some(
-            unwind::Collector::start(ring, true, Some(limits), None)
+            unwind::Collector::start(ring, true, Some(limits), Some(pythons.clone()))
                 .context("failed to start the unwinding thread")?,
         )
     } else {
