@@ -15,7 +15,7 @@ use std::{fs, path::Path, process::Command, time::Duration};
 
 use common::{
     Livetrace, build_fixture, cpu_exclusive, cpu_shared, fixture, path_arg, require_root,
-    run_livetrace, start_fixture,
+    run_livetrace, start_fixture, wait_until,
 };
 use serde_json::Value;
 
@@ -263,6 +263,12 @@ fn library_function_by_path_by_name_and_through_the_command() {
         let go = dir.path().join(format!("go{i}"));
         let fixture = start_fixture("uselib", &["wait", path_arg(&go), "150"]);
         let pid = fixture.pid().to_string();
+        // Only once the dynamic loader has mapped the library can a name find it in the process
+        // (on a loaded machine that takes a while after the fork).
+        let maps = format!("/proc/{pid}/maps");
+        wait_until("the fixture has mapped libhist.so", SLACK, || {
+            fs::read_to_string(&maps).is_ok_and(|m| m.contains("libhist.so"))
+        });
         let mut run = Livetrace::start(["uprobe-hist", target, "-p", &pid, "--json"]);
         run.wait_for_stderr("livetrace: timing", Duration::from_secs(10));
         fs::write(&go, "").unwrap();
