@@ -9,6 +9,7 @@
 mod offcpu;
 mod process;
 mod profile;
+mod python;
 mod unwind;
 mod uprobe;
 
@@ -54,6 +55,7 @@ enum Only {
     Offcpu,
     Uprobe,
     Usdt,
+    Python,
 }
 
 /// What every section's measurements share: where things are, and how hard to try.
@@ -246,6 +248,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         sections.push(Section::from_markdown(
             "profile without frame pointers: --unwind fp vs dwarf vs perf --call-graph dwarf",
             unwind::run(&livetrace)?,
+        ));
+    }
+    if wanted(Only::Python) {
+        sections.push(Section::from_markdown(
+            "profile of a CPython without -X perf: livetrace vs py-spy",
+            python::run(&livetrace, ctx.runs.min(3))?,
         ));
     }
     if ctx.peers.bpftrace.is_some() {
