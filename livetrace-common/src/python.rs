@@ -12,7 +12,8 @@ use crate::unwind::UnwindSampleHeader;
 
 /// `HashMap<u32, PyLayout>`: tgid -> where its interpreter keeps what the walk reads.
 pub const PY_PROCESSES: &str = "PY_PROCESSES";
-/// `HashMap<u32, u64>`: tid -> the address of its `PyThreadState`.
+/// `HashMap<u32, PyThread>`: tid -> its `PyThreadState`, and its process (a tid reused by
+/// another process must not be read with this one's state).
 pub const PY_THREADS: &str = "PY_THREADS";
 /// Per-CPU one-slot array holding the record being assembled ([`PyStack`]).
 pub const PY_SCRATCH: &str = "PY_SCRATCH";
@@ -55,6 +56,15 @@ impl PyLayout {
     pub const IN_THREAD_STATE: u32 = u32::MAX;
 }
 
+/// A thread's state, and the process it belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyThread {
+    pub state: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
 /// One Python frame as read: its code object, where in it, and its marker byte.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -75,5 +85,6 @@ pub struct PyStack {
 mod pod {
     // SAFETY: `#[repr(C)]` plain integers without padding.
     unsafe impl aya::Pod for super::PyLayout {}
+    unsafe impl aya::Pod for super::PyThread {}
     unsafe impl aya::Pod for super::PyFrame {}
 }

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use livetrace_common::{
     python::{
         MAX_PY_FRAMES, PY_COMPLETE, PY_FAULT, PY_TOO_DEEP, PY_UNKNOWN_THREAD, PyFrame, PyLayout,
-        PyStack, RECORD_PYTHON,
+        PyStack, PyThread, RECORD_PYTHON,
     },
     stacks::Counter,
     unwind::{HEADER_LEN, UnwindSampleHeader},
@@ -24,7 +24,7 @@ use crate::stacks::count;
 unsafe extern "Rust" {
     static UNWIND_SAMPLES: RingBuf;
     static PY_PROCESSES: HashMap<u32, PyLayout>;
-    static PY_THREADS: HashMap<u32, u64>;
+    static PY_THREADS: HashMap<u32, PyThread>;
     static PY_SCRATCH: PerCpuArray<PyStack>;
 }
 
@@ -36,7 +36,7 @@ macro_rules! python_maps {
         static PY_PROCESSES: aya_ebpf::maps::HashMap<u32, livetrace_common::python::PyLayout> =
             aya_ebpf::maps::HashMap::with_max_entries(1024, 0);
         #[aya_ebpf::macros::map]
-        static PY_THREADS: aya_ebpf::maps::HashMap<u32, u64> =
+        static PY_THREADS: aya_ebpf::maps::HashMap<u32, livetrace_common::python::PyThread> =
             aya_ebpf::maps::HashMap::with_max_entries(16384, 0);
         #[aya_ebpf::macros::map]
         static PY_SCRATCH: aya_ebpf::maps::PerCpuArray<livetrace_common::python::PyStack> =
@@ -58,8 +58,8 @@ pub fn submit(tgid: u32, tid: u32) {
     // SAFETY: the per-CPU slot is ours while this program runs on this CPU.
     let record = unsafe { &mut *scratch };
     let (frames, status) = match unsafe { PY_THREADS.get(tid) }.copied() {
-        Some(thread_state) => walk(&layout, thread_state, &mut record.frames),
-        None => (0, PY_UNKNOWN_THREAD),
+        Some(thread) if thread.tgid == tgid => walk(&layout, thread.state, &mut record.frames),
+        _ => (0, PY_UNKNOWN_THREAD),
     };
     record.header = UnwindSampleHeader {
         tgid,

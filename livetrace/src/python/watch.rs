@@ -1,15 +1,17 @@
 //! Keeping the BPF program's view of Python processes current during a capture: which targets
-//! run a readable CPython (looked for at start and then now and then, since a command's
-//! interpreter starts after livetrace does), and where each of their threads keeps its state.
+//! run a readable CPython (looked for at start and then again, less and less often, since a
+//! command's interpreter starts after livetrace does), and where each of their threads keeps its
+//! state (threads that ended are forgotten, so that a reused tid is never read with a stale
+//! state).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
 use aya::{Ebpf, maps::HashMap as BpfHashMap};
-use livetrace_common::python::{PY_PROCESSES, PY_THREADS, PyLayout};
+use livetrace_common::python::{PY_PROCESSES, PY_THREADS, PyLayout, PyThread};
 
 use super::process::{self, Found, Interpreter};
 use crate::bpf;
@@ -17,58 +19,29 @@ use crate::bpf;
 /// The readable interpreters by process, shared with the unwinding thread that names frames.
 pub type Interpreters = Arc<Mutex<HashMap<u32, Interpreter>>>;
 
-/// How long after a look that found no CPython a process is looked at again (a command's
-/// interpreter may not have loaded yet).
+/// How long after a look that found no CPython a process is looked at again: at first soon (a
+/// command's interpreter loads within a second), then less often, up to [`LOOK_AT_MOST`].
 const LOOK_AGAIN: Duration = Duration::from_millis(250);
+const LOOK_AT_MOST: Duration = Duration::from_secs(8);
 
 /// The capture's Python processes, and what the BPF program knows of them.
 #[derive(Default)]
 pub struct Watch {
     pub interpreters: Interpreters,
-    /// Processes looked at and found to run no readable CPython, and when.
-    looked: HashMap<u32, Instant>,
+    /// Processes looked at and found to run no readable CPython: when, and when to look again.
+    looked: HashMap<u32, (Instant, Duration)>,
     /// Versions found that livetrace does not read, by process.
     pub unsupported: HashMap<u32, String>,
-    /// Threads the program was told of: tid -> thread state.
-    threads: HashMap<u32, u64>,
+    /// Threads the program was told of: tid -> (process, thread state).
+    threads: HashMap<u32, (u32, u64)>,
 }
 
 impl Watch {
     /// Looks for CPython in `pids` not yet found, and tells the program of every thread of every
     /// interpreter found. Cheap enough for every tick: a few reads per thread.
     pub fn refresh(&mut self, ebpf: &mut Ebpf, pids: impl IntoIterator<Item = u32>) {
-        let mut found = Vec::new();
-        {
-            let known = self
-                .interpreters
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            for pid in pids {
-                let recent = self
-                    .looked
-                    .get(&pid)
-                    .is_some_and(|t| t.elapsed() < LOOK_AGAIN);
-                if known.contains_key(&pid) || recent || self.unsupported.contains_key(&pid) {
-                    continue;
-                }
-                self.looked.insert(pid, Instant::now());
-                // Started with -X perf: its perf map names every Python function already, and
-                // reading its frames too would show each one twice.
-                let perf_map = std::path::PathBuf::from(format!("/tmp/perf-{pid}.map"));
-                if crate::proc::in_root_of(pid, &perf_map).exists() {
-                    continue;
-                }
-                match process::find(pid) {
-                    Some(Found::Readable(interpreter)) => found.push(interpreter),
-                    Some(Found::Unsupported(version)) => {
-                        self.unsupported.insert(pid, version);
-                    }
-                    None => {}
-                }
-            }
-        }
-        for interpreter in found {
-            if let Err(err) = self.tell_process(ebpf, &interpreter) {
+        for interpreter in self.look_for_new(pids) {
+            if let Err(err) = tell_process(ebpf, &interpreter) {
                 log::warn!(
                     "pid {}: cannot read its Python frames: {err:#}",
                     interpreter.pid
@@ -94,27 +67,91 @@ impl Watch {
             .cloned()
             .collect();
         for interpreter in interpreters {
-            for (tid, state) in interpreter.threads() {
-                if self.threads.get(&tid) != Some(&state)
-                    && self.tell_thread(ebpf, tid, state).is_ok()
-                {
-                    self.threads.insert(tid, state);
-                }
-            }
+            self.update_threads(ebpf, &interpreter);
         }
     }
 
-    fn tell_process(&self, ebpf: &mut Ebpf, interpreter: &Interpreter) -> anyhow::Result<()> {
-        let mut map: BpfHashMap<_, u32, PyLayout> =
-            BpfHashMap::try_from(bpf::map_mut(ebpf, PY_PROCESSES)?)?;
-        map.insert(interpreter.pid, interpreter.layout.frames, 0)?;
-        Ok(())
+    /// The readable interpreters among `pids` not found before.
+    fn look_for_new(&mut self, pids: impl IntoIterator<Item = u32>) -> Vec<Interpreter> {
+        let known = self
+            .interpreters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut found = Vec::new();
+        for pid in pids {
+            let due = self
+                .looked
+                .get(&pid)
+                .is_none_or(|(at, wait)| at.elapsed() >= *wait);
+            if known.contains_key(&pid) || !due || self.unsupported.contains_key(&pid) {
+                continue;
+            }
+            let wait = self
+                .looked
+                .get(&pid)
+                .map_or(LOOK_AGAIN, |(_, w)| (*w * 2).min(LOOK_AT_MOST));
+            self.looked.insert(pid, (Instant::now(), wait));
+            // Started with -X perf: its perf map names every Python function already, and
+            // reading its frames too would show each one twice.
+            let perf_map = std::path::PathBuf::from(format!("/tmp/perf-{pid}.map"));
+            if crate::proc::in_root_of(pid, &perf_map).exists() {
+                continue;
+            }
+            match process::find(pid) {
+                Some(Found::Readable(interpreter)) => found.push(interpreter),
+                Some(Found::Unsupported(version)) => {
+                    self.unsupported.insert(pid, version);
+                }
+                None => {}
+            }
+        }
+        found
     }
 
-    fn tell_thread(&self, ebpf: &mut Ebpf, tid: u32, state: u64) -> anyhow::Result<()> {
-        let mut map: BpfHashMap<_, u32, u64> =
-            BpfHashMap::try_from(bpf::map_mut(ebpf, PY_THREADS)?)?;
-        map.insert(tid, state, 0)?;
-        Ok(())
+    /// Tells the program of the interpreter's threads now, and forgets those that ended.
+    fn update_threads(&mut self, ebpf: &mut Ebpf, interpreter: &Interpreter) {
+        let pid = interpreter.pid;
+        let now = interpreter.threads();
+        let listed: HashSet<u32> = now.iter().map(|(tid, _)| *tid).collect();
+        let ended: Vec<u32> = self
+            .threads
+            .iter()
+            .filter(|(tid, (tgid, _))| *tgid == pid && !listed.contains(tid))
+            .map(|(tid, _)| *tid)
+            .collect();
+        let Ok(mut map) = bpf::map_mut(ebpf, PY_THREADS)
+            .map_err(anyhow::Error::from)
+            .and_then(|m| BpfHashMap::<_, u32, PyThread>::try_from(m).map_err(Into::into))
+        else {
+            return;
+        };
+        for tid in ended {
+            let _ = map.remove(&tid);
+            self.threads.remove(&tid);
+        }
+        for (tid, state) in now {
+            if self.threads.get(&tid) == Some(&(pid, state)) {
+                continue;
+            }
+            let thread = PyThread {
+                state,
+                tgid: pid,
+                _pad: 0,
+            };
+            match map.insert(tid, thread, 0) {
+                Ok(()) => {
+                    self.threads.insert(tid, (pid, state));
+                }
+                // Its samples are counted as from a thread not known.
+                Err(err) => log::warn!("pid {pid}: thread {tid} not told to the program: {err}"),
+            }
+        }
     }
+}
+
+fn tell_process(ebpf: &mut Ebpf, interpreter: &Interpreter) -> anyhow::Result<()> {
+    let mut map: BpfHashMap<_, u32, PyLayout> =
+        BpfHashMap::try_from(bpf::map_mut(ebpf, PY_PROCESSES)?)?;
+    map.insert(interpreter.pid, interpreter.layout.frames, 0)?;
+    Ok(())
 }
