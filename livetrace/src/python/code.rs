@@ -57,14 +57,18 @@ impl Codes {
         }
         let firstlineno = u64_at(layout.firstlineno)? as u32 as i32;
         let linetable = u64_at(layout.linetable)?;
-        let table_len = usize::try_from(self.read_u64(linetable + 16)?)
+        let table_len = usize::try_from(self.read_u64(linetable.wrapping_add(16))?)
             .ok()?
             .min(MAX_LINETABLE);
         Some(Code {
             qualname: self.string(u64_at(layout.qualname)?)?,
             filename: self.string(u64_at(layout.filename)?)?,
             firstlineno,
-            linetable: proc::memory::read(interpreter.pid, linetable + 32, table_len)?,
+            linetable: if table_len == 0 {
+                Vec::new()
+            } else {
+                proc::memory::read(interpreter.pid, linetable.wrapping_add(32), table_len)?
+            },
         })
     }
 
@@ -89,11 +93,19 @@ impl Codes {
             return None;
         }
         let layout = &self.interpreter.layout;
+        // A zero-length read reads nothing, which is not a failure.
+        if length == 0 {
+            return Some(String::new());
+        }
         if ascii {
-            let bytes = proc::memory::read(pid, address + layout.ascii_data, length)?;
+            let bytes = proc::memory::read(pid, address.wrapping_add(layout.ascii_data), length)?;
             return String::from_utf8(bytes).ok();
         }
-        let bytes = proc::memory::read(pid, address + layout.compact_data, length * kind as usize)?;
+        let bytes = proc::memory::read(
+            pid,
+            address.wrapping_add(layout.compact_data),
+            length * kind as usize,
+        )?;
         let chars = match kind {
             1 => bytes.iter().map(|&b| char::from(b)).collect(),
             2 => bytes
@@ -113,8 +125,8 @@ impl Codes {
 impl Code {
     /// The line of the instruction at `instr` in code object `address` of `interpreter`.
     pub fn line(&self, interpreter: &Interpreter, address: u64, instr: u64) -> Option<u32> {
-        let start = address + interpreter.layout.code.bytecode;
-        let offset = instr as i64 - start as i64;
+        let start = address.wrapping_add(interpreter.layout.code.bytecode);
+        let offset = instr.wrapping_sub(start) as i64;
         line_at(&self.linetable, self.firstlineno, offset).and_then(|l| u32::try_from(l).ok())
     }
 }
@@ -144,16 +156,17 @@ fn line_at(table: &[u8], firstlineno: i32, offset: i64) -> Option<i32> {
             13 | 14 => {
                 let (value, used) = varint(&table[at..])?;
                 at += used;
+                let magnitude = i32::try_from(value >> 1).ok()?;
                 if value & 1 != 0 {
-                    -((value >> 1) as i32)
+                    -magnitude
                 } else {
-                    (value >> 1) as i32
+                    magnitude
                 }
             }
             10..=12 => i32::from(kind - 10),
             _ => 0,
         };
-        line += delta;
+        line = line.checked_add(delta)?;
         if (start..end).contains(&offset) {
             return (kind != 15).then_some(line);
         }

@@ -89,19 +89,25 @@ pub fn merge(
     Merged { trace, unplaced }
 }
 
-/// Names `frame` of a process whose code objects `codes` reads.
-pub fn name(frame: &PyFrame, codes: &mut Codes) -> PythonFrame {
-    match codes.get(frame.code) {
-        Some(code) => PythonFrame {
-            name: code.qualname.clone(),
-            file: code.filename.clone(),
-            line: code.line(&codes.interpreter, frame.code, frame.instr),
-        },
-        None => PythonFrame {
+/// Names `frame` of a process whose code objects `codes` reads; `None` if its code object
+/// cannot be read (freed since, or not a code object).
+pub fn name(frame: &PyFrame, codes: &mut Codes) -> Option<PythonFrame> {
+    let code = codes.get(frame.code)?;
+    Some(PythonFrame {
+        name: code.qualname.clone(),
+        file: code.filename.clone(),
+        line: code.line(&codes.interpreter, frame.code, frame.instr),
+    })
+}
+
+impl PythonFrame {
+    /// A frame whose code object could not be read.
+    pub fn unknown() -> Self {
+        Self {
             name: "[unknown Python code]".into(),
             file: String::new(),
             line: None,
-        },
+        }
     }
 }
 

@@ -104,6 +104,10 @@ fn from_file(pid: u32, maps: &Maps, path: &Path) -> Option<Found> {
         ));
     };
     let version = (hex >> 24, (hex >> 16) & 0xff, (hex >> 8) & 0xff);
+    if free_threaded(&elf, runtime) {
+        // Another layout of thread states and objects (`ob_type` moves): not read.
+        return Some(Found::Unsupported(format!("{}.{}t", version.0, version.1)));
+    }
     let (Some(layout), Some(eval), Some(code_type)) = (
         Layout::of(version.0, version.1),
         symbols.eval,
@@ -120,6 +124,19 @@ fn from_file(pid: u32, maps: &Maps, path: &Path) -> Option<Found> {
         eval: eval.start.wrapping_add(bias)..eval.end.wrapping_add(bias),
         code_type: code_type.wrapping_add(bias),
     }))
+}
+
+/// Whether a 3.13+ runtime is a free-threaded build: `_PyRuntime` starts with its debug offsets,
+/// the cookie `xdebugpy`, the version and then `free_threaded` (initialised data in the file).
+fn free_threaded(elf: &object::File, runtime: u64) -> bool {
+    let header = elf
+        .segments()
+        .find(|s| (s.address()..s.address() + s.size()).contains(&runtime))
+        .and_then(|s| s.data_range(runtime, 24).ok().flatten());
+    match header {
+        Some(bytes) if &bytes[..8] == b"xdebugpy" => bytes[16..24].iter().any(|&b| b != 0),
+        _ => false,
+    }
 }
 
 /// How far from its link-time addresses `path` is loaded: where its first page is mapped, less
@@ -156,22 +173,22 @@ impl Interpreter {
     pub fn threads(&self) -> Vec<(u32, u64)> {
         let layout = &self.layout;
         let mut threads = Vec::new();
-        let mut interpreter = self.read_u64(self.runtime + layout.interpreters_head);
+        let mut interpreter = self.read_u64(self.runtime.wrapping_add(layout.interpreters_head));
         for _ in 0..MAX_INTERPRETERS {
             let Some(interp) = interpreter.filter(|&a| a != 0) else {
                 break;
             };
-            let mut thread = self.read_u64(interp + layout.threads_head);
+            let mut thread = self.read_u64(interp.wrapping_add(layout.threads_head));
             for _ in 0..MAX_THREADS {
                 let Some(state) = thread.filter(|&a| a != 0) else {
                     break;
                 };
-                if let Some(tid) = self.read_u64(state + layout.native_thread_id) {
+                if let Some(tid) = self.read_u64(state.wrapping_add(layout.native_thread_id)) {
                     threads.push((tid as u32, state));
                 }
-                thread = self.read_u64(state + layout.thread_next);
+                thread = self.read_u64(state.wrapping_add(layout.thread_next));
             }
-            interpreter = self.read_u64(interp + layout.interpreter_next);
+            interpreter = self.read_u64(interp.wrapping_add(layout.interpreter_next));
         }
         threads
     }
