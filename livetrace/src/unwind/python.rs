@@ -11,7 +11,7 @@ use livetrace_common::{
 
 use super::{SampleKey, Unwound};
 use crate::python::{
-    Interpreters,
+    Interpreters, PythonFrame,
     code::Codes,
     merge::{self, PYTHON_TAG},
 };
@@ -24,6 +24,7 @@ const FAULT: &str = "Python frames: a frame could not be read (outermost frames 
 const TOO_DEEP: &str = "Python frames: deeper than the 48 read (outermost frames missing)";
 const UNPLACED: &str =
     "Python frames: put at the root (the native stack stopped before their evaluation frame)";
+const UNNAMED: &str = "Python frames: a code object could not be read (freed, or not code)";
 
 pub(super) struct PythonFrames {
     interpreters: Interpreters,
@@ -80,6 +81,19 @@ impl PythonFrames {
         let Some(interpreter) = interpreter else {
             return;
         };
+        // Only a stack that runs Python can miss Python frames: a native thread of a Python
+        // process (a BLAS worker, say) has none to miss.
+        let runs_python = key.user.as_ref().is_ok_and(|native| {
+            native.iter().enumerate().any(|(depth, &a)| {
+                interpreter
+                    .eval
+                    .contains(&if depth == 0 { a } else { a.wrapping_sub(1) })
+            })
+        });
+        if !runs_python {
+            self.pending.remove(&header.tid);
+            return;
+        }
         let Some((status, frames)) = self.pending.remove(&header.tid) else {
             out.lose_python(NO_RECORD, header.weight.max(1));
             return;
@@ -103,11 +117,19 @@ impl PythonFrames {
             *codes = Codes::new(interpreter.clone());
         }
         let calls = merge::by_evaluation_call(&frames, &interpreter.layout);
+        let mut unnamed = false;
         let merged = merge::merge(native, &calls, &interpreter.eval, |frame| {
-            PYTHON_TAG | u64::from(out.intern_python(merge::name(frame, codes)))
+            let named = merge::name(frame, codes).unwrap_or_else(|| {
+                unnamed = true;
+                PythonFrame::unknown()
+            });
+            PYTHON_TAG | u64::from(out.intern_python(named))
         });
         if merged.unplaced {
             out.lose_python(UNPLACED, header.weight.max(1));
+        }
+        if unnamed {
+            out.lose_python(UNNAMED, header.weight.max(1));
         }
         key.user = Ok(merged.trace);
     }

@@ -422,8 +422,9 @@ fn build(
         notes: context.notes.clone(),
         ..DataQuality::default()
     };
+    // Not lost: those samples are kept, with fewer Python frames.
     for (cause, samples) in &raw.python_losses {
-        *quality.stack_losses.entry(cause.clone()).or_default() += samples;
+        *quality.stacks_cut_short.entry(cause.clone()).or_default() += samples;
     }
     if let Some(start) = &context.cpu_times_at_start {
         quality
