@@ -13,8 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    Process, Profile, Stack, assert_share, cpu_seconds, cpu_shared, path_arg, require_root,
-    run_folded, run_livetrace, wait_for_cpu,
+    Process, Profile, Stack, assert_share, cpu_exclusive, cpu_seconds, cpu_shared, path_arg,
+    require_root, run_folded, run_livetrace, wait_for_cpu,
 };
 
 /// Bound on a run's wall time beyond its capture; only reached when livetrace hangs.
@@ -309,7 +309,8 @@ fn python_called_from_c_sits_above_the_c_frames() {
 #[test]
 fn each_thread_has_its_own_python_stack() {
     require_root();
-    let _cpus = cpu_shared();
+    // Shares against measured CPU time: the CPUs to itself, so that samples are plenty.
+    let _cpus = cpu_exclusive();
     for (version, interpreter) in readable().into_iter().take(3) {
         require(&interpreter);
         let mut command = Command::new(&interpreter);
@@ -411,12 +412,13 @@ fn offcpu_shows_the_python_function_a_thread_blocks_in() {
 #[test]
 fn unreadable_pythons_are_counted_and_named_by_version() {
     require_root();
-    let _cpus = cpu_shared();
+    // A second of each interpreter, with the CPUs to itself: enough samples for the shares.
+    let _cpus = cpu_exclusive();
     for (version, interpreter) in unreadable() {
         require(&interpreter);
         let python = start_python(&interpreter, &["-c", HOT_LOOP]);
         let pid = python.pid().to_string();
-        let (profile, run) = run_folded(&["profile", "-p", &pid, "-U", "-d", "1"], SLACK);
+        let (profile, run) = run_folded(&["profile", "-p", &pid, "-U", "-d", "2"], SLACK);
         drop(python);
         let context = format!(
             "{}\n{}\n{}",
