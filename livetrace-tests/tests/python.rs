@@ -405,6 +405,41 @@ fn offcpu_shows_the_python_function_a_thread_blocks_in() {
     }
 }
 
+/// offcpu --wakers walks frame pointers only, so it reads no Python frames: its hint for a
+/// CPython it could otherwise read says so, and does not advise --unwind dwarf, which --wakers
+/// refuses.
+#[test]
+fn wakers_hint_for_python_does_not_advise_what_wakers_refuses() {
+    require_root();
+    let _cpus = cpu_shared();
+    let (_, interpreter) = readable().remove(1);
+    require(&interpreter);
+    let mut command = Command::new(&interpreter);
+    command
+        .args([&fixture_source("waiting.py"), "30"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let python = Process::spawn(command);
+    let tasks = format!("/proc/{}/task", python.pid());
+    common::wait_until("its two threads have started", SLACK, || {
+        std::fs::read_dir(&tasks).is_ok_and(|d| d.count() >= 3)
+    });
+    let pid = python.pid().to_string();
+    let (_, run) = run_folded(&["offcpu", "-p", &pid, "--wakers", "-d", "1"], SLACK);
+    drop(python);
+    let hint = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with(&format!("  hint: pid {pid} (CPython 3.12)")))
+        .unwrap_or_else(|| panic!("no hint for pid {pid}:\n{}", run.stderr));
+    assert!(
+        hint.contains("--wakers") && !hint.contains("--unwind dwarf"),
+        "{hint}\n{}",
+        run.stderr
+    );
+}
+
 /// The CPythons livetrace does not read: complete native stacks (down to _start, through
 /// libpython without frame pointers), and a footer that counts the samples whose Python
 /// functions show as the interpreter's frames, with a hint that names the version and the way

@@ -270,9 +270,11 @@ pub fn build_profile(
     }
 
     add_advice(&mut quality, options, map_full, symbolizer);
-    quality
-        .advice
-        .extend(python_advice(&python_unnamed, symbolizer));
+    quality.advice.extend(python_advice(
+        &python_unnamed,
+        symbolizer,
+        options.dwarf_possible,
+    ));
     let build_ids = build_ids(symbolizer, modules);
     let mut profile = StackProfile {
         title: options.title.clone(),
@@ -351,15 +353,30 @@ fn build_ids(
 }
 
 /// How to get Python functions named, for the first few processes whose stacks showed them only
-/// as the interpreter.
-fn python_advice(pids: &BTreeSet<u32>, symbolizer: &Symbolizer) -> Vec<String> {
+/// as the interpreter. `dwarf_possible`: whether this capture could have read them (offcpu
+/// --wakers walks frame pointers only, and must not be told to use what it refuses).
+fn python_advice(
+    pids: &BTreeSet<u32>,
+    symbolizer: &Symbolizer,
+    dwarf_possible: bool,
+) -> Vec<String> {
     pids.iter()
         .take(3)
         .map(|&pid| {
             let runtime = symbolizer
                 .runtime_of(pid)
                 .unwrap_or(crate::runtimes::Runtime::Python(None));
-            format!("pid {pid} ({}): {}", runtime.name(), runtime.advice(pid))
+            let advice = if runtime.frames_read() && !dwarf_possible {
+                format!(
+                    "its Python functions show as the interpreter's frames \
+                     (_PyEval_EvalFrameDefault): stacks walked with frame pointers do not read \
+                     them, as --wakers does; without --wakers they are read \
+                     (`py-spy dump --pid {pid}` names them meanwhile)"
+                )
+            } else {
+                runtime.advice(pid)
+            };
+            format!("pid {pid} ({}): {advice}", runtime.name())
         })
         .collect()
 }
