@@ -68,7 +68,12 @@ pub fn find(pid: u32) -> Option<Found> {
 
 /// The CPython in `path`, a file that `pid` maps, if it exports the runtime.
 fn from_file(pid: u32, maps: &Maps, path: &Path) -> Option<Found> {
-    let data = std::fs::read(proc::reachable(pid, path)).ok()?;
+    // Mapped, not read: libpython with its debug info is tens of MiB, of which .dynsym and a
+    // few words are needed.
+    let file = std::fs::File::open(proc::reachable(pid, path)).ok()?;
+    // SAFETY: a read-only private mapping; a file truncated meanwhile makes reads fault, as any
+    // mapped binary would (the same as the unwinder's mappings).
+    let data = unsafe { memmap2::Mmap::map(&file) }.ok()?;
     let elf = object::File::parse(&*data).ok()?;
     let mut symbols = Symbols::default();
     for symbol in elf.dynamic_symbols() {
