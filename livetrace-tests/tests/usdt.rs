@@ -651,8 +651,10 @@ fn postgres_query_latency_agrees_with_bpftrace() {
     let run = livetrace.finish(SLACK);
     run.assert_success();
     oracle.signal(libc::SIGINT);
+    // A deadline against a hang, not a measure: once in a series bpftrace 0.17 took more than
+    // SLACK (20 s) to exit after SIGINT, and how fast the oracle exits is not under test.
     oracle
-        .wait_timeout(SLACK)
+        .wait_timeout(Duration::from_secs(90))
         .expect("bpftrace exits on SIGINT");
     drop(postgres);
 
