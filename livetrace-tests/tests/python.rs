@@ -163,7 +163,9 @@ fn py_spy_view(path: &Path, function: &str) -> (f64, Option<String>) {
     (with as f64 / total.max(1) as f64, hottest)
 }
 
-/// `go tool pprof -top -lines`: the line of `function` with the most samples as the leaf.
+/// `go tool pprof -top -lines`: the line of `function` that most samples were on, counting the
+/// samples in what it called too (its cumulative share): py-spy's innermost Python frame is on
+/// that line whatever native code runs beneath it.
 fn pprof_hottest_line(pprof: &Path, function: &str) -> Option<String> {
     let out = Command::new("go")
         .args(["tool", "pprof", "-top", "-lines"])
@@ -171,11 +173,20 @@ fn pprof_hottest_line(pprof: &Path, function: &str) -> Option<String> {
         .output()
         .expect("go tool pprof (cargo xtask setup installs golang-go)");
     let text = String::from_utf8_lossy(&out.stdout);
-    // Sorted by flat time: the first row of the function is its hottest line.
+    // Rows: flat flat% sum% cum cum% function file:line.
     text.lines()
-        .find(|l| l.contains(&format!(" {function} ")))
-        .and_then(|l| l.rsplit(':').next())
-        .map(|l| l.trim().to_owned())
+        .filter(|l| l.contains(&format!(" {function} ")))
+        .filter_map(|l| {
+            let cum: f64 = l
+                .split_whitespace()
+                .nth(4)?
+                .trim_end_matches('%')
+                .parse()
+                .ok()?;
+            Some((cum, l.rsplit(':').next()?.trim().to_owned()))
+        })
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, line)| line)
 }
 
 /// The incident demo on every CPython livetrace reads, not started with `-X perf`:
