@@ -374,48 +374,6 @@ fn each_thread_has_its_own_python_stack() {
     }
 }
 
-/// offcpu reads the frames at each switch-out: a thread blocked in `sock.recv()` inside
-/// `await_reply` shows `await_reply` above the native receive frames, and one sleeping in `nap`
-/// shows `nap`, each with the time it was blocked.
-#[test]
-fn offcpu_shows_the_python_function_a_thread_blocks_in() {
-    require_root();
-    let _cpus = cpu_shared();
-    for (version, interpreter) in readable().into_iter().take(3) {
-        require(&interpreter);
-        let mut command = Command::new(&interpreter);
-        command
-            .args([&fixture_source("waiting.py"), "30"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let python = Process::spawn(command);
-        let tasks = format!("/proc/{}/task", python.pid());
-        common::wait_until("its two threads have started", SLACK, || {
-            std::fs::read_dir(&tasks).is_ok_and(|d| d.count() >= 3)
-        });
-        let pid = python.pid().to_string();
-        let (profile, run) = run_folded(&["offcpu", "-p", &pid, "-d", "2"], SLACK);
-        drop(python);
-        let context = format!("CPython {version}\n{}\n{}", profile.summary(), run.stderr);
-        let total = profile.total() as f64;
-        // The Python function, with the native call it blocks in further toward the leaf.
-        let blocked_in = |s: &Stack, python: &str, native: &str| {
-            position(s, python).is_some_and(|at| s.frames[at..].iter().any(|f| f.contains(native)))
-        };
-        let receiving = profile.share_where(|s| blocked_in(s, "py::await_reply", "sock_recv"));
-        let napping = profile.share_where(|s| blocked_in(s, "py::nap", "time_sleep"));
-        // Each thread is blocked nearly all the time: about a third of the process's blocked
-        // time each (the main thread sleeps too).
-        for (what, share) in [("await_reply > recv", receiving), ("nap > sleep", napping)] {
-            assert!(
-                share >= 0.2,
-                "{what} holds {share:.3} of {total} us blocked\n{context}"
-            );
-        }
-    }
-}
-
 /// offcpu --wakers walks frame pointers only, so it reads no Python frames: its hint for a
 /// CPython it could otherwise read says so, and does not advise --unwind dwarf, which --wakers
 /// refuses.

@@ -84,10 +84,9 @@ impl Runtime {
             ),
             Self::Python(_) => format!(
                 "its Python functions show as the interpreter's frames (_PyEval_EvalFrameDefault) \
-                 where their frames were not read: profile and offcpu read them with --unwind \
-                 dwarf (the default for -p and a command; offcpu's for code without frame \
-                 pointers), but not yet for threads already blocked when the capture began \
-                 (`py-spy dump --pid {pid}` names them)"
+                 where their frames were not read: profile reads them with --unwind dwarf (the \
+                 default for -p and a command), offcpu not yet (`py-spy dump --pid {pid}` names \
+                 them)"
             ),
         }
     }

@@ -18,7 +18,7 @@ use livetrace_common::{
 };
 
 use livetrace_ebpf::{
-    control, python,
+    control,
     stacks::{
         add_weight, add_weight_to, announce, count, current_key, is_target, kernel_stack_id,
         wants_user_stacks,
@@ -194,8 +194,8 @@ fn switch_out<C: StackIdContext>(
             kernel_stack_id: kernel_stack_id(ctx, true),
             comm: ctx.command().unwrap_or_default(),
         };
-        // A Python thread's frames first: user space joins them to the block's stack.
-        python::submit(tgid, tid);
+        // No Python frames here yet: with the walk, this program needs more than the 1M
+        // instructions the 6.1 verifier allows (the maps stay, for the loader's sake).
         if !unwind::submit_block_start(&key, now) {
             // The copy could not be sent (counted): the block keeps its time and kernel stack,
             // under a user stack marked lost.
