@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::{
     Process, Profile, Stack, assert_share, cpu_exclusive, cpu_seconds, cpu_shared, path_arg,
-    require_root, run_folded, run_livetrace, wait_for_cpu,
+    require_root, run_folded, run_livetrace, thread_cpu_seconds, wait_for_cpu,
 };
 
 /// Bound on a run's wall time beyond its capture; only reached when livetrace hangs.
@@ -90,16 +90,20 @@ fn py_spy() -> PathBuf {
     path
 }
 
-/// Starts `interpreter` on a script (or `-c` code) and waits until it has run a little.
-fn start_python(interpreter: &Path, args: &[&str]) -> Process {
+/// Starts `interpreter` on a script (or `-c` code), its output discarded.
+fn spawn_python(interpreter: &Path, args: &[&str]) -> Process {
     let mut command = Command::new(interpreter);
     command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let python = Process::spawn(command);
-    // Past start-up, into the work.
+    Process::spawn(command)
+}
+
+/// [`spawn_python`] on CPU-bound work, once it has run a little (past start-up, into the work).
+fn start_python(interpreter: &Path, args: &[&str]) -> Process {
+    let python = spawn_python(interpreter, args);
     wait_for_cpu(python.pid(), 0.2);
     python
 }
@@ -113,18 +117,6 @@ fn count_after(text: &str, label: &str) -> Option<u64> {
         .take_while(char::is_ascii_digit)
         .collect();
     digits.parse().ok()
-}
-
-/// CPU time (user + system) one thread has used so far, from /proc/PID/task/TID/stat.
-fn thread_cpu_seconds(pid: u32, tid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
-        .unwrap_or_else(|e| panic!("cannot read thread {tid}'s stat: {e}"));
-    let rest = stat.rsplit_once(')').expect("stat has a comm").1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime, in clock ticks: fields 14 and 15 of the line, 12 and 13 after the comm.
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 fn position(stack: &Stack, frame: &str) -> Option<usize> {
@@ -383,13 +375,7 @@ fn wakers_hint_for_python_does_not_advise_what_wakers_refuses() {
     let _cpus = cpu_shared();
     let (_, interpreter) = readable().remove(1);
     require(&interpreter);
-    let mut command = Command::new(&interpreter);
-    command
-        .args([&fixture_source("waiting.py"), "30"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let python = Process::spawn(command);
+    let python = spawn_python(&interpreter, &[&fixture_source("waiting.py"), "30"]);
     let tasks = format!("/proc/{}/task", python.pid());
     common::wait_until("its two threads have started", SLACK, || {
         std::fs::read_dir(&tasks).is_ok_and(|d| d.count() >= 3)
@@ -476,13 +462,7 @@ fn offcpu_counts_unreadable_python_too() {
     require(&interpreter);
     let code = "import time\ndef nap():\n    time.sleep(0.01)\nend = time.time() + 20\n\
                 while time.time() < end:\n    nap()\n";
-    let mut command = Command::new(&interpreter);
-    command
-        .args(["-c", code])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let python = Process::spawn(command);
+    let python = spawn_python(&interpreter, &["-c", code]);
     wait_for_cpu(python.pid(), 0.02);
     let pid = python.pid().to_string();
 

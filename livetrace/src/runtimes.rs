@@ -93,7 +93,7 @@ impl Runtime {
 }
 
 /// `3.11.so.1.0` or `3.11` (what follows `libpython` or `python`) gives (3, 11).
-fn python_version(rest: &str) -> Option<(u32, u32)> {
+pub(crate) fn python_version(rest: &str) -> Option<(u32, u32)> {
     let digits: String = rest
         .chars()
         .take_while(|c| c.is_ascii_digit() || *c == '.')

@@ -477,8 +477,17 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
 
 /// CPU time (user + system) a process has used so far, from /proc/PID/stat.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/stat: {e}"));
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// The same for one thread, from /proc/PID/task/TID/stat.
+pub fn thread_cpu_seconds(pid: u32, tid: u32) -> f64 {
+    stat_cpu_seconds(&format!("/proc/{pid}/task/{tid}/stat"))
+}
+
+/// utime + stime of a `stat` file, in seconds.
+fn stat_cpu_seconds(path: &str) -> f64 {
+    let stat = fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
     let rest = stat.rsplit_once(')').expect("stat has a comm").1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the comm.

@@ -160,12 +160,8 @@ fn version_in_name(name: &str) -> Option<String> {
         .strip_prefix("lib")
         .unwrap_or(name)
         .strip_prefix("python")?;
-    let version: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.')
-        .collect();
-    let version = version.trim_end_matches('.');
-    version.contains('.').then(|| version.to_owned())
+    let (major, minor) = crate::runtimes::python_version(rest)?;
+    Some(format!("{major}.{minor}"))
 }
 
 /// Most interpreters and threads walked: a bound against a chain gone astray while it changes.
