@@ -64,8 +64,8 @@ impl PythonFrames {
         self.pending.insert(header.tid, (header._reserved, frames));
     }
 
-    /// Puts the Python frames of `header`'s thread into its sample's (or block's) stack; what
-    /// cannot be is counted by sample (or by block: a block's weight comes with its end).
+    /// Puts the Python frames of `header`'s thread into its sample's stack; what cannot be is
+    /// counted by sample.
     pub(super) fn attach(
         &mut self,
         header: &UnwindSampleHeader,
@@ -95,15 +95,15 @@ impl PythonFrames {
             return;
         }
         let Some((status, frames)) = self.pending.remove(&header.tid) else {
-            out.lose_python(NO_RECORD, header.weight.max(1));
+            out.lose_python(NO_RECORD, header.weight);
             return;
         };
         match status {
             PY_COMPLETE => {}
-            PY_UNKNOWN_THREAD => return out.lose_python(UNKNOWN_THREAD, header.weight.max(1)),
-            PY_FAULT => out.lose_python(FAULT, header.weight.max(1)),
-            PY_TOO_DEEP => out.lose_python(TOO_DEEP, header.weight.max(1)),
-            _ => return out.lose_python(FAULT, header.weight.max(1)),
+            PY_UNKNOWN_THREAD => return out.lose_python(UNKNOWN_THREAD, header.weight),
+            PY_FAULT => out.lose_python(FAULT, header.weight),
+            PY_TOO_DEEP => out.lose_python(TOO_DEEP, header.weight),
+            _ => return out.lose_python(FAULT, header.weight),
         }
         let Ok(native) = &key.user else {
             return;
@@ -126,10 +126,10 @@ impl PythonFrames {
             PYTHON_TAG | u64::from(out.intern_python(named))
         });
         if merged.unplaced {
-            out.lose_python(UNPLACED, header.weight.max(1));
+            out.lose_python(UNPLACED, header.weight);
         }
         if unnamed {
-            out.lose_python(UNNAMED, header.weight.max(1));
+            out.lose_python(UNNAMED, header.weight);
         }
         key.user = Ok(merged.trace);
     }

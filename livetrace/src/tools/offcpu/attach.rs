@@ -121,11 +121,10 @@ pub(super) fn load_and_attach(
     mut settings: StackSettings,
     mut offcpu: OffcpuSettings,
     target: &Target,
-    pythons: &crate::python::Interpreters,
     notes: &mut Vec<String>,
 ) -> anyhow::Result<(Ebpf, &'static str, Option<unwind::Collector>)> {
     if attach != Attach::Tracepoint {
-        let mut attempt = try_tp_btf(&mut settings, &mut offcpu, target, pythons, notes);
+        let mut attempt = try_tp_btf(&mut settings, &mut offcpu, target, notes);
         if let Err(err) = &attempt
             && settings.stack_copy_bytes != 0
         {
@@ -138,7 +137,7 @@ pub(super) fn load_and_attach(
             crate::say!("livetrace: warning: {note}");
             notes.push(note);
             settings.stack_copy_bytes = 0;
-            attempt = try_tp_btf(&mut settings, &mut offcpu, target, pythons, notes);
+            attempt = try_tp_btf(&mut settings, &mut offcpu, target, notes);
         }
         match attempt {
             Ok((ebpf, collector)) => return Ok((ebpf, "tp_btf/sched_switch", collector)),
@@ -199,7 +198,6 @@ fn try_tp_btf(
     settings: &mut StackSettings,
     offcpu: &mut OffcpuSettings,
     target: &Target,
-    pythons: &crate::python::Interpreters,
     notes: &mut Vec<String>,
 ) -> anyhow::Result<(Ebpf, Option<unwind::Collector>)> {
     let kernel = KernelBtf::from_sys_fs()?;
@@ -218,7 +216,7 @@ fn try_tp_btf(
             settings.stack_copy_bytes,
         );
         Some(
-            unwind::Collector::start(ring, true, Some(limits), Some(pythons.clone()))
+            unwind::Collector::start(ring, true, Some(limits), None)
                 .context("failed to start the unwinding thread")?,
         )
     } else {

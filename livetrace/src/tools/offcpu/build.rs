@@ -70,7 +70,7 @@ pub(super) fn build(
         })
         .collect();
 
-    let mut quality = capture_quality(
+    let quality = capture_quality(
         context,
         &counters,
         elapsed,
@@ -78,10 +78,6 @@ pub(super) fn build(
         (unmatched_blocks, unmatched_ns),
         stop,
     );
-    // Counted per block: its weight was not known when its stack was taken.
-    for (cause, blocks) in &raw.python_losses {
-        quality.notes.push(format!("{cause}: {blocks} blocks"));
-    }
 
     let by_thread = stacks::build_profile(
         &raw,
