@@ -1,4 +1,4 @@
-//! Python frames of a live CPython (3.11 to 3.13), read in the kernel at each sample: the
+//! Python frames of a live CPython (3.8 to 3.13), read in the kernel at each sample: the
 //! sampled thread is stopped while the program runs, so its frame chain is consistent. User space
 //! finds each Python process's interpreter, tells the program where its structures keep their
 //! fields ([`PyLayout`], by process) and where each thread's state is (by thread), and names the
@@ -38,17 +38,20 @@ pub const PY_UNKNOWN_THREAD: u32 = 3;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PyLayout {
     /// `PyThreadState.cframe` (3.11, 3.12), the struct that holds the current frame; or
-    /// [`PyLayout::IN_THREAD_STATE`] when the thread state holds it itself (3.13).
+    /// [`PyLayout::IN_THREAD_STATE`] when the thread state holds it itself (3.13, and the
+    /// `PyFrameObject *frame` of 3.8 to 3.10).
     pub cframe: u32,
     /// The current `_PyInterpreterFrame *`, in the cframe or the thread state.
     pub current_frame: u32,
     /// `_PyInterpreterFrame.previous`, `.f_code` (`f_executable` in 3.13), and the instruction
-    /// pointer (`prev_instr`, or `instr_ptr` in 3.13).
+    /// pointer (`prev_instr`, or `instr_ptr` in 3.13); before 3.11 `PyFrameObject.f_back`,
+    /// `.f_code` and `.f_lasti` (an index, not a pointer).
     pub previous: u32,
     pub code: u32,
     pub instr: u32,
     /// The byte that marks where one C-level evaluation call's frames end: `is_entry` (3.11)
-    /// or `owner` (3.12+, where the entry is a shim frame owned by the C stack).
+    /// or `owner` (3.12+, where the entry is a shim frame owned by the C stack). Before 3.11
+    /// each frame is a call of its own, and the byte read is not looked at.
     pub marker: u32,
 }
 

@@ -1,5 +1,6 @@
 //! The Python frames of a sampled CPython thread (`livetrace_common::python`): from the thread's
-//! `PyThreadState` (found by user space) along the chain of `_PyInterpreterFrame`s, recording
+//! `PyThreadState` (found by user space) along the chain of `_PyInterpreterFrame`s (or of
+//! `PyFrameObject`s before 3.11: the same walk at other offsets), recording
 //! each frame's code object, instruction pointer and marker byte. Sent on the `--unwind dwarf`
 //! ring buffer just before the sample's own record.
 

@@ -38,9 +38,9 @@ impl Runtime {
     }
 
     /// Whether livetrace names this runtime's functions without a perf map, by reading its own
-    /// frames (`crate::python`: CPython 3.11 to 3.13, with `--unwind dwarf`).
+    /// frames (`crate::python`: CPython 3.8 to 3.13, with `--unwind dwarf`).
     pub fn frames_read(self) -> bool {
-        matches!(self, Self::Python(Some(version)) if ((3, 11)..=(3, 13)).contains(&version))
+        matches!(self, Self::Python(Some(version)) if ((3, 8)..=(3, 13)).contains(&version))
     }
 
     /// `JVM`, `Node.js`, `CPython 3.11`.
@@ -64,11 +64,10 @@ impl Runtime {
             Self::Node => "start it with --perf-basic-prof (add \
                            --interpreted-frames-native-stack to name interpreted functions too)"
                 .into(),
-            // livetrace does not read CPython's own frames yet: py-spy does, from outside, and
-            // needs no restart.
-            Self::Python(Some(version)) if version < (3, 11) => format!(
+            // Older than livetrace reads: py-spy does, from outside, and needs no restart.
+            Self::Python(Some(version)) if version < (3, 8) => format!(
                 "its Python functions show as the interpreter's frames ({}): livetrace reads the \
-                 frames of CPython 3.11 to 3.13 only, and CPython before 3.12 writes no perf map; \
+                 frames of CPython 3.8 to 3.13 only, and CPython before 3.12 writes no perf map; \
                  `py-spy dump --pid {pid}` names them without a restart",
                 if version < (3, 6) {
                     "PyEval_EvalFrameEx"
@@ -78,15 +77,16 @@ impl Runtime {
             ),
             Self::Python(Some(version)) if version > (3, 13) => format!(
                 "its Python functions show as the interpreter's frames (_PyEval_EvalFrameDefault): \
-                 livetrace reads the frames of CPython 3.11 to 3.13 only; start it with -X perf \
+                 livetrace reads the frames of CPython 3.8 to 3.13 only; start it with -X perf \
                  (or PYTHONPERFSUPPORT=1) to name them, or, without a restart, \
                  `py-spy dump --pid {pid}`"
             ),
             Self::Python(_) => format!(
                 "its Python functions show as the interpreter's frames (_PyEval_EvalFrameDefault) \
-                 where their frames were not read: profile reads them with --unwind dwarf (the \
-                 default for -p and a command), offcpu not yet (`py-spy dump --pid {pid}` names \
-                 them)"
+                 where their frames were not read: profile and offcpu read them with --unwind \
+                 dwarf (the default for -p and a command; offcpu's for code without frame \
+                 pointers), and the footer counts what they could not read, by cause \
+                 (`py-spy dump --pid {pid}` names them)"
             ),
         }
     }

@@ -76,6 +76,27 @@ pub fn threads(tgid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The threads of process `tgid`, by the tid their own PID namespace gives them (what the process
+/// itself sees, e.g. in `gettid()`), to the tid /proc and the kernel's events give them. The same
+/// number twice, unless the process lives in a PID namespace of its own (a container).
+pub fn threads_by_namespace_tid(tgid: u32) -> std::collections::HashMap<u32, u32> {
+    let tids = threads(tgid);
+    if namespace_pid(tgid) == Some(tgid) {
+        return tids.into_iter().map(|tid| (tid, tid)).collect();
+    }
+    tids.into_iter()
+        .filter_map(|tid| {
+            let status = fs::read_to_string(format!("/proc/{tgid}/task/{tid}/status")).ok()?;
+            let own = status_field(&status, "NSpid:")?
+                .split_ascii_whitespace()
+                .next_back()?
+                .parse()
+                .ok()?;
+            Some((own, tid))
+        })
+        .collect()
+}
+
 /// A thread's comm and state letter (`S`, `D`, `R`...), from its stat.
 pub fn thread_state(tgid: u32, tid: u32) -> Option<(String, char)> {
     let stat = fs::read_to_string(format!("/proc/{tgid}/task/{tid}/stat")).ok()?;

@@ -1,15 +1,17 @@
 //! Naming the code objects the BPF walk recorded: a code object's qualified name, file and first
-//! line, read once from the process and kept, and the line an instruction pointer is on, from its
-//! location table (CPython 3.11+, `Objects/locations.md`).
+//! line, read once from the process and kept, and the line a frame's position is on, from its
+//! table of lines (the location table of 3.11+, `Objects/locations.md`; 3.10's line table; the
+//! `co_lnotab` of 3.8 and 3.9).
 
 use std::{collections::HashMap, sync::Arc};
 
-use super::process::Interpreter;
+use super::{layout::Lines, process::Interpreter};
 use crate::proc;
 
 /// What a code object says of itself.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Code {
+    /// The qualified name on 3.11+ ("Worker.run"); the bare name before ("run").
     pub qualname: String,
     pub filename: String,
     firstlineno: i32,
@@ -61,7 +63,7 @@ impl Codes {
             .ok()?
             .min(MAX_LINETABLE);
         Some(Code {
-            qualname: self.string(u64_at(layout.qualname)?)?,
+            qualname: self.string(u64_at(layout.name)?)?,
             filename: self.string(u64_at(layout.filename)?)?,
             firstlineno,
             linetable: if table_len == 0 {
@@ -123,12 +125,60 @@ impl Codes {
 }
 
 impl Code {
-    /// The line of the instruction at `instr` in code object `address` of `interpreter`.
+    /// The line that code object `address` of `interpreter` is on, at the position the walk read:
+    /// a pointer to the instruction (3.11+), or `f_lasti` in the low half (before 3.11).
     pub fn line(&self, interpreter: &Interpreter, address: u64, instr: u64) -> Option<u32> {
-        let start = address.wrapping_add(interpreter.layout.code.bytecode);
-        let offset = instr.wrapping_sub(start) as i64;
-        line_at(&self.linetable, self.firstlineno, offset).and_then(|l| u32::try_from(l).ok())
+        let code = &interpreter.layout.code;
+        let lasti = i64::from(instr as u32 as i32);
+        let line = match code.lines {
+            Lines::Locations => {
+                let offset = instr.wrapping_sub(address.wrapping_add(code.bytecode)) as i64;
+                line_at(&self.linetable, self.firstlineno, offset)
+            }
+            Lines::LineTable310 => line_at_310(&self.linetable, self.firstlineno, lasti * 2),
+            Lines::Lnotab => Some(line_at_lnotab(&self.linetable, self.firstlineno, lasti)),
+        };
+        line.and_then(|l| u32::try_from(l).ok())
     }
+}
+
+/// The line of the instruction at byte `offset`, from a `co_lnotab` of 3.8 or 3.9: pairs of an
+/// unsigned byte delta and a signed line delta, each pair starting a new line at its address.
+fn line_at_lnotab(table: &[u8], firstlineno: i32, offset: i64) -> i32 {
+    let mut line = firstlineno;
+    let mut address = 0i64;
+    for pair in table.chunks_exact(2) {
+        address += i64::from(pair[0]);
+        if address > offset {
+            break;
+        }
+        line = line.wrapping_add(i32::from(pair[1] as i8));
+    }
+    line
+}
+
+/// The line of the instruction at byte `offset`, from 3.10's `co_linetable`: pairs of an
+/// unsigned byte delta and a signed line delta, each pair covering the addresses from the end of
+/// the last one; a line delta of -128 means the range has no line. An offset before the first
+/// instruction (`f_lasti` of -1: not started) is on the first line.
+fn line_at_310(table: &[u8], firstlineno: i32, offset: i64) -> Option<i32> {
+    if offset < 0 {
+        return Some(firstlineno);
+    }
+    let mut line = firstlineno;
+    let mut end = 0i64;
+    for pair in table.chunks_exact(2) {
+        let start = end;
+        end += i64::from(pair[0]);
+        let delta = pair[1] as i8;
+        if delta != -128 {
+            line = line.wrapping_add(i32::from(delta));
+        }
+        if (start..end).contains(&offset) {
+            return (delta != -128).then_some(line);
+        }
+    }
+    None
 }
 
 /// The line of the code unit at byte `offset`, from a 3.11+ location table: entries of a header
@@ -218,6 +268,30 @@ mod tests {
         assert_eq!(line_at(&table, 1, 6), Some(3));
         assert_eq!(line_at(&table, 1, 8), None, "an instruction without a line");
         assert_eq!(line_at(&table, 1, 10), None, "past the end");
+    }
+
+    /// `co_lnotab` of 3.8 for a function on lines 1 to 4 whose line 3 is a blank: bytes 0-3 on
+    /// line 2, 4-11 on line 4 (`dis.findlinestarts` gives (0, 2), (4, 4)).
+    #[test]
+    fn lines_from_an_lnotab() {
+        let table = [0, 1, 4, 2];
+        assert_eq!(line_at_lnotab(&table, 1, 0), 2);
+        assert_eq!(line_at_lnotab(&table, 1, 2), 2);
+        assert_eq!(line_at_lnotab(&table, 1, 4), 4);
+        assert_eq!(line_at_lnotab(&table, 1, 10), 4);
+        assert_eq!(line_at_lnotab(&table, 1, -1), 1, "not started");
+    }
+
+    /// 3.10's table for the same function, with a stretch without a line at bytes 8-9.
+    #[test]
+    fn lines_from_a_310_line_table() {
+        let table = [4, 1, 4, 2, 2, 0x80, 2, 0];
+        assert_eq!(line_at_310(&table, 1, -2), Some(1), "not started");
+        assert_eq!(line_at_310(&table, 1, 0), Some(2));
+        assert_eq!(line_at_310(&table, 1, 6), Some(4));
+        assert_eq!(line_at_310(&table, 1, 8), None, "no line");
+        assert_eq!(line_at_310(&table, 1, 10), Some(4), "the line after a gap");
+        assert_eq!(line_at_310(&table, 1, 12), None, "past the end");
     }
 
     #[test]

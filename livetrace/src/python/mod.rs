@@ -1,4 +1,4 @@
-//! Python functions by name in a live CPython (3.11 to 3.13) that was not started with
+//! Python functions by name in a live CPython (3.8 to 3.13) that was not started with
 //! `-X perf`. User space finds the interpreter and each thread's state ([`process`]) and tells
 //! the BPF program; at each sample the program walks the thread's frame chain and sends the
 //! code objects and instruction pointers it found; the unwinding thread names them ([`code`])

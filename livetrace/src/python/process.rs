@@ -2,19 +2,25 @@
 //! or the executable it is linked into), its version, where it is loaded, and the threads its
 //! interpreters run. Only `.dynsym` is used, so a stripped interpreter works too.
 
-use std::{ops::Range, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    ops::Range,
+    path::Path,
+};
 
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 
-use super::layout::Layout;
+use livetrace_common::python::{PyFrame, PyLayout};
+
+use super::layout::{Layout, ThreadId};
 use crate::proc::{self, maps::Maps};
 
 /// A CPython that livetrace reads, in one process.
 #[derive(Clone, Debug)]
 pub struct Interpreter {
     pub pid: u32,
-    /// (major, minor, micro).
-    pub version: (u32, u32, u32),
+    /// (major, minor, micro); before 3.11 the micro version is not known (`None`).
+    pub version: (u32, u32, Option<u32>),
     pub layout: Layout,
     /// Address of `_PyRuntime` in the process.
     pub runtime: u64,
@@ -22,6 +28,8 @@ pub struct Interpreter {
     pub eval: Range<u64>,
     /// Address of `PyCode_Type`: an object whose type is this is a code object.
     pub code_type: u64,
+    /// Before 3.11: where glibc's thread descriptor keeps the tid, once found.
+    pthread_tid: Option<u64>,
 }
 
 /// What a process runs, as far as Python goes.
@@ -41,6 +49,13 @@ struct Symbols {
     code_type: Option<u64>,
     /// `_PyThreadState_Current`: the runtime symbol of CPython before 3.7.
     old_runtime: bool,
+}
+
+/// Whether `pid` was started with `-X perf` (or `PYTHONPERFSUPPORT`): its perf map names every
+/// Python function already, and reading its frames too would show each one twice.
+pub fn writes_perf_map(pid: u32) -> bool {
+    let perf_map = std::path::PathBuf::from(format!("/tmp/perf-{pid}.map"));
+    proc::in_root_of(pid, &perf_map).exists()
 }
 
 /// Looks for a CPython in process `pid`; `None` if it runs none (or its files cannot be read).
@@ -95,7 +110,8 @@ fn from_file(pid: u32, maps: &Maps, path: &Path) -> Option<Found> {
             .old_runtime
             .then(|| Found::Unsupported(version_in_name(name).unwrap_or_else(|| "?".into())));
     };
-    // Py_Version (3.11+) is a constant in the file: 0xMMmmuu.. like PY_VERSION_HEX.
+    // Py_Version (3.11+) is a constant in the file: 0xMMmmuu.. like PY_VERSION_HEX. Before,
+    // the file's name says the minor version ("libpython3.10.so.1.0", "python3.9").
     let hex = symbols.version.and_then(|at| {
         let segment = elf
             .segments()
@@ -103,12 +119,16 @@ fn from_file(pid: u32, maps: &Maps, path: &Path) -> Option<Found> {
         let bytes = segment.data_range(at, 4).ok()??;
         Some(u32::from_le_bytes(bytes.try_into().ok()?))
     });
-    let Some(hex) = hex else {
-        return Some(Found::Unsupported(
-            version_in_name(name).unwrap_or_else(|| "?".into()),
-        ));
+    let version = match hex {
+        Some(hex) => (hex >> 24, (hex >> 16) & 0xff, Some((hex >> 8) & 0xff)),
+        None => match name_version(name) {
+            Some((major, minor)) if (major, minor) < (3, 11) => (major, minor, None),
+            found => {
+                let text = found.map_or_else(|| "?".into(), |(a, b)| format!("{a}.{b}"));
+                return Some(Found::Unsupported(text));
+            }
+        },
     };
-    let version = (hex >> 24, (hex >> 16) & 0xff, (hex >> 8) & 0xff);
     if free_threaded(&elf, runtime) {
         // Another layout of thread states and objects (`ob_type` moves): not read.
         return Some(Found::Unsupported(format!("{}.{}t", version.0, version.1)));
@@ -128,6 +148,7 @@ fn from_file(pid: u32, maps: &Maps, path: &Path) -> Option<Found> {
         runtime: runtime.wrapping_add(bias),
         eval: eval.start.wrapping_add(bias)..eval.end.wrapping_add(bias),
         code_type: code_type.wrapping_add(bias),
+        pthread_tid: None,
     }))
 }
 
@@ -156,12 +177,16 @@ fn load_bias(elf: &object::File, maps: &Maps, path: &Path) -> Option<u64> {
 
 /// "3.10" from "libpython3.10.so.1.0" or "python3.10", "2.7" from "python2.7".
 fn version_in_name(name: &str) -> Option<String> {
+    let (major, minor) = name_version(name)?;
+    Some(format!("{major}.{minor}"))
+}
+
+fn name_version(name: &str) -> Option<(u32, u32)> {
     let rest = name
         .strip_prefix("lib")
         .unwrap_or(name)
         .strip_prefix("python")?;
-    let (major, minor) = crate::runtimes::python_version(rest)?;
-    Some(format!("{major}.{minor}"))
+    crate::runtimes::python_version(rest)
 }
 
 /// Most interpreters and threads walked: a bound against a chain gone astray while it changes.
@@ -169,11 +194,13 @@ const MAX_INTERPRETERS: usize = 64;
 const MAX_THREADS: usize = 4096;
 
 impl Interpreter {
-    /// Every thread of every interpreter: (tid, address of its `PyThreadState`). Read while the
-    /// process runs: a thread that starts or ends meanwhile may be missed, and is found next time.
-    pub fn threads(&self) -> Vec<(u32, u64)> {
-        let layout = &self.layout;
-        let mut threads = Vec::new();
+    /// Every thread of every interpreter: (tid, address of its `PyThreadState`), with tids as
+    /// the kernel numbers them (a process in a container numbers its threads in its own PID
+    /// namespace). Read while the process runs: a thread that starts or ends meanwhile may be
+    /// missed, and is found next time.
+    pub fn threads(&mut self) -> Vec<(u32, u64)> {
+        let layout = self.layout;
+        let mut states = Vec::new();
         let mut interpreter = self.read_u64(self.runtime.wrapping_add(layout.interpreters_head));
         for _ in 0..MAX_INTERPRETERS {
             let Some(interp) = interpreter.filter(|&a| a != 0) else {
@@ -184,14 +211,69 @@ impl Interpreter {
                 let Some(state) = thread.filter(|&a| a != 0) else {
                     break;
                 };
-                if let Some(tid) = self.read_u64(state.wrapping_add(layout.native_thread_id)) {
-                    threads.push((tid as u32, state));
+                // A thread state points back at its interpreter (`interp`): a chain read
+                // while it changed, or a wrong layout, stops here.
+                if self.read_u64(state.wrapping_add(THREAD_INTERP)) != Some(interp) {
+                    break;
+                }
+                let id_at = match layout.thread_id {
+                    ThreadId::Native(at) | ThreadId::Pthread(at) => at,
+                };
+                if let Some(id) = self.read_u64(state.wrapping_add(id_at)) {
+                    states.push((id, state));
                 }
                 thread = self.read_u64(state.wrapping_add(layout.thread_next));
             }
             interpreter = self.read_u64(interp.wrapping_add(layout.interpreter_next));
         }
-        threads
+        let tasks = proc::task::threads_by_namespace_tid(self.pid);
+        if matches!(layout.thread_id, ThreadId::Pthread(_)) && self.pthread_tid.is_none() {
+            self.pthread_tid = pthread_tid_offset(self.pid, &states, &tasks);
+        }
+        let mut by_tid = HashMap::new();
+        for (id, state) in states {
+            let own_tid = match layout.thread_id {
+                ThreadId::Native(_) => Some(id as u32),
+                ThreadId::Pthread(_) => self
+                    .pthread_tid
+                    .and_then(|at| self.read_u32(id.wrapping_add(at))),
+            };
+            // The list runs newest first; a thread state made for a thread about to start holds
+            // its creator's id until the thread sets its own, so the older one wins.
+            if let Some(&tid) = own_tid.and_then(|t| tasks.get(&t)) {
+                by_tid.insert(tid, state);
+            }
+        }
+        by_tid.into_iter().collect()
+    }
+
+    /// The frame chain of the thread whose state is at `state`, leaf first, read as the BPF
+    /// program reads it at a sample, but from user space: for a thread that waits (its chain does
+    /// not change while it does). `None` where a read faulted; at most `limit` frames.
+    pub fn frames_of(&self, state: u64, limit: usize) -> Option<Vec<PyFrame>> {
+        let layout = &self.layout.frames;
+        let holder = if layout.cframe == PyLayout::IN_THREAD_STATE {
+            state
+        } else {
+            self.read_u64(state.wrapping_add(u64::from(layout.cframe)))?
+        };
+        let mut frame = self.read_u64(holder.wrapping_add(u64::from(layout.current_frame)))?;
+        let mut frames = Vec::new();
+        while frame != 0 && frames.len() < limit {
+            let field = |offset: u32| self.read_u64(frame.wrapping_add(u64::from(offset)));
+            frames.push(PyFrame {
+                code: field(layout.code)?,
+                instr: field(layout.instr)?,
+                marker: field(layout.marker)? & 0xff,
+            });
+            frame = field(layout.previous)?;
+        }
+        Some(frames)
+    }
+
+    fn read_u32(&self, addr: u64) -> Option<u32> {
+        let bytes = proc::memory::read(self.pid, addr, 4)?;
+        Some(u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?))
     }
 
     pub fn read_u64(&self, addr: u64) -> Option<u64> {
@@ -199,11 +281,49 @@ impl Interpreter {
         Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
     }
 
-    /// "3.11.7".
+    /// "3.11.7", or "3.10" where the micro version is not known.
     pub fn version_text(&self) -> String {
-        let (major, minor, micro) = self.version;
-        format!("{major}.{minor}.{micro}")
+        match self.version {
+            (major, minor, Some(micro)) => format!("{major}.{minor}.{micro}"),
+            (major, minor, None) => format!("{major}.{minor}"),
+        }
     }
+}
+
+/// `PyThreadState.interp`, in every version.
+const THREAD_INTERP: u64 = 16;
+
+/// How much of a thread descriptor is searched for the tid.
+const PTHREAD_SEARCHED: usize = 0x1000;
+
+/// Where glibc's `struct pthread` keeps the tid, found in the descriptors of this process's
+/// Python threads (`pthread_t` is the descriptor's address): the tid is followed by an unused
+/// pid, `robust_prev` and `robust_head`, whose `list` points at itself while the thread holds no
+/// robust mutex (as glibc sets it up, and CPython takes none). A field that holds a live tid of
+/// the process at the same place in every descriptor, with that self-pointer 16 bytes on, is it
+/// (0x2d0 in glibc 2.36). Other C libraries (musl) are not recognised: their threads stay
+/// unknown, and their samples are counted so.
+fn pthread_tid_offset(pid: u32, states: &[(u64, u64)], tasks: &HashMap<u32, u32>) -> Option<u64> {
+    let descriptors: HashSet<u64> = states.iter().map(|(id, _)| *id).take(16).collect();
+    let read: Vec<(u64, Vec<u8>)> = descriptors
+        .into_iter()
+        .filter_map(|at| Some((at, proc::memory::read(pid, at, PTHREAD_SEARCHED)?)))
+        .collect();
+    if read.is_empty() {
+        return None;
+    }
+    (0..PTHREAD_SEARCHED).step_by(8).find_map(|offset| {
+        read.iter()
+            .all(|(at, bytes)| {
+                let tid = bytes.get(offset..offset + 4);
+                let list = bytes.get(offset + 16..offset + 24);
+                let robust_head = at.wrapping_add(offset as u64 + 16);
+                matches!((tid, list), (Some(tid), Some(list))
+                    if tasks.contains_key(&u32::from_le_bytes(tid.try_into().unwrap_or_default()))
+                        && u64::from_le_bytes(list.try_into().unwrap_or_default()) == robust_head)
+            })
+            .then_some(offset as u64)
+    })
 }
 
 #[cfg(test)]

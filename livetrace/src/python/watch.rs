@@ -59,15 +59,23 @@ impl Watch {
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(interpreter.pid, interpreter);
         }
-        let interpreters: Vec<Interpreter> = self
+        let mut interpreters: Vec<Interpreter> = self
             .interpreters
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .values()
             .cloned()
             .collect();
+        for interpreter in &mut interpreters {
+            self.update_threads(ebpf, interpreter);
+        }
+        // Reading the threads may have learnt where the C library keeps a tid (before 3.11).
+        let mut shared = self
+            .interpreters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         for interpreter in interpreters {
-            self.update_threads(ebpf, &interpreter);
+            shared.insert(interpreter.pid, interpreter);
         }
     }
 
@@ -91,10 +99,7 @@ impl Watch {
                 .get(&pid)
                 .map_or(LOOK_AGAIN, |(_, w)| (*w * 2).min(LOOK_AT_MOST));
             self.looked.insert(pid, (Instant::now(), wait));
-            // Started with -X perf: its perf map names every Python function already, and
-            // reading its frames too would show each one twice.
-            let perf_map = std::path::PathBuf::from(format!("/tmp/perf-{pid}.map"));
-            if crate::proc::in_root_of(pid, &perf_map).exists() {
+            if process::writes_perf_map(pid) {
                 continue;
             }
             match process::find(pid) {
@@ -109,7 +114,7 @@ impl Watch {
     }
 
     /// Tells the program of the interpreter's threads now, and forgets those that ended.
-    fn update_threads(&mut self, ebpf: &mut Ebpf, interpreter: &Interpreter) {
+    fn update_threads(&mut self, ebpf: &mut Ebpf, interpreter: &mut Interpreter) {
         let pid = interpreter.pid;
         let now = interpreter.threads();
         let listed: HashSet<u32> = now.iter().map(|(tid, _)| *tid).collect();

@@ -360,6 +360,11 @@ impl Symbolizer {
     }
 
     /// The language runtime a process runs, from its executable and mapped files as first seen.
+    /// The processes noted so far.
+    pub fn processes(&self) -> impl Iterator<Item = u32> + '_ {
+        self.snapshots.keys().copied()
+    }
+
     pub fn runtime_of(&self, pid: u32) -> Option<Runtime> {
         let snapshot = self.snapshots.get(&pid)?;
         let exe = snapshot

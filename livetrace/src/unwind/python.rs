@@ -17,7 +17,8 @@ use crate::python::{
 };
 
 /// Why a sample of a Python process lacks some or all of its Python frames.
-const NO_RECORD: &str = "Python frames: not sent (the ring buffer was full)";
+const NO_RECORD: &str = "Python frames: not sent (taken before the program was told of the \
+     process, which was found during the capture; or the ring buffer was full)";
 const UNKNOWN_THREAD: &str =
     "Python frames: the thread started during the capture and was not known yet";
 const FAULT: &str = "Python frames: a frame could not be read (outermost frames missing)";
@@ -64,8 +65,8 @@ impl PythonFrames {
         self.pending.insert(header.tid, (header._reserved, frames));
     }
 
-    /// Puts the Python frames of `header`'s thread into its sample's stack; what cannot be is
-    /// counted by sample.
+    /// Puts the Python frames of `header`'s thread into its sample's (or block's) stack; what
+    /// cannot be is counted by sample (or by block: a block's weight comes with its end).
     pub(super) fn attach(
         &mut self,
         header: &UnwindSampleHeader,
@@ -95,15 +96,15 @@ impl PythonFrames {
             return;
         }
         let Some((status, frames)) = self.pending.remove(&header.tid) else {
-            out.lose_python(NO_RECORD, header.weight);
+            out.lose_python(NO_RECORD, header.weight.max(1));
             return;
         };
         match status {
             PY_COMPLETE => {}
-            PY_UNKNOWN_THREAD => return out.lose_python(UNKNOWN_THREAD, header.weight),
-            PY_FAULT => out.lose_python(FAULT, header.weight),
-            PY_TOO_DEEP => out.lose_python(TOO_DEEP, header.weight),
-            _ => return out.lose_python(FAULT, header.weight),
+            PY_UNKNOWN_THREAD => return out.lose_python(UNKNOWN_THREAD, header.weight.max(1)),
+            PY_FAULT => out.lose_python(FAULT, header.weight.max(1)),
+            PY_TOO_DEEP => out.lose_python(TOO_DEEP, header.weight.max(1)),
+            _ => return out.lose_python(FAULT, header.weight.max(1)),
         }
         let Ok(native) = &key.user else {
             return;
@@ -126,10 +127,10 @@ impl PythonFrames {
             PYTHON_TAG | u64::from(out.intern_python(named))
         });
         if merged.unplaced {
-            out.lose_python(UNPLACED, header.weight);
+            out.lose_python(UNPLACED, header.weight.max(1));
         }
         if unnamed {
-            out.lose_python(UNNAMED, header.weight);
+            out.lose_python(UNNAMED, header.weight.max(1));
         }
         key.user = Ok(merged.trace);
     }

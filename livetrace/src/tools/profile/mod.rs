@@ -27,6 +27,8 @@ use crate::{
     model::{DataQuality, WeightUnit},
     output::{self, OutputSpec, profile_summary},
     privileges,
+    proc::task,
+    runtimes::Runtime,
     session::{
         self, Privileges, Running, Session, Tool,
         capture::{self, StopReason},
@@ -118,8 +120,11 @@ struct Sampling {
     collector: Option<unwind::Collector>,
     /// The targets' CPython interpreters, whose frames the program reads (`--unwind dwarf`).
     python: crate::python::Watch,
-    /// The processes to look for CPython in: those given, and the command.
+    /// The processes to look for CPython in: those given (or whose threads are), and the command.
     python_pids: Vec<u32>,
+    /// Whether every CPython that the capture meets is read too: the whole system, or a
+    /// command's children.
+    python_anywhere: bool,
     new_processes: RingBuf<aya::maps::MapData>,
     context: BuildContext,
     outputs: Vec<OutputSpec>,
@@ -187,7 +192,16 @@ impl Tool for Profile {
             held_command: command,
             fork_tgid_offset: follow.as_ref().map(|(_, offset)| *offset),
         };
-        let python_pids: Vec<u32> = settings.tgids.iter().copied().chain(command).collect();
+        let python_pids: Vec<u32> = (settings.tgids.iter().copied())
+            .chain(
+                settings
+                    .tids
+                    .iter()
+                    .filter_map(|&t| task::thread_group_of(t)),
+            )
+            .chain(command)
+            .collect();
+        let python_anywhere = session.target == Target::System || follow.is_some();
         let mut python = crate::python::Watch::default();
         let (mut ebpf, collector) =
             load(settings, args.per_thread, &python.interpreters, &mut notes)?;
@@ -229,6 +243,7 @@ impl Tool for Profile {
             collector,
             python,
             python_pids,
+            python_anywhere,
             context,
             outputs: self.outputs,
             event_name,
@@ -285,8 +300,16 @@ impl Running for Sampling {
         }
         if let Some(collector) = &self.collector {
             collector.tell(symbolizer);
-            self.python
-                .refresh(&mut self.ebpf, self.python_pids.iter().copied());
+            let mut pids = self.python_pids.clone();
+            if self.python_anywhere {
+                // The processes met so far that run CPython, by their files.
+                pids.extend(
+                    symbolizer.processes().filter(|&pid| {
+                        matches!(symbolizer.runtime_of(pid), Some(Runtime::Python(_)))
+                    }),
+                );
+            }
+            self.python.refresh(&mut self.ebpf, pids);
         }
         if event == capture::Event::Snapshot {
             let unwound = self.collector.as_ref().map(unwind::Collector::snapshot);
