@@ -211,12 +211,18 @@ fn push_stack(
     }
     let first_frame = frames.len();
     // BPF gives the leaf first; profiles read root first.
-    for addr in lookup_addrs(trace).into_iter().rev() {
+    let resolved = lookup_addrs(trace).into_iter().rev().map(|addr| {
         let resolved = match kind {
             FrameKind::User => names.user.get(&(key.tgid, addr)),
             _ => names.kernel.get(&addr),
         };
-        push_resolved(frames, kind, key.tgid, resolved, findings);
+        (addr, resolved)
+    });
+    push_trace(frames, kind, key.tgid, resolved, findings);
+    if kind == FrameKind::User
+        && let Some(at) = gil_wait_at(&frames[first_frame..])
+    {
+        frames.insert(first_frame + at, Frame::new(FrameKind::User, GIL_WAIT));
     }
     let pushed = &frames[first_frame..];
     // With -X perf, every Python function has its own frame (py::name from the perf map)
@@ -262,6 +268,57 @@ fn cut_short(raw: &RawStacks, kind: FrameKind, stack: StackRef, depth: usize) ->
             )
         })
     })
+}
+
+/// The frame that says a Python thread waits for the GIL: blocked (or spinning) in CPython's
+/// `take_gil`, the answer to "why is my thread slow while the CPU is idle".
+pub(super) const GIL_WAIT: &str = "[waiting for the GIL]";
+
+/// Where, in a user stack (root first), to say that it waits for the GIL: just above `take_gil`;
+/// in a stripped interpreter, which does not name it, just above the timed condition wait that
+/// the interpreter itself calls (CPython waits on a condition variable for the GIL only).
+fn gil_wait_at(frames: &[Frame]) -> Option<usize> {
+    let eval = frames.iter().rposition(is_python_eval)?;
+    if let Some(at) = frames[eval..].iter().position(|f| f.name == "take_gil") {
+        return Some(eval + at);
+    }
+    let interpreter = frames[eval].module.as_ref()?;
+    let wait = frames[eval..]
+        .iter()
+        .position(|f| f.name.contains("pthread_cond_timedwait"))?;
+    let caller = &frames[(eval + wait).checked_sub(1)?];
+    // An address without a name reads `[file+0xoffset]`, and carries no module.
+    let file = interpreter.rsplit('/').next().unwrap_or(interpreter);
+    let in_interpreter = caller.module.as_ref() == Some(interpreter)
+        || caller.name.starts_with(&format!("[{file}+0x"));
+    (wait > 0 && in_interpreter).then_some(eval + wait)
+}
+
+/// Appends the frames of a trace's addresses, root first, each with its names. The Python
+/// frames an evaluation call runs go right above the evaluation function even where the compiler
+/// inlined helpers into it (`_Py_DECREF` calling a deallocator, say): below the helpers, which run
+/// on behalf of the innermost of those Python frames.
+fn push_trace<'a>(
+    frames: &mut Vec<Frame>,
+    kind: FrameKind,
+    tgid: u32,
+    trace: impl Iterator<Item = (u64, Option<&'a Resolved>)>,
+    findings: &mut KeyFindings,
+) {
+    let mut python_slot: Option<usize> = None;
+    for (addr, resolved) in trace {
+        if let Some(at) = python_slot.filter(|_| crate::python::is_python(addr)) {
+            let mut python = Vec::new();
+            push_resolved(&mut python, kind, tgid, resolved, findings);
+            python_slot = Some(at + python.len());
+            frames.splice(at..at, python);
+            continue;
+        }
+        let start = frames.len();
+        push_resolved(frames, kind, tgid, resolved, findings);
+        let inlined_eval = frames.len() > start + 1 && is_python_eval(&frames[start]);
+        python_slot = inlined_eval.then_some(start + 1);
+    }
 }
 
 /// Appends the frames one address was named as (an inlined call gives several).
@@ -321,5 +378,101 @@ mod tests {
         assert!(is_python_eval(&frame("PyEval_EvalFrameEx")));
         assert!(!is_python_eval(&frame("_PyEval_Vector")));
         assert!(!is_python_eval(&frame("py::serve_request")));
+    }
+
+    fn named(names: &[&str]) -> Resolved {
+        Resolved::Frames(crate::symbolize::Located {
+            module: None,
+            address: 0,
+            symbols: names
+                .iter()
+                .map(|name| crate::symbolize::Symbol {
+                    name: (*name).into(),
+                    file: None,
+                    line: None,
+                })
+                .collect(),
+        })
+    }
+
+    /// The evaluation function with `_Py_DECREF` inlined into it, running two Python functions
+    /// and freeing an object: the Python frames sit right on the evaluation function.
+    fn in_module(name: &str, module: &str) -> Frame {
+        Frame {
+            module: Some(Arc::from(module)),
+            ..frame(name)
+        }
+    }
+
+    #[test]
+    fn a_wait_for_the_gil_is_found_by_name_or_by_its_condition_wait() {
+        let named = [
+            in_module("_PyEval_EvalFrameDefault", "libpython3.12.so"),
+            frame("py::crunch"),
+            in_module("_Py_HandlePending", "libpython3.12.so"),
+            in_module("take_gil", "libpython3.12.so"),
+            frame("___pthread_cond_timedwait64"),
+        ];
+        assert_eq!(gil_wait_at(&named), Some(3));
+        let stripped = [
+            in_module("_PyEval_EvalFrameDefault", "/usr/bin/python3.11"),
+            frame("py::crunch"),
+            frame("[python3.11+0xf94ed]"),
+            in_module("___pthread_cond_timedwait64", "libc.so.6"),
+        ];
+        assert_eq!(gil_wait_at(&stripped), Some(3));
+        // A condition wait that an extension module makes is no wait for the GIL.
+        let other = [
+            in_module("_PyEval_EvalFrameDefault", "python3.11"),
+            frame("py::wait"),
+            in_module("wait_for_it", "ext.so"),
+            in_module("___pthread_cond_timedwait64", "libc.so.6"),
+        ];
+        assert_eq!(gil_wait_at(&other), None);
+        assert_eq!(
+            gil_wait_at(&[frame("main"), frame("take_gil")]),
+            None,
+            "no Python"
+        );
+    }
+
+    #[test]
+    fn python_frames_go_below_helpers_inlined_into_the_evaluation_function() {
+        let (main, eval, outer, inner, free) = (
+            named(&["main"]),
+            named(&["_PyEval_EvalFrameDefault", "_Py_DECREF"]),
+            named(&["py::serve"]),
+            named(&["py::parse"]),
+            named(&["object_dealloc"]),
+        );
+        let tag = crate::python::merge::PYTHON_TAG;
+        let trace = [
+            (0x10, Some(&main)),
+            (0x20, Some(&eval)),
+            (tag, Some(&outer)),
+            (tag | 1, Some(&inner)),
+            (0x30, Some(&free)),
+        ];
+        let mut frames = Vec::new();
+        let mut findings = KeyFindings::default();
+        push_trace(
+            &mut frames,
+            FrameKind::User,
+            1,
+            trace.into_iter(),
+            &mut findings,
+        );
+        let names: Vec<&str> = frames.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "main",
+                "_PyEval_EvalFrameDefault",
+                "py::serve",
+                "py::parse",
+                "_Py_DECREF",
+                "object_dealloc"
+            ]
+        );
     }
 }
