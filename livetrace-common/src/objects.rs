@@ -23,7 +23,10 @@ pub mod offcpu {
     pub const SWITCH_TRACEPOINT: &str = "offcpu_switch_tracepoint";
     /// `sched_wakeup` (`--wakers`).
     pub const WAKEUP: &str = "offcpu_wakeup";
+    /// `sched_switch` through `tp_btf`, run before [`SWITCH`]: a Python thread's frames.
+    pub const PYTHON: &str = "offcpu_python";
     pub const PROGRAMS: &[&str] = &[
+        PYTHON,
         SWITCH,
         SWITCH_TRACEPOINT,
         WAKEUP,

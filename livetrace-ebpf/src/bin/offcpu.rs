@@ -18,7 +18,7 @@ use livetrace_common::{
 };
 
 use livetrace_ebpf::{
-    control,
+    control, python,
     stacks::{
         add_weight, add_weight_to, announce, count, current_key, is_target, kernel_stack_id,
         wants_user_stacks,
@@ -90,6 +90,30 @@ pub fn offcpu_switch(ctx: BtfTracePointContext) -> i32 {
         switch_in(next_tid, now, || {
             read_task_u32(next, TASK_TGID_OFFSET.load())
         });
+    }
+    0
+}
+
+/// The Python frames of a CPython thread switching out to block, sent just before the block's
+/// stack copy: a program of its own on the same tracepoint, attached before
+/// [`offcpu_switch`] so that it runs first. In `offcpu_switch` itself the walk made the program
+/// too big for Linux 6.1's verifier (more than 1M instructions processed).
+#[btf_tracepoint(function = "sched_switch")]
+pub fn offcpu_python(ctx: BtfTracePointContext) -> i32 {
+    if control::stopped() || !unwind::enabled() || !wants_user_stacks() {
+        return 0;
+    }
+    let prev_state: u64 = ctx.arg(3);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // The blocks offcpu_switch records, and only those: another Python record would wait in
+    // user space for a block that never comes.
+    let recorded = tid != 0
+        && prev_state as u32 & TASK_DEAD == 0
+        && state_bit(prev_state as u32) & STATE_MASK.load() != 0
+        && is_target(tgid, tid);
+    if recorded {
+        python::submit(tgid, tid);
     }
     0
 }
@@ -194,8 +218,7 @@ fn switch_out<C: StackIdContext>(
             kernel_stack_id: kernel_stack_id(ctx, true),
             comm: ctx.command().unwrap_or_default(),
         };
-        // No Python frames here yet: with the walk, this program needs more than the 1M
-        // instructions the 6.1 verifier allows (the maps stay, for the loader's sake).
+        // A Python thread's frames went just before, from offcpu_python.
         if !unwind::submit_block_start(&key, now) {
             // The copy could not be sent (counted): the block keeps its time and kernel stack,
             // under a user stack marked lost.

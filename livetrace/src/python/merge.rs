@@ -5,7 +5,7 @@
 
 use livetrace_common::python::PyFrame;
 
-use super::{code::Codes, layout::Layout};
+use super::{code::Codes, layout::Layout, process::Interpreter};
 
 /// A Python frame, named, as the stacks show it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -99,6 +99,32 @@ pub fn name(frame: &PyFrame, codes: &mut Codes) -> Option<PythonFrame> {
         line: code.line(&codes.interpreter, frame.code, frame.instr),
     })
 }
+
+/// The Python frames of a thread of `interpreter`'s process that waits now (its thread state at
+/// `state`), merged into its native stack `native` (leaf first): the trace, whose tagged values
+/// index the frames returned with it. `None` if the thread runs no Python (or its frames could
+/// not be read).
+pub fn merge_waiting(
+    interpreter: &Interpreter,
+    state: u64,
+    native: &[u64],
+) -> Option<(Merged, Vec<PythonFrame>)> {
+    let frames = interpreter.frames_of(state, MAX_WAITING_FRAMES)?;
+    if frames.is_empty() {
+        return None;
+    }
+    let calls = by_evaluation_call(&frames, &interpreter.layout);
+    let mut codes = Codes::new(interpreter.clone());
+    let mut named = Vec::new();
+    let merged = merge(native, &calls, &interpreter.eval, |frame| {
+        named.push(name(frame, &mut codes).unwrap_or_else(PythonFrame::unknown));
+        PYTHON_TAG | (named.len() - 1) as u64
+    });
+    Some((merged, named))
+}
+
+/// Most frames read of a waiting thread: more than a sample's (the reads are user space's).
+const MAX_WAITING_FRAMES: usize = 256;
 
 impl PythonFrame {
     /// A frame whose code object could not be read.

@@ -151,7 +151,8 @@ fn drain_loop(
                     python.attach(&header, &mut key, &mut out);
                     *out.counts.entry(key).or_default() += header.weight;
                 }
-                (RECORD_BLOCK_START, Some(key)) => {
+                (RECORD_BLOCK_START, Some(mut key)) => {
+                    python.attach(&header, &mut key, &mut out);
                     out.pending.insert(header.tid, (header.start_ns, key));
                 }
                 (RECORD_BLOCK_END, _) => {

@@ -6,10 +6,18 @@
 //!   system call) and the stack memory, read with `process_vm_readv`, unwound with the
 //!   binaries' CFI (as `--unwind dwarf` does) where that reaches the root; otherwise the first
 //!   code address above sp is taken as the caller of the system-call wrapper, then the
-//!   frame-pointer chain above it, whichever is longer.
+//!   frame-pointer chain above it, whichever is longer;
+//! - a CPython thread's Python frames from the interpreter's frame chain in the process's memory
+//!   (it does not change while the thread waits), put above the native frames that run them.
+
+use std::collections::HashMap;
 
 use crate::{
     proc::{maps::Maps, memory, task},
+    python::{
+        Interpreter, PythonFrame,
+        process::{self, Found},
+    },
     unwind::DwarfUnwinder,
 };
 
@@ -23,8 +31,10 @@ pub struct BlockedThread {
     pub state: char,
     /// Kernel function names, outermost first.
     pub kernel_frames: Vec<String>,
-    /// User return addresses, leaf first (as BPF stacks are), `pc` first.
+    /// User return addresses, leaf first (as BPF stacks are), `pc` first; Python frames among
+    /// them as tagged values that index `python_frames`.
     pub user_addrs: Vec<u64>,
+    pub python_frames: Vec<PythonFrame>,
 }
 
 /// How far above sp to look for the caller and the frame chain.
@@ -45,13 +55,43 @@ pub fn scan(tgids: &[u32], tids: &[u32]) -> Vec<BlockedThread> {
     }
     threads.sort_unstable();
     threads.dedup();
+    let mut pythons: HashMap<u32, Option<Python>> = HashMap::new();
     threads
         .into_iter()
-        .filter_map(|(tgid, tid)| recover(tgid, tid, &mut unwinder))
+        .filter_map(|(tgid, tid)| {
+            let python = pythons.entry(tgid).or_insert_with(|| python_of(tgid));
+            let thread = python
+                .as_ref()
+                .and_then(|(interpreter, states)| Some((interpreter, *states.get(&tid)?)));
+            recover(tgid, tid, &mut unwinder, thread)
+        })
         .collect()
 }
 
-fn recover(tgid: u32, tid: u32, unwinder: &mut DwarfUnwinder) -> Option<BlockedThread> {
+/// A process's CPython, and its threads' states by tid.
+type Python = (Interpreter, HashMap<u32, u64>);
+
+/// The CPython whose frames are read in `pid`, if it runs one (and no perf map names them).
+fn python_of(pid: u32) -> Option<Python> {
+    if process::writes_perf_map(pid) {
+        return None;
+    }
+    match process::find(pid)? {
+        Found::Readable(mut interpreter) => {
+            let states = interpreter.threads().into_iter().collect();
+            Some((interpreter, states))
+        }
+        Found::Unsupported(_) => None,
+    }
+}
+
+/// `python`: the thread's CPython and its thread state, if it is a Python thread.
+fn recover(
+    tgid: u32,
+    tid: u32,
+    unwinder: &mut DwarfUnwinder,
+    python: Option<(&Interpreter, u64)>,
+) -> Option<BlockedThread> {
     let (comm, state) = task::thread_state(tgid, tid)?;
     if state != 'S' && state != 'D' {
         return None;
@@ -59,10 +99,17 @@ fn recover(tgid: u32, tid: u32, unwinder: &mut DwarfUnwinder) -> Option<BlockedT
     let kernel_frames = task::thread_file(tgid, tid, "stack")
         .map(|text| parse_kernel_stack(&text))
         .unwrap_or_default();
-    let user_addrs = task::thread_file(tgid, tid, "syscall")
+    let mut user_addrs = task::thread_file(tgid, tid, "syscall")
         .and_then(|text| parse_syscall_registers(&text))
         .map(|(sp, pc)| walk_user_stack(tgid, sp, pc, unwinder))
         .unwrap_or_default();
+    let mut python_frames = Vec::new();
+    if let Some((merged, frames)) =
+        python.and_then(|(p, state)| crate::python::merge::merge_waiting(p, state, &user_addrs))
+    {
+        user_addrs = merged.trace;
+        python_frames = frames;
+    }
     Some(BlockedThread {
         tgid,
         tid,
@@ -70,6 +117,7 @@ fn recover(tgid: u32, tid: u32, unwinder: &mut DwarfUnwinder) -> Option<BlockedT
         state,
         kernel_frames,
         user_addrs,
+        python_frames,
     })
 }
 

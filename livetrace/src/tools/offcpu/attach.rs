@@ -11,7 +11,7 @@ use aya::{
 };
 use livetrace_common::{
     follow::FOLLOW_FORK,
-    objects::offcpu::{SWITCH, SWITCH_TRACEPOINT, WAKEUP},
+    objects::offcpu::{PYTHON, SWITCH, SWITCH_TRACEPOINT, WAKEUP},
     offcpu::{self, MAX_THREADS, OFFCPU_START, OffcpuStart},
     stacks::{STACK_ID_RECOVERED, STACK_KIND_KERNEL, STACK_KIND_USER, StackKey},
     unwind::{COPY_LIMITS, MAX_STACK_COPY, UNWIND_SAMPLES},
@@ -121,10 +121,18 @@ pub(super) fn load_and_attach(
     mut settings: StackSettings,
     mut offcpu: OffcpuSettings,
     target: &Target,
+    python: (&mut crate::python::Watch, &[u32]),
     notes: &mut Vec<String>,
 ) -> anyhow::Result<(Ebpf, &'static str, Option<unwind::Collector>)> {
+    let (watch, python_pids) = python;
     if attach != Attach::Tracepoint {
-        let mut attempt = try_tp_btf(&mut settings, &mut offcpu, target, notes);
+        let mut attempt = try_tp_btf(
+            &mut settings,
+            &mut offcpu,
+            target,
+            (&mut *watch, python_pids),
+            notes,
+        );
         if let Err(err) = &attempt
             && settings.stack_copy_bytes != 0
         {
@@ -137,7 +145,13 @@ pub(super) fn load_and_attach(
             crate::say!("livetrace: warning: {note}");
             notes.push(note);
             settings.stack_copy_bytes = 0;
-            attempt = try_tp_btf(&mut settings, &mut offcpu, target, notes);
+            attempt = try_tp_btf(
+                &mut settings,
+                &mut offcpu,
+                target,
+                (&mut *watch, python_pids),
+                notes,
+            );
         }
         match attempt {
             Ok((ebpf, collector)) => return Ok((ebpf, "tp_btf/sched_switch", collector)),
@@ -198,6 +212,7 @@ fn try_tp_btf(
     settings: &mut StackSettings,
     offcpu: &mut OffcpuSettings,
     target: &Target,
+    (watch, python_pids): (&mut crate::python::Watch, &[u32]),
     notes: &mut Vec<String>,
 ) -> anyhow::Result<(Ebpf, Option<unwind::Collector>)> {
     let kernel = KernelBtf::from_sys_fs()?;
@@ -216,13 +231,21 @@ fn try_tp_btf(
             settings.stack_copy_bytes,
         );
         Some(
-            unwind::Collector::start(ring, true, Some(limits), None)
+            unwind::Collector::start(ring, true, Some(limits), Some(watch.interpreters.clone()))
                 .context("failed to start the unwinding thread")?,
         )
     } else {
         None
     };
-    let mut hooks = vec![(SWITCH, "sched_switch")];
+    // Programs on one tracepoint run in the order they were attached: a Python thread's frames
+    // go out just before its block's stack copy, which user space joins them to. The Python
+    // processes are told of first, or the first blocks would go without their frames.
+    let mut hooks = Vec::new();
+    if collector.is_some() {
+        watch.refresh(&mut ebpf, python_pids.iter().copied());
+        hooks.push((PYTHON, "sched_switch"));
+    }
+    hooks.push((SWITCH, "sched_switch"));
     if wakers {
         hooks.push((WAKEUP, "sched_wakeup"));
     }

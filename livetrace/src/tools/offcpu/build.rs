@@ -59,18 +59,28 @@ pub(super) fn build(
     let still_blocked_count = still_blocked.len();
     // Their stacks may be in no finished block: drained with the rest, so they are fetched.
     let mut raw = stacks::drain(ebpf, args.wakers, unwound, still_blocked)?;
-    raw.recovered = blocked_at_start
-        .iter()
-        .map(|t| {
-            let stacks = stacks::RecoveredStacks {
-                kernel_frames: t.kernel_frames.clone(),
-                user_addrs: t.user_addrs.clone(),
-            };
-            (t.tid, stacks)
-        })
-        .collect();
+    let mut recovered = HashMap::new();
+    for t in blocked_at_start {
+        // Their Python frames join the capture's list: their tags index it from its end.
+        let first = raw.python_frames.len() as u64;
+        raw.python_frames.extend(t.python_frames.iter().cloned());
+        let user_addrs = t
+            .user_addrs
+            .iter()
+            .map(|&a| match crate::python::python_index(a) {
+                Some(i) => crate::python::merge::PYTHON_TAG | (first + i as u64),
+                None => a,
+            })
+            .collect();
+        let stacks = stacks::RecoveredStacks {
+            kernel_frames: t.kernel_frames.clone(),
+            user_addrs,
+        };
+        recovered.insert(t.tid, stacks);
+    }
+    raw.recovered = recovered;
 
-    let quality = capture_quality(
+    let mut quality = capture_quality(
         context,
         &counters,
         elapsed,
@@ -78,6 +88,10 @@ pub(super) fn build(
         (unmatched_blocks, unmatched_ns),
         stop,
     );
+    // Counted per block: its weight was not known when its stack was taken.
+    for (cause, blocks) in &raw.python_losses {
+        quality.notes.push(format!("{cause}: {blocks} blocks"));
+    }
 
     let by_thread = stacks::build_profile(
         &raw,

@@ -180,6 +180,10 @@ struct Tracing {
     ebpf: Ebpf,
     hook: &'static str,
     collector: Option<unwind::Collector>,
+    /// The targets' CPython interpreters, whose frames the program reads (`--unwind dwarf`).
+    python: crate::python::Watch,
+    /// The processes to look for CPython in: those given, and the command.
+    python_pids: Vec<u32>,
     new_processes: RingBuf<MapData>,
     context: BuildContext,
     outputs: Vec<OutputSpec>,
@@ -252,8 +256,21 @@ impl Tool for Offcpu {
             wakers: args.wakers,
             ..OffcpuSettings::default()
         };
-        let (mut ebpf, hook, collector) =
-            attach::load_and_attach(args.attach, settings, offcpu, target, &mut notes)?;
+        let python_pids: Vec<u32> = settings
+            .tgids
+            .iter()
+            .copied()
+            .chain(session.command_pid)
+            .collect();
+        let mut python = crate::python::Watch::default();
+        let (mut ebpf, hook, collector) = attach::load_and_attach(
+            args.attach,
+            settings,
+            offcpu,
+            target,
+            (&mut python, &python_pids),
+            &mut notes,
+        )?;
         // The window starts when the programs start recording: every block they time starts
         // in it.
         let start_ns = monotonic_ns();
@@ -281,6 +298,8 @@ impl Tool for Offcpu {
             ebpf,
             hook,
             collector,
+            python,
+            python_pids,
             context,
             outputs: self.outputs,
             end_ns: 0,
@@ -342,6 +361,10 @@ impl Running for Tracing {
         // A process the BPF programs could not announce (counted) is still noted here.
         for pid in stacks::processes_seen(&self.ebpf) {
             symbolizer.note_process(pid);
+        }
+        if self.collector.is_some() {
+            self.python
+                .refresh(&mut self.ebpf, self.python_pids.iter().copied());
         }
         if event == capture::Event::Snapshot {
             let result = build(
