@@ -1,10 +1,9 @@
 //! Integration tests of Python frames in CPython processes that were not started with `-X perf`.
-//! CPython 3.11 to 3.13 (pyenv's builds, without frame pointers, and Debian's stripped
+//! CPython 3.8 to 3.13 (pyenv's builds, without frame pointers, and Debian's stripped
 //! python3.11) get their Python functions by name, with lines, in call order among the native
 //! frames, as py-spy (pinned, installed by `cargo xtask setup`) sees the same process at the same
-//! time. Every other CPython on these machines (2.7, 3.6, 3.8 to 3.10) gets complete native
-//! stacks, and a footer that counts what it could not name and says why. They run the real
-//! binary as root.
+//! time. The older CPythons on these machines (2.7, 3.6) get complete native stacks, and a footer
+//! that counts what it could not name and says why. They run the real binary as root.
 
 mod common;
 
@@ -46,6 +45,9 @@ fn pyenv(version: &str, minor: &str) -> PathBuf {
 /// The CPythons whose frames livetrace reads: (version as the footer names it, interpreter).
 fn readable() -> Vec<(&'static str, PathBuf)> {
     vec![
+        ("3.8", pyenv("3.8.18", "3.8")),
+        ("3.9", pyenv("3.9.18", "3.9")),
+        ("3.10", pyenv("3.10.13", "3.10")),
         ("3.11", pyenv("3.11.7", "3.11")),
         ("3.12", pyenv("3.12.1", "3.12")),
         ("3.13", pyenv("3.13.0", "3.13")),
@@ -53,14 +55,23 @@ fn readable() -> Vec<(&'static str, PathBuf)> {
     ]
 }
 
+/// One CPython of each way of keeping frames: `PyFrameObject`s found through the pthread (3.10),
+/// `_PyInterpreterFrame`s with `is_entry` (3.11), with shim frames (3.12), in the thread state
+/// (3.13).
+fn each_frame_model() -> Vec<(&'static str, PathBuf)> {
+    readable()
+        .into_iter()
+        .filter(|(version, path)| {
+            ["3.10", "3.11", "3.12", "3.13"].contains(version) && path.starts_with(home())
+        })
+        .collect()
+}
+
 /// The other CPythons on these machines.
 fn unreadable() -> Vec<(&'static str, PathBuf)> {
     vec![
         ("2.7", pyenv("2.7.18", "2.7")),
         ("3.6", pyenv("3.6.15", "3.6")),
-        ("3.8", pyenv("3.8.18", "3.8")),
-        ("3.9", pyenv("3.9.18", "3.9")),
-        ("3.10", pyenv("3.10.13", "3.10")),
     ]
 }
 
@@ -274,13 +285,59 @@ fn python_functions_are_named_as_py_spy_names_them() {
     }
 }
 
+/// Profiling the whole system with --unwind dwarf reads the frames of every CPython it meets,
+/// from when it meets it: a process that the samples find names its Python functions, and the
+/// samples taken before it was found are counted, not passed off as complete.
+#[test]
+fn the_whole_system_reads_every_python_it_meets() {
+    require_root();
+    let _cpus = cpu_shared();
+    let interpreter = pyenv("3.9.18", "3.9");
+    require(&interpreter);
+    let python = start_python(&interpreter, &[&fixture_source("catalogue.py"), "30"]);
+    let (profile, run) = run_folded(
+        &["profile", "--unwind", "dwarf", "--per-thread", "-d", "3"],
+        Duration::from_secs(3) + SLACK,
+    );
+    let main_thread = format!("-{}", python.pid());
+    drop(python);
+    let context = format!("{}\n{}", profile.summary(), run.stderr);
+    let ours = |s: &Stack| s.frames.get(1).is_some_and(|t| t.ends_with(&main_thread));
+    let samples: u64 = profile
+        .stacks
+        .iter()
+        .filter(|s| ours(s))
+        .map(|s| s.count)
+        .sum();
+    let named: u64 = (profile.stacks.iter())
+        .filter(|s| ours(s) && position(s, "py::parse_subtitle_track").is_some())
+        .map(|s| s.count)
+        .sum();
+    assert!(
+        samples >= 100,
+        "only {samples} samples of the fixture\n{context}"
+    );
+    assert!(
+        named as f64 >= 0.7 * samples as f64,
+        "parse_subtitle_track on {named} of {samples} samples\n{context}"
+    );
+    let unnamed = samples - named;
+    if unnamed > 0 {
+        assert!(
+            run.stderr.contains("Python frames: not sent")
+                || run.stderr.contains("shown as the interpreter's frames"),
+            "{unnamed} samples without Python frames, not counted\n{context}"
+        );
+    }
+}
+
 /// Python called back from C keeps its place: in `rank -> sorted -> weigh`, the native frames of
 /// the sort stand between the two Python functions.
 #[test]
 fn python_called_from_c_sits_above_the_c_frames() {
     require_root();
     let _cpus = cpu_shared();
-    for (version, interpreter) in readable().into_iter().take(3) {
+    for (version, interpreter) in each_frame_model() {
         require(&interpreter);
         let python = start_python(&interpreter, &[&fixture_source("ranking.py"), "30"]);
         let pid = python.pid().to_string();
@@ -314,7 +371,7 @@ fn each_thread_has_its_own_python_stack() {
     require_root();
     // Shares against measured CPU time: the CPUs to itself, so that samples are plenty.
     let _cpus = cpu_exclusive();
-    for (version, interpreter) in readable().into_iter().take(3) {
+    for (version, interpreter) in each_frame_model() {
         require(&interpreter);
         let mut command = Command::new(&interpreter);
         command
@@ -366,32 +423,243 @@ fn each_thread_has_its_own_python_stack() {
     }
 }
 
-/// offcpu --wakers walks frame pointers only, so it reads no Python frames: its hint for a
-/// CPython it could otherwise read says so, and does not advise --unwind dwarf, which --wakers
-/// refuses.
+/// A Python in a container numbers its threads in its own PID namespace, and so does the thread
+/// state livetrace reads (`native_thread_id`, or the tid in the pthread before 3.11): its threads
+/// are still each found, and each is hot in its own function. The container is `unshare --pid`
+/// (podman cannot run here).
 #[test]
-fn wakers_hint_for_python_does_not_advise_what_wakers_refuses() {
+fn python_in_its_own_pid_namespace_is_named() {
     require_root();
     let _cpus = cpu_shared();
-    let (_, interpreter) = readable().remove(1);
+    for (version, interpreter) in each_frame_model() {
+        require(&interpreter);
+        let mut command = Command::new("unshare");
+        command
+            .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+            .arg(&interpreter)
+            .args([&fixture_source("workers.py"), "30"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = command.spawn().expect("cannot start unshare");
+        let stdout = child.stdout.take().expect("piped");
+        let unshare = Process::from_child(child);
+        // Each thread prints its tid as the namespace numbers it: small numbers, not ours.
+        let started: Vec<String> = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+            .take(3)
+            .map(|l| l.expect("the fixture's stdout"))
+            .collect();
+        assert_eq!(started.len(), 3, "the fixture's threads did not start");
+        let children = format!("/proc/{0}/task/{0}/children", unshare.pid());
+        let pid: u32 = std::fs::read_to_string(&children)
+            .ok()
+            .and_then(|c| c.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no child in {children}"));
+        wait_for_cpu(pid, 0.2);
+        let pid_arg = pid.to_string();
+        let (profile, run) = run_folded(
+            &["profile", "-p", &pid_arg, "-U", "--per-thread", "-d", "2"],
+            Duration::from_secs(2) + SLACK,
+        );
+        drop(unshare);
+        let context = format!(
+            "CPython {version} in a PID namespace (threads {started:?})\n{}\n{}",
+            profile.summary(),
+            run.stderr
+        );
+        let mut threads = std::collections::BTreeSet::new();
+        for function in ["hot_a", "hot_b", "hot_c"] {
+            let frame = format!("py::{function}");
+            let of: std::collections::BTreeSet<String> = profile
+                .stacks
+                .iter()
+                .filter(|s| position(s, &frame).is_some())
+                .filter_map(|s| s.frames.get(1).cloned())
+                .collect();
+            assert_eq!(of.len(), 1, "{frame} in threads {of:?}\n{context}");
+            threads.extend(of);
+        }
+        assert_eq!(
+            threads.len(),
+            3,
+            "one thread for all: {threads:?}\n{context}"
+        );
+        let named = profile.share_where(|s| s.frames.iter().any(|f| f.starts_with("py::hot_")));
+        assert!(
+            named >= 0.8,
+            "a hot function on only {named:.3} of samples\n{context}"
+        );
+    }
+}
+
+/// A thread's time on a CPU so far, in seconds, as the scheduler counts it (`schedstat`, in ns).
+fn thread_run_seconds(pid: u32, tid: u32) -> f64 {
+    let path = format!("/proc/{pid}/task/{tid}/schedstat");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let ns: u64 = text
+        .split_whitespace()
+        .next()
+        .and_then(|f| f.parse().ok())
+        .unwrap();
+    ns as f64 / 1e9
+}
+
+/// offcpu's window, from its footer ("data quality: 3.00 s, ...").
+fn window_seconds(stderr: &str) -> f64 {
+    let rest = &stderr[stderr.find("data quality: ").expect("no footer") + 14..];
+    rest.split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("no window")
+}
+
+/// offcpu shows each Python thread under the Python function it waits in, with the time it was
+/// off the CPU: one blocked in `sock.recv()` since before the capture (recovered from the
+/// process's memory), one sleeping in a loop, and one waiting for the GIL behind a CPU-bound
+/// thread (marked as such). Each thread's time is within 10% of the truth: the window less the
+/// thread's own time on a CPU (offcpu counts preemption too), from the scheduler's accounting.
+#[test]
+fn offcpu_shows_each_python_thread_where_it_waits() {
+    require_root();
+    let _cpus = cpu_shared();
+    let mut models = each_frame_model();
+    models.push(("3.11", PathBuf::from("/usr/bin/python3.11")));
+    for (version, interpreter) in models {
+        require(&interpreter);
+        let mut command = Command::new(&interpreter);
+        command
+            .args([&fixture_source("blocked.py"), "30"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = command.spawn().expect("cannot start the blocked fixture");
+        let stdout = child.stdout.take().expect("piped");
+        let python = Process::from_child(child);
+        let mut threads = std::collections::BTreeMap::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).take(4) {
+            let line = line.expect("the fixture's stdout");
+            let mut words = line.split_whitespace().skip(1);
+            let (function, tid) = (words.next().unwrap(), words.next().unwrap());
+            threads.insert(function.to_owned(), tid.parse::<u32>().unwrap());
+        }
+        let pid = python.pid();
+        wait_for_cpu(pid, 0.3);
+        // The scheduler's clocks are read from when offcpu starts recording to when it is done.
+        let dir = tempfile::tempdir().unwrap();
+        let folded = dir.path().join("offcpu.folded");
+        let pid_arg = pid.to_string();
+        let mut offcpu = common::Livetrace::start([
+            "offcpu",
+            "-p",
+            &pid_arg,
+            "--per-thread",
+            "-d",
+            "3",
+            "-o",
+            path_arg(&folded),
+        ]);
+        offcpu.wait_for_stderr("livetrace: tracing", SLACK);
+        let started = std::time::Instant::now();
+        let before: Vec<f64> = threads
+            .values()
+            .map(|&t| thread_run_seconds(pid, t))
+            .collect();
+        let run = offcpu.finish(Duration::from_secs(3) + SLACK);
+        let after: Vec<f64> = threads
+            .values()
+            .map(|&t| thread_run_seconds(pid, t))
+            .collect();
+        let bracket = started.elapsed().as_secs_f64();
+        drop(python);
+        run.assert_success();
+        let profile = Profile::read(&folded);
+        let window = window_seconds(&run.stderr);
+        let context = format!("CPython {version}\n{}\n{}", profile.summary(), run.stderr);
+        for ((function, &tid), (start, end)) in threads.iter().zip(before.iter().zip(&after)) {
+            if function == "spin" {
+                continue; // the thread that holds the GIL: on a CPU, mostly
+            }
+            let frame = format!("py::{function}");
+            let thread_suffix = format!("-{tid}");
+            let of_thread =
+                |s: &Stack| s.frames.get(1).is_some_and(|t| t.ends_with(&thread_suffix));
+            let weight = |keep: &dyn Fn(&Stack) -> bool| -> f64 {
+                let us: u64 = profile
+                    .stacks
+                    .iter()
+                    .filter(|s| keep(s))
+                    .map(|s| s.count)
+                    .sum();
+                us as f64 / 1e6
+            };
+            let in_function = weight(&|s| of_thread(s) && position(s, &frame).is_some());
+            let in_thread = weight(&of_thread);
+            let truth = window * (1.0 - (end - start) / bracket);
+            assert!(
+                (in_function - truth).abs() <= 0.1 * truth,
+                "{frame} (thread {tid}): {in_function:.3} s off the CPU, truth {truth:.3} s of \
+                 {window:.2} s\n{context}"
+            );
+            assert!(
+                in_function >= 0.95 * in_thread,
+                "thread {tid}: {in_function:.3} s under {frame}, of {in_thread:.3} s\n{context}"
+            );
+            if function == "crunch" {
+                let gil = weight(&|s| {
+                    of_thread(s)
+                        && position(s, &frame).is_some()
+                        && s.frames.iter().any(|f| f == "[waiting for the GIL]")
+                });
+                assert!(
+                    gil >= 0.3 * in_function,
+                    "{frame}: {gil:.3} s of {in_function:.3} s marked as waiting for the GIL\n\
+                     {context}"
+                );
+            }
+        }
+    }
+}
+
+/// offcpu --wakers walks frame pointers only, so it reads no Python frames at switch-outs; the
+/// threads blocked since before the capture still get theirs (read from the process's memory),
+/// and no hint advises --unwind dwarf, which --wakers refuses.
+#[test]
+fn wakers_names_threads_blocked_before_and_advises_nothing_it_refuses() {
+    require_root();
+    let _cpus = cpu_shared();
+    let interpreter = pyenv("3.12.1", "3.12");
     require(&interpreter);
-    let python = spawn_python(&interpreter, &[&fixture_source("waiting.py"), "30"]);
-    let tasks = format!("/proc/{}/task", python.pid());
-    common::wait_until("its two threads have started", SLACK, || {
-        std::fs::read_dir(&tasks).is_ok_and(|d| d.count() >= 3)
-    });
+    let mut command = Command::new(&interpreter);
+    command
+        .args([&fixture_source("blocked.py"), "30"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = command.spawn().expect("cannot start the blocked fixture");
+    let stdout = child.stdout.take().expect("piped");
+    let python = Process::from_child(child);
+    // Once every thread has said it started, the client waits for a reply that never comes.
+    let started = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .take(4)
+        .count();
+    assert_eq!(started, 4, "the fixture's threads did not start");
     let pid = python.pid().to_string();
-    let (_, run) = run_folded(&["offcpu", "-p", &pid, "--wakers", "-d", "1"], SLACK);
+    let (profile, run) = run_folded(&["offcpu", "-p", &pid, "--wakers", "-d", "1"], SLACK);
     drop(python);
-    let hint = run
-        .stderr
-        .lines()
-        .find(|l| l.starts_with(&format!("  hint: pid {pid} (CPython 3.12)")))
-        .unwrap_or_else(|| panic!("no hint for pid {pid}:\n{}", run.stderr));
+    let context = format!("{}\n{}", profile.summary(), run.stderr);
+    let recovered_reply = profile.share_where(|s| {
+        s.frames
+            .iter()
+            .any(|f| f == "[blocked since before the capture]")
+            && position(s, "py::await_reply").is_some()
+    });
     assert!(
-        hint.contains("--wakers") && !hint.contains("--unwind dwarf"),
-        "{hint}\n{}",
-        run.stderr
+        recovered_reply > 0.0,
+        "no recovered stack of the client under await_reply\n{context}"
+    );
+    assert!(
+        !run.stderr.contains("--unwind dwarf"),
+        "advice to use --unwind dwarf with --wakers\n{context}"
     );
 }
 
@@ -441,7 +709,7 @@ fn unreadable_pythons_are_counted_and_named_by_version() {
         for hint in [
             format!("pid {pid} (CPython {version})"),
             format!("({eval})"),
-            "reads the frames of CPython 3.11 to 3.13 only".to_owned(),
+            "reads the frames of CPython 3.8 to 3.13 only".to_owned(),
             format!("`py-spy dump --pid {pid}`"),
         ] {
             assert!(
@@ -452,13 +720,13 @@ fn unreadable_pythons_are_counted_and_named_by_version() {
     }
 }
 
-/// offcpu builds its stacks the same way: a CPython 3.10 thread sleeping in a Python function
-/// has its blocked time counted as Python shown as the interpreter, with the same hint.
+/// offcpu counts the blocked time of a CPython it does not read (3.6) as Python shown as the
+/// interpreter, with the hint that names the version.
 #[test]
 fn offcpu_counts_unreadable_python_too() {
     require_root();
     let _cpus = cpu_shared();
-    let interpreter = pyenv("3.10.13", "3.10");
+    let interpreter = pyenv("3.6.15", "3.6");
     require(&interpreter);
     let code = "import time\ndef nap():\n    time.sleep(0.01)\nend = time.time() + 20\n\
                 while time.time() < end:\n    nap()\n";
@@ -477,7 +745,7 @@ fn offcpu_counts_unreadable_python_too() {
         "{unnamed} of {total} us counted as Python shown as the interpreter\n{context}"
     );
     assert!(
-        run.stderr.contains(&format!("pid {pid} (CPython 3.10)"))
+        run.stderr.contains(&format!("pid {pid} (CPython 3.6)"))
             && run.stderr.contains(&format!("`py-spy dump --pid {pid}`")),
         "no hint for pid {pid}\n{context}"
     );
