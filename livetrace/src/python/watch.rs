@@ -37,6 +37,15 @@ pub struct Watch {
 }
 
 impl Watch {
+    /// Whether a readable CPython was found.
+    pub fn found_any(&self) -> bool {
+        !self
+            .interpreters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
     /// Looks for CPython in `pids` not yet found, and tells the program of every thread of every
     /// interpreter found. Cheap enough for every tick: a few reads per thread.
     pub fn refresh(&mut self, ebpf: &mut Ebpf, pids: impl IntoIterator<Item = u32>) {

@@ -239,11 +239,15 @@ fn try_tp_btf(
     };
     // Programs on one tracepoint run in the order they were attached: a Python thread's frames
     // go out just before its block's stack copy, which user space joins them to. The Python
-    // processes are told of first, or the first blocks would go without their frames.
+    // processes are told of first, or the first blocks would go without their frames. A second
+    // program costs every context switch its call (about 0.5 us here): it is attached only
+    // where a target runs CPython, or may (a command, which has not started it yet).
     let mut hooks = Vec::new();
     if collector.is_some() {
         watch.refresh(&mut ebpf, python_pids.iter().copied());
-        hooks.push((PYTHON, "sched_switch"));
+        if watch.found_any() || matches!(target, Target::Command(_)) {
+            hooks.push((PYTHON, "sched_switch"));
+        }
     }
     hooks.push((SWITCH, "sched_switch"));
     if wakers {
