@@ -7,8 +7,11 @@ pub mod profile {
     pub const OBJECT: &str = "profile";
     /// The perf-event sampler.
     pub const SAMPLE: &str = "profile_cpu";
+    /// The same that also reads CPython's frames (`--unwind dwarf` where a target may run it).
+    pub const SAMPLE_PYTHON: &str = "profile_cpu_python";
     pub const PROGRAMS: &[&str] = &[
         SAMPLE,
+        SAMPLE_PYTHON,
         crate::follow::FOLLOW_EXEC,
         crate::follow::FOLLOW_FORK,
     ];

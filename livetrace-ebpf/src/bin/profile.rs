@@ -27,8 +27,22 @@ livetrace_ebpf::follow_fork!(
     livetrace_ebpf::unwind::forked
 );
 
+/// The sampler.
 #[perf_event]
 pub fn profile_cpu(ctx: PerfEventContext) -> u32 {
+    sample(&ctx, false)
+}
+
+/// The sampler that also reads the Python frames of CPython threads (`--unwind dwarf`): loaded
+/// only where a target may run CPython, since the kernel takes some 30 ms longer to verify it,
+/// which every capture would wait for at start.
+#[perf_event]
+pub fn profile_cpu_python(ctx: PerfEventContext) -> u32 {
+    sample(&ctx, true)
+}
+
+#[inline(always)]
+fn sample(ctx: &PerfEventContext, python_frames: bool) -> u32 {
     if control::stopped() {
         return 0;
     }
@@ -43,17 +57,19 @@ pub fn profile_cpu(ctx: PerfEventContext) -> u32 {
         count(Counter::NotTarget);
         return 0;
     }
-    let in_kernel = interrupted_kernel_mode(&ctx);
+    let in_kernel = interrupted_kernel_mode(ctx);
     if unwind::enabled() && wants_user_stacks() {
-        // A Python thread's frames first: user space joins them to the sample that follows.
-        python::submit(tgid, tid);
+        if python_frames {
+            // A Python thread's frames first: user space joins them to the sample that follows.
+            python::submit(tgid, tid);
+        }
         // A copy that could not be sent keeps its sample, under a user stack marked lost.
-        if let Some(key) = unwind::submit(&ctx, tgid, tid, in_kernel) {
+        if let Some(key) = unwind::submit(ctx, tgid, tid, in_kernel) {
             add_weight(&key, 1);
         }
         return 0;
     }
-    let key = current_key(&ctx, tgid, tid, in_kernel);
+    let key = current_key(ctx, tgid, tid, in_kernel);
     add_weight(&key, 1);
     0
 }

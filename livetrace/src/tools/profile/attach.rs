@@ -10,7 +10,7 @@ use aya::{
     },
 };
 use livetrace_common::{
-    objects::profile::SAMPLE,
+    objects::profile::{SAMPLE, SAMPLE_PYTHON},
     stacks::{STACK_KIND_KERNEL, STACK_KIND_USER},
     unwind::{COPY_LIMITS, MAX_STACK_COPY, UNWIND_SAMPLES},
 };
@@ -25,14 +25,17 @@ use crate::{
 /// the kernel's verifier refuses them, without them (frame pointers, walked in the kernel),
 /// saying so: a mode that cannot load never fails the capture. With copies, the unwinding
 /// thread is started before the program is attached, so the ring buffer never fills at start.
+/// `python_frames`: load the sampler that reads CPython's frames too (with copies). Returns the
+/// name of the program loaded.
 pub(super) fn load(
     settings: StackSettings,
     per_thread: bool,
-    pythons: &crate::python::Interpreters,
+    (pythons, python_frames): (&crate::python::Interpreters, bool),
     notes: &mut Vec<String>,
-) -> anyhow::Result<(aya::Ebpf, Option<unwind::Collector>)> {
+) -> anyhow::Result<(aya::Ebpf, Option<unwind::Collector>, &'static str)> {
     if settings.stack_copy_bytes != 0 {
-        match load_program(&settings) {
+        let sampler = if python_frames { SAMPLE_PYTHON } else { SAMPLE };
+        match load_program(&settings, sampler) {
             Ok(mut ebpf) => {
                 let ring = RingBuf::try_from(bpf::take_map(&mut ebpf, UNWIND_SAMPLES)?)?;
                 let limits = unwind::CopyLimits::new(
@@ -42,7 +45,7 @@ pub(super) fn load(
                 let collector =
                     unwind::Collector::start(ring, per_thread, Some(limits), Some(pythons.clone()))
                         .context("failed to start the unwinding thread")?;
-                return Ok((ebpf, Some(collector)));
+                return Ok((ebpf, Some(collector), sampler));
             }
             Err(err) => {
                 let note = format!(
@@ -58,14 +61,18 @@ pub(super) fn load(
         stack_copy_bytes: 0,
         ..settings
     };
-    Ok((load_program(&settings)?, None))
+    Ok((load_program(&settings, SAMPLE)?, None, SAMPLE))
 }
 
 /// Whether this kernel's verifier accepts the profile program, walking user stacks with frame
 /// pointers or (`dwarf`) copying them: loaded as a capture would load it, not attached, and
 /// unloaded again (`livetrace check`).
 pub fn verifier_accepts(dwarf: bool) -> anyhow::Result<()> {
-    load_program(&verifier_settings(dwarf)).map(drop)
+    load_program(&verifier_settings(dwarf), SAMPLE)?;
+    if dwarf {
+        load_program(&verifier_settings(dwarf), SAMPLE_PYTHON)?;
+    }
+    Ok(())
 }
 
 /// The profile object as a capture loads it, its programs not yet loaded: frame pointers, and
@@ -99,12 +106,12 @@ fn verifier_settings(dwarf: bool) -> StackSettings {
     }
 }
 
-fn load_program(settings: &StackSettings) -> anyhow::Result<aya::Ebpf> {
+fn load_program(settings: &StackSettings, sampler: &str) -> anyhow::Result<aya::Ebpf> {
     let mut ebpf = bpf::stacks::load(Object::Profile, settings)?;
-    let program: &mut PerfEvent = bpf::program_mut(&mut ebpf, SAMPLE)?.try_into()?;
+    let program: &mut PerfEvent = bpf::program_mut(&mut ebpf, sampler)?.try_into()?;
     program
         .load()
-        .map_err(|e| bpf::program_error(e, "load the profile_cpu BPF program"))?;
+        .map_err(|e| bpf::program_error(e, &format!("load the {sampler} BPF program")))?;
     Ok(ebpf)
 }
 

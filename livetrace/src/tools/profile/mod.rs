@@ -14,7 +14,6 @@ use aya::{maps::RingBuf, programs::PerfEvent};
 use clap::{Args as ClapArgs, ValueEnum};
 use livetrace_common::{
     follow::FOLLOW_FORK,
-    objects::profile::SAMPLE,
     stacks::{Counter, DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER},
 };
 
@@ -202,13 +201,26 @@ impl Tool for Profile {
             .chain(command)
             .collect();
         let python_anywhere = session.target == Target::System || follow.is_some();
+        // Read Python frames where a target runs CPython, or may (the whole system, a command).
+        let python_frames = python_anywhere
+            || command.is_some()
+            || python_pids.iter().any(|&pid| {
+                matches!(
+                    crate::python::process::find(pid),
+                    Some(crate::python::Found::Readable(_))
+                )
+            });
         let mut python = crate::python::Watch::default();
-        let (mut ebpf, collector) =
-            load(settings, args.per_thread, &python.interpreters, &mut notes)?;
+        let (mut ebpf, collector, sampler) = load(
+            settings,
+            args.per_thread,
+            (&python.interpreters, python_frames),
+            &mut notes,
+        )?;
         if collector.is_some() {
             python.refresh(&mut ebpf, python_pids.iter().copied());
         }
-        let program: &mut PerfEvent = bpf::program_mut(&mut ebpf, SAMPLE)?.try_into()?;
+        let program: &mut PerfEvent = bpf::program_mut(&mut ebpf, sampler)?.try_into()?;
         // Without BTF a command's processes are sampled each on its own clock.
         let per_task = command.filter(|_| follow.is_none());
         let (event_name, cpus) = attach(program, args.event, frequency, per_task, &mut notes)?;
