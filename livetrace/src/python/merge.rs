@@ -5,7 +5,7 @@
 
 use livetrace_common::python::PyFrame;
 
-use super::{code::Codes, layout::Layout, process::Interpreter};
+use super::{code::Codes, layout::Layout};
 
 /// A Python frame, named, as the stacks show it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -100,24 +100,24 @@ pub fn name(frame: &PyFrame, codes: &mut Codes) -> Option<PythonFrame> {
     })
 }
 
-/// The Python frames of a thread of `interpreter`'s process that waits now (its thread state at
+/// The Python frames of a thread of `codes`' process that waits now (its thread state at
 /// `state`), merged into its native stack `native` (leaf first): the trace, whose tagged values
 /// index the frames returned with it. `None` if the thread runs no Python (or its frames could
 /// not be read).
 pub fn merge_waiting(
-    interpreter: &Interpreter,
+    codes: &mut Codes,
     state: u64,
     native: &[u64],
 ) -> Option<(Merged, Vec<PythonFrame>)> {
+    let interpreter = codes.interpreter.clone();
     let frames = interpreter.frames_of(state, MAX_WAITING_FRAMES)?;
     if frames.is_empty() {
         return None;
     }
     let calls = by_evaluation_call(&frames, &interpreter.layout);
-    let mut codes = Codes::new(interpreter.clone());
     let mut named = Vec::new();
     let merged = merge(native, &calls, &interpreter.eval, |frame| {
-        named.push(name(frame, &mut codes).unwrap_or_else(PythonFrame::unknown));
+        named.push(name(frame, codes).unwrap_or_else(PythonFrame::unknown));
         PYTHON_TAG | (named.len() - 1) as u64
     });
     Some((merged, named))

@@ -34,22 +34,33 @@ pub struct Watch {
     pub unsupported: HashMap<u32, String>,
     /// Threads the program was told of: tid -> (process, thread state).
     threads: HashMap<u32, (u32, u64)>,
+    /// Interpreters found by [`Watch::look`] that the program has not been told of yet.
+    found: Vec<Interpreter>,
 }
 
 impl Watch {
     /// Whether a readable CPython was found.
     pub fn found_any(&self) -> bool {
-        !self
-            .interpreters
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_empty()
+        !self.found.is_empty()
+            || !self
+                .interpreters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+    }
+
+    /// Looks for CPython in `pids` not yet found, before there is a program to tell (to choose
+    /// which program to load); the next [`Watch::refresh`] tells it.
+    pub fn look(&mut self, pids: impl IntoIterator<Item = u32>) {
+        let found = self.look_for_new(pids);
+        self.found.extend(found);
     }
 
     /// Looks for CPython in `pids` not yet found, and tells the program of every thread of every
     /// interpreter found. Cheap enough for every tick: a few reads per thread.
     pub fn refresh(&mut self, ebpf: &mut Ebpf, pids: impl IntoIterator<Item = u32>) {
-        for interpreter in self.look_for_new(pids) {
+        self.look(pids);
+        for interpreter in std::mem::take(&mut self.found) {
             if let Err(err) = tell_process(ebpf, &interpreter) {
                 log::warn!(
                     "pid {}: cannot read its Python frames: {err:#}",
@@ -100,7 +111,8 @@ impl Watch {
                 .looked
                 .get(&pid)
                 .is_none_or(|(at, wait)| at.elapsed() >= *wait);
-            if known.contains_key(&pid) || !due || self.unsupported.contains_key(&pid) {
+            let pending = self.found.iter().any(|i| i.pid == pid);
+            if known.contains_key(&pid) || pending || !due || self.unsupported.contains_key(&pid) {
                 continue;
             }
             let wait = self

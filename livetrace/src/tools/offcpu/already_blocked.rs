@@ -15,7 +15,8 @@ use std::collections::HashMap;
 use crate::{
     proc::{maps::Maps, memory, task},
     python::{
-        Interpreter, PythonFrame,
+        PythonFrame,
+        code::Codes,
         process::{self, Found},
     },
     unwind::DwarfUnwinder,
@@ -61,15 +62,16 @@ pub fn scan(tgids: &[u32], tids: &[u32]) -> Vec<BlockedThread> {
         .filter_map(|(tgid, tid)| {
             let python = pythons.entry(tgid).or_insert_with(|| python_of(tgid));
             let thread = python
-                .as_ref()
-                .and_then(|(interpreter, states)| Some((interpreter, *states.get(&tid)?)));
+                .as_mut()
+                .and_then(|(codes, states)| Some((codes, *states.get(&tid)?)));
             recover(tgid, tid, &mut unwinder, thread)
         })
         .collect()
 }
 
-/// A process's CPython, and its threads' states by tid.
-type Python = (Interpreter, HashMap<u32, u64>);
+/// A process's CPython (with its code objects, read once for all its threads), and its threads'
+/// states by tid.
+type Python = (Codes, HashMap<u32, u64>);
 
 /// The CPython whose frames are read in `pid`, if it runs one (and no perf map names them).
 fn python_of(pid: u32) -> Option<Python> {
@@ -79,7 +81,7 @@ fn python_of(pid: u32) -> Option<Python> {
     match process::find(pid)? {
         Found::Readable(mut interpreter) => {
             let states = interpreter.threads().into_iter().collect();
-            Some((interpreter, states))
+            Some((Codes::new(interpreter), states))
         }
         Found::Unsupported(_) => None,
     }
@@ -90,7 +92,7 @@ fn recover(
     tgid: u32,
     tid: u32,
     unwinder: &mut DwarfUnwinder,
-    python: Option<(&Interpreter, u64)>,
+    python: Option<(&mut Codes, u64)>,
 ) -> Option<BlockedThread> {
     let (comm, state) = task::thread_state(tgid, tid)?;
     if state != 'S' && state != 'D' {

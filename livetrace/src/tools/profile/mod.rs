@@ -202,15 +202,9 @@ impl Tool for Profile {
             .collect();
         let python_anywhere = session.target == Target::System || follow.is_some();
         // Read Python frames where a target runs CPython, or may (the whole system, a command).
-        let python_frames = python_anywhere
-            || command.is_some()
-            || python_pids.iter().any(|&pid| {
-                matches!(
-                    crate::python::process::find(pid),
-                    Some(crate::python::Found::Readable(_))
-                )
-            });
         let mut python = crate::python::Watch::default();
+        python.look(python_pids.iter().copied());
+        let python_frames = python_anywhere || command.is_some() || python.found_any();
         let (mut ebpf, collector, sampler) = load(
             settings,
             args.per_thread,
