@@ -37,16 +37,11 @@ fn capture_of(program: &std::path::Path, extra: &[&str]) -> (Profile, String) {
 /// Share of the window the thread named `name` (thread frame `name-TID`) spent blocked.
 fn blocked_share(profile: &Profile, name: &str) -> f64 {
     let prefix = format!("{name}-");
-    let micros: u64 = profile
-        .stacks
-        .iter()
-        .filter(|s| {
-            s.below_root()
-                .first()
-                .is_some_and(|t| t.starts_with(&prefix))
-        })
-        .map(|s| s.count)
-        .sum();
+    let micros = profile.count_where(|s| {
+        s.below_root()
+            .first()
+            .is_some_and(|t| t.starts_with(&prefix))
+    });
     micros as f64 / (WINDOW_SECS * 1e6)
 }
 
@@ -223,12 +218,7 @@ fn outlasting_block(mode: &str) {
     );
     run.assert_success();
     let profile = Profile::read(&out);
-    let asleep: u64 = profile
-        .stacks
-        .iter()
-        .filter(|s| s.contains("do_nanosleep_[k]"))
-        .map(|s| s.count)
-        .sum();
+    let asleep = profile.count_where(|s| s.contains("do_nanosleep_[k]"));
     assert!(
         asleep >= 1_200_000,
         "{mode}: sleep's block was counted for {asleep} us, expected ~1.5 s\n{}\n{}",
@@ -238,13 +228,9 @@ fn outlasting_block(mode: &str) {
     // The outlasting block keeps both its stacks. (Another, brief block can lose its user stack
     // for a reason of its own, counted in the footer: a 15 us one once failed its walk with
     // EFAULT, around the command's exec.)
-    let sleep_lost: u64 = profile
-        .stacks
-        .iter()
-        .filter(|s| s.contains("do_nanosleep_[k]"))
-        .filter(|s| s.frames.iter().any(|f| f.starts_with("[lost ")))
-        .map(|s| s.count)
-        .sum();
+    let sleep_lost = profile.count_where(|s| {
+        s.contains("do_nanosleep_[k]") && s.frames.iter().any(|f| f.starts_with("[lost "))
+    });
     assert_eq!(
         sleep_lost,
         0,
@@ -274,14 +260,7 @@ fn copies_sized_from_earlier_stacks_grow_when_a_stack_deepens() {
         ],
         Duration::from_secs(5) + SLACK,
     );
-    let weight = |f: &dyn Fn(&Stack) -> bool| -> u64 {
-        profile
-            .stacks
-            .iter()
-            .filter(|s| f(s))
-            .map(|s| s.count)
-            .sum()
-    };
+    let weight = |f: &dyn Fn(&Stack) -> bool| profile.count_where(f);
     let deep = weight(&|s| s.contains("deep_nap"));
     let deep_complete = weight(&|s| {
         s.contains("deep_nap")

@@ -119,6 +119,37 @@ fn start_python(interpreter: &Path, args: &[&str]) -> Process {
     python
 }
 
+/// Starts a fixture that prints `thread FUNCTION TID` as each of its `threads` threads starts
+/// (workers.py, blocked.py), and waits for every line: the process, and each function's tid as
+/// the fixture's own PID namespace numbers it.
+fn start_announcing(
+    mut command: Command,
+    threads: usize,
+) -> (Process, std::collections::BTreeMap<String, u32>) {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+    let stdout = child.stdout.take().expect("piped");
+    let process = Process::from_child(child);
+    let mut tids = std::collections::BTreeMap::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).take(threads) {
+        let line = line.expect("the fixture's stdout");
+        let mut words = line.split_whitespace().skip(1);
+        let (function, tid) = (words.next().unwrap(), words.next().unwrap());
+        tids.insert(function.to_owned(), tid.parse::<u32>().unwrap());
+    }
+    assert_eq!(
+        tids.len(),
+        threads,
+        "the fixture's threads did not all start"
+    );
+    (process, tids)
+}
+
 /// The number after `label` in `text` ("... shown as the interpreter's frames 97, ...").
 fn count_after(text: &str, label: &str) -> Option<u64> {
     let rest = &text[text.find(label)? + label.len()..];
@@ -303,16 +334,9 @@ fn the_whole_system_reads_every_python_it_meets() {
     drop(python);
     let context = format!("{}\n{}", profile.summary(), run.stderr);
     let ours = |s: &Stack| s.frames.get(1).is_some_and(|t| t.ends_with(&main_thread));
-    let samples: u64 = profile
-        .stacks
-        .iter()
-        .filter(|s| ours(s))
-        .map(|s| s.count)
-        .sum();
-    let named: u64 = (profile.stacks.iter())
-        .filter(|s| ours(s) && position(s, "py::parse_subtitle_track").is_some())
-        .map(|s| s.count)
-        .sum();
+    let samples = profile.count_where(ours);
+    let named =
+        profile.count_where(|s| ours(s) && position(s, "py::parse_subtitle_track").is_some());
     assert!(
         samples >= 100,
         "only {samples} samples of the fixture\n{context}"
@@ -374,21 +398,8 @@ fn each_thread_has_its_own_python_stack() {
     for (version, interpreter) in each_frame_model() {
         require(&interpreter);
         let mut command = Command::new(&interpreter);
-        command
-            .args([&fixture_source("workers.py"), "30"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        let mut child = command.spawn().expect("cannot start the workers fixture");
-        let stdout = child.stdout.take().expect("piped");
-        let python = Process::from_child(child);
-        let mut threads = std::collections::BTreeMap::new();
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).take(3) {
-            let line = line.expect("the fixture's stdout");
-            let mut words = line.split_whitespace().skip(1);
-            let (function, tid) = (words.next().unwrap(), words.next().unwrap());
-            threads.insert(function.to_owned(), tid.parse::<u32>().unwrap());
-        }
+        command.args([&fixture_source("workers.py"), "30"]);
+        let (python, threads) = start_announcing(command, 3);
         wait_for_cpu(python.pid(), 0.2);
         let pid = python.pid().to_string();
         let thread_cpu = |tid: u32| thread_cpu_seconds(python.pid(), tid);
@@ -437,19 +448,9 @@ fn python_in_its_own_pid_namespace_is_named() {
         command
             .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
             .arg(&interpreter)
-            .args([&fixture_source("workers.py"), "30"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        let mut child = command.spawn().expect("cannot start unshare");
-        let stdout = child.stdout.take().expect("piped");
-        let unshare = Process::from_child(child);
+            .args([&fixture_source("workers.py"), "30"]);
         // Each thread prints its tid as the namespace numbers it: small numbers, not ours.
-        let started: Vec<String> = std::io::BufRead::lines(std::io::BufReader::new(stdout))
-            .take(3)
-            .map(|l| l.expect("the fixture's stdout"))
-            .collect();
-        assert_eq!(started.len(), 3, "the fixture's threads did not start");
+        let (unshare, started) = start_announcing(command, 3);
         let children = format!("/proc/{0}/task/{0}/children", unshare.pid());
         let pid: u32 = std::fs::read_to_string(&children)
             .ok()
@@ -527,21 +528,8 @@ fn offcpu_shows_each_python_thread_where_it_waits() {
     for (version, interpreter) in models {
         require(&interpreter);
         let mut command = Command::new(&interpreter);
-        command
-            .args([&fixture_source("blocked.py"), "30"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        let mut child = command.spawn().expect("cannot start the blocked fixture");
-        let stdout = child.stdout.take().expect("piped");
-        let python = Process::from_child(child);
-        let mut threads = std::collections::BTreeMap::new();
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).take(4) {
-            let line = line.expect("the fixture's stdout");
-            let mut words = line.split_whitespace().skip(1);
-            let (function, tid) = (words.next().unwrap(), words.next().unwrap());
-            threads.insert(function.to_owned(), tid.parse::<u32>().unwrap());
-        }
+        command.args([&fixture_source("blocked.py"), "30"]);
+        let (python, threads) = start_announcing(command, 4);
         let pid = python.pid();
         wait_for_cpu(pid, 0.3);
         // The scheduler's clocks are read from when offcpu starts recording to when it is done.
@@ -583,15 +571,7 @@ fn offcpu_shows_each_python_thread_where_it_waits() {
             let thread_suffix = format!("-{tid}");
             let of_thread =
                 |s: &Stack| s.frames.get(1).is_some_and(|t| t.ends_with(&thread_suffix));
-            let weight = |keep: &dyn Fn(&Stack) -> bool| -> f64 {
-                let us: u64 = profile
-                    .stacks
-                    .iter()
-                    .filter(|s| keep(s))
-                    .map(|s| s.count)
-                    .sum();
-                us as f64 / 1e6
-            };
+            let weight = |keep: &dyn Fn(&Stack) -> bool| profile.count_where(keep) as f64 / 1e6;
             let in_function = weight(&|s| of_thread(s) && position(s, &frame).is_some());
             let in_thread = weight(&of_thread);
             let truth = window * (1.0 - (end - start) / bracket);
@@ -630,19 +610,9 @@ fn wakers_names_threads_blocked_before_and_advises_nothing_it_refuses() {
     let interpreter = pyenv("3.12.1", "3.12");
     require(&interpreter);
     let mut command = Command::new(&interpreter);
-    command
-        .args([&fixture_source("blocked.py"), "30"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = command.spawn().expect("cannot start the blocked fixture");
-    let stdout = child.stdout.take().expect("piped");
-    let python = Process::from_child(child);
+    command.args([&fixture_source("blocked.py"), "30"]);
     // Once every thread has said it started, the client waits for a reply that never comes.
-    let started = std::io::BufRead::lines(std::io::BufReader::new(stdout))
-        .take(4)
-        .count();
-    assert_eq!(started, 4, "the fixture's threads did not start");
+    let (python, _) = start_announcing(command, 4);
     let pid = python.pid().to_string();
     let (profile, run) = run_folded(&["offcpu", "-p", &pid, "--wakers", "-d", "1"], SLACK);
     drop(python);

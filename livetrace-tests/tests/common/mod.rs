@@ -849,19 +849,22 @@ impl Profile {
         self.stacks.iter().map(|stack| stack.count).sum()
     }
 
+    /// The samples (or weight) of the stacks that satisfy `predicate`.
+    pub fn count_where(&self, predicate: impl Fn(&Stack) -> bool) -> u64 {
+        self.stacks
+            .iter()
+            .filter(|stack| predicate(stack))
+            .map(|stack| stack.count)
+            .sum()
+    }
+
     /// The share of samples whose stack satisfies `predicate` (0 when there are no samples).
     pub fn share_where(&self, predicate: impl Fn(&Stack) -> bool) -> f64 {
         let total = self.total();
         if total == 0 {
             return 0.0;
         }
-        let matching: u64 = self
-            .stacks
-            .iter()
-            .filter(|stack| predicate(stack))
-            .map(|stack| stack.count)
-            .sum();
-        matching as f64 / total as f64
+        self.count_where(predicate) as f64 / total as f64
     }
 
     /// The share of samples whose stack contains `frame`.
