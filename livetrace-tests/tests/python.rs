@@ -355,6 +355,69 @@ fn the_whole_system_reads_every_python_it_meets() {
     }
 }
 
+/// A Python function's name and file are the traced program's to choose (a code object can be
+/// renamed to anything): one that holds terminal escapes is shown escaped, on the terminal and
+/// in the files, never raw.
+#[test]
+fn python_names_with_escapes_are_shown_escaped() {
+    require_root();
+    let _cpus = cpu_shared();
+    let interpreter = pyenv("3.12.1", "3.12");
+    require(&interpreter);
+    let code = "import time\n\
+                def spin():\n    total = 0\n    for i in range(20000):\n        total += i\n\
+                spin.__code__ = spin.__code__.replace(co_qualname='evil\\x1b[31mred\\x07', \
+                co_filename='/tmp/\\x1b[2Jfile.py')\n\
+                end = time.time() + 20\nwhile time.time() < end:\n    spin()\n";
+    let python = start_python(&interpreter, &["-c", code]);
+    let pid = python.pid().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let (svg, pprof) = (
+        dir.path().join("profile.svg"),
+        dir.path().join("profile.pb.gz"),
+    );
+    let (profile, run) = run_folded(
+        &[
+            "profile",
+            "-p",
+            &pid,
+            "-d",
+            "1",
+            "-o",
+            path_arg(&svg),
+            "-o",
+            path_arg(&pprof),
+        ],
+        SLACK,
+    );
+    drop(python);
+    let context = format!("{}\n{}", profile.summary(), run.stderr);
+    assert!(
+        profile.has_frame("py::evil\\x1b[31mred\\x07"),
+        "no escaped frame\n{context}"
+    );
+    let svg = std::fs::read(&svg).unwrap();
+    // pprof is binary (a 0x1b byte can be a number): look for the escapes' text instead.
+    let pprof = Command::new("gzip")
+        .arg("-dc")
+        .arg(&pprof)
+        .output()
+        .expect("gzip")
+        .stdout;
+    for (what, bytes) in [
+        ("stderr", run.stderr.as_bytes()),
+        ("stdout", run.stdout.as_bytes()),
+        ("the SVG", &svg[..]),
+        ("the pprof profile", &pprof[..]),
+    ] {
+        let raw = |escape: &[u8]| bytes.windows(escape.len()).any(|w| w == escape);
+        assert!(
+            !raw(b"\x1b[31m") && !raw(b"\x1b[2J") && !raw(b"red\x07"),
+            "a raw escape in {what}\n{context}"
+        );
+    }
+}
+
 /// Python called back from C keeps its place: in `rank -> sorted -> weigh`, the native frames of
 /// the sort stand between the two Python functions.
 #[test]

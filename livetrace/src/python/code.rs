@@ -63,8 +63,10 @@ impl Codes {
             .ok()?
             .min(MAX_LINETABLE);
         Some(Code {
-            qualname: self.string(u64_at(layout.name)?)?,
-            filename: self.string(u64_at(layout.filename)?)?,
+            // The traced program chose these (a code object can be renamed to anything):
+            // escaped where they enter, as every other name from a process is.
+            qualname: crate::names::sanitized(&self.string(u64_at(layout.name)?)?),
+            filename: crate::names::sanitized(&self.string(u64_at(layout.filename)?)?),
             firstlineno,
             linetable: if table_len == 0 {
                 Vec::new()
