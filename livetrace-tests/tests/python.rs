@@ -478,9 +478,9 @@ fn each_thread_has_its_own_python_stack() {
         let context = format!("CPython {version}\n{}\n{}", profile.summary(), run.stderr);
         for ((function, &tid), (start, end)) in threads.iter().zip(before.iter().zip(&after)) {
             let frame = format!("py::{function}");
-            let thread_suffix = format!("-{tid}");
-            let of_thread =
-                |s: &Stack| s.frames.get(1).is_some_and(|t| t.ends_with(&thread_suffix));
+            // The thread by the name Python gave it.
+            let thread = format!("{}-{tid}", worker_name(function));
+            let of_thread = |s: &Stack| s.frames.get(1) == Some(&thread);
             let others = profile.share_where(|s| !of_thread(s) && position(s, &frame).is_some());
             assert!(
                 others == 0.0,
@@ -541,6 +541,16 @@ fn python_in_its_own_pid_namespace_is_named() {
                 .filter_map(|s| s.frames.get(1).cloned())
                 .collect();
             assert_eq!(of.len(), 1, "{frame} in threads {of:?}\n{context}");
+            // Python's name for it, with its tid as the kernel numbers it (not the namespace).
+            let thread = of.first().unwrap();
+            let tid = thread
+                .rsplit_once('-')
+                .and_then(|(_, t)| t.parse::<u32>().ok());
+            assert!(
+                thread.starts_with(&format!("{}-", worker_name(function)))
+                    && tid.is_some_and(|t| t > pid),
+                "{frame} in thread {thread}\n{context}"
+            );
             threads.extend(of);
         }
         assert_eq!(
@@ -552,6 +562,59 @@ fn python_in_its_own_pid_namespace_is_named() {
         assert!(
             named >= 0.8,
             "a hot function on only {named:.3} of samples\n{context}"
+        );
+    }
+}
+
+/// The name workers.py gives the thread that runs `function` (`threading.Thread(name=...)`): ASCII,
+/// and strings of one and of two bytes per character.
+fn worker_name(function: &str) -> &'static str {
+    match function {
+        "hot_a" => "crunch-a",
+        "hot_b" => "crunch-\u{e9}",
+        "hot_c" => "crunch-\u{7ebf}",
+        other => panic!("workers.py has no {other}"),
+    }
+}
+
+/// With --per-thread, a Python thread is shown by the name Python gave it, read from the
+/// `threading` module (a walk of CPython's dicts and instance attributes, whose layouts differ
+/// across versions): on every CPython read, the main thread as `MainThread` and each worker by
+/// its own name, in offcpu (where the main thread, waiting in `join()`, shows too).
+#[test]
+fn python_threads_are_shown_by_their_python_names() {
+    require_root();
+    let _cpus = cpu_shared();
+    for (version, interpreter) in readable() {
+        require(&interpreter);
+        let mut command = Command::new(&interpreter);
+        command.args([&fixture_source("workers.py"), "30"]);
+        let (python, threads) = start_announcing(command, 3);
+        let pid = python.pid();
+        let (profile, run) = run_folded(
+            &["offcpu", "-p", &pid.to_string(), "--per-thread", "-d", "1"],
+            Duration::from_secs(1) + SLACK,
+        );
+        drop(python);
+        let shown: std::collections::BTreeSet<&str> = profile
+            .stacks
+            .iter()
+            .filter_map(|s| s.frames.get(1).map(String::as_str))
+            .collect();
+        let mut expected: std::collections::BTreeSet<String> = threads
+            .iter()
+            .map(|(function, tid)| format!("{}-{tid}", worker_name(function)))
+            .collect();
+        expected.insert(format!("MainThread-{pid}"));
+        let expected: std::collections::BTreeSet<&str> =
+            expected.iter().map(String::as_str).collect();
+        assert_eq!(
+            shown,
+            expected,
+            "CPython {version} ({})\n{}\n{}",
+            interpreter.display(),
+            profile.summary(),
+            run.stderr
         );
     }
 }

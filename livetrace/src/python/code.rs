@@ -18,8 +18,7 @@ pub struct Code {
     linetable: Vec<u8>,
 }
 
-/// Longest string or line table read: a bound against a pointer gone astray.
-const MAX_STRING: usize = 4096;
+/// Longest line table read: a bound against a pointer gone astray.
 const MAX_LINETABLE: usize = 1 << 16;
 
 /// A process's code objects, each read once.
@@ -65,8 +64,10 @@ impl Codes {
         Some(Code {
             // The traced program chose these (a code object can be renamed to anything):
             // escaped where they enter, as every other name from a process is.
-            qualname: crate::names::sanitized(&self.string(u64_at(layout.name)?)?),
-            filename: crate::names::sanitized(&self.string(u64_at(layout.filename)?)?),
+            qualname: crate::names::sanitized(&self.interpreter.read_str(u64_at(layout.name)?)?),
+            filename: crate::names::sanitized(
+                &self.interpreter.read_str(u64_at(layout.filename)?)?,
+            ),
             firstlineno,
             linetable: if table_len == 0 {
                 Vec::new()
@@ -78,51 +79,6 @@ impl Codes {
 
     fn read_u64(&self, address: u64) -> Option<u64> {
         self.interpreter.read_u64(address)
-    }
-
-    /// A `str` object's text: compact strings only (every name and file name is one).
-    fn string(&self, address: u64) -> Option<String> {
-        let pid = self.interpreter.pid;
-        let header = proc::memory::read(pid, address, 40)?;
-        let length = usize::try_from(i64::from_le_bytes(header.get(16..24)?.try_into().ok()?))
-            .ok()?
-            .min(MAX_STRING);
-        let state = u32::from_le_bytes(header.get(32..36)?.try_into().ok()?);
-        let (kind, compact, ascii) = (
-            (state >> 2) & 7,
-            state & (1 << 5) != 0,
-            state & (1 << 6) != 0,
-        );
-        if !compact {
-            return None;
-        }
-        let layout = &self.interpreter.layout;
-        // A zero-length read reads nothing, which is not a failure.
-        if length == 0 {
-            return Some(String::new());
-        }
-        if ascii {
-            let bytes = proc::memory::read(pid, address.wrapping_add(layout.ascii_data), length)?;
-            return String::from_utf8(bytes).ok();
-        }
-        let bytes = proc::memory::read(
-            pid,
-            address.wrapping_add(layout.compact_data),
-            length * kind as usize,
-        )?;
-        let chars = match kind {
-            1 => bytes.iter().map(|&b| char::from(b)).collect(),
-            2 => bytes
-                .chunks_exact(2)
-                .map(|c| char::from_u32(u32::from(u16::from_le_bytes([c[0], c[1]]))))
-                .collect::<Option<String>>()?,
-            4 => bytes
-                .chunks_exact(4)
-                .map(|c| char::from_u32(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-                .collect::<Option<String>>()?,
-            _ => return None,
-        };
-        Some(chars)
     }
 }
 

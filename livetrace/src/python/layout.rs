@@ -15,6 +15,8 @@ pub struct Layout {
     /// `PyInterpreterState.next` and `.threads.head`.
     pub interpreter_next: u64,
     pub threads_head: u64,
+    /// `PyInterpreterState.modules` (`.imports.modules` in 3.12+): `sys.modules`.
+    pub modules: u64,
     /// `PyThreadState.next`, and how a thread state names its thread.
     pub thread_next: u64,
     pub thread_id: ThreadId,
@@ -97,6 +99,7 @@ impl Layout {
             interpreters_head: 32,
             interpreter_next: 0,
             threads_head: 8,
+            modules: if minor == 8 { 56 } else { 856 },
             thread_next: 8,
             thread_id: ThreadId::Pthread(176),
             frames: frame_object(lasti),
@@ -119,6 +122,7 @@ impl Layout {
                 interpreters_head: 40,
                 interpreter_next: 0,
                 threads_head: 16,
+                modules: 888,
                 thread_next: 8,
                 thread_id: ThreadId::Native(160),
                 frames: PyLayout {
@@ -145,6 +149,7 @@ impl Layout {
                 interpreters_head: 40,
                 interpreter_next: 0,
                 threads_head: 72,
+                modules: 944,
                 thread_next: 8,
                 thread_id: ThreadId::Native(144),
                 frames: PyLayout {
@@ -164,6 +169,7 @@ impl Layout {
                 interpreters_head: 632,
                 interpreter_next: 7264,
                 threads_head: 7344,
+                modules: 7656,
                 thread_next: 8,
                 thread_id: ThreadId::Native(160),
                 frames: PyLayout {

@@ -9,6 +9,7 @@ pub mod code;
 pub mod layout;
 pub mod merge;
 pub mod process;
+pub mod threads;
 
 pub use self::{
     merge::{PythonFrame, is_python, python_index},

@@ -30,12 +30,15 @@ pub struct Interpreter {
     pub code_type: u64,
     /// Before 3.11: where glibc's thread descriptor keeps the tid, once found.
     pthread_tid: Option<u64>,
+    /// Python's names of its threads (`threading`), by tid, as far as read
+    /// ([`super::watch::Watch`] reads them).
+    pub thread_names: HashMap<u32, String>,
 }
 
 /// What a process runs, as far as Python goes.
 #[derive(Clone, Debug)]
 pub enum Found {
-    Readable(Interpreter),
+    Readable(Box<Interpreter>),
     /// A CPython whose frames livetrace does not read: its version, as "3.10" or "2.7".
     Unsupported(String),
 }
@@ -141,7 +144,7 @@ fn from_file(pid: u32, maps: &Maps, path: &Path) -> Option<Found> {
         return Some(Found::Unsupported(format!("{}.{}", version.0, version.1)));
     };
     let bias = load_bias(&elf, maps, path)?;
-    Some(Found::Readable(Interpreter {
+    Some(Found::Readable(Box::new(Interpreter {
         pid,
         version,
         layout,
@@ -149,7 +152,8 @@ fn from_file(pid: u32, maps: &Maps, path: &Path) -> Option<Found> {
         eval: eval.start.wrapping_add(bias)..eval.end.wrapping_add(bias),
         code_type: code_type.wrapping_add(bias),
         pthread_tid: None,
-    }))
+        thread_names: HashMap::new(),
+    })))
 }
 
 /// Whether a 3.13+ runtime is a free-threaded build: `_PyRuntime` starts with its debug offsets,
@@ -281,6 +285,46 @@ impl Interpreter {
         Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
     }
 
+    /// A `str` object's text: compact strings only (every name, file name and dict key livetrace
+    /// reads is one). Not escaped: the traced program chose it.
+    pub fn read_str(&self, address: u64) -> Option<String> {
+        let header = proc::memory::read(self.pid, address, 40)?;
+        let length = usize::try_from(i64::from_le_bytes(header.get(16..24)?.try_into().ok()?))
+            .ok()?
+            .min(MAX_STRING);
+        let state = u32::from_le_bytes(header.get(32..36)?.try_into().ok()?);
+        let (kind, compact, ascii) = (
+            (state >> 2) & 7,
+            state & (1 << 5) != 0,
+            state & (1 << 6) != 0,
+        );
+        if !compact {
+            return None;
+        }
+        // A zero-length read reads nothing, which is not a failure.
+        if length == 0 {
+            return Some(String::new());
+        }
+        if ascii {
+            let at = address.wrapping_add(self.layout.ascii_data);
+            return String::from_utf8(proc::memory::read(self.pid, at, length)?).ok();
+        }
+        let at = address.wrapping_add(self.layout.compact_data);
+        let bytes = proc::memory::read(self.pid, at, length * kind as usize)?;
+        match kind {
+            1 => Some(bytes.iter().map(|&b| char::from(b)).collect()),
+            2 => bytes
+                .chunks_exact(2)
+                .map(|c| char::from_u32(u32::from(u16::from_le_bytes([c[0], c[1]]))))
+                .collect(),
+            4 => bytes
+                .chunks_exact(4)
+                .map(|c| char::from_u32(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
+            _ => None,
+        }
+    }
+
     /// "3.11.7", or "3.10" where the micro version is not known.
     pub fn version_text(&self) -> String {
         match self.version {
@@ -289,6 +333,9 @@ impl Interpreter {
         }
     }
 }
+
+/// Longest string read: a bound against a pointer gone astray.
+const MAX_STRING: usize = 4096;
 
 /// `PyThreadState.interp`, in every version.
 const THREAD_INTERP: u64 = 16;

@@ -36,6 +36,9 @@ pub struct Watch {
     threads: HashMap<u32, (u32, u64)>,
     /// Interpreters found by [`Watch::look`] that the program has not been told of yet.
     found: Vec<Interpreter>,
+    /// By process: the threads whose Python names were looked for, and when to look again
+    /// for those still without one.
+    named: HashMap<u32, (HashSet<u32>, Instant, Duration)>,
 }
 
 impl Watch {
@@ -124,7 +127,7 @@ impl Watch {
                 continue;
             }
             match process::find(pid) {
-                Some(Found::Readable(interpreter)) => found.push(interpreter),
+                Some(Found::Readable(interpreter)) => found.push(*interpreter),
                 Some(Found::Unsupported(version)) => {
                     self.unsupported.insert(pid, version);
                 }
@@ -155,6 +158,7 @@ impl Watch {
             let _ = map.remove(&tid);
             self.threads.remove(&tid);
         }
+        self.name_threads(interpreter, &listed);
         for (tid, state) in now {
             if self.threads.get(&tid) == Some(&(pid, state)) {
                 continue;
@@ -174,6 +178,46 @@ impl Watch {
         }
     }
 }
+
+impl Watch {
+    /// Reads Python's names of the interpreter's threads when a thread without one appears, and
+    /// again, less and less often, while some have none: a thread has its state before
+    /// `threading` lists it, and threads that C code started are never listed.
+    fn name_threads(&mut self, interpreter: &mut Interpreter, listed: &HashSet<u32>) {
+        let unnamed: HashSet<u32> = listed
+            .iter()
+            .filter(|tid| !interpreter.thread_names.contains_key(tid))
+            .copied()
+            .collect();
+        let (tried, due, wait) = self
+            .named
+            .entry(interpreter.pid)
+            .or_insert_with(|| (HashSet::new(), Instant::now(), LOOK_AGAIN));
+        let new = !unnamed.is_subset(tried);
+        if unnamed.is_empty() || (!new && Instant::now() < *due) {
+            return;
+        }
+        let tasks = crate::proc::task::threads_by_namespace_tid(interpreter.pid);
+        let names = super::threads::thread_names(interpreter, &tasks);
+        // Threads that ended keep their names (their stacks are still shown), within a bound.
+        for (tid, name) in names {
+            let known = &mut interpreter.thread_names;
+            if known.len() < MAX_THREAD_NAMES || known.contains_key(&tid) {
+                known.insert(tid, name);
+            }
+        }
+        *wait = if new {
+            LOOK_AGAIN
+        } else {
+            (*wait * 2).min(LOOK_AT_MOST)
+        };
+        *due = Instant::now() + *wait;
+        tried.extend(unnamed);
+    }
+}
+
+/// Most thread names kept per process.
+const MAX_THREAD_NAMES: usize = 1 << 14;
 
 fn tell_process(ebpf: &mut Ebpf, interpreter: &Interpreter) -> anyhow::Result<()> {
     let mut map: BpfHashMap<_, u32, PyLayout> =

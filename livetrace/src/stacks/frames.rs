@@ -138,10 +138,12 @@ pub(super) fn key_frames(
             .map_or_else(|| comm(&key.comm), str::to_owned),
     )];
     if per_thread {
-        frames.push(Frame::new(
-            FrameKind::Thread,
-            format!("{}-{}", comm(&key.comm), key.tid),
-        ));
+        // A Python thread by the name Python gave it, the others by their comm.
+        let name = raw
+            .thread_names
+            .get(&key.tid)
+            .map_or_else(|| comm(&key.comm), Clone::clone);
+        frames.push(Frame::new(FrameKind::Thread, format!("{name}-{}", key.tid)));
     }
     let user = StackRef::of(key.user_stack_id);
     if user == StackRef::Recovered {

@@ -51,6 +51,8 @@ pub struct RawStacks {
     pub python_frames: Vec<crate::python::PythonFrame>,
     /// Samples of Python processes without some or all of their Python frames, by cause.
     pub python_losses: BTreeMap<String, u64>,
+    /// Python's names of its threads (`threading`), by tid, for `--per-thread`.
+    pub thread_names: HashMap<u32, String>,
 }
 
 /// A thread's stacks recovered from /proc rather than by the BPF programs (offcpu: threads
@@ -128,6 +130,7 @@ pub fn drain(
     if let Some(mut unwound) = unwound {
         raw.python_frames = std::mem::take(&mut unwound.python_frames);
         raw.python_losses = std::mem::take(&mut unwound.python_losses);
+        raw.thread_names = std::mem::take(&mut unwound.thread_names);
         let (entries, traces, cut_short) = unwound.into_entries();
         raw.entries.extend(entries);
         synthetic = traces;

@@ -49,6 +49,8 @@ pub struct Collector {
     /// Updated by the thread after each batch, so a snapshot can be read mid-capture.
     unwound: Arc<Mutex<Unwound>>,
     thread: JoinHandle<()>,
+    /// The interpreters, for the names of their threads.
+    pythons: Option<Interpreters>,
 }
 
 impl Collector {
@@ -66,6 +68,7 @@ impl Collector {
         let unwound = Arc::new(Mutex::new(Unwound::default()));
         let thread = std::thread::Builder::new().name("unwind".into()).spawn({
             let (stop, seen, unwound) = (stop.clone(), seen.clone(), unwound.clone());
+            let pythons = pythons.clone();
             move || {
                 let python = PythonFrames::new(pythons.unwrap_or_default());
                 drain_loop(ring, per_thread, limits, python, &stop, &seen, &unwound);
@@ -76,15 +79,35 @@ impl Collector {
             seen,
             unwound,
             thread,
+            pythons,
         })
     }
 
     /// What has been unwound so far (for a SIGUSR1 snapshot); the capture goes on.
     pub fn snapshot(&self) -> Unwound {
-        self.unwound
+        let mut unwound = self
+            .unwound
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .clone();
+        unwound.thread_names = self.python_thread_names();
+        unwound
+    }
+
+    /// Python's names of the threads of every interpreter, by tid.
+    fn python_thread_names(&self) -> HashMap<u32, String> {
+        let Some(pythons) = &self.pythons else {
+            return HashMap::new();
+        };
+        let pythons = pythons.lock().unwrap_or_else(PoisonError::into_inner);
+        pythons
+            .values()
+            .flat_map(|p| {
+                p.thread_names
+                    .iter()
+                    .map(|(tid, name)| (*tid, name.clone()))
+            })
+            .collect()
     }
 
     /// Tells the symbolizer what was learnt since the last call: the processes sampled (it
@@ -96,14 +119,16 @@ impl Collector {
     /// Drains what is left, tells the symbolizer what that taught, and returns the aggregated
     /// stacks. Call after the BPF program has stopped recording.
     pub fn finish(self, symbolizer: &mut Symbolizer) -> anyhow::Result<Unwound> {
+        let thread_names = self.python_thread_names();
         self.stop.store(true, Ordering::Release);
         self.thread
             .join()
             .map_err(|_| anyhow::anyhow!("the unwinding thread panicked"))?;
         tell(&self.seen, symbolizer);
-        Ok(std::mem::take(
-            &mut *self.unwound.lock().unwrap_or_else(PoisonError::into_inner),
-        ))
+        let mut unwound =
+            std::mem::take(&mut *self.unwound.lock().unwrap_or_else(PoisonError::into_inner));
+        unwound.thread_names = thread_names;
+        Ok(unwound)
     }
 }
 

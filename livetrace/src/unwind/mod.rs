@@ -203,6 +203,8 @@ pub struct Unwound {
     /// buffer, counted there), and the nanoseconds they lasted.
     pub unmatched_blocks: u64,
     pub unmatched_block_ns: u64,
+    /// Python's names of the threads of the interpreters read, by tid.
+    pub thread_names: HashMap<u32, String>,
 }
 
 impl Unwound {

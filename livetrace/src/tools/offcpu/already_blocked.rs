@@ -81,7 +81,7 @@ fn python_of(pid: u32) -> Option<Python> {
     match process::find(pid)? {
         Found::Readable(mut interpreter) => {
             let states = interpreter.threads().into_iter().collect();
-            Some((Codes::new(interpreter), states))
+            Some((Codes::new(*interpreter), states))
         }
         Found::Unsupported(_) => None,
     }
