@@ -52,6 +52,27 @@ pub fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// A duration as a person would write it: "10m", "1h30m", "2.5s".
+pub fn describe(duration: Duration) -> String {
+    // Rounded to what a person reads: milliseconds under a second, then tenths of a second.
+    if duration < Duration::from_secs(1) {
+        return format!("{}ms", duration.as_millis());
+    }
+    let tenths = (duration.as_millis() + 50) / 100;
+    if !tenths.is_multiple_of(10) {
+        return format!("{:.1}s", tenths as f64 / 10.0);
+    }
+    let secs = (tenths / 10) as u64;
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let mut text = String::new();
+    for (value, unit) in [(h, "h"), (m, "m"), (s, "s")] {
+        if value > 0 {
+            text.push_str(&format!("{value}{unit}"));
+        }
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +99,14 @@ mod tests {
         }
         assert!(parse_positive_duration("0").is_err());
         assert!(parse_positive_duration("0ms").is_err());
+    }
+
+    #[test]
+    fn durations_described_as_written() {
+        assert_eq!(describe(Duration::from_secs(600)), "10m");
+        assert_eq!(describe(Duration::from_secs(5400)), "1h30m");
+        assert_eq!(describe(Duration::from_millis(2500)), "2.5s");
+        assert_eq!(describe(Duration::from_nanos(4_501_874_426)), "4.5s");
+        assert_eq!(describe(Duration::from_millis(250)), "250ms");
     }
 }

@@ -105,26 +105,31 @@ pub fn note_new_processes(ring: &mut RingBuf<MapData>, symbolizer: &mut Symboliz
 }
 
 /// Copies the counts (and, with `wakers`, the blocked/waker pairs) and the stacks they refer to
-/// out of the kernel, leaving the maps as they are (a SIGUSR1 snapshot reads them mid-capture).
+/// out of the kernel, leaving the maps as they are (a SIGUSR1 snapshot reads them mid-capture),
+/// or, with `take`, taking the counts out (`record` cuts its time buckets so); stacks stay.
 ///
 /// `unwound` adds the stacks unwound in user space (`--unwind dwarf`): their user stacks are
 /// synthetic ids into [`RawStacks::traces`], their kernel stacks ids in the kernel's map.
 /// `extra` entries (offcpu's blocks still going on) are added before the stacks are fetched.
 pub fn drain(
     bpf: &Ebpf,
-    wakers: bool,
+    (wakers, take): (bool, bool),
     unwound: Option<crate::unwind::Unwound>,
     extra: Vec<(StackKey, u64)>,
 ) -> anyhow::Result<RawStacks> {
-    let counts: BpfHashMap<&MapData, StackKey, u64> =
-        BpfHashMap::try_from(bpf::map_ref(bpf, STACK_COUNTS)?)?;
     let mut raw = RawStacks {
         entries: extra,
         ..RawStacks::default()
     };
-    for entry in counts.iter() {
-        raw.entries
-            .push(entry.context("failed to read the stack counts map")?);
+    if take {
+        raw.entries.extend(bpf::take_entries(bpf, STACK_COUNTS)?);
+    } else {
+        let counts: BpfHashMap<&MapData, StackKey, u64> =
+            BpfHashMap::try_from(bpf::map_ref(bpf, STACK_COUNTS)?)?;
+        for entry in counts.iter() {
+            raw.entries
+                .push(entry.context("failed to read the stack counts map")?);
+        }
     }
     let mut synthetic = HashMap::new();
     if let Some(mut unwound) = unwound {
@@ -136,7 +141,10 @@ pub fn drain(
         synthetic = traces;
         raw.cut_short = cut_short;
     }
-    if wakers {
+    if wakers && take {
+        raw.wake_entries
+            .extend(bpf::take_entries(bpf, WAKE_COUNTS)?);
+    } else if wakers {
         let wake: BpfHashMap<&MapData, WakeKey, u64> =
             BpfHashMap::try_from(bpf::map_ref(bpf, WAKE_COUNTS)?)?;
         for entry in wake.iter() {

@@ -186,6 +186,15 @@ impl Symbolizer {
         self.snapshots.insert(pid, snapshot);
     }
 
+    /// Forgets the processes that have exited, once their stacks are named (`record` names
+    /// each bucket as it cuts it): a long recording of a forking service stays bounded.
+    pub fn forget_exited(&mut self) {
+        let gone = |pid: &u32| !Path::new(&format!("/proc/{pid}")).exists();
+        self.snapshots.retain(|pid, _| !gone(pid));
+        self.perf_maps.retain(|pid, _| !gone(pid));
+        self.unnamed_jit.retain(|pid| !gone(pid));
+    }
+
     /// Takes the executable mappings someone else read of `pid` more recently (the unwinding
     /// thread, as it unwound its stacks): if the process exits before its frames are named, they
     /// are named with these, libraries it loaded late included.

@@ -94,6 +94,17 @@ impl Collector {
         unwound
     }
 
+    /// What was unwound since the last take (`record`'s buckets); the capture goes on.
+    pub fn take(&self) -> Unwound {
+        let mut unwound = self
+            .unwound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        unwound.thread_names = self.python_thread_names();
+        unwound
+    }
+
     /// Python's names of the threads of every interpreter, by tid.
     fn python_thread_names(&self) -> HashMap<u32, String> {
         let Some(pythons) = &self.pythons else {

@@ -132,7 +132,7 @@ fn parse_buffer_size(text: &str) -> Result<u32, String> {
     Ok(bytes.next_power_of_two() as u32)
 }
 
-fn parse_bytes(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
     let lower = text.trim().to_ascii_lowercase();
     let (digits, scale) = match lower.strip_suffix(['k', 'm', 'g']) {
         Some(d) if lower.ends_with('k') => (d, 1 << 10),
@@ -208,6 +208,22 @@ pub struct Unwound {
 }
 
 impl Unwound {
+    /// What was aggregated since the last take, leaving the blocks still going on (and the
+    /// Python frames, which tags of later stacks index) for the next: `record`'s time buckets.
+    pub fn take(&mut self) -> Unwound {
+        Unwound {
+            counts: std::mem::take(&mut self.counts),
+            pending: HashMap::new(),
+            malformed: std::mem::take(&mut self.malformed),
+            python_frames: self.python_frames.clone(),
+            python_ids: HashMap::new(),
+            python_losses: std::mem::take(&mut self.python_losses),
+            unmatched_blocks: std::mem::take(&mut self.unmatched_blocks),
+            unmatched_block_ns: std::mem::take(&mut self.unmatched_block_ns),
+            thread_names: self.thread_names.clone(),
+        }
+    }
+
     /// The index of `frame` among the capture's Python frames.
     fn intern_python(&mut self, frame: crate::python::PythonFrame) -> u32 {
         if let Some(&id) = self.python_ids.get(&frame) {

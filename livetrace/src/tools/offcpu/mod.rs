@@ -168,14 +168,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// `livetrace offcpu`, before anything is loaded.
-struct Offcpu {
+pub(crate) struct Offcpu {
     args: Args,
     /// The outputs, default one included.
     outputs: Vec<OutputSpec>,
 }
 
+impl Offcpu {
+    /// The tool, for `record` to run inside its own session.
+    pub(crate) fn new(args: Args) -> Self {
+        Self {
+            args,
+            outputs: Vec::new(),
+        }
+    }
+}
+
 /// `livetrace offcpu`, recording switches.
-struct Tracing {
+pub(crate) struct Tracing {
     args: Args,
     ebpf: Ebpf,
     hook: &'static str,
@@ -374,6 +384,7 @@ impl Running for Tracing {
                 &self.context,
                 (monotonic_ns(), None),
                 self.collector.as_ref().map(unwind::Collector::snapshot),
+                false,
             )
             .and_then(|(_, profile)| output::write_snapshot(&profile, &self.outputs));
             if let Err(err) = result {
@@ -414,6 +425,7 @@ impl Running for Tracing {
             &self.context,
             (self.end_ns, Some(stop)),
             unwound,
+            false,
         )?;
         let counters = bpf::read_counters_in(&self.ebpf)?;
         drop(self.ebpf);
@@ -430,6 +442,38 @@ impl Running for Tracing {
         }
         output::report_footer_and_files(&profile, &written);
         written.finish()
+    }
+}
+
+impl Tracing {
+    /// Takes the blocks that ended since the last take out of the maps (and out of the
+    /// unwinding thread), as a profile: `record`'s time buckets. A block counts whole in the
+    /// bucket where it ends. Its counters are the capture's so far.
+    pub(crate) fn take_bucket(
+        &mut self,
+        symbolizer: &mut crate::symbolize::Symbolizer,
+    ) -> anyhow::Result<crate::model::StackProfile> {
+        stacks::note_new_processes(&mut self.new_processes, symbolizer);
+        if let Some(collector) = &self.collector {
+            collector.tell(symbolizer);
+        }
+        let unwound = self.collector.as_ref().map(unwind::Collector::take);
+        let (_, profile) = build(
+            &self.ebpf,
+            symbolizer,
+            &self.args,
+            &self.context,
+            (monotonic_ns(), None),
+            unwound,
+            true,
+        )?;
+        Ok(profile)
+    }
+
+    /// Sets its control slot (`record` runs offcpu beside profile, whose object the session
+    /// starts and stops).
+    pub(crate) fn set_control(&mut self, value: u32) -> anyhow::Result<()> {
+        bpf::set_control(&mut self.ebpf, value)
     }
 }
 

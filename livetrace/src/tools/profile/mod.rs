@@ -107,14 +107,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// `livetrace profile`, before anything is loaded.
-struct Profile {
+pub(crate) struct Profile {
     args: Args,
     /// The outputs, default one included (decided once: its name has the time in it).
     outputs: Vec<OutputSpec>,
 }
 
+impl Profile {
+    /// The tool, for `record` to run inside its own session.
+    pub(crate) fn new(args: Args) -> Self {
+        Self {
+            args,
+            outputs: Vec::new(),
+        }
+    }
+}
+
 /// `livetrace profile`, sampling.
-struct Sampling {
+pub(crate) struct Sampling {
     ebpf: aya::Ebpf,
     collector: Option<unwind::Collector>,
     /// The targets' CPython interpreters, whose frames the program reads (`--unwind dwarf`).
@@ -327,6 +337,7 @@ impl Running for Sampling {
                 elapsed,
                 None,
                 unwound,
+                false,
             )
             .and_then(|profile| output::write_snapshot(&profile, &self.outputs));
             if let Err(err) = result {
@@ -373,9 +384,38 @@ impl Running for Sampling {
             elapsed,
             Some(stop),
             unwound,
+            false,
         )?;
         drop(self.ebpf);
         report(&profile, &self.outputs)
+    }
+}
+
+impl Sampling {
+    /// Takes what was sampled since the last take out of the maps (and out of the unwinding
+    /// thread), as a profile of the `elapsed` it covers: `record`'s time buckets. Its counters
+    /// are the capture's so far (the caller keeps the differences).
+    pub(crate) fn take_bucket(
+        &mut self,
+        symbolizer: &mut Symbolizer,
+        elapsed: Duration,
+    ) -> anyhow::Result<crate::model::StackProfile> {
+        stacks::note_new_processes(&mut self.new_processes, symbolizer);
+        if let Some(collector) = &self.collector {
+            collector.tell(symbolizer);
+        }
+        // Per-CPU shortfalls are judged over a whole capture, not a bucket.
+        self.context.cpu_times_at_start = None;
+        let unwound = self.collector.as_ref().map(unwind::Collector::take);
+        build(
+            &self.ebpf,
+            symbolizer,
+            &self.context,
+            elapsed,
+            None,
+            unwound,
+            true,
+        )
     }
 }
 
@@ -426,9 +466,10 @@ fn build(
     elapsed: Duration,
     stop: Option<&StopReason>,
     unwound: Option<unwind::Unwound>,
+    take: bool,
 ) -> anyhow::Result<crate::model::StackProfile> {
     let counters = bpf::read_counters_in(ebpf)?;
-    let raw = stacks::drain(ebpf, false, unwound, Vec::new())?;
+    let raw = stacks::drain(ebpf, (false, take), unwound, Vec::new())?;
     let started = std::time::SystemTime::now()
         .checked_sub(elapsed)
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
