@@ -22,14 +22,16 @@ where it blocks, and how long a function takes, without stopping it.";
 const AFTER_HELP: &str = "\
 Signals: Ctrl-C (SIGINT), SIGTERM or SIGHUP stop the capture and write every output; a second one
 while symbolising writes the frames as raw addresses and exits. SIGUSR1 writes a snapshot of every
-output (uprobe-hist: prints the histogram so far) and the capture goes on.
+output (uprobe-hist: prints the histogram so far; record: the window it keeps) and the capture
+goes on.
 
 Exit status: 0 when every output was written (whatever ended the capture), 1 on runtime errors
 (a process that is gone, a kernel that refuses, a missing capability), 2 on usage errors (the
 command line itself is wrong).
 
 Privileges: root, or these capabilities (checked before anything is loaded):
-  profile, offcpu   CAP_BPF CAP_PERFMON, and CAP_SYSLOG for kernel frame names (not with -U)
+  profile, offcpu, record   CAP_BPF CAP_PERFMON, and CAP_SYSLOG for kernel frame names
+                    (not with -U); dump: the recorder's owner (its socket is 0600)
   offcpu --attach tracepoint   also CAP_DAC_READ_SEARCH (and CAP_SYS_ADMIN if tracefs is unmounted)
   uprobe-hist       CAP_BPF CAP_PERFMON CAP_SYS_ADMIN, and CAP_SYS_PTRACE for another user's -p
   diff              none
@@ -52,6 +54,10 @@ enum Command {
     Profile(tools::profile::Args),
     /// Off-CPU time: where are the threads blocked, and for how long?
     Offcpu(tools::offcpu::Args),
+    /// The flight recorder: keeps the last minutes of on-CPU and off-CPU stacks.
+    Record(tools::record::Args),
+    /// Writes a window of a running `livetrace record`.
+    Dump(tools::record::DumpArgs),
     /// Differential flamegraph and table of two captures (folded or pprof).
     Diff(tools::diff::Args),
     /// Latency histogram of one function: what are its p50, p99 and p99.9?
@@ -132,6 +138,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Profile(args) => tools::profile::run(args),
         Command::Offcpu(args) => tools::offcpu::run(args),
+        Command::Record(args) => tools::record::run(args),
+        Command::Dump(args) => tools::record::dump(args),
         Command::Diff(args) => tools::diff::run(args),
         Command::UprobeHist(args) => tools::uprobe_hist::run(args),
         Command::Probes(args) => tools::probes::run(args),

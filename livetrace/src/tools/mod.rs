@@ -6,6 +6,7 @@ pub mod diff;
 pub mod offcpu;
 pub mod probes;
 pub mod profile;
+pub mod record;
 pub mod uprobe_hist;
 
 use crate::bpf::{

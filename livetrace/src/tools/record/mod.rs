@@ -1,0 +1,626 @@
+//! `livetrace record`: the flight recorder. Always on at a low rate, it keeps the last `--keep`
+//! of on-CPU samples and off-CPU time in time buckets, within `--max-memory`, so that "what was
+//! it doing 30 seconds ago" has an answer after the fact. `livetrace dump` (through a unix
+//! socket only root can open), SIGUSR1, and the end of the recording write any window of it to
+//! any output format; `--write-every` writes rotated pprof files for continuous-profiling
+//! backends. It runs `profile`'s and `offcpu`'s programs in one session; each bucket is taken
+//! out of their maps and symbolised when it is cut, so the kernel's maps and the symbolisation
+//! caches stay bounded however long it runs.
+
+mod socket;
+mod store;
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
+
+use aya::Ebpf;
+use clap::Args as ClapArgs;
+use livetrace_common::control;
+
+pub use self::socket::{DumpArgs, dump};
+use self::{
+    socket::{Request, Server},
+    store::{Kind, Store},
+};
+use crate::{
+    duration::parse_positive_duration,
+    model::StackProfile,
+    output::{self, OutputSpec},
+    session::{
+        self, Privileges, Running, Session, Tool,
+        capture::{Event, StopReason},
+        targets::{Target, TargetArgs},
+    },
+    tools::{offcpu, profile},
+    unwind::UnwindArgs,
+};
+
+const EXAMPLES: &str = "\
+Examples:
+  livetrace record -p 1234                       # keep the last 10 minutes of pid 1234
+  livetrace dump --last 2m -o before.svg         # from another shell: the last 2 minutes
+  livetrace dump --from 12:03:00 --to 12:03:30 -o spike.pprof
+  livetrace record --keep 1h --bucket 30s --max-memory 256m   # the whole system
+  livetrace record -p 1234 --write-every 1m --dir /var/lib/livetrace --max-files 60
+  kill -USR1 $(pidof livetrace)                  # write the -o outputs now, keep recording";
+
+/// The names of --write-every's files: this, their UTC time, `.pb.gz` (`.offcpu.pb.gz`).
+const ROTATED_PREFIX: &str = "livetrace-record-";
+
+/// Buckets are cut on the capture loop's tick.
+const MIN_BUCKET: Duration = Duration::from_millis(250);
+
+/// The default socket, which `dump` finds without being told.
+pub const DEFAULT_SOCKET: &str = "/run/livetrace/record.sock";
+
+#[derive(ClapArgs, Debug)]
+#[command(after_help = EXAMPLES)]
+pub struct Args {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// How much of the past to keep.
+    #[arg(long = "keep", value_name = "DUR", default_value = "10m",
+          value_parser = parse_positive_duration)]
+    pub keep: Duration,
+    /// The time buckets' length: a dump covers whole buckets.
+    #[arg(long = "bucket", value_name = "DUR", default_value = "10s",
+          value_parser = parse_positive_duration)]
+    pub bucket: Duration,
+    /// The most memory the buckets may hold (k, m, g); the oldest go first, counted.
+    #[arg(long = "max-memory", value_name = "BYTES", default_value = "64m",
+          value_parser = parse_memory)]
+    pub max_memory: u64,
+    /// On-CPU samples per second. 49 is prime, so it does not beat in step with timers
+    /// (100 Hz, 1 kHz), and costs half of profile's 99.
+    #[arg(short = 'F', long = "frequency", value_name = "HZ", default_value_t = 49,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub frequency: u64,
+    /// Record on-CPU samples only, not off-CPU time.
+    #[arg(long = "no-offcpu")]
+    pub no_offcpu: bool,
+    /// Where SIGUSR1 and the end of the recording write (any format, by extension).
+    #[arg(short = 'o', long = "output", value_name = "PATH", value_parser = OutputSpec::parse)]
+    pub outputs: Vec<OutputSpec>,
+    /// The window SIGUSR1 and the end write: the last DUR (default: all that is kept).
+    #[arg(long = "window", value_name = "DUR", value_parser = parse_positive_duration)]
+    pub window: Option<Duration>,
+    /// The unix socket `livetrace dump` talks to (mode 0600: its owner only).
+    #[arg(long = "socket", value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Write one pprof per interval into --dir (on-CPU, and off-CPU beside it).
+    #[arg(long = "write-every", value_name = "DUR", value_parser = parse_positive_duration,
+          requires = "dir")]
+    pub write_every: Option<Duration>,
+    #[arg(long = "dir", value_name = "DIR", requires = "write_every")]
+    pub dir: Option<PathBuf>,
+    /// The most files --write-every keeps of each kind; the oldest are removed.
+    #[arg(long = "max-files", value_name = "N", default_value_t = 60,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_files: u32,
+    /// Stop after this long (default: until Ctrl-C or SIGTERM).
+    #[arg(short = 'd', long = "duration", value_name = "SECS",
+          value_parser = parse_positive_duration)]
+    pub duration: Option<Duration>,
+    #[command(flatten)]
+    pub unwind: UnwindArgs,
+}
+
+fn parse_memory(text: &str) -> Result<u64, String> {
+    match crate::unwind::parse_bytes(text)? {
+        bytes if bytes >= 1 << 20 => Ok(bytes),
+        _ => Err(format!("--max-memory {text} is too small: 1m at least")),
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let target = args.target.resolve()?;
+    if args.bucket < MIN_BUCKET {
+        return Err(crate::UsageError::error(format!(
+            "--bucket {:?} is shorter than the recorder's tick: give 250ms or more",
+            args.bucket
+        )));
+    }
+    if args.bucket > args.keep {
+        return Err(crate::UsageError::error(format!(
+            "--bucket ({:?}) is longer than --keep ({:?})",
+            args.bucket, args.keep
+        )));
+    }
+    let (as_root, duration) = (args.target.processes.as_root, args.duration);
+    let cpu = profile::Profile::new(profile::Args {
+        target: args.target.clone(),
+        frequency: args.frequency,
+        duration: None,
+        user_only: false,
+        kernel_only: false,
+        outputs: Vec::new(),
+        per_thread: false,
+        stack_storage: livetrace_common::stacks::DEFAULT_STACK_STORAGE,
+        event: profile::Event::CpuClock,
+        unwind: args.unwind.clone(),
+    });
+    let off = (!args.no_offcpu).then(|| {
+        offcpu::Offcpu::new(offcpu::Args {
+            target: args.target.clone(),
+            duration: None,
+            user_only: false,
+            kernel_only: false,
+            state: offcpu::State::Any,
+            min_block: None,
+            max_block: None,
+            outputs: Vec::new(),
+            per_thread: false,
+            wakers: false,
+            include_kernel_threads: false,
+            stack_storage: livetrace_common::stacks::DEFAULT_STACK_STORAGE,
+            attach: offcpu::Attach::Auto,
+            unwind: args.unwind.clone(),
+        })
+    });
+    session::run(
+        Record {
+            args,
+            cpu,
+            off,
+            server: None,
+        },
+        target,
+        as_root,
+        duration,
+    )
+}
+
+struct Record {
+    args: Args,
+    cpu: profile::Profile,
+    off: Option<offcpu::Offcpu>,
+    server: Option<Server>,
+}
+
+impl Tool for Record {
+    type Running = Recording;
+    const NAME: &'static str = "record";
+
+    fn privileges(&self, target: &Target) -> Privileges {
+        let mut privileges = self.cpu.privileges(target);
+        if let Some(off) = &self.off {
+            let more = off.privileges(target);
+            privileges.needs.extend(more.needs);
+            privileges.wanted.extend(more.wanted);
+        }
+        privileges.needs.dedup();
+        privileges
+    }
+
+    fn prepare(&mut self, target: &Target) -> anyhow::Result<Vec<OutputSpec>> {
+        let _ = target;
+        // Claimed before the kernel is touched: a second recorder on the same socket is an
+        // error the user can act on, not a surprise after loading.
+        self.server = Some(Server::bind(&self.args.socket)?);
+        if let Some(dir) = &self.args.dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|err| anyhow::anyhow!("cannot create --dir {}: {err}", dir.display()))?;
+        }
+        Ok(self.args.outputs.clone())
+    }
+
+    fn start(self, session: &mut Session) -> anyhow::Result<Recording> {
+        let cpu = self.cpu.start(session)?;
+        let off = match self.off {
+            Some(off) => {
+                let mut off = off.start(session)?;
+                off.set_control(control::RUNNING)?;
+                Some(off)
+            }
+            None => None,
+        };
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        Ok(Recording {
+            cpu,
+            off,
+            store: Store::new(self.args.keep, self.args.max_memory),
+            server: self.server.expect("bound in prepare"),
+            bucket: self.args.bucket,
+            cut_at: (now, wall),
+            next_cut: now + self.args.bucket,
+            written_at: wall,
+            last_quality: Default::default(),
+            args: self.args,
+        })
+    }
+}
+
+pub(crate) struct Recording {
+    cpu: profile::Sampling,
+    off: Option<offcpu::Tracing>,
+    store: Store,
+    server: Server,
+    bucket: Duration,
+    /// When the current bucket began, by both clocks.
+    cut_at: (Instant, SystemTime),
+    /// When the current bucket is due to end.
+    next_cut: Instant,
+    /// When --write-every last wrote.
+    written_at: SystemTime,
+    /// The capture's counters at the last cut, by kind: a bucket's are the differences.
+    last_quality: [crate::model::DataQuality; 2],
+    args: Args,
+}
+
+impl Running for Recording {
+    fn ebpf(&mut self) -> &mut Ebpf {
+        self.cpu.ebpf()
+    }
+
+    fn start_line(&self, session: &Session) -> String {
+        format!(
+            "recording {} at {} Hz{}, keeping the last {} in {} buckets within {} MiB; \
+             `livetrace dump --socket {}` writes any of it",
+            session.title(),
+            self.args.frequency,
+            if self.off.is_some() {
+                " and its off-CPU time"
+            } else {
+                ""
+            },
+            crate::duration::describe(self.args.keep),
+            crate::duration::describe(self.bucket),
+            self.args.max_memory >> 20,
+            self.args.socket.display()
+        )
+    }
+
+    fn command_released(&mut self, pid: u32, session: &mut Session) {
+        self.cpu.command_released(pid, session);
+        if let Some(off) = &mut self.off {
+            off.command_released(pid, session);
+        }
+    }
+
+    fn on_event(&mut self, event: Event, session: &mut Session) {
+        match event {
+            Event::FastTick => {
+                self.cpu.on_event(event, session);
+                if let Some(off) = &mut self.off {
+                    off.on_event(event, session);
+                }
+                self.serve(session);
+            }
+            Event::Tick => {
+                self.cpu.on_event(event, session);
+                if let Some(off) = &mut self.off {
+                    off.on_event(event, session);
+                }
+                // Cut on a fixed schedule, so that buckets do not drift by a tick each.
+                let now = Instant::now();
+                if now >= self.next_cut {
+                    self.cut_or_say(session);
+                    self.next_cut = (self.next_cut + self.bucket).max(now);
+                }
+                self.write_rotated();
+            }
+            Event::Snapshot => {
+                self.cut_or_say(session);
+                let to = SystemTime::now();
+                let from = self.default_from(to);
+                let outputs = self.args.outputs.clone();
+                match self.write_window(from, to, &outputs) {
+                    Ok(report) => crate::say_raw!("{report}"),
+                    Err(err) => crate::say!("livetrace: SIGUSR1: {err:#}"),
+                }
+            }
+        }
+    }
+
+    fn stopped(&mut self, session: &mut Session) -> anyhow::Result<()> {
+        if let Some(off) = &mut self.off {
+            off.set_control(control::STOPPED)?;
+            off.stopped(session)?;
+        }
+        self.cpu.stopped(session)?;
+        self.cut_or_say(session);
+        // Dumps that asked while the recording stopped are answered, with all of it.
+        self.serve(session);
+        Ok(())
+    }
+
+    fn finish(
+        mut self,
+        _session: &mut Session,
+        _stop: &StopReason,
+        _elapsed: Duration,
+    ) -> anyhow::Result<()> {
+        if let Some(off) = &mut self.off {
+            crate::bpf::unload_all(off.ebpf());
+        }
+        self.write_rotated_now(SystemTime::now());
+        if self.args.outputs.is_empty() {
+            self.server.close();
+            self.serve_closing();
+            return Ok(());
+        }
+        let to = SystemTime::now();
+        let from = self.default_from(to);
+        let outputs = self.args.outputs.clone();
+        let result = self.write_window(from, to, &outputs);
+        // No new dump can connect once the socket is gone; those already connected are answered.
+        self.server.close();
+        self.serve_closing();
+        crate::say_raw!("{}", result?);
+        Ok(())
+    }
+}
+
+impl Recording {
+    /// Ends the current bucket now and keeps it.
+    fn cut(&mut self, session: &mut Session) -> anyhow::Result<()> {
+        let (started, start) = self.cut_at;
+        let elapsed = started.elapsed();
+        let end = SystemTime::now();
+        let mut cpu = self.cpu.take_bucket(&mut session.symbolizer, elapsed)?;
+        let mut off = match &mut self.off {
+            Some(off) => Some(off.take_bucket(&mut session.symbolizer)?),
+            None => None,
+        };
+        self.cut_at = (Instant::now(), end);
+        for (kind, profile) in [(Kind::OnCpu, Some(&mut cpu)), (Kind::OffCpu, off.as_mut())] {
+            if let Some(profile) = profile {
+                self.in_bucket(kind, profile, start, elapsed);
+            }
+        }
+        self.store.add(start, end, [Some(cpu), off]);
+        // Everything of the processes that exited is symbolised by now.
+        session.symbolizer.forget_exited();
+        Ok(())
+    }
+
+    fn cut_or_say(&mut self, session: &mut Session) {
+        if let Err(err) = self.cut(session) {
+            crate::say!("livetrace: record: cannot take the last bucket: {err:#}");
+        }
+    }
+
+    /// Turns the capture's counters so far into the bucket's own, and the notes into its.
+    fn in_bucket(
+        &mut self,
+        kind: Kind,
+        profile: &mut StackProfile,
+        start: SystemTime,
+        elapsed: Duration,
+    ) {
+        let quality = &mut profile.quality;
+        let total = quality.clone();
+        let last = &self.last_quality[kind as usize];
+        quality.events -= last.events.min(quality.events);
+        quality.recorded -= last.recorded.min(quality.recorded);
+        quality.idle -= last.idle.min(quality.idle);
+        quality.not_target -= last.not_target.min(quality.not_target);
+        quality.counts_map_full -= last.counts_map_full.min(quality.counts_map_full);
+        quality.unwind_ring_full -= last.unwind_ring_full.min(quality.unwind_ring_full);
+        quality.duration = elapsed;
+        quality.started_unix_ns = start
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_nanos() as u64);
+        quality.stop_reason = None;
+        // The tools' notes that count the whole capture so far (switches seen, in-kernel cost)
+        // or speak of a snapshot are not the bucket's.
+        quality.notes.retain(|n| {
+            ![
+                "snapshot (SIGUSR1)",
+                "context switches seen",
+                "in-kernel cost",
+            ]
+            .iter()
+            .any(|cumulative| n.contains(cumulative))
+        });
+        self.last_quality[kind as usize] = total;
+    }
+
+    /// The start of the window SIGUSR1 and the end write.
+    fn default_from(&self, to: SystemTime) -> SystemTime {
+        match self.args.window {
+            Some(window) => to.checked_sub(window).unwrap_or(SystemTime::UNIX_EPOCH),
+            None => SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    /// Writes the window `from..to` to `outputs` (off-CPU beside each, see [`offcpu_path`]) and
+    /// says what was written, with each profile's footer.
+    fn write_window(
+        &self,
+        from: SystemTime,
+        to: SystemTime,
+        outputs: &[OutputSpec],
+    ) -> anyhow::Result<String> {
+        let mut report = String::new();
+        let mut failures = Vec::new();
+        for kind in [Kind::OnCpu, Kind::OffCpu] {
+            let Some((mut profile, start, end)) = self.store.window(kind, from, to) else {
+                continue;
+            };
+            self.note_window(&mut profile, (from, to), (start, end));
+            let outputs: Vec<OutputSpec> = match kind {
+                Kind::OnCpu => outputs.to_vec(),
+                Kind::OffCpu => outputs.iter().map(offcpu_path).collect(),
+            };
+            let written = output::write_stack_profile(&profile, &outputs);
+            report.push_str(&output::footer::text(&profile));
+            for path in written.paths() {
+                report.push_str(&format!("livetrace: wrote {path}\n"));
+            }
+            if let Err(err) = written.finish() {
+                failures.push(format!("{err:#}"));
+            }
+        }
+        if report.is_empty() {
+            anyhow::bail!(
+                "nothing recorded in that window yet: the first bucket ends {} after the start \
+                 (--bucket), and a dump covers whole buckets",
+                crate::duration::describe(self.bucket)
+            );
+        }
+        match failures.is_empty() {
+            true => Ok(report),
+            false => Err(anyhow::anyhow!("{}", failures.join("\n"))),
+        }
+    }
+
+    /// The window's own notes: what it covers, and what memory made the recorder forget.
+    fn note_window(
+        &self,
+        profile: &mut StackProfile,
+        (from, to): (SystemTime, SystemTime),
+        (start, end): (SystemTime, SystemTime),
+    ) {
+        let notes = &mut profile.quality.notes;
+        notes.push(format!(
+            "window {} to {}: the whole buckets ({}) within what was asked, {}",
+            clock(start),
+            clock(end),
+            crate::duration::describe(self.bucket),
+            if from == SystemTime::UNIX_EPOCH {
+                format!("all that is kept (up to {})", clock(to))
+            } else {
+                format!("{} to {}", clock(from), clock(to))
+            }
+        ));
+        if let Some(oldest) = self.store.oldest()
+            && from > SystemTime::UNIX_EPOCH
+            && from < oldest
+            && self.store.evicted + self.store.expired > 0
+        {
+            notes.push(format!(
+                "the window asked for starts before the oldest bucket kept ({})",
+                clock(oldest)
+            ));
+        }
+        if self.store.evicted > 0 {
+            notes.push(format!(
+                "{} buckets ({}) were dropped, oldest first, to stay within --max-memory {} MiB \
+                 (held now: {:.1} MiB): raise --max-memory, or lower -F or --keep",
+                self.store.evicted,
+                crate::duration::describe(self.store.evicted_time),
+                self.args.max_memory >> 20,
+                self.store.bytes() as f64 / f64::from(1 << 20)
+            ));
+        }
+    }
+
+    /// Answers every `dump` waiting on the socket.
+    fn serve(&mut self, session: &mut Session) {
+        while let Some(mut client) = self.server.accept() {
+            let reply = match client.request() {
+                Ok(request) => {
+                    self.cut_or_say(session);
+                    self.answer(&request)
+                }
+                Err(err) => Err(err),
+            };
+            client.reply(reply);
+        }
+    }
+
+    /// Answers the dumps that connected before the socket was removed, from what is kept.
+    fn serve_closing(&mut self) {
+        while let Some(mut client) = self.server.accept() {
+            let reply = client.request().and_then(|request| self.answer(&request));
+            client.reply(reply);
+        }
+    }
+
+    fn answer(&self, request: &Request) -> anyhow::Result<String> {
+        let to = request.to.unwrap_or_else(SystemTime::now);
+        let from = match (request.from, request.last) {
+            (Some(from), _) => from,
+            (None, Some(last)) => to.checked_sub(last).unwrap_or(SystemTime::UNIX_EPOCH),
+            (None, None) => self.default_from(to),
+        };
+        self.write_window(from, to, &request.outputs)
+    }
+
+    fn write_rotated(&mut self) {
+        let now = SystemTime::now();
+        if let Some(every) = self.args.write_every
+            && now.duration_since(self.written_at).unwrap_or_default() >= every
+        {
+            self.write_rotated_now(now);
+        }
+    }
+
+    /// `--write-every`: the buckets since the last file, as one pprof of each kind, and the
+    /// oldest files beyond --max-files removed.
+    fn write_rotated_now(&mut self, now: SystemTime) {
+        let Some(dir) = &self.args.dir else { return };
+        let name = format!("{ROTATED_PREFIX}{}.pb.gz", crate::timestamp());
+        let spec = OutputSpec::parse(&dir.join(&name).to_string_lossy());
+        // The buckets since the last file, whole: the next file starts where this one ends, so
+        // the files tile the recording. An interval without a whole bucket writes nothing.
+        let Some((_, _, end)) = self.store.window(Kind::OnCpu, self.written_at, now) else {
+            return;
+        };
+        let result = spec
+            .map_err(anyhow::Error::msg)
+            .and_then(|spec| self.write_window(self.written_at, end, std::slice::from_ref(&spec)));
+        if let Err(err) = result {
+            crate::say!("livetrace: --write-every: {err:#}");
+        }
+        self.written_at = end;
+        socket::remove_oldest(dir, ROTATED_PREFIX, self.args.max_files as usize);
+    }
+}
+
+/// Where the off-CPU profile of an output goes: `x.svg` -> `x.offcpu.svg`, `x.pb.gz` ->
+/// `x.offcpu.pb.gz`.
+fn offcpu_path(spec: &OutputSpec) -> OutputSpec {
+    let Some(path) = &spec.path else {
+        return spec.clone();
+    };
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let suffix = [".pb.gz", ".speedscope.json", ".json", ".svg", ".folded"]
+        .into_iter()
+        .find(|s| name.len() > s.len() && name.ends_with(s))
+        .unwrap_or_default();
+    let stem = &name[..name.len() - suffix.len()];
+    OutputSpec {
+        path: Some(path.with_file_name(format!("{stem}.offcpu{suffix}"))),
+        format: spec.format,
+    }
+}
+
+/// A wall-clock time as UTC `HH:MM:SS`.
+fn clock(at: SystemTime) -> String {
+    let secs = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offcpu_profiles_go_beside_each_output() {
+        let beside = |path: &str| {
+            let spec = OutputSpec::parse(path).unwrap();
+            offcpu_path(&spec)
+                .path
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        };
+        assert_eq!(beside("/d/x.svg"), "/d/x.offcpu.svg");
+        assert_eq!(beside("x.pb.gz"), "x.offcpu.pb.gz");
+        assert_eq!(beside("a.b.speedscope.json"), "a.b.offcpu.speedscope.json");
+        assert_eq!(beside("cpu.json"), "cpu.offcpu.json");
+    }
+}
