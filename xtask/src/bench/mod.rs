@@ -10,6 +10,7 @@ mod offcpu;
 mod process;
 mod profile;
 mod python;
+mod record;
 mod unwind;
 mod uprobe;
 
@@ -56,6 +57,7 @@ enum Only {
     Uprobe,
     Usdt,
     Python,
+    Record,
 }
 
 /// What every section's measurements share: where things are, and how hard to try.
@@ -248,6 +250,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         sections.push(Section::from_markdown(
             "profile without frame pointers: --unwind fp vs dwarf vs perf --call-graph dwarf",
             unwind::run(&livetrace)?,
+        ));
+    }
+    if ctx.peers.perf.is_some() && wanted(Only::Record) {
+        sections.push(Section::from_markdown(
+            "record: the flight recorder's always-on cost, vs perf record --switch-output",
+            record::run(&ctx, ctx.runs.min(5))?,
         ));
     }
     if wanted(Only::Python) {

@@ -129,7 +129,7 @@ pub fn run(livetrace: &Path, rounds: usize, seconds: f64) -> anyhow::Result<Stri
     Ok(out)
 }
 
-fn build_pingpong() -> anyhow::Result<PathBuf> {
+pub fn build_pingpong() -> anyhow::Result<PathBuf> {
     let dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let out = dir.join("pingpong");
