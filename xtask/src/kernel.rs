@@ -117,6 +117,7 @@ fn build_static_fixtures(dir: &Path) -> anyhow::Result<PathBuf> {
         ("chain", &[][..]),
         ("offcpu", &["-pthread"][..]),
         ("latency", &["-pthread"][..]),
+        ("switch", &[][..]),
     ] {
         run_command(
             Command::new("cc")
@@ -323,6 +324,17 @@ kill $P"#,
         },
     },
     Check {
+        id: "record",
+        name: "record and dump",
+        body: r#"
+$LT record --bucket 500ms --socket /tmp/record.sock -o $OUT/final.folded -- $FIX/switch 3 5 > $OUT/switched 2> $OUT/record.err & R=$!
+until grep -q switched $OUT/switched; do sleep 0.2; done
+sleep 3
+$LT dump --socket /tmp/record.sock --last 2s -o $OUT/last.folded
+wait $R"#,
+        verify: verify_record,
+    },
+    Check {
         id: "check",
         name: "livetrace check",
         body: r#"$LT check --json"#,
@@ -501,6 +513,30 @@ fn verify_blocked(o: &Outputs, dwarf: bool) -> Result<(), String> {
         })?;
     }
     Ok(())
+}
+
+/// switch 3 5 recorded: the last 2 s dumped 3 s after the switch hold only the new function
+/// (taking the counts out of the maps works on this kernel), and the end wrote both.
+fn verify_record(o: &Outputs) -> Result<(), String> {
+    let last = o.folded("last.folded")?;
+    let after = last.share(|s| s.contains(&["main", "after_switch"]));
+    let before = last.share(|s| s.contains(&["main", "before_switch"]));
+    check(last.total() >= 20 && after > 0.9 && before == 0.0, || {
+        format!(
+            "the last 2 s: {} samples, after_switch {after:.2}, before_switch {before:.2}",
+            last.total()
+        )
+    })?;
+    let all = o.folded("final.folded")?;
+    let both = ["before_switch", "after_switch"]
+        .iter()
+        .all(|f| all.share(|s| s.contains(&["main", f])) > 0.1);
+    check(both, || {
+        format!(
+            "the whole recording lacks a function: {} samples",
+            all.total()
+        )
+    })
 }
 
 /// latency mix: 1000 calls, 1% of 5 ms, 9% of 500 us, the rest 50 us.
