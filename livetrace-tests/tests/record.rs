@@ -221,15 +221,7 @@ fn dumps_are_the_owners_and_are_answered_at_once_and_while_stopping() {
     let pid = spin.pid().to_string();
     let final_out = dir.path().join("final.folded");
     let recorder = start_recorder(
-        &[
-            "-p",
-            &pid,
-            "--bucket",
-            "250ms",
-            "--no-offcpu",
-            "-o",
-            path_arg(&final_out),
-        ],
+        &["-p", &pid, "--bucket", "250ms", "-o", path_arg(&final_out)],
         &socket,
     );
     std::thread::sleep(Duration::from_secs(1));
@@ -256,6 +248,34 @@ fn dumps_are_the_owners_and_are_answered_at_once_and_while_stopping() {
         run.stderr.contains("refused: uid Some(65534)"),
         "{}",
         run.stderr
+    );
+
+    // Every output format, over the window asked for, the off-CPU profile beside each.
+    let formats = [
+        "w.folded",
+        "w.svg",
+        "w.pb.gz",
+        "w.speedscope.json",
+        "w.json",
+    ];
+    let mut args = vec!["--last", "1s"];
+    let paths: Vec<PathBuf> = formats.iter().map(|f| dir.path().join(f)).collect();
+    for path in &paths {
+        args.extend(["-o", path_arg(path)]);
+    }
+    dump(&socket, &args).assert_success();
+    for name in formats {
+        let size = std::fs::metadata(dir.path().join(name)).map_or(0, |m| m.len());
+        assert!(size > 0, "{name} is missing or empty");
+        // The spinning fixture may not block at all: its off-CPU profile may hold nothing.
+        let offcpu = name.replacen("w.", "w.offcpu.", 1);
+        assert!(dir.path().join(&offcpu).is_file(), "{offcpu} is missing");
+    }
+    let window = json(&dir.path().join("w.json"));
+    let seconds = window["duration_seconds"].as_f64().unwrap();
+    assert!(
+        (0.25..=1.0).contains(&seconds),
+        "a window of the last 1 s covers {seconds} s"
     );
 
     // Two at once.

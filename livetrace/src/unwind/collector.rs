@@ -153,6 +153,9 @@ fn tell(seen: &Mutex<Sightings>, symbolizer: &mut Symbolizer) {
     }
 }
 
+/// How often the unwinding thread forgets the processes that have exited.
+const FORGET_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn drain_loop(
     mut ring: RingBuf<MapData>,
     per_thread: bool,
@@ -163,6 +166,7 @@ fn drain_loop(
     shared: &Mutex<Unwound>,
 ) {
     let mut unwinder = DwarfUnwinder::default();
+    let mut forgot_at = std::time::Instant::now();
     loop {
         // Read the flag before draining, so that the last drain follows the stop.
         let stopping = stop.load(Ordering::Acquire);
@@ -208,6 +212,11 @@ fn drain_loop(
         }
         if stopping {
             return;
+        }
+        if forgot_at.elapsed() >= FORGET_EVERY {
+            unwinder.forget_exited();
+            python.forget_exited();
+            forgot_at = std::time::Instant::now();
         }
         let young = unwinder.reread_young();
         if drained == 0 {

@@ -44,6 +44,12 @@ impl PythonFrames {
         }
     }
 
+    /// Forgets the code objects read of processes that have exited.
+    pub(super) fn forget_exited(&mut self) {
+        self.codes
+            .retain(|pid, _| std::path::Path::new(&format!("/proc/{pid}")).exists());
+    }
+
     /// A Python record: kept for the sample that follows it.
     pub(super) fn arrived(&mut self, header: &UnwindSampleHeader, record: &[u8]) {
         let bytes = record

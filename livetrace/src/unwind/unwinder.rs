@@ -63,6 +63,8 @@ pub struct DwarfUnwinder {
     pub(super) noted: HashSet<u32>,
     /// Bytes above sp the last walk read: how much of its copy the stack needed.
     pub(super) stack_used: usize,
+    /// Processes found gone at the last [`Self::forget_exited`].
+    gone: HashSet<u32>,
 }
 
 impl DwarfUnwinder {
@@ -84,6 +86,25 @@ impl DwarfUnwinder {
         };
         let (addrs, cut_short) = self.unwind(pid, &regs, stack);
         (addrs, cut_short.is_none())
+    }
+
+    /// Forgets the processes that were already gone at the previous call, so that a long
+    /// capture of processes that come and go (`record`) does not keep each one's maps and
+    /// unwinder. Gone for a whole interval: their last samples, drained within milliseconds,
+    /// were unwound.
+    pub(super) fn forget_exited(&mut self) {
+        let gone: HashSet<u32> = (self.processes.keys())
+            .chain(&self.noted)
+            .chain(self.young.keys())
+            .copied()
+            .filter(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+            .collect();
+        for pid in gone.intersection(&self.gone) {
+            self.processes.remove(pid);
+            self.noted.remove(pid);
+            self.young.remove(pid);
+        }
+        self.gone = gone;
     }
 
     /// `pid` has exec'd: its next stack is read against its new mappings, read now and then
