@@ -213,9 +213,10 @@ pub fn read_counters_in(bpf: &Ebpf) -> anyhow::Result<[u64; COUNTER_SLOTS as usi
 }
 
 /// Takes every entry out of a hash map while its programs go on writing to it: each key is
-/// looked up and deleted in one step (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, Linux 5.14+), so an
-/// update lands either in the value taken or in a new entry left for the next take, never in
-/// between. A key deleted meanwhile is skipped.
+/// looked up and deleted in one step (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, Linux 5.14+). A
+/// program's find-then-add that straddles the take of its own entry can still lose its add (or
+/// put it on the element's next key): docs/record.md says how rare, and what would close it.
+/// A key deleted meanwhile is skipped.
 pub fn take_entries<K: aya::Pod, V: aya::Pod>(
     bpf: &Ebpf,
     name: &str,
@@ -228,7 +229,7 @@ pub fn take_entries<K: aya::Pod, V: aya::Pod>(
     let keys: Vec<K> = HashMap::<&MapData, K, V>::try_from(map)?
         .keys()
         .collect::<Result<_, _>>()
-        .context("failed to list a map's keys")?;
+        .with_context(|| format!("failed to list the keys of {name}"))?;
     let fd = data.fd().as_fd().as_raw_fd();
     let mut taken = Vec::with_capacity(keys.len());
     for key in keys {
@@ -254,7 +255,9 @@ pub fn take_entries<K: aya::Pod, V: aya::Pod>(
         } else {
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::ENOENT) {
-                return Err(err).context("failed to take an entry out of a map (Linux 5.14+)");
+                return Err(err).with_context(|| {
+                    format!("failed to take an entry out of {name} (it needs Linux 5.14+)")
+                });
             }
         }
     }

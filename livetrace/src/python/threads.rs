@@ -145,7 +145,7 @@ impl Objects<'_> {
             };
             (
                 word(32)?,
-                keys.wrapping_add(40 + size.checked_mul(width)?),
+                keys.wrapping_add(size.checked_mul(width)?.checked_add(40)?),
                 24,
                 8,
             )

@@ -36,8 +36,8 @@ pub struct Watch {
     threads: HashMap<u32, (u32, u64)>,
     /// Interpreters found by [`Watch::look`] that the program has not been told of yet.
     found: Vec<Interpreter>,
-    /// By process: the threads whose Python names were looked for, and when to look again
-    /// for those still without one.
+    /// By process: the threads listed at the last look, and when to look again for those
+    /// still without a Python name.
     named: HashMap<u32, (HashSet<u32>, Instant, Duration)>,
 }
 
@@ -184,16 +184,21 @@ impl Watch {
     /// again, less and less often, while some have none: a thread has its state before
     /// `threading` lists it, and threads that C code started are never listed.
     fn name_threads(&mut self, interpreter: &mut Interpreter, listed: &HashSet<u32>) {
+        let (seen, due, wait) = self
+            .named
+            .entry(interpreter.pid)
+            .or_insert_with(|| (HashSet::new(), Instant::now(), LOOK_AGAIN));
+        // A tid listed again after it was not is a new thread: the old one's name goes.
+        for tid in listed.difference(seen) {
+            interpreter.thread_names.remove(tid);
+        }
         let unnamed: HashSet<u32> = listed
             .iter()
             .filter(|tid| !interpreter.thread_names.contains_key(tid))
             .copied()
             .collect();
-        let (tried, due, wait) = self
-            .named
-            .entry(interpreter.pid)
-            .or_insert_with(|| (HashSet::new(), Instant::now(), LOOK_AGAIN));
-        let new = !unnamed.is_subset(tried);
+        let new = listed.iter().any(|tid| !seen.contains(tid));
+        seen.clone_from(listed);
         if unnamed.is_empty() || (!new && Instant::now() < *due) {
             return;
         }
@@ -212,7 +217,6 @@ impl Watch {
             (*wait * 2).min(LOOK_AT_MOST)
         };
         *due = Instant::now() + *wait;
-        tried.extend(unnamed);
     }
 }
 

@@ -101,6 +101,8 @@ pub struct Symbolizer {
     perf_maps: HashMap<u32, Option<PerfMap>>,
     /// Processes with JIT frames left unnamed, for the hint on how to name them.
     unnamed_jit: BTreeSet<u32>,
+    /// Processes found gone at the last [`Symbolizer::forget_exited`].
+    gone: BTreeSet<u32>,
 }
 
 impl Default for Symbolizer {
@@ -121,6 +123,7 @@ impl Symbolizer {
             build_ids: HashMap::new(),
             interrupted: false,
             perf_maps: HashMap::new(),
+            gone: BTreeSet::new(),
             unnamed_jit: BTreeSet::new(),
         }
     }
@@ -188,11 +191,22 @@ impl Symbolizer {
 
     /// Forgets the processes that have exited, once their stacks are named (`record` names
     /// each bucket as it cuts it): a long recording of a forking service stays bounded.
+    ///
+    /// Gone at two calls in a row: samples a process took just before it exited may be named
+    /// in the next bucket.
     pub fn forget_exited(&mut self) {
-        let gone = |pid: &u32| !Path::new(&format!("/proc/{pid}")).exists();
-        self.snapshots.retain(|pid, _| !gone(pid));
-        self.perf_maps.retain(|pid, _| !gone(pid));
-        self.unnamed_jit.retain(|pid| !gone(pid));
+        let gone: BTreeSet<u32> = self
+            .snapshots
+            .keys()
+            .chain(self.perf_maps.keys())
+            .copied()
+            .filter(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+            .collect();
+        let forget: BTreeSet<u32> = gone.intersection(&self.gone).copied().collect();
+        self.snapshots.retain(|pid, _| !forget.contains(pid));
+        self.perf_maps.retain(|pid, _| !forget.contains(pid));
+        self.unnamed_jit.retain(|pid| !forget.contains(pid));
+        self.gone = gone;
     }
 
     /// Takes the executable mappings someone else read of `pid` more recently (the unwinding

@@ -33,6 +33,7 @@ use crate::{
         capture::{Event, StopReason},
         targets::{Target, TargetArgs},
     },
+    stacks,
     tools::{offcpu, profile},
     unwind::UnwindArgs,
 };
@@ -99,6 +100,12 @@ pub struct Args {
     #[arg(long = "max-files", value_name = "N", default_value_t = 60,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_files: u32,
+    /// Capacity of the maps of stacks and of counts (per object); the stack map is emptied at
+    /// a cut once it holds a sixteenth of this.
+    #[arg(long = "stack-storage-size", value_name = "N",
+          default_value_t = livetrace_common::stacks::DEFAULT_STACK_STORAGE,
+          value_parser = clap::value_parser!(u32).range(64..=4_194_304))]
+    pub stack_storage: u32,
     /// Stop after this long (default: until Ctrl-C or SIGTERM).
     #[arg(short = 'd', long = "duration", value_name = "SECS",
           value_parser = parse_positive_duration)]
@@ -137,7 +144,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         kernel_only: false,
         outputs: Vec::new(),
         per_thread: false,
-        stack_storage: livetrace_common::stacks::DEFAULT_STACK_STORAGE,
+        stack_storage: args.stack_storage,
         event: profile::Event::CpuClock,
         unwind: args.unwind.clone(),
     });
@@ -154,7 +161,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             per_thread: false,
             wakers: false,
             include_kernel_threads: false,
-            stack_storage: livetrace_common::stacks::DEFAULT_STACK_STORAGE,
+            stack_storage: args.stack_storage,
             attach: offcpu::Attach::Auto,
             unwind: args.unwind.clone(),
         })
@@ -190,7 +197,15 @@ impl Tool for Record {
             privileges.needs.extend(more.needs);
             privileges.wanted.extend(more.wanted);
         }
-        privileges.needs.dedup();
+        // Both tools need the same capabilities, once each (in the order first needed).
+        for list in [&mut privileges.needs, &mut privileges.wanted] {
+            let mut seen = Vec::new();
+            list.retain(|need| {
+                let new = !seen.contains(&(need.cap, need.why));
+                seen.push((need.cap, need.why));
+                new
+            });
+        }
         privileges
     }
 
@@ -357,23 +372,59 @@ impl Recording {
     /// Ends the current bucket now and keeps it.
     fn cut(&mut self, session: &mut Session) -> anyhow::Result<()> {
         let (started, start) = self.cut_at;
-        let elapsed = started.elapsed();
-        let end = SystemTime::now();
-        let mut cpu = self.cpu.take_bucket(&mut session.symbolizer, elapsed)?;
-        let mut off = match &mut self.off {
-            Some(off) => Some(off.take_bucket(&mut session.symbolizer)?),
-            None => None,
+        // Both clocks read once, before the take: the next bucket starts where this one ends.
+        let (now, end) = (Instant::now(), SystemTime::now());
+        let elapsed = now.duration_since(started);
+        self.cut_at = (now, end);
+        // What is taken out of the kernel is kept even if the other half fails.
+        let cpu = self.cpu.take_bucket(&mut session.symbolizer, elapsed);
+        let off = self
+            .off
+            .as_mut()
+            .map(|off| off.take_bucket(&mut session.symbolizer));
+        let (mut cpu, mut off) = match (cpu, off.transpose()) {
+            (Ok(cpu), Ok(off)) => (Some(cpu), off),
+            (Ok(cpu), Err(err)) => {
+                crate::say!("livetrace: record: the off-CPU part of a bucket is lost: {err:#}");
+                (Some(cpu), None)
+            }
+            (Err(err), Ok(off)) => {
+                crate::say!("livetrace: record: the on-CPU part of a bucket is lost: {err:#}");
+                (None, off)
+            }
+            (Err(err), Err(_)) => return Err(err),
         };
-        self.cut_at = (Instant::now(), end);
-        for (kind, profile) in [(Kind::OnCpu, Some(&mut cpu)), (Kind::OffCpu, off.as_mut())] {
+        for (kind, profile) in [(Kind::OnCpu, cpu.as_mut()), (Kind::OffCpu, off.as_mut())] {
             if let Some(profile) = profile {
                 self.in_bucket(kind, profile, start, elapsed);
             }
         }
-        self.store.add(start, end, [Some(cpu), off]);
-        // Everything of the processes that exited is symbolised by now.
+        self.keep_maps_bounded([cpu.as_mut(), off.as_mut()]);
+        self.store.add(start, end, [cpu, off]);
+        // The processes that exited before the previous cut are named by now.
         session.symbolizer.forget_exited();
         Ok(())
+    }
+
+    /// Keeps the kernel's maps from filling over a long recording ([`stacks::keep_maps_bounded`]),
+    /// noting in the bucket when a stack map was emptied.
+    fn keep_maps_bounded(&mut self, parts: [Option<&mut StackProfile>; 2]) {
+        let storage = self.args.stack_storage;
+        let objects = [Some(self.cpu.ebpf()), self.off.as_mut().map(|o| o.ebpf())];
+        for (ebpf, part) in objects.into_iter().zip(parts) {
+            let (Some(ebpf), Some(part)) = (ebpf, part) else {
+                continue;
+            };
+            match stacks::keep_maps_bounded(ebpf, storage) {
+                Ok(false) => {}
+                // One line for the window however often (the notes of buckets merge).
+                Ok(true) => part.quality.notes.push(format!(
+                    "the stack map filled a sixteenth and was emptied at a cut: samples of \
+                     those instants may show [lost ... stack] (--stack-storage-size {storage})"
+                )),
+                Err(err) => crate::say!("livetrace: record: cannot empty the maps: {err:#}"),
+            }
+        }
     }
 
     fn cut_or_say(&mut self, session: &mut Session) {
@@ -509,25 +560,22 @@ impl Recording {
         }
     }
 
-    /// Answers every `dump` waiting on the socket.
+    /// Answers every `dump` whose request has arrived, after cutting a bucket so that the
+    /// last seconds are in it.
     fn serve(&mut self, session: &mut Session) {
-        while let Some(mut client) = self.server.accept() {
-            let reply = match client.request() {
-                Ok(request) => {
-                    self.cut_or_say(session);
-                    self.answer(&request)
-                }
-                Err(err) => Err(err),
-            };
-            client.reply(reply);
+        let ready = self.server.poll();
+        if ready.iter().any(|(_, request)| request.is_ok()) {
+            self.cut_or_say(session);
+        }
+        for (mut client, request) in ready {
+            client.reply(request.and_then(|request| self.answer(&request)));
         }
     }
 
     /// Answers the dumps that connected before the socket was removed, from what is kept.
     fn serve_closing(&mut self) {
-        while let Some(mut client) = self.server.accept() {
-            let reply = client.request().and_then(|request| self.answer(&request));
-            client.reply(reply);
+        for (mut client, request) in self.server.last_requests() {
+            client.reply(request.and_then(|request| self.answer(&request)));
         }
     }
 

@@ -6,13 +6,13 @@
 //! the recording for longer than writing takes, and two dumps at once are answered in turn.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     os::unix::{
         fs::PermissionsExt as _,
         net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -51,24 +51,40 @@ pub struct Request {
     pub outputs: Vec<OutputSpec>,
 }
 
-/// The recorder's end.
+/// The recorder's end. Requests are read without blocking, a little at each of the capture
+/// loop's ticks, so a client that connects and says nothing never holds the recording up.
 pub struct Server {
     listener: UnixListener,
     path: PathBuf,
+    /// Connections whose request has not fully arrived: since when, and what came so far.
+    pending: Vec<(Client, Instant, Vec<u8>)>,
 }
+
+/// The longest request read: a bound against a client that never ends its line.
+const MAX_REQUEST: usize = 64 * 1024;
 
 impl Server {
     /// Listens at `path`, refusing if a recorder already does; a socket left by one that died
-    /// is replaced.
+    /// is replaced (never another kind of file).
     pub fn bind(path: &Path) -> anyhow::Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.exists()) {
+        use std::os::unix::fs::FileTypeExt as _;
+        if let Some(dir) = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+        {
             std::fs::create_dir_all(dir)
                 .and_then(|()| {
                     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                 })
                 .with_context(|| format!("cannot create {} for the socket", dir.display()))?;
         }
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                anyhow::bail!(
+                    "{} exists and is not a socket: give --socket a path of its own",
+                    path.display()
+                );
+            }
             if UnixStream::connect(path).is_ok() {
                 anyhow::bail!(
                     "a recorder is already listening on {}: stop it, or give this one \
@@ -79,41 +95,71 @@ impl Server {
             std::fs::remove_file(path)
                 .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
         }
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("cannot listen on {}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("cannot restrict {} to its owner", path.display()))?;
+        // Created 0600 from the start: no instant in which another user could connect.
+        // SAFETY: umask has no preconditions; the old mask is restored right after.
+        let old = unsafe { libc::umask(0o177) };
+        let listener = UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let listener = listener.with_context(|| format!("cannot listen on {}", path.display()))?;
         listener.set_nonblocking(true)?;
         Ok(Self {
             listener,
             path: path.to_owned(),
+            pending: Vec::new(),
         })
     }
 
-    /// A `dump` waiting to be answered, if any. One from another user is refused here.
-    pub fn accept(&self) -> Option<Client> {
-        loop {
-            let (stream, _) = self.listener.accept().ok()?;
-            let _ = stream.set_nonblocking(false);
-            let _ = stream.set_read_timeout(Some(TIMEOUT));
-            let _ = stream.set_write_timeout(Some(TIMEOUT));
+    /// Removes the socket's name: no new dump can connect; those already connected can still
+    /// be answered.
+    pub fn close(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    /// The requests that have fully arrived, each with its client to answer (or why it cannot
+    /// be read). Accepts new connections and reads what has come, without waiting.
+    pub fn poll(&mut self) -> Vec<(Client, anyhow::Result<Request>)> {
+        while let Ok((stream, _)) = self.listener.accept() {
             let mut client = Client { stream };
             match peer_uid(&client.stream) {
                 // SAFETY: geteuid has no preconditions.
-                Some(uid) if uid == 0 || uid == unsafe { libc::geteuid() } => return Some(client),
+                Some(uid) if uid == 0 || uid == unsafe { libc::geteuid() } => {
+                    let _ = client.stream.set_nonblocking(true);
+                    self.pending.push((client, Instant::now(), Vec::new()));
+                }
                 uid => client.reply(Err(anyhow::anyhow!(
                     "refused: uid {uid:?} is not the recorder's owner"
                 ))),
             }
         }
+        let mut ready = Vec::new();
+        let mut waiting = Vec::new();
+        for (mut client, since, mut bytes) in std::mem::take(&mut self.pending) {
+            match client.read_more(&mut bytes) {
+                Some(result) => ready.push((client, result)),
+                None if since.elapsed() >= TIMEOUT => ready.push((
+                    client,
+                    Err(anyhow::anyhow!("no request came within {TIMEOUT:?}")),
+                )),
+                None => waiting.push((client, since, bytes)),
+            }
+        }
+        self.pending = waiting;
+        ready
     }
-}
 
-impl Server {
-    /// Removes the socket's name: no new dump can connect; those already connected can still
-    /// be accepted.
-    pub fn close(&self) {
-        let _ = std::fs::remove_file(&self.path);
+    /// After [`Server::close`]: every request still to come from connected clients, waiting
+    /// for each at most as long as a request may take.
+    pub fn last_requests(&mut self) -> Vec<(Client, anyhow::Result<Request>)> {
+        let mut all = Vec::new();
+        let deadline = Instant::now() + TIMEOUT + Duration::from_millis(100);
+        loop {
+            all.extend(self.poll());
+            if self.pending.is_empty() || Instant::now() >= deadline {
+                return all;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
@@ -151,24 +197,27 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn request(&mut self) -> anyhow::Result<Request> {
-        let mut line = String::new();
-        BufReader::new(&self.stream)
-            .read_line(&mut line)
-            .context("reading the request")?;
-        let wire: WireRequest = serde_json::from_str(&line).context("a malformed request")?;
-        let time = |secs: f64| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs.max(0.0));
-        let outputs = wire
-            .outputs
-            .iter()
-            .map(|o| OutputSpec::parse(o).map_err(anyhow::Error::msg))
-            .collect::<anyhow::Result<_>>()?;
-        Ok(Request {
-            from: wire.from.map(time),
-            to: wire.to.map(time),
-            last: wire.last.map(|s| Duration::from_secs_f64(s.max(0.0))),
-            outputs,
-        })
+    /// Reads what has arrived; the request once its line is complete (or why it is not one).
+    fn read_more(&mut self, bytes: &mut Vec<u8>) -> Option<anyhow::Result<Request>> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Some(Err(anyhow::anyhow!("the client hung up before asking"))),
+                Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    return Some(Err(anyhow::Error::from(err).context("reading a request")));
+                }
+            }
+            if bytes.len() > MAX_REQUEST {
+                return Some(Err(anyhow::anyhow!(
+                    "a request longer than {MAX_REQUEST} bytes"
+                )));
+            }
+        }
+        let end = bytes.iter().position(|&b| b == b'\n')?;
+        Some(parse_request(&bytes[..end]))
     }
 
     pub fn reply(&mut self, result: anyhow::Result<String>) {
@@ -179,6 +228,8 @@ impl Client {
                 text: format!("{err:#}"),
             },
         };
+        let _ = self.stream.set_nonblocking(false);
+        let _ = self.stream.set_write_timeout(Some(TIMEOUT));
         if let Ok(mut line) = serde_json::to_string(&reply) {
             line.push('\n');
             let _ = self.stream.write_all(line.as_bytes());
@@ -186,12 +237,41 @@ impl Client {
     }
 }
 
+fn parse_request(line: &[u8]) -> anyhow::Result<Request> {
+    let wire: WireRequest = serde_json::from_slice(line).context("a malformed request")?;
+    let outputs = wire
+        .outputs
+        .iter()
+        .map(|o| OutputSpec::parse(o).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Request {
+        from: wire.from.map(time).transpose()?,
+        to: wire.to.map(time).transpose()?,
+        last: wire.last.map(seconds).transpose()?,
+        outputs,
+    })
+}
+
+/// A span of seconds as a request gives it: finite, not negative, not absurd.
+fn seconds(value: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| anyhow::anyhow!("{value} is not a span of seconds"))
+}
+
+/// A time as a request gives it: seconds since the Unix epoch.
+fn time(value: f64) -> anyhow::Result<SystemTime> {
+    SystemTime::UNIX_EPOCH
+        .checked_add(seconds(value)?)
+        .ok_or_else(|| anyhow::anyhow!("{value} is not a time"))
+}
+
 const DUMP_EXAMPLES: &str = "\
 Examples:
   livetrace dump --last 2m -o last.svg            # on-CPU to last.svg, off-CPU to last.offcpu.svg
   livetrace dump --from 12:03:00 --to 12:03:30 -o spike.pprof -o spike.folded
   livetrace dump -o all.json                      # everything the recorder keeps
-Times are UTC, as the recorder's notes print them: HH:MM[:SS] today, or @UNIX_SECONDS.";
+Times are UTC, as the recorder's notes print them: HH:MM[:SS] (the last such time: today's, or
+yesterday's if today's is still to come), or @UNIX_SECONDS.";
 
 /// `livetrace dump`: write a window of a running `livetrace record`.
 #[derive(ClapArgs, Debug)]
@@ -214,12 +294,12 @@ pub struct DumpArgs {
     pub socket: PathBuf,
 }
 
-/// `HH:MM[:SS]` (UTC, today) or `@UNIX_SECONDS`.
+/// `HH:MM[:SS]` (UTC, the last such time) or `@UNIX_SECONDS`.
 fn parse_time(text: &str) -> Result<SystemTime, String> {
     let bad = || format!("'{text}' is not a time: give HH:MM[:SS] (UTC, today) or @UNIX_SECONDS");
     if let Some(secs) = text.strip_prefix('@') {
         let secs: f64 = secs.parse().map_err(|_| bad())?;
-        return Ok(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs.max(0.0)));
+        return time(secs).map_err(|_| bad());
     }
     let parts: Vec<u64> = text
         .split(':')
@@ -237,11 +317,22 @@ fn parse_time(text: &str) -> Result<SystemTime, String> {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    let midnight = now - now % 86_400;
-    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(midnight + h * 3600 + m * 60 + s))
+    // Today's, unless that is still to come: then yesterday's (23:58 asked at 00:05).
+    let mut at = now - now % 86_400 + h * 3600 + m * 60 + s;
+    if at > now + 60 {
+        at -= 86_400;
+    }
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(at))
 }
 
 pub fn dump(args: DumpArgs) -> anyhow::Result<()> {
+    if let (Some(from), Some(to)) = (args.from, args.to)
+        && from >= to
+    {
+        return Err(crate::UsageError::error(
+            "--from is not before --to: give the window's start first",
+        ));
+    }
     let seconds = |t: SystemTime| {
         t.duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
