@@ -180,13 +180,12 @@ pub fn drain(
 /// races with the programs: a sample counted after the take whose stack was stored before the
 /// emptying shows `[lost ... stack]`, counted. Returns whether the stack map was emptied.
 pub fn keep_maps_bounded(bpf: &mut Ebpf, stack_storage: u32) -> anyhow::Result<bool> {
-    let alive = |pid: &u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
     let mut seen: BpfHashMap<&mut MapData, u32, u8> =
         BpfHashMap::try_from(bpf::map_mut(bpf, SEEN_PROCESSES)?)?;
     let gone: Vec<u32> = seen
         .keys()
         .filter_map(Result::ok)
-        .filter(|p| !alive(p))
+        .filter(|&p| !crate::proc::task::is_alive(p))
         .collect();
     for pid in gone {
         let _ = seen.remove(&pid);

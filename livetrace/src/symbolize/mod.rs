@@ -200,7 +200,7 @@ impl Symbolizer {
             .keys()
             .chain(self.perf_maps.keys())
             .copied()
-            .filter(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+            .filter(|&pid| !task::is_alive(pid))
             .collect();
         let forget: BTreeSet<u32> = gone.intersection(&self.gone).copied().collect();
         self.snapshots.retain(|pid, _| !forget.contains(pid));

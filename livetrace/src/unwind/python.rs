@@ -47,7 +47,7 @@ impl PythonFrames {
     /// Forgets the code objects read of processes that have exited.
     pub(super) fn forget_exited(&mut self) {
         self.codes
-            .retain(|pid, _| std::path::Path::new(&format!("/proc/{pid}")).exists());
+            .retain(|&pid, _| crate::proc::task::is_alive(pid));
     }
 
     /// A Python record: kept for the sample that follows it.

@@ -97,7 +97,7 @@ impl DwarfUnwinder {
             .chain(&self.noted)
             .chain(self.young.keys())
             .copied()
-            .filter(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+            .filter(|&pid| !crate::proc::task::is_alive(pid))
             .collect();
         for pid in gone.intersection(&self.gone) {
             self.processes.remove(pid);
