@@ -94,6 +94,25 @@ impl OutputSpec {
         })
     }
 
+    /// The same format in a file beside this one, `tag` before the format's extension:
+    /// `x.svg` -> `x.offcpu.svg`, `x.pb.gz` -> `x.offcpu.pb.gz`. Standard output stays itself.
+    pub fn beside(&self, tag: &str) -> Self {
+        let Some(path) = &self.path else {
+            return self.clone();
+        };
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let lower = name.to_ascii_lowercase();
+        let suffix = EXTENSIONS
+            .iter()
+            .find(|(ext, ..)| lower.ends_with(ext))
+            .map_or(0, |(ext, ..)| ext.len());
+        let (stem, ext) = name.split_at(name.len() - suffix);
+        Self {
+            path: Some(path.with_file_name(format!("{stem}.{tag}{ext}"))),
+            format: self.format,
+        }
+    }
+
     pub fn describe(&self) -> String {
         match &self.path {
             Some(path) => path.display().to_string(),
@@ -304,6 +323,21 @@ pub fn write_snapshot(profile: &StackProfile, outputs: &[OutputSpec]) -> anyhow:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file beside another keeps its format's whole extension, whatever its case.
+    #[test]
+    fn a_file_beside_keeps_the_format_extension() {
+        let beside = |path: &str| {
+            let spec = OutputSpec::parse(path).unwrap().beside("offcpu");
+            spec.path.unwrap().to_string_lossy().into_owned()
+        };
+        assert_eq!(beside("/d/x.svg"), "/d/x.offcpu.svg");
+        assert_eq!(beside("x.pb.gz"), "x.offcpu.pb.gz");
+        assert_eq!(beside("a.b.speedscope.json"), "a.b.offcpu.speedscope.json");
+        assert_eq!(beside("cpu.json"), "cpu.offcpu.json");
+        assert_eq!(beside("X.SVG"), "X.offcpu.SVG");
+        assert_eq!(OutputSpec::parse("-").unwrap().beside("offcpu").path, None);
+    }
 
     /// Formats come from extensions; an unknown one is refused with the supported list.
     #[test]

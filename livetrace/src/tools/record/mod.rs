@@ -478,7 +478,7 @@ impl Recording {
         }
     }
 
-    /// Writes the window `from..to` to `outputs` (off-CPU beside each, see [`offcpu_path`]) and
+    /// Writes the window `from..to` to `outputs` (off-CPU beside each, see [`OutputSpec::beside`]) and
     /// says what was written, with each profile's footer.
     fn write_window(
         &self,
@@ -495,7 +495,7 @@ impl Recording {
             self.note_window(&mut profile, (from, to), (start, end));
             let outputs: Vec<OutputSpec> = match kind {
                 Kind::OnCpu => outputs.to_vec(),
-                Kind::OffCpu => outputs.iter().map(offcpu_path).collect(),
+                Kind::OffCpu => outputs.iter().map(|o| o.beside("offcpu")).collect(),
             };
             let written = output::write_stack_profile(&profile, &outputs);
             report.push_str(&output::footer::text(&profile));
@@ -620,24 +620,6 @@ impl Recording {
     }
 }
 
-/// Where the off-CPU profile of an output goes: `x.svg` -> `x.offcpu.svg`, `x.pb.gz` ->
-/// `x.offcpu.pb.gz`.
-fn offcpu_path(spec: &OutputSpec) -> OutputSpec {
-    let Some(path) = &spec.path else {
-        return spec.clone();
-    };
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let suffix = [".pb.gz", ".speedscope.json", ".json", ".svg", ".folded"]
-        .into_iter()
-        .find(|s| name.len() > s.len() && name.ends_with(s))
-        .unwrap_or_default();
-    let stem = &name[..name.len() - suffix.len()];
-    OutputSpec {
-        path: Some(path.with_file_name(format!("{stem}.offcpu{suffix}"))),
-        format: spec.format,
-    }
-}
-
 /// A wall-clock time as UTC `HH:MM:SS`.
 fn clock(at: SystemTime) -> String {
     let secs = at
@@ -650,25 +632,4 @@ fn clock(at: SystemTime) -> String {
         secs / 60 % 60,
         secs % 60
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn offcpu_profiles_go_beside_each_output() {
-        let beside = |path: &str| {
-            let spec = OutputSpec::parse(path).unwrap();
-            offcpu_path(&spec)
-                .path
-                .unwrap()
-                .to_string_lossy()
-                .into_owned()
-        };
-        assert_eq!(beside("/d/x.svg"), "/d/x.offcpu.svg");
-        assert_eq!(beside("x.pb.gz"), "x.offcpu.pb.gz");
-        assert_eq!(beside("a.b.speedscope.json"), "a.b.offcpu.speedscope.json");
-        assert_eq!(beside("cpu.json"), "cpu.offcpu.json");
-    }
 }
