@@ -606,7 +606,7 @@ impl Recording {
         let spec = OutputSpec::parse(&dir.join(&name).to_string_lossy());
         // The buckets since the last file, whole: the next file starts where this one ends, so
         // the files tile the recording. An interval without a whole bucket writes nothing.
-        let Some((_, _, end)) = self.store.window(Kind::OnCpu, self.written_at, now) else {
+        let Some(end) = self.store.last_end_within(self.written_at, now) else {
             return;
         };
         let result = spec

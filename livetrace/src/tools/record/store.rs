@@ -172,6 +172,15 @@ impl Store {
         self.buckets.front().map(|b| b.start)
     }
 
+    /// Where the last bucket that lies wholly within `from..=to` ends, if one does.
+    pub fn last_end_within(&self, from: SystemTime, to: SystemTime) -> Option<SystemTime> {
+        self.buckets
+            .iter()
+            .rev()
+            .find(|b| b.start >= from && b.end <= to)
+            .map(|b| b.end)
+    }
+
     /// The profile of one kind over the buckets that lie wholly within `from..=to`, and the
     /// span they cover (`None` if no bucket does).
     pub fn window(
@@ -310,6 +319,12 @@ mod tests {
         };
         assert_eq!((names, start), (1, at(2)));
         assert!(store.window(Kind::OffCpu, at(0), at(4)).is_none());
+        // Where the whole buckets of a window end, without merging them.
+        assert_eq!(store.last_end_within(at(0), at(2)), Some(at(2)));
+        assert_eq!(
+            store.last_end_within(at(3), at(4) - Duration::from_millis(1)),
+            None
+        );
     }
 
     #[test]
