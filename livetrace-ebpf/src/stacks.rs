@@ -4,6 +4,7 @@
 use aya_ebpf::{
     Global,
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    btf_maps::{ArrayOfMaps, HashMap as CountMap},
     maps::{Array, HashMap, PerCpuArray, RingBuf, StackTrace},
     programs::tracing::StackIdContext,
 };
@@ -15,7 +16,7 @@ use livetrace_common::stacks::{
 // [`stack_maps!`](crate::stack_maps)), so that each object holds only the maps its tool uses;
 // the functions here reach them by name.
 unsafe extern "Rust" {
-    static STACK_COUNTS: HashMap<StackKey, u64>;
+    static STACK_COUNTS: CountsSlot<StackKey>;
     static STACK_TRACES: StackTrace;
     static COUNTERS: PerCpuArray<u64>;
     static TARGET_TGIDS: HashMap<u32, u8>;
@@ -57,12 +58,9 @@ macro_rules! target_maps {
 #[macro_export]
 macro_rules! stack_maps {
     () => {
-        #[aya_ebpf::macros::map]
-        static STACK_COUNTS: aya_ebpf::maps::HashMap<livetrace_common::stacks::StackKey, u64> =
-            aya_ebpf::maps::HashMap::with_max_entries(
-                livetrace_common::stacks::DEFAULT_STACK_STORAGE,
-                0,
-            );
+        #[aya_ebpf::macros::btf_map]
+        static STACK_COUNTS: $crate::stacks::CountsSlot<livetrace_common::stacks::StackKey> =
+            $crate::stacks::CountsSlot::new();
         #[aya_ebpf::macros::map]
         static STACK_TRACES: aya_ebpf::maps::StackTrace =
             aya_ebpf::maps::StackTrace::with_max_entries(
@@ -77,6 +75,16 @@ macro_rules! stack_maps {
             );
     };
 }
+
+/// A count map (key to summed weight). Its size here is only a template: user space creates
+/// the real ones at the size asked for, which the kernel accepts for hash maps of the same
+/// key, value and flags.
+pub type Counts<K> = CountMap<K, u64, 1>;
+
+/// The one slot through which the programs reach the count map in use. `record` puts a fresh
+/// map in it at each cut and takes the old one whole: the kernel returns from that update only
+/// once every program that may still hold the old map has finished, so no add straddles a cut.
+pub type CountsSlot<K> = ArrayOfMaps<Counts<K>, 1>;
 
 #[unsafe(no_mangle)]
 static FILTER_TARGETS: Global<u8> = Global::new(0);
@@ -229,22 +237,23 @@ pub fn announce(tgid: u32) {
     announce_first_sight(tgid, || count(Counter::NewProcessNotAnnounced));
 }
 
-/// Adds `weight` to `key`'s entry in [`STACK_COUNTS`]; a full map is counted, not ignored.
+/// Adds `weight` to `key`'s entry in the count map in [`STACK_COUNTS`]'s slot; a full map is
+/// counted, not ignored.
 #[inline(always)]
 pub fn add_weight(key: &StackKey, weight: u64) {
     announce(key.tgid);
-    add_weight_to(
-        unsafe { &STACK_COUNTS },
-        key,
-        weight,
-        Counter::CountsMapFull,
-    );
+    // User space fills the slot before attaching and never empties it: counted as full, were
+    // it ever empty.
+    match unsafe { &STACK_COUNTS }.get(0) {
+        Some(counts) => add_weight_to(counts, key, weight, Counter::CountsMapFull),
+        None => count(Counter::CountsMapFull),
+    }
 }
 
 /// Adds `weight` to `key`'s entry in `map`, creating it if needed; when the map is full,
 /// `full` is counted instead.
 #[inline(always)]
-pub fn add_weight_to<K>(map: &HashMap<K, u64>, key: &K, weight: u64, full: Counter) {
+pub fn add_weight_to<K>(map: &Counts<K>, key: &K, weight: u64, full: Counter) {
     if let Some(total) = map.get_ptr_mut(key) {
         // SAFETY: the map value just looked up.
         unsafe { atomic_add(total, weight) };

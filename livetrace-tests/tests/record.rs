@@ -526,3 +526,55 @@ fn a_full_stack_map_is_emptied_and_stacks_stay_whole() {
     );
     drop(many);
 }
+
+/// Every sample the programs count lands in exactly one bucket: each cut swaps the count map
+/// the programs add through, and the kernel returns from the swap only once no program still
+/// adds to the old one. Over many cuts at a high rate, the samples of all buckets together are
+/// exactly those counted as recorded, and every event seen has exactly one outcome.
+#[test]
+fn every_sample_lands_in_exactly_one_bucket() {
+    require_root();
+    let _cpus = cpu_shared();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("record.sock");
+    let final_out = dir.path().join("final.json");
+    let spin = fixture("spin");
+    // 24 cuts of 250 ms (the shortest bucket) at 999 Hz: about 1000 samples between cuts.
+    let recorder = start_recorder(
+        &[
+            "--unwind",
+            "fp",
+            "--no-offcpu",
+            "-F",
+            "999",
+            "--bucket",
+            "250ms",
+            "-d",
+            "6",
+            "-o",
+            path_arg(&final_out),
+            "--",
+            path_arg(&spin),
+            "30",
+        ],
+        &socket,
+    );
+    let run = recorder.finish(Duration::from_secs(6) + SLACK);
+    run.assert_success();
+    let summary = json(&final_out);
+    let quality = &summary["data_quality"];
+    let field = |name: &str| {
+        quality[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {name} in {quality}"))
+    };
+    let context = format!("{quality}\n{}", run.stderr);
+    let total = summary["total"].as_u64().unwrap();
+    assert!(total >= 3000, "{total} samples in 6 s at 999 Hz\n{context}");
+    assert_eq!(total, field("recorded"), "{context}");
+    assert_eq!(
+        field("events"),
+        field("recorded") + field("idle") + field("not_target") + field("counts_map_full"),
+        "{context}"
+    );
+}

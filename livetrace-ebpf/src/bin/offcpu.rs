@@ -8,7 +8,7 @@
 use aya_ebpf::{
     Global,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{btf_tracepoint, map, tracepoint},
+    macros::{btf_map, btf_tracepoint, map, tracepoint},
     maps::HashMap,
     programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
 };
@@ -20,8 +20,8 @@ use livetrace_common::{
 use livetrace_ebpf::{
     control, python,
     stacks::{
-        add_weight, add_weight_to, announce, count, current_key, is_target, kernel_stack_id,
-        wants_user_stacks,
+        Counts, add_weight, add_weight_to, announce, count, current_key, is_target,
+        kernel_stack_id, wants_user_stacks,
     },
     task::read_u32 as read_task_u32,
     unwind,
@@ -43,8 +43,9 @@ livetrace_ebpf::follow_fork!(
 static OFFCPU_START: HashMap<u32, OffcpuStart> = HashMap::with_max_entries(MAX_THREADS, 0);
 #[map]
 static WAKERS: HashMap<u32, StackKey> = HashMap::with_max_entries(MAX_THREADS, 0);
-#[map]
-static WAKE_COUNTS: HashMap<WakeKey, u64> = HashMap::with_max_entries(1, 0);
+/// Sized at load (one entry unless --wakers).
+#[btf_map]
+static WAKE_COUNTS: Counts<WakeKey> = Counts::new();
 
 #[unsafe(no_mangle)]
 static TASK_PID_OFFSET: Global<u32> = Global::new(0);

@@ -4,6 +4,7 @@
 //! `livetrace-common`, moving the capture's control slot, and reading the counters back.
 //! [`stacks`] holds what the stack tools (profile, offcpu) load in common.
 
+pub mod counts;
 mod error;
 pub mod stacks;
 pub mod verify;
@@ -211,60 +212,6 @@ pub fn take_map(bpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, BpfError> 
 pub fn read_counters_in(bpf: &Ebpf) -> anyhow::Result<[u64; COUNTER_SLOTS as usize]> {
     read_counters(&PerCpuArray::try_from(map_ref(bpf, COUNTERS)?)?)
 }
-
-/// Takes every entry out of a hash map while its programs go on writing to it: each key is
-/// looked up and deleted in one step (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, Linux 5.14+). A
-/// program's find-then-add that straddles the take of its own entry can still lose its add (or
-/// put it on the element's next key): docs/record.md says how rare, and what would close it.
-/// A key deleted meanwhile is skipped.
-pub fn take_entries<K: aya::Pod, V: aya::Pod>(
-    bpf: &Ebpf,
-    name: &str,
-) -> anyhow::Result<Vec<(K, V)>> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    let map = map_ref(bpf, name)?;
-    let aya::maps::Map::HashMap(data) = map else {
-        anyhow::bail!("{name} is not a hash map");
-    };
-    let keys: Vec<K> = HashMap::<&MapData, K, V>::try_from(map)?
-        .keys()
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("failed to list the keys of {name}"))?;
-    let fd = data.fd().as_fd().as_raw_fd();
-    let mut taken = Vec::with_capacity(keys.len());
-    for key in keys {
-        let mut value = std::mem::MaybeUninit::<V>::zeroed();
-        // `union bpf_attr` for element commands: map_fd, padding, key, value, flags.
-        let mut attr = [0u64; 4];
-        attr[0] = fd as u32 as u64;
-        attr[1] = std::ptr::from_ref(&key) as u64;
-        attr[2] = value.as_mut_ptr() as u64;
-        // SAFETY: `attr` is a valid bpf_attr for this command; the kernel writes one V into
-        // `value` and reads one K from `key`, both live for the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-                attr.as_mut_ptr(),
-                std::mem::size_of_val(&attr),
-            )
-        };
-        if rc == 0 {
-            // SAFETY: the kernel wrote a whole V (a Pod: every bit pattern is valid).
-            taken.push((key, unsafe { value.assume_init() }));
-        } else {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::ENOENT) {
-                return Err(err).with_context(|| {
-                    format!("failed to take an entry out of {name} (it needs Linux 5.14+)")
-                });
-            }
-        }
-    }
-    Ok(taken)
-}
-
-const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 
 /// Sums the per-CPU counters.
 pub fn read_counters<T: std::borrow::Borrow<MapData>>(

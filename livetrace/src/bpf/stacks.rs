@@ -16,7 +16,7 @@ pub struct StackSettings {
     /// `STACK_KIND_USER | STACK_KIND_KERNEL` bits.
     pub stack_kinds: u8,
     pub per_thread: bool,
-    /// Capacity of the stack-trace and counts maps.
+    /// Capacity of the stack-trace and count maps.
     pub stack_storage: u32,
     /// `--unwind dwarf` (profile only): bytes of user stack copied per sample; 0 = frame
     /// pointers, walked in the kernel.
@@ -52,7 +52,6 @@ impl StackSettings {
                 self.fork_tgid_offset.as_ref().unwrap_or(&0),
                 true,
             )
-            .map_max_entries(stacks::STACK_COUNTS, self.stack_storage)
             .map_max_entries(stacks::STACK_TRACES, self.stack_storage)
             .override_global(unwind::STACK_COPY_BYTES, &self.stack_copy_bytes, true)
             .map_max_entries(
@@ -73,9 +72,12 @@ impl StackSettings {
             );
     }
 
-    /// Fills the target maps of a loaded object.
-    pub fn fill_targets(&self, bpf: &mut Ebpf) -> anyhow::Result<()> {
-        super::set_targets(bpf, &self.tgids, &self.tids)
+    /// Fills a loaded object's target maps, and puts its first count map in the slot the
+    /// programs add through (before they are attached).
+    pub fn fill(&self, bpf: &mut Ebpf) -> anyhow::Result<()> {
+        super::set_targets(bpf, &self.tgids, &self.tids)?;
+        super::counts::replace::<stacks::StackKey>(bpf, stacks::STACK_COUNTS, self.stack_storage)?;
+        Ok(())
     }
 }
 
@@ -85,7 +87,7 @@ pub fn load(object: Object, settings: &StackSettings) -> anyhow::Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     settings.apply(&mut loader);
     let mut bpf = super::load(object, &mut loader)?;
-    settings.fill_targets(&mut bpf)?;
+    settings.fill(&mut bpf)?;
     Ok(bpf)
 }
 

@@ -24,7 +24,7 @@ use self::frames::{KeyFindings, Names, PYTHON_UNNAMED, key_frames};
 use self::stack_ref::RING_FULL;
 pub use self::stack_ref::StackRef;
 use crate::{
-    bpf,
+    bpf::{self, counts::Counts},
     model::{DataQuality, Frame, FrameKind, StackProfile, WeightUnit, WeightedStack},
     symbolize::Symbolizer,
 };
@@ -75,10 +75,7 @@ pub const RECOVERED_MARKER: &str = "[blocked since before the capture]";
 /// The processes that have entries so far (read four times a second during a capture, so that each
 /// one's memory map is snapshotted while it still exists).
 pub fn processes_seen(bpf: &Ebpf) -> HashSet<u32> {
-    let Some(map) = bpf.map(STACK_COUNTS) else {
-        return HashSet::new();
-    };
-    let Ok(counts) = BpfHashMap::<_, StackKey, u64>::try_from(map) else {
+    let Ok(counts) = bpf::counts::current::<StackKey>(bpf, STACK_COUNTS) else {
         return HashSet::new();
     };
     counts
@@ -105,32 +102,33 @@ pub fn note_new_processes(ring: &mut RingBuf<MapData>, symbolizer: &mut Symboliz
 }
 
 /// Copies the counts (and, with `wakers`, the blocked/waker pairs) and the stacks they refer to
-/// out of the kernel, leaving the maps as they are (a SIGUSR1 snapshot reads them mid-capture),
-/// or, with `take`, taking the counts out (`record` cuts its time buckets so); stacks stay.
+/// out of the kernel: the count map in use, read in place (a SIGUSR1 snapshot reads it
+/// mid-capture), or a count map `taken` out of use ([`bpf::counts::replace`]: `record` cuts its
+/// time buckets so). Stacks stay in their map.
 ///
 /// `unwound` adds the stacks unwound in user space (`--unwind dwarf`): their user stacks are
 /// synthetic ids into [`RawStacks::traces`], their kernel stacks ids in the kernel's map.
 /// `extra` entries (offcpu's blocks still going on) are added before the stacks are fetched.
 pub fn drain(
     bpf: &Ebpf,
-    (wakers, take): (bool, bool),
+    (wakers, taken): (bool, Option<Counts<StackKey>>),
     unwound: Option<crate::unwind::Unwound>,
     extra: Vec<(StackKey, u64)>,
 ) -> anyhow::Result<RawStacks> {
+    // The waker pairs are only ever read in place: a bucket would count them all again.
+    anyhow::ensure!(
+        !(wakers && taken.is_some()),
+        "blocked/waker pairs cannot be taken by the bucket"
+    );
     let mut raw = RawStacks {
         entries: extra,
         ..RawStacks::default()
     };
-    if take {
-        raw.entries.extend(bpf::take_entries(bpf, STACK_COUNTS)?);
-    } else {
-        let counts: BpfHashMap<&MapData, StackKey, u64> =
-            BpfHashMap::try_from(bpf::map_ref(bpf, STACK_COUNTS)?)?;
-        for entry in counts.iter() {
-            raw.entries
-                .push(entry.context("failed to read the stack counts map")?);
-        }
-    }
+    let counts = match taken {
+        Some(counts) => counts,
+        None => bpf::counts::current(bpf, STACK_COUNTS)?,
+    };
+    raw.entries.extend(bpf::counts::entries(&counts)?);
     let mut synthetic = HashMap::new();
     if let Some(mut unwound) = unwound {
         raw.python_frames = std::mem::take(&mut unwound.python_frames);
@@ -141,10 +139,7 @@ pub fn drain(
         synthetic = traces;
         raw.cut_short = cut_short;
     }
-    if wakers && take {
-        raw.wake_entries
-            .extend(bpf::take_entries(bpf, WAKE_COUNTS)?);
-    } else if wakers {
+    if wakers {
         let wake: BpfHashMap<&MapData, WakeKey, u64> =
             BpfHashMap::try_from(bpf::map_ref(bpf, WAKE_COUNTS)?)?;
         for entry in wake.iter() {

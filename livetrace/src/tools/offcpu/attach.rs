@@ -80,7 +80,7 @@ fn load(settings: &StackSettings, offcpu: &OffcpuSettings) -> anyhow::Result<Ebp
     settings.apply(&mut loader);
     offcpu.apply(&mut loader, settings.stack_storage);
     let mut ebpf = bpf::load(Object::Offcpu, &mut loader)?;
-    settings.fill_targets(&mut ebpf)?;
+    settings.fill(&mut ebpf)?;
     Ok(ebpf)
 }
 

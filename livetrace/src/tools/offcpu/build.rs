@@ -15,7 +15,7 @@ use livetrace_common::{
 
 use super::{Args, State, already_blocked};
 use crate::{
-    bpf,
+    bpf::{self, counts::Counts},
     model::{DataQuality, StackProfile, WeightUnit},
     session::capture::{self, StopReason},
     stacks::{self, BuildOptions, RECOVERED_MARKER, StackRef},
@@ -46,7 +46,7 @@ pub(super) fn build(
     context: &BuildContext,
     (end_ns, stop): (u64, Option<&StopReason>),
     mut unwound: Option<unwind::Unwound>,
-    take: bool,
+    taken: Option<Counts<StackKey>>,
 ) -> anyhow::Result<(StackProfile, StackProfile)> {
     let (min_block, max_block) = (context.min_block, context.max_block);
     let blocked_at_start = &context.blocked_at_start;
@@ -54,7 +54,7 @@ pub(super) fn build(
     let elapsed = Duration::from_nanos(end_ns.saturating_sub(context.start_ns));
     let counters = bpf::read_counters_in(ebpf)?;
     // Taking a bucket, a block still going on counts in the bucket where it ends, whole.
-    let still_blocked = if take {
+    let still_blocked = if taken.is_some() {
         Vec::new()
     } else {
         still_blocked(ebpf, end_ns, min_block, max_block, unwound.as_mut())?
@@ -64,7 +64,7 @@ pub(super) fn build(
         .map_or((0, 0), |u| (u.unmatched_blocks, u.unmatched_block_ns));
     let still_blocked_count = still_blocked.len();
     // Their stacks may be in no finished block: drained with the rest, so they are fetched.
-    let mut raw = stacks::drain(ebpf, (args.wakers, take), unwound, still_blocked)?;
+    let mut raw = stacks::drain(ebpf, (args.wakers, taken), unwound, still_blocked)?;
     let mut recovered = HashMap::new();
     for t in blocked_at_start {
         // Their Python frames join the capture's list: their tags index it from its end.

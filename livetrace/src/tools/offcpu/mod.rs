@@ -12,6 +12,7 @@ pub mod tracefs;
 
 use std::{path::PathBuf, time::Duration};
 
+use anyhow::Context as _;
 use aya::{
     Ebpf,
     maps::{MapData, RingBuf},
@@ -21,7 +22,7 @@ use livetrace_common::{
     offcpu::{
         MAX_THREADS, START_FILTERED, STATE_INTERRUPTIBLE, STATE_PREEMPTED, STATE_UNINTERRUPTIBLE,
     },
-    stacks::{DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER},
+    stacks::{DEFAULT_STACK_STORAGE, STACK_COUNTS, STACK_KIND_KERNEL, STACK_KIND_USER},
 };
 
 pub use self::attach::objects_for_verifier;
@@ -384,7 +385,7 @@ impl Running for Tracing {
                 &self.context,
                 (monotonic_ns(), None),
                 self.collector.as_ref().map(unwind::Collector::snapshot),
-                false,
+                None,
             )
             .and_then(|(_, profile)| output::write_snapshot(&profile, &self.outputs));
             if let Err(err) = result {
@@ -425,7 +426,7 @@ impl Running for Tracing {
             &self.context,
             (self.end_ns, Some(stop)),
             unwound,
-            false,
+            None,
         )?;
         let counters = bpf::read_counters_in(&self.ebpf)?;
         drop(self.ebpf);
@@ -458,6 +459,7 @@ impl Tracing {
             collector.tell(symbolizer);
         }
         let unwound = self.collector.as_ref().map(unwind::Collector::take);
+        let taken = bpf::counts::replace(&mut self.ebpf, STACK_COUNTS, self.args.stack_storage)?;
         let (_, profile) = build(
             &self.ebpf,
             symbolizer,
@@ -465,7 +467,7 @@ impl Tracing {
             &self.context,
             (monotonic_ns(), None),
             unwound,
-            true,
+            Some(taken.context("no count map was in use")?),
         )?;
         Ok(profile)
     }

@@ -14,7 +14,9 @@ use aya::{maps::RingBuf, programs::PerfEvent};
 use clap::{Args as ClapArgs, ValueEnum};
 use livetrace_common::{
     follow::FOLLOW_FORK,
-    stacks::{Counter, DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER},
+    stacks::{
+        Counter, DEFAULT_STACK_STORAGE, STACK_COUNTS, STACK_KIND_KERNEL, STACK_KIND_USER, StackKey,
+    },
 };
 
 pub use self::attach::objects_for_verifier;
@@ -337,7 +339,7 @@ impl Running for Sampling {
                 elapsed,
                 None,
                 unwound,
-                false,
+                None,
             )
             .and_then(|profile| output::write_snapshot(&profile, &self.outputs));
             if let Err(err) = result {
@@ -384,7 +386,7 @@ impl Running for Sampling {
             elapsed,
             Some(stop),
             unwound,
-            false,
+            None,
         )?;
         drop(self.ebpf);
         report(&profile, &self.outputs)
@@ -407,6 +409,7 @@ impl Sampling {
         // Per-CPU shortfalls are judged over a whole capture, not a bucket.
         self.context.cpu_times_at_start = None;
         let unwound = self.collector.as_ref().map(unwind::Collector::take);
+        let taken = bpf::counts::replace(&mut self.ebpf, STACK_COUNTS, self.context.stack_storage)?;
         build(
             &self.ebpf,
             symbolizer,
@@ -414,7 +417,7 @@ impl Sampling {
             elapsed,
             None,
             unwound,
-            true,
+            Some(taken.context("no count map was in use")?),
         )
     }
 }
@@ -466,10 +469,10 @@ fn build(
     elapsed: Duration,
     stop: Option<&StopReason>,
     unwound: Option<unwind::Unwound>,
-    take: bool,
+    taken: Option<bpf::counts::Counts<StackKey>>,
 ) -> anyhow::Result<crate::model::StackProfile> {
     let counters = bpf::read_counters_in(ebpf)?;
-    let raw = stacks::drain(ebpf, (false, take), unwound, Vec::new())?;
+    let raw = stacks::drain(ebpf, (false, taken), unwound, Vec::new())?;
     let started = std::time::SystemTime::now()
         .checked_sub(elapsed)
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
