@@ -24,7 +24,7 @@ use crate::{
         stacks::{StackSettings, refuse_stack_copies_for_test},
     },
     kernel_btf::KernelBtf,
-    session::targets::Target,
+    session::{capture::monotonic_ns, targets::Target},
     unwind,
 };
 
@@ -113,9 +113,20 @@ pub fn objects_for_verifier() -> Vec<(&'static str, anyhow::Result<Ebpf>)> {
         .collect()
 }
 
+/// The programs loaded and attached.
+pub(super) struct Attached {
+    pub ebpf: Ebpf,
+    /// The hook's name, for the start line.
+    pub hook: &'static str,
+    /// The unwinding thread, when user stacks are copied (`tp_btf` only).
+    pub collector: Option<unwind::Collector>,
+    /// CLOCK_MONOTONIC just before the first program was attached: no block the programs time
+    /// starts earlier, so the capture's window starts here.
+    pub since_ns: u64,
+}
+
 /// Loads the programs with the offsets their hook needs and attaches them: `tp_btf` where the
-/// kernel has BTF, else the classic tracepoint. Returns the hook's name, and the unwinding
-/// thread when user stacks are copied (`tp_btf` only).
+/// kernel has BTF, else the classic tracepoint.
 pub(super) fn load_and_attach(
     attach: Attach,
     mut settings: StackSettings,
@@ -123,7 +134,7 @@ pub(super) fn load_and_attach(
     target: &Target,
     python: (&mut crate::python::Watch, &[u32]),
     notes: &mut Vec<String>,
-) -> anyhow::Result<(Ebpf, &'static str, Option<unwind::Collector>)> {
+) -> anyhow::Result<Attached> {
     let (watch, python_pids) = python;
     if attach != Attach::Tracepoint {
         let mut attempt = try_tp_btf(
@@ -154,7 +165,14 @@ pub(super) fn load_and_attach(
             );
         }
         match attempt {
-            Ok((ebpf, collector)) => return Ok((ebpf, "tp_btf/sched_switch", collector)),
+            Ok((ebpf, collector, since_ns)) => {
+                return Ok(Attached {
+                    ebpf,
+                    hook: "tp_btf/sched_switch",
+                    collector,
+                    since_ns,
+                });
+            }
             Err(err) if attach == Attach::Auto => {
                 let note = format!(
                     "tp_btf could not be used ({err:#}); falling back to the classic tracepoint"
@@ -199,13 +217,19 @@ pub(super) fn load_and_attach(
     program
         .load()
         .map_err(|e| bpf::program_error(e, "load the sched_switch tracepoint program"))?;
+    let since_ns = monotonic_ns();
     program
         .attach("sched", "sched_switch")
         .map_err(|e| bpf::program_error(e, "attach to sched:sched_switch"))?;
     if matches!(target, Target::Command(_)) {
         notes.extend(bpf::follow_exec(&mut ebpf, None)?);
     }
-    Ok((ebpf, "the sched:sched_switch tracepoint", None))
+    Ok(Attached {
+        ebpf,
+        hook: "the sched:sched_switch tracepoint",
+        collector: None,
+        since_ns,
+    })
 }
 
 fn try_tp_btf(
@@ -214,7 +238,7 @@ fn try_tp_btf(
     target: &Target,
     (watch, python_pids): (&mut crate::python::Watch, &[u32]),
     notes: &mut Vec<String>,
-) -> anyhow::Result<(Ebpf, Option<unwind::Collector>)> {
+) -> anyhow::Result<(Ebpf, Option<unwind::Collector>, u64)> {
     let kernel = KernelBtf::from_sys_fs()?;
     offcpu.task_pid_offset = kernel.member_offset("task_struct", "pid")?;
     offcpu.task_tgid_offset = kernel.member_offset("task_struct", "tgid")?;
@@ -256,6 +280,7 @@ fn try_tp_btf(
     if matches!(target, Target::Command(_)) {
         hooks.push((FOLLOW_FORK, "sched_process_fork"));
     }
+    let since_ns = monotonic_ns();
     for (name, tracepoint) in hooks {
         bpf::attach_btf_tracepoint(&mut ebpf, name, tracepoint, &btf)?;
     }
@@ -264,7 +289,7 @@ fn try_tp_btf(
     if matches!(target, Target::Command(_)) || collector.is_some() {
         notes.extend(bpf::follow_exec(&mut ebpf, Some(&btf))?);
     }
-    Ok((ebpf, collector))
+    Ok((ebpf, collector, since_ns))
 }
 
 /// `BPF_NOEXIST`: the update fails (EEXIST) if the key is there.

@@ -274,7 +274,12 @@ impl Tool for Offcpu {
             .chain(session.command_pid)
             .collect();
         let mut python = crate::python::Watch::default();
-        let (mut ebpf, hook, collector) = attach::load_and_attach(
+        let attach::Attached {
+            mut ebpf,
+            hook,
+            collector,
+            since_ns: start_ns,
+        } = attach::load_and_attach(
             args.attach,
             settings,
             offcpu,
@@ -282,9 +287,8 @@ impl Tool for Offcpu {
             (&mut python, &python_pids),
             &mut notes,
         )?;
-        // The window starts when the programs start recording: every block they time starts
-        // in it.
-        let start_ns = monotonic_ns();
+        // The window starts when the programs start recording (just before they are attached):
+        // every block they time starts in it, and those found blocked start with it.
         // --wakers walks frame pointers only: no advice to try what it refuses.
         let unwind_mode = args.unwind.describe(
             collector.is_some(),
