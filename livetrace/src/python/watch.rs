@@ -23,6 +23,9 @@ pub type Interpreters = Arc<Mutex<HashMap<u32, Interpreter>>>;
 /// command's interpreter loads within a second), then less often, up to [`LOOK_AT_MOST`].
 const LOOK_AGAIN: Duration = Duration::from_millis(250);
 const LOOK_AT_MOST: Duration = Duration::from_secs(8);
+/// How long after a process exits the watch forgets it: its last samples, drained within
+/// milliseconds, have long been unwound and named by then.
+const FORGET_AFTER: Duration = Duration::from_secs(10);
 
 /// The capture's Python processes, and what the BPF program knows of them.
 #[derive(Default)]
@@ -39,6 +42,8 @@ pub struct Watch {
     /// By process: the threads listed at the last look, and when to look again for those
     /// still without a Python name.
     named: HashMap<u32, (HashSet<u32>, Instant, Duration)>,
+    /// Processes known here that have exited, and since when.
+    gone_since: HashMap<u32, Instant>,
 }
 
 impl Watch {
@@ -62,6 +67,7 @@ impl Watch {
     /// Looks for CPython in `pids` not yet found, and tells the program of every thread of every
     /// interpreter found. Cheap enough for every tick: a few reads per thread.
     pub fn refresh(&mut self, ebpf: &mut Ebpf, pids: impl IntoIterator<Item = u32>) {
+        self.forget_exited(ebpf);
         self.look(pids);
         for interpreter in std::mem::take(&mut self.found) {
             if let Err(err) = tell_process(ebpf, &interpreter) {
@@ -99,6 +105,71 @@ impl Watch {
             .unwrap_or_else(PoisonError::into_inner);
         for interpreter in interpreters {
             shared.insert(interpreter.pid, interpreter);
+        }
+    }
+
+    /// Forgets the processes gone for [`FORGET_AFTER`]: their entries in the program's maps
+    /// (which a long capture of a service that starts Python processes would otherwise fill:
+    /// `PY_PROCESSES` holds 1024), their threads, and what is kept of them here. Versions
+    /// found unsupported stay, for the footer.
+    fn forget_exited(&mut self, ebpf: &mut Ebpf) {
+        let interpreters: Vec<u32> = self
+            .interpreters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect();
+        let known: HashSet<u32> = (interpreters.into_iter())
+            .chain(self.looked.keys().copied())
+            .chain(self.named.keys().copied())
+            .collect();
+        let now = Instant::now();
+        self.gone_since.retain(|pid, _| known.contains(pid));
+        for &pid in &known {
+            if crate::proc::task::is_alive(pid) {
+                self.gone_since.remove(&pid);
+            } else {
+                self.gone_since.entry(pid).or_insert(now);
+            }
+        }
+        let forget: HashSet<u32> = (self.gone_since.iter())
+            .filter(|(_, since)| since.elapsed() >= FORGET_AFTER)
+            .map(|(&pid, _)| pid)
+            .collect();
+        if forget.is_empty() {
+            return;
+        }
+        if let Ok(map) = bpf::map_mut(ebpf, PY_PROCESSES)
+            && let Ok(mut processes) = BpfHashMap::<_, u32, PyLayout>::try_from(map)
+        {
+            for pid in &forget {
+                let _ = processes.remove(pid);
+            }
+        }
+        let ended: Vec<u32> = (self.threads.iter())
+            .filter(|(_, (tgid, _))| forget.contains(tgid))
+            .map(|(&tid, _)| tid)
+            .collect();
+        if let Ok(map) = bpf::map_mut(ebpf, PY_THREADS)
+            && let Ok(mut threads) = BpfHashMap::<_, u32, PyThread>::try_from(map)
+        {
+            for tid in &ended {
+                let _ = threads.remove(tid);
+            }
+        }
+        for tid in ended {
+            self.threads.remove(&tid);
+        }
+        let mut interpreters = self
+            .interpreters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for pid in forget {
+            interpreters.remove(&pid);
+            self.looked.remove(&pid);
+            self.named.remove(&pid);
+            self.gone_since.remove(&pid);
         }
     }
 
