@@ -48,7 +48,12 @@ impl std::error::Error for UsageError {}
 
 /// `20261126-045103` in UTC, for default output names.
 pub fn timestamp() -> String {
-    let secs = std::time::SystemTime::now()
+    timestamp_of(std::time::SystemTime::now())
+}
+
+/// [`timestamp`] of a given time.
+pub fn timestamp_of(at: std::time::SystemTime) -> String {
+    let secs = at
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let (days, rest) = (secs / 86_400, secs % 86_400);

@@ -9,6 +9,7 @@
 
 mod socket;
 mod store;
+mod timeline;
 
 use std::{
     path::PathBuf,
@@ -23,6 +24,7 @@ pub use self::socket::{DumpArgs, dump};
 use self::{
     socket::{Request, Server},
     store::{Kind, Store},
+    timeline::Timeline,
 };
 use crate::{
     duration::parse_positive_duration,
@@ -47,7 +49,8 @@ Examples:
   livetrace record -p 1234 --write-every 1m --dir /var/lib/livetrace --max-files 60
   kill -USR1 $(pidof livetrace)                  # write the -o outputs now, keep recording";
 
-/// The names of --write-every's files: this, their UTC time, `.pb.gz` (`.offcpu.pb.gz`).
+/// The names of --write-every's files: this, the UTC time their window starts (to the
+/// millisecond), `.pb.gz` (`.offcpu.pb.gz`).
 const ROTATED_PREFIX: &str = "livetrace-record-";
 
 /// Buckets are cut on the capture loop's tick.
@@ -231,16 +234,18 @@ impl Tool for Record {
             }
             None => None,
         };
-        let (now, wall) = (Instant::now(), SystemTime::now());
+        let timeline = Timeline::start();
+        let now = Instant::now();
         Ok(Recording {
             cpu,
             off,
             store: Store::new(self.args.keep, self.args.max_memory),
             server: self.server.expect("bound in prepare"),
             bucket: self.args.bucket,
-            cut_at: (now, wall),
+            timeline,
+            cut_at: now,
             next_cut: now + self.args.bucket,
-            written_at: wall,
+            written_at: timeline.at(now),
             last_quality: Default::default(),
             args: self.args,
         })
@@ -253,8 +258,10 @@ pub(crate) struct Recording {
     store: Store,
     server: Server,
     bucket: Duration,
-    /// When the current bucket began, by both clocks.
-    cut_at: (Instant, SystemTime),
+    /// The clock buckets are placed on.
+    timeline: Timeline,
+    /// When the current bucket began.
+    cut_at: Instant,
     /// When the current bucket is due to end.
     next_cut: Instant,
     /// When --write-every last wrote.
@@ -318,7 +325,7 @@ impl Running for Recording {
             }
             Event::Snapshot => {
                 self.cut_or_say(session);
-                let to = SystemTime::now();
+                let to = self.timeline.now();
                 let from = self.default_from(to);
                 let outputs = self.args.outputs.clone();
                 match self.write_window(from, to, &outputs) {
@@ -350,13 +357,13 @@ impl Running for Recording {
         if let Some(off) = &mut self.off {
             crate::bpf::unload_all(off.ebpf());
         }
-        self.write_rotated_now(SystemTime::now());
+        self.write_rotated_now(self.timeline.now());
         if self.args.outputs.is_empty() {
             self.server.close();
             self.serve_closing();
             return Ok(());
         }
-        let to = SystemTime::now();
+        let to = self.timeline.now();
         let from = self.default_from(to);
         let outputs = self.args.outputs.clone();
         let result = self.write_window(from, to, &outputs);
@@ -371,11 +378,12 @@ impl Running for Recording {
 impl Recording {
     /// Ends the current bucket now and keeps it.
     fn cut(&mut self, session: &mut Session) -> anyhow::Result<()> {
-        let (started, start) = self.cut_at;
-        // Both clocks read once, before the take: the next bucket starts where this one ends.
-        let (now, end) = (Instant::now(), SystemTime::now());
+        let started = self.cut_at;
+        // The clock read once, before the take: the next bucket starts where this one ends.
+        let now = Instant::now();
+        let (start, end) = (self.timeline.at(started), self.timeline.at(now));
         let elapsed = now.duration_since(started);
-        self.cut_at = (now, end);
+        self.cut_at = now;
         // What is taken out of the kernel is kept even if the other half fails.
         let cpu = self.cpu.take_bucket(&mut session.symbolizer, elapsed);
         let off = self
@@ -527,6 +535,7 @@ impl Recording {
         (start, end): (SystemTime, SystemTime),
     ) {
         let notes = &mut profile.quality.notes;
+        notes.extend(self.timeline.drift_note());
         notes.push(format!(
             "window {} to {}: the whole buckets ({}) within what was asked, {}",
             clock(start),
@@ -580,7 +589,7 @@ impl Recording {
     }
 
     fn answer(&self, request: &Request) -> anyhow::Result<String> {
-        let to = request.to.unwrap_or_else(SystemTime::now);
+        let to = request.to.unwrap_or_else(|| self.timeline.now());
         let from = match (request.from, request.last) {
             (Some(from), _) => from,
             (None, Some(last)) => to.checked_sub(last).unwrap_or(SystemTime::UNIX_EPOCH),
@@ -590,7 +599,7 @@ impl Recording {
     }
 
     fn write_rotated(&mut self) {
-        let now = SystemTime::now();
+        let now = self.timeline.now();
         if let Some(every) = self.args.write_every
             && now.duration_since(self.written_at).unwrap_or_default() >= every
         {
@@ -602,13 +611,15 @@ impl Recording {
     /// oldest files beyond --max-files removed.
     fn write_rotated_now(&mut self, now: SystemTime) {
         let Some(dir) = &self.args.dir else { return };
-        let name = format!("{ROTATED_PREFIX}{}.pb.gz", crate::timestamp());
-        let spec = OutputSpec::parse(&dir.join(&name).to_string_lossy());
         // The buckets since the last file, whole: the next file starts where this one ends, so
         // the files tile the recording. An interval without a whole bucket writes nothing.
         let Some(end) = self.store.last_end_within(self.written_at, now) else {
             return;
         };
+        // Named by the start of what it holds, to the millisecond: the windows tile, so the
+        // names are unique and sort in time order.
+        let name = format!("{ROTATED_PREFIX}{}.pb.gz", rotated_stamp(self.written_at));
+        let spec = OutputSpec::parse(&dir.join(&name).to_string_lossy());
         let result = spec
             .map_err(anyhow::Error::msg)
             .and_then(|spec| self.write_window(self.written_at, end, std::slice::from_ref(&spec)));
@@ -618,6 +629,14 @@ impl Recording {
         self.written_at = end;
         socket::remove_oldest(dir, ROTATED_PREFIX, self.args.max_files as usize);
     }
+}
+
+/// `20261208-012600.250`: a UTC time to the millisecond, for --write-every's file names.
+fn rotated_stamp(at: SystemTime) -> String {
+    let millis = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_millis());
+    format!("{}.{millis:03}", crate::timestamp_of(at))
 }
 
 /// A wall-clock time as UTC `HH:MM:SS`.
