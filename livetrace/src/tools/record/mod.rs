@@ -241,7 +241,6 @@ impl Tool for Record {
             off,
             store: Store::new(self.args.keep, self.args.max_memory),
             server: self.server.expect("bound in prepare"),
-            bucket: self.args.bucket,
             timeline,
             cut_at: now,
             next_cut: now + self.args.bucket,
@@ -257,7 +256,6 @@ pub(crate) struct Recording {
     off: Option<offcpu::Tracing>,
     store: Store,
     server: Server,
-    bucket: Duration,
     /// The clock buckets are placed on.
     timeline: Timeline,
     /// When the current bucket began.
@@ -288,7 +286,7 @@ impl Running for Recording {
                 ""
             },
             crate::duration::describe(self.args.keep),
-            crate::duration::describe(self.bucket),
+            crate::duration::describe(self.args.bucket),
             self.args.max_memory >> 20,
             self.args.socket.display()
         )
@@ -319,7 +317,7 @@ impl Running for Recording {
                 let now = Instant::now();
                 if now >= self.next_cut {
                     self.cut_or_say(session);
-                    self.next_cut = (self.next_cut + self.bucket).max(now);
+                    self.next_cut = (self.next_cut + self.args.bucket).max(now);
                 }
                 self.write_rotated();
             }
@@ -518,7 +516,7 @@ impl Recording {
             anyhow::bail!(
                 "nothing recorded in that window yet: the first bucket ends {} after the start \
                  (--bucket), and a dump covers whole buckets",
-                crate::duration::describe(self.bucket)
+                crate::duration::describe(self.args.bucket)
             );
         }
         match failures.is_empty() {
@@ -540,7 +538,7 @@ impl Recording {
             "window {} to {}: the whole buckets ({}) within what was asked, {}",
             clock(start),
             clock(end),
-            crate::duration::describe(self.bucket),
+            crate::duration::describe(self.args.bucket),
             if from == SystemTime::UNIX_EPOCH {
                 format!("all that is kept (up to {})", clock(to))
             } else {
