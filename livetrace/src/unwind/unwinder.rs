@@ -310,9 +310,7 @@ impl DwarfUnwinder {
             match frames.next() {
                 Ok(Some(frame)) => {
                     addrs.push(frame.address());
-                    // The program's (or ld.so's) entry point: a thread stopped right after exec,
-                    // where the default CFI rule would read argc as a return address.
-                    if process.entries.contains(&frame.address()) || addrs.len() >= MAX_FRAMES {
+                    if process.is_entry_stub(frame.address()) || addrs.len() >= MAX_FRAMES {
                         break None;
                     }
                 }
@@ -459,7 +457,21 @@ enum Place {
     Unmapped,
 }
 
+/// The bytes after an entry point within which a return address is still in its stub. ld.so's
+/// `_start` calls `_dl_start` and then `_dl_init` (running the libraries' constructors) from its
+/// first 0x30 bytes, and has no unwind info: a walk through it would read garbage as a caller.
+const ENTRY_STUB_BYTES: u64 = 64;
+
 impl ProcessUnwinder {
+    /// Whether `addr` is in a program's or ld.so's entry stub: the root of its stack. At the
+    /// entry itself, a thread stopped right after exec, where the default CFI rule would read
+    /// argc as a return address; just after, a return into ld.so's `_start`.
+    fn is_entry_stub(&self, addr: u64) -> bool {
+        self.entries
+            .iter()
+            .any(|&entry| addr.wrapping_sub(entry) < ENTRY_STUB_BYTES)
+    }
+
     pub(super) fn empty() -> Self {
         Self {
             unwinder: UnwinderX86_64::new(),
