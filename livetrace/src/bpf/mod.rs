@@ -109,10 +109,31 @@ pub fn attach_btf_tracepoint(
     tracepoint: &str,
     btf: &aya::Btf,
 ) -> anyhow::Result<()> {
+    load_btf_tracepoint(bpf, name, tracepoint, btf)?;
+    attach_loaded_btf_tracepoint(bpf, name, tracepoint)
+}
+
+/// The first half of [`attach_btf_tracepoint`]: the verifier's part, which can take long.
+pub fn load_btf_tracepoint(
+    bpf: &mut Ebpf,
+    name: &str,
+    tracepoint: &str,
+    btf: &aya::Btf,
+) -> anyhow::Result<()> {
     let program: &mut aya::programs::BtfTracePoint = program_mut(bpf, name)?.try_into()?;
     program
         .load(tracepoint, btf)
         .map_err(|e| program_error(e, &format!("load tp_btf/{tracepoint}")))?;
+    Ok(())
+}
+
+/// The second half of [`attach_btf_tracepoint`]: from here on the program runs.
+pub fn attach_loaded_btf_tracepoint(
+    bpf: &mut Ebpf,
+    name: &str,
+    tracepoint: &str,
+) -> anyhow::Result<()> {
+    let program: &mut aya::programs::BtfTracePoint = program_mut(bpf, name)?.try_into()?;
     program
         .attach()
         .map_err(|e| program_error(e, &format!("attach tp_btf/{tracepoint}")))?;

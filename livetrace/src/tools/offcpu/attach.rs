@@ -280,9 +280,15 @@ fn try_tp_btf(
     if matches!(target, Target::Command(_)) {
         hooks.push((FOLLOW_FORK, "sched_process_fork"));
     }
-    let since_ns = monotonic_ns();
+    // The window starts as the switch program starts (its verification, which can take a
+    // while, before): it alone starts blocks.
+    let mut since_ns = 0;
     for (name, tracepoint) in hooks {
-        bpf::attach_btf_tracepoint(&mut ebpf, name, tracepoint, &btf)?;
+        bpf::load_btf_tracepoint(&mut ebpf, name, tracepoint, &btf)?;
+        if name == SWITCH {
+            since_ns = monotonic_ns();
+        }
+        bpf::attach_loaded_btf_tracepoint(&mut ebpf, name, tracepoint)?;
     }
     // A held command is traced from its exec on; copied stacks are unwound against the memory
     // map of the program that made them.
