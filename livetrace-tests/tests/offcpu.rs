@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-const WINDOW_SECS: f64 = 3.0;
 /// Slack for start-up, symbolisation and a busy machine, on top of the capture time.
 const SLACK: Duration = Duration::from_secs(20);
 
@@ -34,15 +33,28 @@ fn capture_of(program: &std::path::Path, extra: &[&str]) -> (Profile, String) {
     (profile, run.stderr)
 }
 
-/// Share of the window the thread named `name` (thread frame `name-TID`) spent blocked.
-fn blocked_share(profile: &Profile, name: &str) -> f64 {
+/// Share of the window the thread named `name` (thread frame `name-TID`) spent blocked: of the
+/// window the footer (`stderr`) gives, which starts when the programs do, a moment before `-d`
+/// starts counting.
+fn blocked_share(profile: &Profile, stderr: &str, name: &str) -> f64 {
     let prefix = format!("{name}-");
     let micros = profile.count_where(|s| {
         s.below_root()
             .first()
             .is_some_and(|t| t.starts_with(&prefix))
     });
-    micros as f64 / (WINDOW_SECS * 1e6)
+    micros as f64 / window_us(stderr)
+}
+
+/// The window in the footer ("data quality: 2.35 s, ..."), in microseconds, to 10 ms.
+fn window_us(stderr: &str) -> f64 {
+    stderr
+        .split("data quality: ")
+        .nth(1)
+        .and_then(|rest| rest.split(" s,").next())
+        .and_then(|secs| secs.parse::<f64>().ok())
+        .map(|secs| secs * 1e6)
+        .unwrap_or_else(|| panic!("no window in the footer:\n{stderr}"))
 }
 
 fn thread_stacks<'a>(profile: &'a Profile, name: &str) -> Vec<&'a Stack> {
@@ -68,14 +80,14 @@ fn blocked_times_match_the_truth() {
     // Both within 10%: the window is measured from the moment the clocks start, and a thread
     // may be between naps (on CPU for microseconds) at either end.
     for name in ["napper", "reader"] {
-        let share = blocked_share(&profile, name);
+        let share = blocked_share(&profile, &stderr, name);
         assert!(
             (0.9..=1.1).contains(&share),
             "{name} blocked {share:.3} of the window, expected ~1.0\n{}",
             profile.summary()
         );
     }
-    let spinner = blocked_share(&profile, "spinner");
+    let spinner = blocked_share(&profile, &stderr, "spinner");
     assert!(
         spinner < 0.02,
         "the spinner slept {spinner:.3} of the window"
@@ -147,7 +159,7 @@ fn dwarf_completes_blocked_stacks_without_frame_pointers() {
         stderr.contains("unwound with DWARF CFI"),
         "-p defaults to dwarf unwinding, and the footer says so:\n{stderr}"
     );
-    let napper = blocked_share(&dwarf, "napper");
+    let napper = blocked_share(&dwarf, &stderr, "napper");
     assert!(
         (0.9..=1.1).contains(&napper),
         "napper blocked {napper:.3} of the window, expected ~1.0\n{}",
@@ -320,7 +332,7 @@ fn dwarf_with_wakers_is_a_usage_error() {
 fn state_filter_excludes_interruptible_sleep() {
     let (profile, stderr) = capture(&["--state", "D"]);
     for name in ["napper", "reader", "holder"] {
-        let share = blocked_share(&profile, name);
+        let share = blocked_share(&profile, &stderr, name);
         assert!(
             share < 0.01,
             "{name} shows {share:.3} blocked under --state D"
@@ -359,24 +371,24 @@ fn an_empty_result_names_the_filter_that_emptied_it() {
 /// a loaded 2-CPU machine that can reach tens of milliseconds, hence 500 ms, not 100.)
 #[test]
 fn min_block_drops_short_blocks() {
-    let (profile, _) = capture(&["--min-block", "500ms", "--state", "S"]);
-    let napper = blocked_share(&profile, "napper");
+    let (profile, stderr) = capture(&["--min-block", "500ms", "--state", "S"]);
+    let napper = blocked_share(&profile, &stderr, "napper");
     assert!(
         napper < 0.01,
         "napper shows {napper:.3} with --min-block 500ms\n{}",
         profile.summary()
     );
-    let reader = blocked_share(&profile, "reader");
+    let reader = blocked_share(&profile, &stderr, "reader");
     assert!((0.9..=1.1).contains(&reader), "reader shows {reader:.3}");
 }
 
 /// `--max-block 100ms` keeps the naps (about the whole window) and drops the reader's block.
 #[test]
 fn max_block_drops_long_blocks() {
-    let (profile, _) = capture(&["--max-block", "100ms", "--state", "S"]);
-    let napper = blocked_share(&profile, "napper");
+    let (profile, stderr) = capture(&["--max-block", "100ms", "--state", "S"]);
+    let napper = blocked_share(&profile, &stderr, "napper");
     assert!((0.85..=1.1).contains(&napper), "napper shows {napper:.3}");
-    let reader = blocked_share(&profile, "reader");
+    let reader = blocked_share(&profile, &stderr, "reader");
     assert!(
         reader < 0.01,
         "reader shows {reader:.3} with --max-block 100ms"
@@ -411,7 +423,7 @@ fn wakers_join_blocked_and_waking_stacks() {
 fn tracepoint_fallback_measures_the_same() {
     let (profile, stderr) = capture(&["--attach", "tracepoint", "--state", "S"]);
     assert!(stderr.contains("sched:sched_switch tracepoint"), "{stderr}");
-    let napper = blocked_share(&profile, "napper");
+    let napper = blocked_share(&profile, &stderr, "napper");
     assert!(
         (0.85..=1.1).contains(&napper),
         "napper shows {napper:.3}\n{stderr}\n{}",
@@ -529,15 +541,7 @@ fn no_thread_is_blocked_longer_than_the_window() {
         &["offcpu", "-p", &pid, "-d", "2", "--per-thread"],
         Duration::from_secs(2) + SLACK,
     );
-    // "data quality: 2.35 s, ...": the window, to 10 ms.
-    let window_us: f64 = run
-        .stderr
-        .split("data quality: ")
-        .nth(1)
-        .and_then(|rest| rest.split(" s,").next())
-        .and_then(|secs| secs.parse::<f64>().ok())
-        .map(|secs| secs * 1e6)
-        .unwrap_or_else(|| panic!("no window in the footer:\n{}", run.stderr));
+    let window_us = window_us(&run.stderr);
     let mut by_thread: std::collections::BTreeMap<&str, u64> = Default::default();
     for stack in &profile.stacks {
         *by_thread.entry(stack.frames[1].as_str()).or_default() += stack.count;
