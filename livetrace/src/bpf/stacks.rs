@@ -72,12 +72,9 @@ impl StackSettings {
             );
     }
 
-    /// Fills a loaded object's target maps, and puts its first count map in the slot the
-    /// programs add through (before they are attached).
-    pub fn fill(&self, bpf: &mut Ebpf) -> anyhow::Result<()> {
-        super::set_targets(bpf, &self.tgids, &self.tids)?;
-        super::counts::replace::<stacks::StackKey>(bpf, stacks::STACK_COUNTS, self.stack_storage)?;
-        Ok(())
+    /// Fills the target maps of a loaded object.
+    pub fn fill_targets(&self, bpf: &mut Ebpf) -> anyhow::Result<()> {
+        super::set_targets(bpf, &self.tgids, &self.tids)
     }
 }
 
@@ -87,7 +84,7 @@ pub fn load(object: Object, settings: &StackSettings) -> anyhow::Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     settings.apply(&mut loader);
     let mut bpf = super::load(object, &mut loader)?;
-    settings.fill(&mut bpf)?;
+    settings.fill_targets(&mut bpf)?;
     Ok(bpf)
 }
 

@@ -14,7 +14,7 @@ use aya::{
 };
 use livetrace_common::{
     offcpu::{WAKE_COUNTS, WakeKey},
-    stacks::{NEW_PROCESSES, SEEN_PROCESSES, STACK_COUNTS, STACK_TRACES, StackKey},
+    stacks::{NEW_PROCESSES, SEEN_PROCESSES, STACK_TRACES, StackKey},
 };
 
 mod frames;
@@ -74,10 +74,7 @@ pub const RECOVERED_MARKER: &str = "[blocked since before the capture]";
 
 /// The processes that have entries so far (read four times a second during a capture, so that each
 /// one's memory map is snapshotted while it still exists).
-pub fn processes_seen(bpf: &Ebpf) -> HashSet<u32> {
-    let Ok(counts) = bpf::counts::current::<StackKey>(bpf, STACK_COUNTS) else {
-        return HashSet::new();
-    };
+pub fn processes_seen(counts: &Counts) -> HashSet<u32> {
     counts
         .keys()
         .filter_map(Result::ok)
@@ -102,8 +99,8 @@ pub fn note_new_processes(ring: &mut RingBuf<MapData>, symbolizer: &mut Symboliz
 }
 
 /// Copies the counts (and, with `wakers`, the blocked/waker pairs) and the stacks they refer to
-/// out of the kernel: the count map in use, read in place (a SIGUSR1 snapshot reads it
-/// mid-capture), or a count map `taken` out of use ([`bpf::counts::replace`]: `record` cuts its
+/// out of the kernel: `counts` is the count map in use, read in place (a SIGUSR1 snapshot reads
+/// it mid-capture), or one taken out of use ([`bpf::counts::CountSlot::swap`]: `record` cuts its
 /// time buckets so). Stacks stay in their map.
 ///
 /// `unwound` adds the stacks unwound in user space (`--unwind dwarf`): their user stacks are
@@ -111,24 +108,15 @@ pub fn note_new_processes(ring: &mut RingBuf<MapData>, symbolizer: &mut Symboliz
 /// `extra` entries (offcpu's blocks still going on) are added before the stacks are fetched.
 pub fn drain(
     bpf: &Ebpf,
-    (wakers, taken): (bool, Option<Counts<StackKey>>),
+    (wakers, counts): (bool, &Counts),
     unwound: Option<crate::unwind::Unwound>,
     extra: Vec<(StackKey, u64)>,
 ) -> anyhow::Result<RawStacks> {
-    // The waker pairs are only ever read in place: a bucket would count them all again.
-    anyhow::ensure!(
-        !(wakers && taken.is_some()),
-        "blocked/waker pairs cannot be taken by the bucket"
-    );
     let mut raw = RawStacks {
         entries: extra,
         ..RawStacks::default()
     };
-    let counts = match taken {
-        Some(counts) => counts,
-        None => bpf::counts::current(bpf, STACK_COUNTS)?,
-    };
-    raw.entries.extend(bpf::counts::entries(&counts)?);
+    raw.entries.extend(bpf::counts::entries(counts)?);
     let mut synthetic = HashMap::new();
     if let Some(mut unwound) = unwound {
         raw.python_frames = std::mem::take(&mut unwound.python_frames);

@@ -21,6 +21,7 @@ use super::{Attach, already_blocked, tracefs};
 use crate::{
     bpf::{
         self, Object,
+        counts::CountSlot,
         stacks::{StackSettings, refuse_stack_copies_for_test},
     },
     kernel_btf::KernelBtf,
@@ -80,7 +81,7 @@ fn load(settings: &StackSettings, offcpu: &OffcpuSettings) -> anyhow::Result<Ebp
     settings.apply(&mut loader);
     offcpu.apply(&mut loader, settings.stack_storage);
     let mut ebpf = bpf::load(Object::Offcpu, &mut loader)?;
-    settings.fill(&mut ebpf)?;
+    settings.fill_targets(&mut ebpf)?;
     Ok(ebpf)
 }
 
@@ -116,6 +117,8 @@ pub fn objects_for_verifier() -> Vec<(&'static str, anyhow::Result<Ebpf>)> {
 /// The programs loaded and attached.
 pub(super) struct Attached {
     pub ebpf: Ebpf,
+    /// The count map the programs add to.
+    pub counts: CountSlot,
     /// The hook's name, for the start line.
     pub hook: &'static str,
     /// The unwinding thread, when user stacks are copied (`tp_btf` only).
@@ -165,9 +168,10 @@ pub(super) fn load_and_attach(
             );
         }
         match attempt {
-            Ok((ebpf, collector, since_ns)) => {
+            Ok((ebpf, counts, collector, since_ns)) => {
                 return Ok(Attached {
                     ebpf,
+                    counts,
                     hook: "tp_btf/sched_switch",
                     collector,
                     since_ns,
@@ -213,6 +217,7 @@ pub(super) fn load_and_attach(
         settings.stack_copy_bytes = 0;
     }
     let mut ebpf = load(&settings, &offcpu)?;
+    let counts = CountSlot::fill(&mut ebpf, settings.stack_storage)?;
     let program: &mut TracePoint = bpf::program_mut(&mut ebpf, SWITCH_TRACEPOINT)?.try_into()?;
     program
         .load()
@@ -226,6 +231,7 @@ pub(super) fn load_and_attach(
     }
     Ok(Attached {
         ebpf,
+        counts,
         hook: "the sched:sched_switch tracepoint",
         collector: None,
         since_ns,
@@ -238,7 +244,7 @@ fn try_tp_btf(
     target: &Target,
     (watch, python_pids): (&mut crate::python::Watch, &[u32]),
     notes: &mut Vec<String>,
-) -> anyhow::Result<(Ebpf, Option<unwind::Collector>, u64)> {
+) -> anyhow::Result<(Ebpf, CountSlot, Option<unwind::Collector>, u64)> {
     let kernel = KernelBtf::from_sys_fs()?;
     offcpu.task_pid_offset = kernel.member_offset("task_struct", "pid")?;
     offcpu.task_tgid_offset = kernel.member_offset("task_struct", "tgid")?;
@@ -247,6 +253,7 @@ fn try_tp_btf(
     let wakers = offcpu.wakers;
     let btf = crate::kernel_btf::aya_btf()?;
     let mut ebpf = load(settings, offcpu)?;
+    let counts = CountSlot::fill(&mut ebpf, settings.stack_storage)?;
     // Drained from before the first switch, so that the ring buffer never fills at start.
     let collector = if settings.stack_copy_bytes != 0 {
         let ring = RingBuf::try_from(bpf::take_map(&mut ebpf, UNWIND_SAMPLES)?)?;
@@ -295,7 +302,7 @@ fn try_tp_btf(
     if matches!(target, Target::Command(_)) || collector.is_some() {
         notes.extend(bpf::follow_exec(&mut ebpf, Some(&btf))?);
     }
-    Ok((ebpf, collector, since_ns))
+    Ok((ebpf, counts, collector, since_ns))
 }
 
 /// `BPF_NOEXIST`: the update fails (EEXIST) if the key is there.

@@ -38,7 +38,8 @@ pub(super) struct BuildContext {
 
 /// Reads the maps in place and builds the profile by thread and the one to write: at the end
 /// (with why the capture stopped), or mid-capture for a SIGUSR1 snapshot, blocks still going on
-/// counted up to `end_ns`. `unwound`: the stacks unwound here, with `--unwind dwarf`.
+/// counted up to `end_ns`; or, `taken`, from a count map `record` swapped out of use.
+/// `unwound`: the stacks unwound here, with `--unwind dwarf`.
 pub(super) fn build(
     ebpf: &Ebpf,
     symbolizer: &mut Symbolizer,
@@ -46,7 +47,7 @@ pub(super) fn build(
     context: &BuildContext,
     (end_ns, stop): (u64, Option<&StopReason>),
     mut unwound: Option<unwind::Unwound>,
-    taken: Option<Counts<StackKey>>,
+    (counts, taken): (&Counts, bool),
 ) -> anyhow::Result<(StackProfile, StackProfile)> {
     let (min_block, max_block) = (context.min_block, context.max_block);
     let blocked_at_start = &context.blocked_at_start;
@@ -54,7 +55,7 @@ pub(super) fn build(
     let elapsed = Duration::from_nanos(end_ns.saturating_sub(context.start_ns));
     let counters = bpf::read_counters_in(ebpf)?;
     // Taking a bucket, a block still going on counts in the bucket where it ends, whole.
-    let still_blocked = if taken.is_some() {
+    let still_blocked = if taken {
         Vec::new()
     } else {
         still_blocked(ebpf, end_ns, min_block, max_block, unwound.as_mut())?
@@ -64,7 +65,7 @@ pub(super) fn build(
         .map_or((0, 0), |u| (u.unmatched_blocks, u.unmatched_block_ns));
     let still_blocked_count = still_blocked.len();
     // Their stacks may be in no finished block: drained with the rest, so they are fetched.
-    let mut raw = stacks::drain(ebpf, (args.wakers, taken), unwound, still_blocked)?;
+    let mut raw = stacks::drain(ebpf, (args.wakers, counts), unwound, still_blocked)?;
     let mut recovered = HashMap::new();
     for t in blocked_at_start {
         // Their Python frames join the capture's list: their tags index it from its end.

@@ -12,7 +12,6 @@ pub mod tracefs;
 
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::Context as _;
 use aya::{
     Ebpf,
     maps::{MapData, RingBuf},
@@ -22,7 +21,7 @@ use livetrace_common::{
     offcpu::{
         MAX_THREADS, START_FILTERED, STATE_INTERRUPTIBLE, STATE_PREEMPTED, STATE_UNINTERRUPTIBLE,
     },
-    stacks::{DEFAULT_STACK_STORAGE, STACK_COUNTS, STACK_KIND_KERNEL, STACK_KIND_USER},
+    stacks::{DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER},
 };
 
 pub use self::attach::objects_for_verifier;
@@ -189,6 +188,8 @@ impl Offcpu {
 pub(crate) struct Tracing {
     args: Args,
     ebpf: Ebpf,
+    /// The count map the programs add to.
+    counts: bpf::counts::CountSlot,
     hook: &'static str,
     collector: Option<unwind::Collector>,
     /// The targets' CPython interpreters, whose frames the program reads (`--unwind dwarf`).
@@ -276,6 +277,7 @@ impl Tool for Offcpu {
         let mut python = crate::python::Watch::default();
         let attach::Attached {
             mut ebpf,
+            counts,
             hook,
             collector,
             since_ns: start_ns,
@@ -311,6 +313,7 @@ impl Tool for Offcpu {
             new_processes: stacks::new_processes(&mut ebpf)?,
             args,
             ebpf,
+            counts,
             hook,
             collector,
             python,
@@ -374,7 +377,7 @@ impl Running for Tracing {
             return;
         }
         // A process the BPF programs could not announce (counted) is still noted here.
-        for pid in stacks::processes_seen(&self.ebpf) {
+        for pid in stacks::processes_seen(self.counts.current()) {
             symbolizer.note_process(pid);
         }
         if self.collector.is_some() {
@@ -389,7 +392,7 @@ impl Running for Tracing {
                 &self.context,
                 (monotonic_ns(), None),
                 self.collector.as_ref().map(unwind::Collector::snapshot),
-                None,
+                (self.counts.current(), false),
             )
             .and_then(|(_, profile)| output::write_snapshot(&profile, &self.outputs));
             if let Err(err) = result {
@@ -403,7 +406,7 @@ impl Running for Tracing {
         let symbolizer = &mut session.symbolizer;
         stacks::note_new_processes(&mut self.new_processes, symbolizer);
         self.context.notes.push(bpf::in_kernel_cost(&self.ebpf));
-        for pid in stacks::processes_seen(&self.ebpf) {
+        for pid in stacks::processes_seen(self.counts.current()) {
             symbolizer.note_process(pid);
         }
         if let Some(collector) = &self.collector {
@@ -430,7 +433,7 @@ impl Running for Tracing {
             &self.context,
             (self.end_ns, Some(stop)),
             unwound,
-            None,
+            (self.counts.current(), false),
         )?;
         let counters = bpf::read_counters_in(&self.ebpf)?;
         drop(self.ebpf);
@@ -463,7 +466,9 @@ impl Tracing {
             collector.tell(symbolizer);
         }
         let unwound = self.collector.as_ref().map(unwind::Collector::take);
-        let taken = bpf::counts::replace(&mut self.ebpf, STACK_COUNTS, self.args.stack_storage)?;
+        // The waker pairs are read in place, never taken: every bucket would count them all.
+        anyhow::ensure!(!self.args.wakers, "--wakers cannot be recorded in buckets");
+        let taken = self.counts.swap(&mut self.ebpf)?;
         let (_, profile) = build(
             &self.ebpf,
             symbolizer,
@@ -471,7 +476,7 @@ impl Tracing {
             &self.context,
             (monotonic_ns(), None),
             unwound,
-            Some(taken.context("no count map was in use")?),
+            (&taken, true),
         )?;
         Ok(profile)
     }

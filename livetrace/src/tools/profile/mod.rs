@@ -14,9 +14,7 @@ use aya::{maps::RingBuf, programs::PerfEvent};
 use clap::{Args as ClapArgs, ValueEnum};
 use livetrace_common::{
     follow::FOLLOW_FORK,
-    stacks::{
-        Counter, DEFAULT_STACK_STORAGE, STACK_COUNTS, STACK_KIND_KERNEL, STACK_KIND_USER, StackKey,
-    },
+    stacks::{Counter, DEFAULT_STACK_STORAGE, STACK_KIND_KERNEL, STACK_KIND_USER},
 };
 
 pub use self::attach::objects_for_verifier;
@@ -128,6 +126,8 @@ impl Profile {
 /// `livetrace profile`, sampling.
 pub(crate) struct Sampling {
     ebpf: aya::Ebpf,
+    /// The count map the program adds to.
+    counts: bpf::counts::CountSlot,
     collector: Option<unwind::Collector>,
     /// The targets' CPython interpreters, whose frames the program reads (`--unwind dwarf`).
     python: crate::python::Watch,
@@ -226,6 +226,7 @@ impl Tool for Profile {
         if collector.is_some() {
             python.refresh(&mut ebpf, python_pids.iter().copied());
         }
+        let counts = bpf::counts::CountSlot::fill(&mut ebpf, args.stack_storage)?;
         let program: &mut PerfEvent = bpf::program_mut(&mut ebpf, sampler)?.try_into()?;
         // Without BTF a command's processes are sampled each on its own clock.
         let per_task = command.filter(|_| follow.is_none());
@@ -258,6 +259,7 @@ impl Tool for Profile {
         Ok(Sampling {
             new_processes: stacks::new_processes(&mut ebpf)?,
             ebpf,
+            counts,
             collector,
             python,
             python_pids,
@@ -313,7 +315,7 @@ impl Running for Sampling {
             return;
         }
         // A process the BPF program could not announce (counted) is still noted here.
-        for pid in stacks::processes_seen(&self.ebpf) {
+        for pid in stacks::processes_seen(self.counts.current()) {
             symbolizer.note_process(pid);
         }
         if let Some(collector) = &self.collector {
@@ -339,7 +341,7 @@ impl Running for Sampling {
                 elapsed,
                 None,
                 unwound,
-                None,
+                self.counts.current(),
             )
             .and_then(|profile| output::write_snapshot(&profile, &self.outputs));
             if let Err(err) = result {
@@ -351,7 +353,7 @@ impl Running for Sampling {
     fn stopped(&mut self, session: &mut Session) -> anyhow::Result<()> {
         let symbolizer = &mut session.symbolizer;
         stacks::note_new_processes(&mut self.new_processes, symbolizer);
-        for pid in stacks::processes_seen(&self.ebpf) {
+        for pid in stacks::processes_seen(self.counts.current()) {
             symbolizer.note_process(pid);
         }
         if let Some(collector) = &self.collector {
@@ -386,7 +388,7 @@ impl Running for Sampling {
             elapsed,
             Some(stop),
             unwound,
-            None,
+            self.counts.current(),
         )?;
         drop(self.ebpf);
         report(&profile, &self.outputs)
@@ -409,7 +411,7 @@ impl Sampling {
         // Per-CPU shortfalls are judged over a whole capture, not a bucket.
         self.context.cpu_times_at_start = None;
         let unwound = self.collector.as_ref().map(unwind::Collector::take);
-        let taken = bpf::counts::replace(&mut self.ebpf, STACK_COUNTS, self.context.stack_storage)?;
+        let taken = self.counts.swap(&mut self.ebpf)?;
         build(
             &self.ebpf,
             symbolizer,
@@ -417,7 +419,7 @@ impl Sampling {
             elapsed,
             None,
             unwound,
-            Some(taken.context("no count map was in use")?),
+            &taken,
         )
     }
 }
@@ -469,10 +471,10 @@ fn build(
     elapsed: Duration,
     stop: Option<&StopReason>,
     unwound: Option<unwind::Unwound>,
-    taken: Option<bpf::counts::Counts<StackKey>>,
+    counts: &bpf::counts::Counts,
 ) -> anyhow::Result<crate::model::StackProfile> {
     let counters = bpf::read_counters_in(ebpf)?;
-    let raw = stacks::drain(ebpf, (false, taken), unwound, Vec::new())?;
+    let raw = stacks::drain(ebpf, (false, counts), unwound, Vec::new())?;
     let started = std::time::SystemTime::now()
         .checked_sub(elapsed)
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
