@@ -76,10 +76,10 @@ macro_rules! stack_maps {
     };
 }
 
-/// A count map (key to summed weight). Its size here is only a template: user space creates
-/// the real ones at the size asked for, which the kernel accepts for hash maps of the same
-/// key, value and flags.
-pub type Counts<K> = CountMap<K, u64, 1>;
+/// A count map (key to summed weight). As the slot's template its size is the default: user
+/// space creates the real ones at the size asked for, which the kernel accepts (5.10+) for hash
+/// maps of the same key, value and flags; before 5.10 only at the template's size.
+pub type Counts<K> = CountMap<K, u64, { livetrace_common::stacks::DEFAULT_STACK_STORAGE as usize }>;
 
 /// The one slot through which the programs reach the count map in use. `record` puts a fresh
 /// map in it at each cut and takes the old one whole: the kernel returns from that update only

@@ -9,7 +9,7 @@ use aya::{
     Ebpf,
     maps::{MapData, of_maps::ArrayOfMaps},
 };
-use livetrace_common::stacks::{STACK_COUNTS, StackKey};
+use livetrace_common::stacks::{DEFAULT_STACK_STORAGE, STACK_COUNTS, StackKey};
 
 use super::map_mut;
 
@@ -53,8 +53,13 @@ fn put(bpf: &mut Ebpf, entries: u32) -> anyhow::Result<Counts> {
         ArrayOfMaps::try_from(map_mut(bpf, STACK_COUNTS)?)?;
     let counts = Counts::create(entries, 0)
         .with_context(|| format!("failed to create a count map of {entries} entries"))?;
-    slot.set(0, &counts, 0)
-        .context("failed to put a new count map in STACK_COUNTS")?;
+    slot.set(0, &counts, 0).with_context(|| {
+        // Before 5.10 the kernel takes only maps of the template's size into the slot.
+        format!(
+            "failed to put a count map of {entries} entries in STACK_COUNTS (kernels before \
+             5.10 take only the default size: leave --stack-storage-size at {DEFAULT_STACK_STORAGE})"
+        )
+    })?;
     Ok(counts)
 }
 
