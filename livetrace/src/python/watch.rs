@@ -44,6 +44,8 @@ pub struct Watch {
     named: HashMap<u32, (HashSet<u32>, Instant, Duration)>,
     /// Processes known here that have exited, and since when.
     gone_since: HashMap<u32, Instant>,
+    /// Processes forgotten by [`Watch::forget_exited`].
+    forgotten: HashSet<u32>,
 }
 
 impl Watch {
@@ -93,6 +95,7 @@ impl Watch {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .values()
+            .filter(|i| !self.forgotten.contains(&i.pid))
             .cloned()
             .collect();
         for interpreter in &mut interpreters {
@@ -110,8 +113,9 @@ impl Watch {
 
     /// Forgets the processes gone for [`FORGET_AFTER`]: their entries in the program's maps
     /// (which a long capture of a service that starts Python processes would otherwise fill:
-    /// `PY_PROCESSES` holds 1024), their threads, and what is kept of them here. Versions
-    /// found unsupported stay, for the footer.
+    /// `PY_PROCESSES` holds 1024), their threads, and the watch's state of them. Their
+    /// interpreters stay, with their threads' Python names, which are read when the profile is
+    /// built; so do versions found unsupported, for the footer.
     fn forget_exited(&mut self, ebpf: &mut Ebpf) {
         let interpreters: Vec<u32> = self
             .interpreters
@@ -123,6 +127,7 @@ impl Watch {
         let known: HashSet<u32> = (interpreters.into_iter())
             .chain(self.looked.keys().copied())
             .chain(self.named.keys().copied())
+            .filter(|pid| !self.forgotten.contains(pid))
             .collect();
         let now = Instant::now();
         self.gone_since.retain(|pid, _| known.contains(pid));
@@ -161,15 +166,11 @@ impl Watch {
         for tid in ended {
             self.threads.remove(&tid);
         }
-        let mut interpreters = self
-            .interpreters
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
         for pid in forget {
-            interpreters.remove(&pid);
             self.looked.remove(&pid);
             self.named.remove(&pid);
             self.gone_since.remove(&pid);
+            self.forgotten.insert(pid);
         }
     }
 
