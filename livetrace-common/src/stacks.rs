@@ -5,7 +5,8 @@
 //! A failed stack walk does not drop the sample: the negated errno is stored in place of the
 //! stack id, so user space can report every loss by cause and weight.
 
-/// Map of [`StackKey`] to its weight (`u64`).
+/// A one-slot map of maps holding the map of [`StackKey`] to its weight (`u64`) that the
+/// programs add to (user space swaps it to cut `record`'s buckets).
 pub const STACK_COUNTS: &str = "STACK_COUNTS";
 /// `BPF_MAP_TYPE_STACK_TRACE` holding the stacks that [`StackKey`] ids refer to.
 pub const STACK_TRACES: &str = "STACK_TRACES";

@@ -516,7 +516,7 @@ fn verify_blocked(o: &Outputs, dwarf: bool) -> Result<(), String> {
 }
 
 /// switch 3 5 recorded: the last 2 s dumped 3 s after the switch hold only the new function
-/// (taking the counts out of the maps works on this kernel), and the end wrote both.
+/// (swapping the count map under the programs works on this kernel), and the end wrote both.
 fn verify_record(o: &Outputs) -> Result<(), String> {
     let last = o.folded("last.folded")?;
     let after = last.share(|s| s.contains(&["main", "after_switch"]));

@@ -123,8 +123,8 @@ pub(super) struct Attached {
     pub hook: &'static str,
     /// The unwinding thread, when user stacks are copied (`tp_btf` only).
     pub collector: Option<unwind::Collector>,
-    /// CLOCK_MONOTONIC just before the first program was attached: no block the programs time
-    /// starts earlier, so the capture's window starts here.
+    /// CLOCK_MONOTONIC just before the switch program was attached (after its verification):
+    /// no block the programs time starts earlier, so the capture's window starts here.
     pub since_ns: u64,
 }
 

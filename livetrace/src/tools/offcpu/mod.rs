@@ -275,6 +275,8 @@ impl Tool for Offcpu {
             .chain(session.command_pid)
             .collect();
         let mut python = crate::python::Watch::default();
+        // The window starts when the programs start recording (as the switch program is
+        // attached): every block they time starts in it, and those found blocked start with it.
         let attach::Attached {
             mut ebpf,
             counts,
@@ -289,8 +291,6 @@ impl Tool for Offcpu {
             (&mut python, &python_pids),
             &mut notes,
         )?;
-        // The window starts when the programs start recording (just before they are attached):
-        // every block they time starts in it, and those found blocked start with it.
         // --wakers walks frame pointers only: no advice to try what it refuses.
         let unwind_mode = args.unwind.describe(
             collector.is_some(),
